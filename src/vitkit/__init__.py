@@ -1,0 +1,28 @@
+"""vitkit: Vision Transformers on PyTorch.
+
+    >>> import vitkit
+    >>> model = vitkit.create_model("vit_base_patch16_224")
+    >>> out = model(images)            # ViTOutput(logits, last_hidden_state, pooler_output, ...)
+"""
+
+from vitkit.config import ViTConfig
+from vitkit.errors import CheckpointError, ConfigError, ImageError, VitkitError
+from vitkit.models.vit import VisionTransformer, ViTOutput
+from vitkit.presets import create_model, get_config, list_models, register_preset
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "ImageError",
+    "ViTConfig",
+    "ViTOutput",
+    "VisionTransformer",
+    "VitkitError",
+    "__version__",
+    "create_model",
+    "get_config",
+    "list_models",
+    "register_preset",
+]

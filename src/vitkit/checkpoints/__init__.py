@@ -1,0 +1,1 @@
+"""Reading and writing weights, and translating foreign checkpoint formats at the edge."""

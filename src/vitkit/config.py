@@ -1,0 +1,219 @@
+"""`ViTConfig`: the single description of a Vision Transformer.
+
+Every model vitkit builds comes from one of these. It validates itself on creation and round-trips
+through JSON (`to_dict` / `from_dict`, `save` / `load`). Translation to foreign config formats
+(Hugging Face `config.json`, timm model names) lives in `vitkit.checkpoints`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from vitkit.errors import ConfigError
+
+GlobalPool = Literal["token", "avg"]
+PosEmbed = Literal["learned", "sincos2d", "none"]
+Head = Literal["linear", "mlp"]
+AttnImpl = Literal["sdpa", "eager"]
+Activation = Literal["gelu", "gelu_tanh"]
+
+
+def _pair(value: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    if isinstance(value, int):
+        return (value, value)
+    if len(value) != 2:
+        raise ConfigError(f"expected an int or a pair (height, width), got {value!r}")
+    return (int(value[0]), int(value[1]))
+
+
+@dataclass
+class ViTConfig:
+    """Architecture of a Vision Transformer (Dosovitskiy et al. 2020) and its variants.
+
+    The defaults are ViT-B/16 at 224x224 with 1000 classes. Variants are switches here, not
+    separate model classes: DeiT's distillation token (`distilled`), mean pooling
+    (`global_pool="avg"`), register tokens, fixed 2D sin-cos positions, the paper's
+    pre-training head with a tanh hidden layer (`head="mlp"`).
+    """
+
+    image_size: int | tuple[int, int] = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    num_classes: int = 1000
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    layer_norm_eps: float = 1e-6
+    act: Activation = "gelu"
+    drop_rate: float = 0.0
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    global_pool: GlobalPool = "token"
+    fc_norm: bool | None = None
+    class_token: bool = True
+    distilled: bool = False
+    num_register_tokens: int = 0
+    pos_embed: PosEmbed = "learned"
+    pos_embed_interpolation: Literal["bicubic", "bilinear"] = "bicubic"
+    dynamic_img_pad: bool = False
+    use_mask_token: bool = False
+    head: Head = "linear"
+    head_hidden_dim: int | None = None
+    head_init_zero: bool = False
+    attn_implementation: AttnImpl = "sdpa"
+    id2label: dict[int, str] | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.image_size, list):
+            self.image_size = tuple(self.image_size)  # type: ignore[assignment]
+        if self.id2label is not None:
+            self.id2label = {int(k): str(v) for k, v in self.id2label.items()}
+        self.validate()
+
+    # ----------------------------------------------------------------------------- derived
+    @property
+    def image_hw(self) -> tuple[int, int]:
+        return _pair(self.image_size)
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        """Patches along height and width at the configured image size."""
+        h, w = self.image_hw
+        p = self.patch_size
+        if self.dynamic_img_pad:
+            return (-(-h // p), -(-w // p))
+        return (h // p, w // p)
+
+    @property
+    def num_patches(self) -> int:
+        gh, gw = self.grid_size
+        return gh * gw
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Tokens before the patches: [CLS], the distillation token, then register tokens."""
+        return int(self.class_token) + int(self.distilled) + self.num_register_tokens
+
+    @property
+    def num_pos_prefix_tokens(self) -> int:
+        """Prefix tokens that carry a position embedding ([CLS] and [DIST]; registers do not)."""
+        return int(self.class_token) + int(self.distilled)
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
+    @property
+    def mlp_hidden_dim(self) -> int:
+        return int(self.embed_dim * self.mlp_ratio)
+
+    @property
+    def use_fc_norm(self) -> bool:
+        """Norm after pooling instead of before it (timm's default for mean pooling)."""
+        return self.global_pool == "avg" if self.fc_norm is None else self.fc_norm
+
+    # ----------------------------------------------------------------------------- checks
+    def validate(self) -> None:
+        """Raise `ConfigError` naming the field and the fix for any inconsistent setting."""
+        errors: list[str] = []
+        h, w = self.image_hw
+        p = self.patch_size
+        positive = {"patch_size": p, "in_chans": self.in_chans, "embed_dim": self.embed_dim,
+                    "depth": self.depth, "num_heads": self.num_heads, "image height": h,
+                    "image width": w}
+        for name, value in positive.items():
+            if value <= 0:
+                errors.append(f"{name} must be positive, got {value}")
+        if errors:
+            raise ConfigError("invalid ViTConfig: " + "; ".join(errors))
+        if self.embed_dim % self.num_heads:
+            errors.append(
+                f"embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}; "
+                f"pick num_heads from {[d for d in range(1, 33) if self.embed_dim % d == 0]}")
+        if (h % p or w % p) and not self.dynamic_img_pad:
+            errors.append(
+                f"image_size={self.image_hw} is not a multiple of patch_size={p}; use "
+                f"{(h // p * p or p, w // p * p or p)} or set dynamic_img_pad=True")
+        if self.num_classes < 0:
+            errors.append(f"num_classes must be >= 0 (0 means no head), got {self.num_classes}")
+        if self.mlp_ratio <= 0:
+            errors.append(f"mlp_ratio must be positive, got {self.mlp_ratio}")
+        if self.num_register_tokens < 0:
+            errors.append(f"num_register_tokens must be >= 0, got {self.num_register_tokens}")
+        for name in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                errors.append(f"{name} must be in [0, 1), got {value}")
+        choices = {"global_pool": ("token", "avg"), "pos_embed": ("learned", "sincos2d", "none"),
+                   "head": ("linear", "mlp"), "attn_implementation": ("sdpa", "eager"),
+                   "act": ("gelu", "gelu_tanh"),
+                   "pos_embed_interpolation": ("bicubic", "bilinear")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                errors.append(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.global_pool == "token" and not self.class_token:
+            errors.append("global_pool='token' needs class_token=True; use global_pool='avg' "
+                          "for a model without a [CLS] token")
+        if self.distilled and not self.class_token:
+            errors.append("distilled=True (DeiT) needs class_token=True")
+        if self.head_hidden_dim is not None and self.head_hidden_dim <= 0:
+            errors.append(f"head_hidden_dim must be positive, got {self.head_hidden_dim}")
+        if self.id2label is not None and self.num_classes and len(self.id2label) != self.num_classes:
+            errors.append(f"id2label has {len(self.id2label)} entries but num_classes="
+                          f"{self.num_classes}; give one label per class")
+        if errors:
+            raise ConfigError("invalid ViTConfig: " + "; ".join(errors))
+
+    # ----------------------------------------------------------------------------- io
+    def replace(self, **changes: Any) -> ViTConfig:
+        """A copy with `changes` applied (and validated). Unknown names raise `ConfigError`."""
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ConfigError(f"unknown ViTConfig field(s) {sorted(unknown)}; known fields: "
+                              f"{sorted(f.name for f in dataclasses.fields(self))}")
+        if "num_classes" in changes and "id2label" not in changes:
+            changes["id2label"] = None
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        if isinstance(d["image_size"], tuple):
+            d["image_size"] = list(d["image_size"])
+        if d["id2label"] is not None:
+            d["id2label"] = {str(k): v for k, v in d["id2label"].items()}
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ViTConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known - {"model_type", "vitkit_version"}
+        if unknown:
+            raise ConfigError(f"unknown ViTConfig field(s) {sorted(unknown)}")
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def to_json(self) -> str:
+        return json.dumps({"model_type": "vitkit", **self.to_dict()}, indent=2, sort_keys=True)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the config as JSON atomically."""
+        from vitkit.checkpoints.io import atomic_write_text
+
+        atomic_write_text(Path(path), self.to_json() + "\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> ViTConfig:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"cannot read config {path}: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"config {path} must hold a JSON object")
+        return cls.from_dict(data)

@@ -1,0 +1,295 @@
+"""The Vision Transformer of Dosovitskiy et al. 2020 ("An Image is Worth 16x16 Words").
+
+Read top to bottom, `VisionTransformer` follows section 3.1 of the paper:
+
+    z0 = [x_class; x_p^1 E; ...; x_p^N E] + E_pos        (eq. 1)  embed()
+    z'_l = MSA(LN(z_{l-1})) + z_{l-1}                    (eq. 2)  blocks
+    z_l = MLP(LN(z'_l)) + z'_l                           (eq. 3)  blocks
+    y = LN(z_L^0)                                        (eq. 4)  norm, pool
+    logits = head(y)                                              forward_head()
+
+Variants are `ViTConfig` switches: a DeiT distillation token with its own head, register tokens,
+mean pooling of the patch tokens, fixed sin-cos positions, a mask token for masked image modeling.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from vitkit.config import ViTConfig
+from vitkit.layers.block import Block
+from vitkit.layers.patch_embed import PatchEmbed
+from vitkit.layers.pos_embed import resample_pos_embed, sincos_2d_pos_embed
+
+
+@dataclass
+class ViTOutput:
+    """What a forward pass returns. Optional fields are None unless asked for.
+
+    logits: (B, K) class scores; for a distilled (DeiT) model the mean of both heads.
+    last_hidden_state: (B, T, D) every token after the final norm.
+    pooler_output: (B, D') the pooled representation the head reads ([CLS] or patch mean, after
+        fc_norm and the optional tanh pre-logits layer).
+    hidden_states: input of each block and the output of the last one (depth + 1 tensors).
+    attentions: (B, H, T, T) probabilities of the layers in `attention_layers`.
+    cls_logits / distillation_logits: the two heads of a distilled model, separately.
+    """
+
+    logits: Tensor | None
+    last_hidden_state: Tensor
+    pooler_output: Tensor
+    hidden_states: tuple[Tensor, ...] | None = None
+    attentions: tuple[Tensor, ...] | None = None
+    attention_layers: tuple[int, ...] | None = None
+    cls_logits: Tensor | None = None
+    distillation_logits: Tensor | None = None
+
+
+class VisionTransformer(nn.Module):
+    """A ViT built from a `ViTConfig`. Parameter names are vitkit's own; see `vitkit.checkpoints`."""
+
+    def __init__(self, config: ViTConfig):
+        super().__init__()
+        self.config = c = config
+        D = c.embed_dim
+        self.patch_embed = PatchEmbed(patch_size=c.patch_size, in_chans=c.in_chans, embed_dim=D,
+                                      pad=c.dynamic_img_pad)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, D)) if c.class_token else None
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, D)) if c.distilled else None
+        self.reg_token = (nn.Parameter(torch.zeros(1, c.num_register_tokens, D))
+                          if c.num_register_tokens else None)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, D)) if c.use_mask_token else None
+        self.pos_embed = (nn.Parameter(torch.zeros(1, c.num_pos_prefix_tokens + c.num_patches, D))
+                          if c.pos_embed == "learned" else None)
+        self.pos_drop = nn.Dropout(c.drop_rate) if c.drop_rate > 0 else nn.Identity()
+
+        rates = [c.drop_path_rate * i / max(c.depth - 1, 1) for i in range(c.depth)]  # linear rule
+        self.blocks = nn.ModuleList(
+            Block(dim=D, num_heads=c.num_heads, mlp_hidden_dim=c.mlp_hidden_dim,
+                  qkv_bias=c.qkv_bias, eps=c.layer_norm_eps, act=c.act, drop=c.drop_rate,
+                  attn_drop=c.attn_drop_rate, drop_path=rates[i],
+                  attn_implementation=c.attn_implementation)
+            for i in range(c.depth))
+        self.norm = nn.LayerNorm(D, eps=c.layer_norm_eps) if not c.use_fc_norm else nn.Identity()
+        self.fc_norm = nn.LayerNorm(D, eps=c.layer_norm_eps) if c.use_fc_norm else nn.Identity()
+
+        self.num_features = D
+        if c.head == "mlp":  # the paper's pre-training head: one hidden layer with tanh
+            hidden = c.head_hidden_dim or D
+            self.pre_logits = nn.Sequential()
+            self.pre_logits.add_module("fc", nn.Linear(D, hidden))
+            self.pre_logits.add_module("act", nn.Tanh())
+            self.num_features = hidden
+        else:
+            self.pre_logits = nn.Identity()
+        self.head_drop = nn.Dropout(c.drop_rate) if c.drop_rate > 0 else nn.Identity()
+        self.head = nn.Linear(self.num_features, c.num_classes) if c.num_classes else nn.Identity()
+        self.head_dist = (nn.Linear(self.num_features, c.num_classes)
+                          if c.distilled and c.num_classes else None)
+        self.grad_checkpointing = False
+        self.init_weights()
+
+    # ------------------------------------------------------------------------------ init
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """The paper's initialisation: truncated normal (std 0.02) for tokens, positions and
+        linear layers, Xavier for the patch projection (viewed as a linear map), zero biases;
+        a zero head when `config.head_init_zero` (as when fine-tuning)."""
+        for t in (self.cls_token, self.dist_token, self.reg_token, self.mask_token, self.pos_embed):
+            if t is not None:
+                nn.init.trunc_normal_(t, std=0.02)
+        w = self.patch_embed.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.patch_embed.proj.bias)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        if self.config.head_init_zero:
+            self.reset_classifier(self.config.num_classes, zero_init=True)
+
+    def reset_classifier(self, num_classes: int, *, zero_init: bool = True,
+                         id2label: dict[int, str] | None = None) -> None:
+        """Replace the head(s) for `num_classes` classes (0 removes them), zero-initialised by
+        default as the paper does when fine-tuning."""
+        self.config = self.config.replace(num_classes=num_classes, id2label=id2label)
+        ref = next(self.parameters())
+        make = (lambda: nn.Linear(self.num_features, num_classes, device=ref.device,
+                                  dtype=ref.dtype)) if num_classes else nn.Identity
+        self.head = make()
+        self.head_dist = make() if self.config.distilled and num_classes else None
+        for head in (self.head, self.head_dist):
+            if isinstance(head, nn.Linear):
+                if zero_init:
+                    nn.init.zeros_(head.weight)
+                else:
+                    nn.init.trunc_normal_(head.weight, std=0.02)
+                nn.init.zeros_(head.bias)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in backward instead of storing them."""
+        self.grad_checkpointing = enable
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names that AdamW should not decay (tokens and positions)."""
+        return {n for n in ("cls_token", "dist_token", "reg_token", "mask_token", "pos_embed")
+                if getattr(self, n) is not None}
+
+    # ------------------------------------------------------------------------------ eq. 1
+    def position_table(self, grid: tuple[int, int], device: torch.device,
+                       dtype: torch.dtype) -> Tensor | None:
+        """Position embeddings for a (Hp, Wp) patch grid, (1, prefix + Hp*Wp, D), or None.
+
+        A learned table is resampled bicubically when the grid differs from the one it was
+        trained for; a sin-cos table is computed for the grid directly.
+        """
+        c = self.config
+        if self.pos_embed is not None:
+            if tuple(grid) == c.grid_size:
+                return self.pos_embed
+            return resample_pos_embed(self.pos_embed, grid, old_grid=c.grid_size,
+                                      num_prefix_tokens=c.num_pos_prefix_tokens,
+                                      mode=c.pos_embed_interpolation)
+        if c.pos_embed == "sincos2d":
+            table = sincos_2d_pos_embed(grid, c.embed_dim, device=device, dtype=dtype)
+            prefix = table.new_zeros(c.num_pos_prefix_tokens, c.embed_dim)
+            return torch.cat([prefix, table]).unsqueeze(0)
+        return None
+
+    def embed(self, pixel_values: Tensor, bool_masked_pos: Tensor | None = None) -> Tensor:
+        """Images (B, C, H, W) -> tokens (B, prefix + N, D): patches, masking, prefix, positions."""
+        B, _, H, W = pixel_values.shape
+        x = self.patch_embed(pixel_values)  # (B, N, D)
+        if bool_masked_pos is not None:
+            if self.mask_token is None:
+                raise ValueError("bool_masked_pos needs a model built with use_mask_token=True")
+            mask = bool_masked_pos.reshape(B, -1, 1).to(x.dtype)
+            x = x * (1.0 - mask) + self.mask_token.to(x.dtype) * mask
+        prefix = [t.expand(B, -1, -1) for t in (self.cls_token, self.dist_token) if t is not None]
+        x = torch.cat([*prefix, x], dim=1)  # (B, 1 + N, D)
+        pos = self.position_table(self.patch_embed.grid_size(H, W), x.device, x.dtype)
+        if pos is not None:
+            x = x + pos
+        if self.reg_token is not None:  # registers carry no position (Darcet et al. 2023)
+            n = len(prefix)
+            x = torch.cat([x[:, :n], self.reg_token.expand(B, -1, -1), x[:, n:]], dim=1)
+        return self.pos_drop(x)
+
+    # ------------------------------------------------------------------------------ eq. 2-4
+    def forward_features(self, pixel_values: Tensor, *, bool_masked_pos: Tensor | None = None,
+                         output_hidden_states: bool = False,
+                         output_attentions: bool | Sequence[int] = False) -> ViTOutput:
+        """Run the encoder. Returns a `ViTOutput` without logits.
+
+        `output_attentions` is True for every layer or a sequence of layer indices (negative
+        ones count from the end, e.g. `[-1]` for the last layer only); only those layers
+        materialise their attention probabilities, the others keep the fast SDPA kernel.
+        """
+        x = self.embed(pixel_values, bool_masked_pos)
+        wanted = self._attention_layers(output_attentions)
+        hidden: list[Tensor] = []
+        attentions: list[Tensor] = []
+        for i, block in enumerate(self.blocks):
+            if output_hidden_states:
+                hidden.append(x)
+            need = i in wanted
+            if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
+                x, weights = checkpoint(block, x, need, use_reentrant=False)
+            else:
+                x, weights = block(x, need_weights=need)
+            if weights is not None:
+                attentions.append(weights)
+        x = self.norm(x)
+        if output_hidden_states:
+            hidden.append(x)
+        return ViTOutput(
+            logits=None, last_hidden_state=x, pooler_output=self.pool(x),
+            hidden_states=tuple(hidden) if output_hidden_states else None,
+            attentions=tuple(attentions) if wanted else None,
+            attention_layers=tuple(sorted(wanted)) if wanted else None)
+
+    def _attention_layers(self, request: bool | Sequence[int]) -> set[int]:
+        depth = len(self.blocks)
+        if request is True:
+            return set(range(depth))
+        if request is False or request is None:
+            return set()
+        layers = set()
+        for i in request:
+            if not -depth <= i < depth:
+                raise IndexError(f"attention layer {i} out of range for a {depth}-layer model")
+            layers.add(i % depth)
+        return layers
+
+    def pool(self, tokens: Tensor) -> Tensor:
+        """(B, T, D) -> (B, D'): [CLS] token or mean of patch tokens, fc_norm, pre-logits."""
+        c = self.config
+        if c.global_pool == "avg":
+            x = tokens[:, c.num_prefix_tokens:].mean(dim=1)
+        else:
+            x = tokens[:, 0]
+        return self.pre_logits(self.fc_norm(x))
+
+    def forward_head(self, features: ViTOutput | Tensor) -> ViTOutput | Tensor:
+        """Apply the classification head(s) to `forward_features`' output (or pooled features).
+
+        Given a `ViTOutput`, fills in its logits and returns it; given pooled features (B, D'),
+        returns logits. A distilled model's [DIST] token feeds the second head.
+        """
+        if isinstance(features, Tensor):
+            return self.head(self.head_drop(features))
+        out = features
+        cls_logits = self.head(self.head_drop(out.pooler_output))
+        if self.head_dist is not None:
+            dist_logits = self.head_dist(self.head_drop(out.last_hidden_state[:, 1]))
+            out.cls_logits, out.distillation_logits = cls_logits, dist_logits
+            out.logits = (cls_logits + dist_logits) / 2
+        else:
+            out.logits = cls_logits
+        return out
+
+    def forward(self, pixel_values: Tensor, *, bool_masked_pos: Tensor | None = None,
+                output_hidden_states: bool = False,
+                output_attentions: bool | Sequence[int] = False) -> ViTOutput:
+        """Images (B, C, H, W) at any size the patch divides -> `ViTOutput` with logits."""
+        out = self.forward_features(pixel_values, bool_masked_pos=bool_masked_pos,
+                                    output_hidden_states=output_hidden_states,
+                                    output_attentions=output_attentions)
+        return self.forward_head(out)
+
+    # ------------------------------------------------------------------------------ misc
+    def num_params(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    def flops(self, image_size: tuple[int, int] | None = None) -> int:
+        """Multiply-accumulates of one forward pass on one image (matmuls and convs only)."""
+        return count_macs(self.config, image_size)
+
+
+def count_macs(config: ViTConfig, image_size: tuple[int, int] | None = None) -> int:
+    """Multiply-accumulates of one forward pass of one image: patch projection, attention
+    projections, attention itself (QK^T and AV), MLP and head(s). Norms and softmax are ignored."""
+    c = config
+    h, w = image_size or c.image_hw
+    n = math.ceil(h / c.patch_size) * math.ceil(w / c.patch_size)
+    t = n + c.num_prefix_tokens
+    d = c.embed_dim
+    macs = n * c.patch_size**2 * c.in_chans * d
+    per_block = t * d * 3 * d + 2 * t * t * d + t * d * d + 2 * t * d * c.mlp_hidden_dim
+    macs += c.depth * per_block
+    feat = d
+    if c.head == "mlp":
+        feat = c.head_hidden_dim or d
+        macs += d * feat
+    macs += feat * c.num_classes * (2 if c.distilled else 1)
+    return macs
