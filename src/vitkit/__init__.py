@@ -1,8 +1,8 @@
 """vitkit: Vision Transformers on PyTorch.
 
-    >>> import vitkit
-    >>> model = vitkit.create_model("vit_base_patch16_224")
-    >>> out = model(images)            # ViTOutput(logits, last_hidden_state, pooler_output, ...)
+>>> import vitkit
+>>> model = vitkit.create_model("vit_base_patch16_224")
+>>> out = model(images)            # ViTOutput(logits, last_hidden_state, pooler_output, ...)
 """
 
 from vitkit.config import ViTConfig

@@ -125,9 +125,15 @@ class ViTConfig:
         errors: list[str] = []
         h, w = self.image_hw
         p = self.patch_size
-        positive = {"patch_size": p, "in_chans": self.in_chans, "embed_dim": self.embed_dim,
-                    "depth": self.depth, "num_heads": self.num_heads, "image height": h,
-                    "image width": w}
+        positive = {
+            "patch_size": p,
+            "in_chans": self.in_chans,
+            "embed_dim": self.embed_dim,
+            "depth": self.depth,
+            "num_heads": self.num_heads,
+            "image height": h,
+            "image width": w,
+        }
         for name, value in positive.items():
             if value <= 0:
                 errors.append(f"{name} must be positive, got {value}")
@@ -136,11 +142,13 @@ class ViTConfig:
         if self.embed_dim % self.num_heads:
             errors.append(
                 f"embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}; "
-                f"pick num_heads from {[d for d in range(1, 33) if self.embed_dim % d == 0]}")
+                f"pick num_heads from {[d for d in range(1, 33) if self.embed_dim % d == 0]}"
+            )
         if (h % p or w % p) and not self.dynamic_img_pad:
             errors.append(
                 f"image_size={self.image_hw} is not a multiple of patch_size={p}; use "
-                f"{(h // p * p or p, w // p * p or p)} or set dynamic_img_pad=True")
+                f"{(h // p * p or p, w // p * p or p)} or set dynamic_img_pad=True"
+            )
         if self.num_classes < 0:
             errors.append(f"num_classes must be >= 0 (0 means no head), got {self.num_classes}")
         if self.mlp_ratio <= 0:
@@ -151,23 +159,35 @@ class ViTConfig:
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 errors.append(f"{name} must be in [0, 1), got {value}")
-        choices = {"global_pool": ("token", "avg"), "pos_embed": ("learned", "sincos2d", "none"),
-                   "head": ("linear", "mlp"), "attn_implementation": ("sdpa", "eager"),
-                   "act": ("gelu", "gelu_tanh"),
-                   "pos_embed_interpolation": ("bicubic", "bilinear")}
+        choices = {
+            "global_pool": ("token", "avg"),
+            "pos_embed": ("learned", "sincos2d", "none"),
+            "head": ("linear", "mlp"),
+            "attn_implementation": ("sdpa", "eager"),
+            "act": ("gelu", "gelu_tanh"),
+            "pos_embed_interpolation": ("bicubic", "bilinear"),
+        }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 errors.append(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.global_pool == "token" and not self.class_token:
-            errors.append("global_pool='token' needs class_token=True; use global_pool='avg' "
-                          "for a model without a [CLS] token")
+            errors.append(
+                "global_pool='token' needs class_token=True; use global_pool='avg' "
+                "for a model without a [CLS] token"
+            )
         if self.distilled and not self.class_token:
             errors.append("distilled=True (DeiT) needs class_token=True")
         if self.head_hidden_dim is not None and self.head_hidden_dim <= 0:
             errors.append(f"head_hidden_dim must be positive, got {self.head_hidden_dim}")
-        if self.id2label is not None and self.num_classes and len(self.id2label) != self.num_classes:
-            errors.append(f"id2label has {len(self.id2label)} entries but num_classes="
-                          f"{self.num_classes}; give one label per class")
+        if (
+            self.id2label is not None
+            and self.num_classes
+            and len(self.id2label) != self.num_classes
+        ):
+            errors.append(
+                f"id2label has {len(self.id2label)} entries but num_classes="
+                f"{self.num_classes}; give one label per class"
+            )
         if errors:
             raise ConfigError("invalid ViTConfig: " + "; ".join(errors))
 
@@ -176,8 +196,10 @@ class ViTConfig:
         """A copy with `changes` applied (and validated). Unknown names raise `ConfigError`."""
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
         if unknown:
-            raise ConfigError(f"unknown ViTConfig field(s) {sorted(unknown)}; known fields: "
-                              f"{sorted(f.name for f in dataclasses.fields(self))}")
+            raise ConfigError(
+                f"unknown ViTConfig field(s) {sorted(unknown)}; known fields: "
+                f"{sorted(f.name for f in dataclasses.fields(self))}"
+            )
         if "num_classes" in changes and "id2label" not in changes:
             changes["id2label"] = None
         return dataclasses.replace(self, **changes)

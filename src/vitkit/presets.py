@@ -36,31 +36,90 @@ def _register_defaults() -> None:
             for res in (224, 384):
                 if res % patch:
                     continue
-                register_preset(f"vit_{size}_patch{patch}_{res}", image_size=res,
-                                patch_size=patch, embed_dim=dim, depth=depth, num_heads=heads)
+                register_preset(
+                    f"vit_{size}_patch{patch}_{res}",
+                    image_size=res,
+                    patch_size=patch,
+                    embed_dim=dim,
+                    depth=depth,
+                    num_heads=heads,
+                )
     for size in ("tiny", "small", "base"):
         dim, depth, heads = SIZES[size]
         for distilled in (False, True):
             suffix = "_distilled" if distilled else ""
-            register_preset(f"deit_{size}{suffix}_patch16_224", patch_size=16, embed_dim=dim,
-                            depth=depth, num_heads=heads, distilled=distilled)
-    register_preset("deit_base_patch16_384", image_size=384, embed_dim=768, depth=12,
-                    num_heads=12)
-    register_preset("deit_base_distilled_patch16_384", image_size=384, embed_dim=768, depth=12,
-                    num_heads=12, distilled=True)
+            register_preset(
+                f"deit_{size}{suffix}_patch16_224",
+                patch_size=16,
+                embed_dim=dim,
+                depth=depth,
+                num_heads=heads,
+                distilled=distilled,
+            )
+    register_preset("deit_base_patch16_384", image_size=384, embed_dim=768, depth=12, num_heads=12)
+    register_preset(
+        "deit_base_distilled_patch16_384",
+        image_size=384,
+        embed_dim=768,
+        depth=12,
+        num_heads=12,
+        distilled=True,
+    )
     # Small images. 8x8 digits (scikit-learn), 28x28 MNIST, 32x32 CIFAR (Lee et al. 2021 use a
     # depth-9, width-192 ViT with patch 4 on CIFAR; "lite" follows Compact Transformers' ViT-Lite).
     small = dict(qkv_bias=True, mlp_ratio=2.0)
-    register_preset("vit_digits_patch2_8", image_size=8, patch_size=2, in_chans=1,
-                    num_classes=10, embed_dim=64, depth=4, num_heads=4, **small)
-    register_preset("vit_mnist_patch4_28", image_size=28, patch_size=4, in_chans=1,
-                    num_classes=10, embed_dim=128, depth=6, num_heads=4, **small)
-    register_preset("vit_tiny_patch4_32", image_size=32, patch_size=4, num_classes=10,
-                    embed_dim=192, depth=9, num_heads=12, mlp_ratio=2.0)
-    register_preset("vit_small_patch4_32", image_size=32, patch_size=4, num_classes=10,
-                    embed_dim=384, depth=7, num_heads=12, mlp_ratio=1.0)
-    register_preset("vit_lite_patch4_32", image_size=32, patch_size=4, num_classes=10,
-                    embed_dim=256, depth=7, num_heads=4, mlp_ratio=2.0)
+    register_preset(
+        "vit_digits_patch2_8",
+        image_size=8,
+        patch_size=2,
+        in_chans=1,
+        num_classes=10,
+        embed_dim=64,
+        depth=4,
+        num_heads=4,
+        **small,
+    )
+    register_preset(
+        "vit_mnist_patch4_28",
+        image_size=28,
+        patch_size=4,
+        in_chans=1,
+        num_classes=10,
+        embed_dim=128,
+        depth=6,
+        num_heads=4,
+        **small,
+    )
+    register_preset(
+        "vit_tiny_patch4_32",
+        image_size=32,
+        patch_size=4,
+        num_classes=10,
+        embed_dim=192,
+        depth=9,
+        num_heads=12,
+        mlp_ratio=2.0,
+    )
+    register_preset(
+        "vit_small_patch4_32",
+        image_size=32,
+        patch_size=4,
+        num_classes=10,
+        embed_dim=384,
+        depth=7,
+        num_heads=12,
+        mlp_ratio=1.0,
+    )
+    register_preset(
+        "vit_lite_patch4_32",
+        image_size=32,
+        patch_size=4,
+        num_classes=10,
+        embed_dim=256,
+        depth=7,
+        num_heads=4,
+        mlp_ratio=2.0,
+    )
 
 
 _register_defaults()
@@ -75,8 +134,10 @@ def get_config(name: str, **overrides: Any) -> ViTConfig:
     """The `ViTConfig` of preset `name` with `overrides` applied."""
     if name not in _PRESETS:
         close = [n for n in _PRESETS if name.split("_")[0] in n][:8]
-        raise ConfigError(f"unknown model {name!r}; `vitkit models` lists them"
-                          + (f" (similar: {', '.join(close)})" if close else ""))
+        raise ConfigError(
+            f"unknown model {name!r}; `vitkit models` lists them"
+            + (f" (similar: {', '.join(close)})" if close else "")
+        )
     return ViTConfig(**{**_PRESETS[name], **overrides})
 
 

@@ -6,12 +6,20 @@ import argparse
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("info", help="show a model's size, FLOPs and shapes",
-                       description="Show the configuration, parameter count, multiply-accumulates "
-                                   "and tensor shapes of a preset (no weights are downloaded).")
+    p = sub.add_parser(
+        "info",
+        help="show a model's size, FLOPs and shapes",
+        description="Show the configuration, parameter count, multiply-accumulates "
+        "and tensor shapes of a preset (no weights are downloaded).",
+    )
     p.add_argument("name", help="preset name (see `vitkit models`)")
-    p.add_argument("--image-size", type=int, nargs="+", metavar="PX",
-                   help="input size, one number (square) or height width (default: the preset's)")
+    p.add_argument(
+        "--image-size",
+        type=int,
+        nargs="+",
+        metavar="PX",
+        help="input size, one number (square) or height width (default: the preset's)",
+    )
     p.add_argument("--num-classes", type=int, help="override the number of classes")
     p.set_defaults(func=run)
 
@@ -37,20 +45,35 @@ def run(args: argparse.Namespace) -> int:
         ("model", args.name),
         ("input", f"(B, {c.in_chans}, {h}, {w})"),
         ("patch grid", f"{grid[0]} x {grid[1]} patches of {c.patch_size}x{c.patch_size}"),
-        ("tokens", f"(B, {tokens}, {c.embed_dim})  = {c.num_prefix_tokens} prefix + "
-                   f"{grid[0] * grid[1]} patches"),
-        ("encoder", f"{c.depth} blocks, {c.num_heads} heads of {c.head_dim}, MLP "
-                    f"{c.embed_dim}->{c.mlp_hidden_dim}->{c.embed_dim}"),
+        (
+            "tokens",
+            f"(B, {tokens}, {c.embed_dim})  = {c.num_prefix_tokens} prefix + "
+            f"{grid[0] * grid[1]} patches",
+        ),
+        (
+            "encoder",
+            f"{c.depth} blocks, {c.num_heads} heads of {c.head_dim}, MLP "
+            f"{c.embed_dim}->{c.mlp_hidden_dim}->{c.embed_dim}",
+        ),
         ("attention map", f"(B, {c.num_heads}, {tokens}, {tokens}) per layer"),
         ("pooling", "[CLS] token" if c.global_pool == "token" else "mean of patch tokens"),
-        ("output", f"(B, {c.num_classes}) logits" if c.num_classes
-                   else f"(B, {model.num_features}) features"),
+        (
+            "output",
+            f"(B, {c.num_classes}) logits"
+            if c.num_classes
+            else f"(B, {model.num_features}) features",
+        ),
         ("parameters", f"{model.num_params():,d}"),
         ("MACs / image", f"{macs / 1e9:.2f} G  ({2 * macs / 1e9:.2f} GFLOPs)"),
     ]
     if (h, w) != config.image_hw:
-        rows.append(("positions", f"learned {config.grid_size} table resampled to {grid} "
-                                  f"({config.pos_embed_interpolation})"))
+        rows.append(
+            (
+                "positions",
+                f"learned {config.grid_size} table resampled to {grid} "
+                f"({config.pos_embed_interpolation})",
+            )
+        )
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")

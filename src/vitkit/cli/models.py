@@ -6,11 +6,18 @@ import argparse
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("models", help="list model presets",
-                       description="List model presets, optionally filtered by a shell pattern.")
+    p = sub.add_parser(
+        "models",
+        help="list model presets",
+        description="List model presets, optionally filtered by a shell pattern.",
+    )
     p.add_argument("pattern", nargs="?", default="*", help="e.g. 'vit_base_*' (default: all)")
-    p.add_argument("-v", "--verbose", action="store_true",
-                   help="also print parameters and GMACs at the preset's resolution")
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="also print parameters and GMACs at the preset's resolution",
+    )
     p.set_defaults(func=run)
 
 

@@ -15,8 +15,16 @@ class Attention(nn.Module):
     the same output.
     """
 
-    def __init__(self, *, dim: int, num_heads: int, qkv_bias: bool = True,
-                 attn_drop: float = 0.0, proj_drop: float = 0.0, implementation: str = "sdpa"):
+    def __init__(
+        self,
+        *,
+        dim: int,
+        num_heads: int,
+        qkv_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        implementation: str = "sdpa",
+    ):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads

@@ -29,14 +29,30 @@ class DropPath(nn.Module):
 class Block(nn.Module):
     """x + MSA(LN(x)), then x + MLP(LN(x)); each branch optionally dropped (stochastic depth)."""
 
-    def __init__(self, *, dim: int, num_heads: int, mlp_hidden_dim: int, qkv_bias: bool = True,
-                 eps: float = 1e-6, act: str = "gelu", drop: float = 0.0, attn_drop: float = 0.0,
-                 drop_path: float = 0.0, attn_implementation: str = "sdpa"):
+    def __init__(
+        self,
+        *,
+        dim: int,
+        num_heads: int,
+        mlp_hidden_dim: int,
+        qkv_bias: bool = True,
+        eps: float = 1e-6,
+        act: str = "gelu",
+        drop: float = 0.0,
+        attn_drop: float = 0.0,
+        drop_path: float = 0.0,
+        attn_implementation: str = "sdpa",
+    ):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=eps)
-        self.attn = Attention(dim=dim, num_heads=num_heads, qkv_bias=qkv_bias,
-                              attn_drop=attn_drop, proj_drop=drop,
-                              implementation=attn_implementation)
+        self.attn = Attention(
+            dim=dim,
+            num_heads=num_heads,
+            qkv_bias=qkv_bias,
+            attn_drop=attn_drop,
+            proj_drop=drop,
+            implementation=attn_implementation,
+        )
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = Mlp(dim=dim, hidden_dim=mlp_hidden_dim, act=act, drop=drop)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()

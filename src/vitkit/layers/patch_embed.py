@@ -37,10 +37,13 @@ class PatchEmbed(nn.Module):
             raise ConfigError(f"model expects {self.proj.in_channels} input channels, got {c}")
         if self.pad:
             x = F.pad(x, (0, (p - w % p) % p, 0, (p - h % p) % p))
-        elif not torch.compiler.is_compiling() and (h % p or w % p):
+        elif not (torch.compiler.is_compiling() or torch.compiler.is_exporting()) and (
+            h % p or w % p
+        ):
             raise ConfigError(
                 f"image size {h}x{w} is not a multiple of the patch size {p}; resize to "
                 f"{max(p, h // p * p)}x{max(p, w // p * p)} or build the model with "
-                f"dynamic_img_pad=True")
+                f"dynamic_img_pad=True"
+            )
         x = self.proj(x)  # (B, D, H/P, W/P)
         return x.flatten(2).transpose(1, 2)  # (B, N, D)

@@ -58,24 +58,40 @@ class VisionTransformer(nn.Module):
         super().__init__()
         self.config = c = config
         D = c.embed_dim
-        self.patch_embed = PatchEmbed(patch_size=c.patch_size, in_chans=c.in_chans, embed_dim=D,
-                                      pad=c.dynamic_img_pad)
+        self.patch_embed = PatchEmbed(
+            patch_size=c.patch_size, in_chans=c.in_chans, embed_dim=D, pad=c.dynamic_img_pad
+        )
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D)) if c.class_token else None
         self.dist_token = nn.Parameter(torch.zeros(1, 1, D)) if c.distilled else None
-        self.reg_token = (nn.Parameter(torch.zeros(1, c.num_register_tokens, D))
-                          if c.num_register_tokens else None)
+        self.reg_token = (
+            nn.Parameter(torch.zeros(1, c.num_register_tokens, D))
+            if c.num_register_tokens
+            else None
+        )
         self.mask_token = nn.Parameter(torch.zeros(1, 1, D)) if c.use_mask_token else None
-        self.pos_embed = (nn.Parameter(torch.zeros(1, c.num_pos_prefix_tokens + c.num_patches, D))
-                          if c.pos_embed == "learned" else None)
+        self.pos_embed = (
+            nn.Parameter(torch.zeros(1, c.num_pos_prefix_tokens + c.num_patches, D))
+            if c.pos_embed == "learned"
+            else None
+        )
         self.pos_drop = nn.Dropout(c.drop_rate) if c.drop_rate > 0 else nn.Identity()
 
         rates = [c.drop_path_rate * i / max(c.depth - 1, 1) for i in range(c.depth)]  # linear rule
         self.blocks = nn.ModuleList(
-            Block(dim=D, num_heads=c.num_heads, mlp_hidden_dim=c.mlp_hidden_dim,
-                  qkv_bias=c.qkv_bias, eps=c.layer_norm_eps, act=c.act, drop=c.drop_rate,
-                  attn_drop=c.attn_drop_rate, drop_path=rates[i],
-                  attn_implementation=c.attn_implementation)
-            for i in range(c.depth))
+            Block(
+                dim=D,
+                num_heads=c.num_heads,
+                mlp_hidden_dim=c.mlp_hidden_dim,
+                qkv_bias=c.qkv_bias,
+                eps=c.layer_norm_eps,
+                act=c.act,
+                drop=c.drop_rate,
+                attn_drop=c.attn_drop_rate,
+                drop_path=rates[i],
+                attn_implementation=c.attn_implementation,
+            )
+            for i in range(c.depth)
+        )
         self.norm = nn.LayerNorm(D, eps=c.layer_norm_eps) if not c.use_fc_norm else nn.Identity()
         self.fc_norm = nn.LayerNorm(D, eps=c.layer_norm_eps) if c.use_fc_norm else nn.Identity()
 
@@ -90,8 +106,9 @@ class VisionTransformer(nn.Module):
             self.pre_logits = nn.Identity()
         self.head_drop = nn.Dropout(c.drop_rate) if c.drop_rate > 0 else nn.Identity()
         self.head = nn.Linear(self.num_features, c.num_classes) if c.num_classes else nn.Identity()
-        self.head_dist = (nn.Linear(self.num_features, c.num_classes)
-                          if c.distilled and c.num_classes else None)
+        self.head_dist = (
+            nn.Linear(self.num_features, c.num_classes) if c.distilled and c.num_classes else None
+        )
         self.grad_checkpointing = False
         self.init_weights()
 
@@ -118,14 +135,18 @@ class VisionTransformer(nn.Module):
         if self.config.head_init_zero:
             self.reset_classifier(self.config.num_classes, zero_init=True)
 
-    def reset_classifier(self, num_classes: int, *, zero_init: bool = True,
-                         id2label: dict[int, str] | None = None) -> None:
+    def reset_classifier(
+        self, num_classes: int, *, zero_init: bool = True, id2label: dict[int, str] | None = None
+    ) -> None:
         """Replace the head(s) for `num_classes` classes (0 removes them), zero-initialised by
         default as the paper does when fine-tuning."""
         self.config = self.config.replace(num_classes=num_classes, id2label=id2label)
         ref = next(self.parameters())
-        make = (lambda: nn.Linear(self.num_features, num_classes, device=ref.device,
-                                  dtype=ref.dtype)) if num_classes else nn.Identity
+        make = (
+            (lambda: nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype))
+            if num_classes
+            else nn.Identity
+        )
         self.head = make()
         self.head_dist = make() if self.config.distilled and num_classes else None
         for head in (self.head, self.head_dist):
@@ -142,12 +163,16 @@ class VisionTransformer(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names that AdamW should not decay (tokens and positions)."""
-        return {n for n in ("cls_token", "dist_token", "reg_token", "mask_token", "pos_embed")
-                if getattr(self, n) is not None}
+        return {
+            n
+            for n in ("cls_token", "dist_token", "reg_token", "mask_token", "pos_embed")
+            if getattr(self, n) is not None
+        }
 
     # ------------------------------------------------------------------------------ eq. 1
-    def position_table(self, grid: tuple[int, int], device: torch.device,
-                       dtype: torch.dtype) -> Tensor | None:
+    def position_table(
+        self, grid: tuple[int, int], device: torch.device, dtype: torch.dtype
+    ) -> Tensor | None:
         """Position embeddings for a (Hp, Wp) patch grid, (1, prefix + Hp*Wp, D), or None.
 
         A learned table is resampled bicubically when the grid differs from the one it was
@@ -155,11 +180,17 @@ class VisionTransformer(nn.Module):
         """
         c = self.config
         if self.pos_embed is not None:
-            if tuple(grid) == c.grid_size:
+            # Under torch.compile / torch.export the table is always resampled (an identity at
+            # the trained size), so no shape guard specialises the graph to one resolution.
+            if not _is_tracing() and tuple(grid) == c.grid_size:
                 return self.pos_embed
-            return resample_pos_embed(self.pos_embed, grid, old_grid=c.grid_size,
-                                      num_prefix_tokens=c.num_pos_prefix_tokens,
-                                      mode=c.pos_embed_interpolation)
+            return resample_pos_embed(
+                self.pos_embed,
+                grid,
+                old_grid=c.grid_size,
+                num_prefix_tokens=c.num_pos_prefix_tokens,
+                mode=c.pos_embed_interpolation,
+            )
         if c.pos_embed == "sincos2d":
             table = sincos_2d_pos_embed(grid, c.embed_dim, device=device, dtype=dtype)
             prefix = table.new_zeros(c.num_pos_prefix_tokens, c.embed_dim)
@@ -186,9 +217,14 @@ class VisionTransformer(nn.Module):
         return self.pos_drop(x)
 
     # ------------------------------------------------------------------------------ eq. 2-4
-    def forward_features(self, pixel_values: Tensor, *, bool_masked_pos: Tensor | None = None,
-                         output_hidden_states: bool = False,
-                         output_attentions: bool | Sequence[int] = False) -> ViTOutput:
+    def forward_features(
+        self,
+        pixel_values: Tensor,
+        *,
+        bool_masked_pos: Tensor | None = None,
+        output_hidden_states: bool = False,
+        output_attentions: bool | Sequence[int] = False,
+    ) -> ViTOutput:
         """Run the encoder. Returns a `ViTOutput` without logits.
 
         `output_attentions` is True for every layer or a sequence of layer indices (negative
@@ -213,10 +249,13 @@ class VisionTransformer(nn.Module):
         if output_hidden_states:
             hidden.append(x)
         return ViTOutput(
-            logits=None, last_hidden_state=x, pooler_output=self.pool(x),
+            logits=None,
+            last_hidden_state=x,
+            pooler_output=self.pool(x),
             hidden_states=tuple(hidden) if output_hidden_states else None,
             attentions=tuple(attentions) if wanted else None,
-            attention_layers=tuple(sorted(wanted)) if wanted else None)
+            attention_layers=tuple(sorted(wanted)) if wanted else None,
+        )
 
     def _attention_layers(self, request: bool | Sequence[int]) -> set[int]:
         depth = len(self.blocks)
@@ -235,7 +274,7 @@ class VisionTransformer(nn.Module):
         """(B, T, D) -> (B, D'): [CLS] token or mean of patch tokens, fc_norm, pre-logits."""
         c = self.config
         if c.global_pool == "avg":
-            x = tokens[:, c.num_prefix_tokens:].mean(dim=1)
+            x = tokens[:, c.num_prefix_tokens :].mean(dim=1)
         else:
             x = tokens[:, 0]
         return self.pre_logits(self.fc_norm(x))
@@ -258,13 +297,21 @@ class VisionTransformer(nn.Module):
             out.logits = cls_logits
         return out
 
-    def forward(self, pixel_values: Tensor, *, bool_masked_pos: Tensor | None = None,
-                output_hidden_states: bool = False,
-                output_attentions: bool | Sequence[int] = False) -> ViTOutput:
+    def forward(
+        self,
+        pixel_values: Tensor,
+        *,
+        bool_masked_pos: Tensor | None = None,
+        output_hidden_states: bool = False,
+        output_attentions: bool | Sequence[int] = False,
+    ) -> ViTOutput:
         """Images (B, C, H, W) at any size the patch divides -> `ViTOutput` with logits."""
-        out = self.forward_features(pixel_values, bool_masked_pos=bool_masked_pos,
-                                    output_hidden_states=output_hidden_states,
-                                    output_attentions=output_attentions)
+        out = self.forward_features(
+            pixel_values,
+            bool_masked_pos=bool_masked_pos,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+        )
         return self.forward_head(out)
 
     # ------------------------------------------------------------------------------ misc
@@ -274,6 +321,10 @@ class VisionTransformer(nn.Module):
     def flops(self, image_size: tuple[int, int] | None = None) -> int:
         """Multiply-accumulates of one forward pass on one image (matmuls and convs only)."""
         return count_macs(self.config, image_size)
+
+
+def _is_tracing() -> bool:
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
 
 
 def count_macs(config: ViTConfig, image_size: tuple[int, int] | None = None) -> int:

@@ -1,0 +1,90 @@
+import json
+
+import pytest
+
+import vitkit
+from vitkit import ConfigError, ViTConfig
+
+
+def test_defaults_are_vit_base_16():
+    c = ViTConfig()
+    assert (c.embed_dim, c.depth, c.num_heads, c.patch_size, c.image_hw) == (
+        768,
+        12,
+        12,
+        16,
+        (224, 224),
+    )
+    assert c.grid_size == (14, 14) and c.num_patches == 196 and c.num_prefix_tokens == 1
+
+
+def test_json_round_trip_keeps_every_field(tmp_path):
+    c = ViTConfig(
+        image_size=(224, 320),
+        num_classes=3,
+        distilled=True,
+        num_register_tokens=4,
+        global_pool="token",
+        head="mlp",
+        head_hidden_dim=32,
+        embed_dim=64,
+        num_heads=4,
+        depth=2,
+        id2label={0: "cat", 1: "dog", 2: "fox"},
+    )
+    path = tmp_path / "config.json"
+    c.save(path)
+    data = json.loads(path.read_text())
+    assert data["model_type"] == "vitkit" and data["id2label"] == {
+        "0": "cat",
+        "1": "dog",
+        "2": "fox",
+    }
+    back = ViTConfig.load(path)
+    assert back == c
+    assert back.image_hw == (224, 320) and back.id2label[2] == "fox"
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"embed_dim": 100, "num_heads": 12}, "not divisible by num_heads"),
+        ({"image_size": 230}, "not a multiple of patch_size"),
+        ({"global_pool": "max"}, "global_pool must be one of"),
+        ({"class_token": False}, "global_pool='token' needs class_token"),
+        ({"drop_path_rate": 1.5}, "drop_path_rate must be in [0, 1)"),
+        ({"num_classes": 2, "id2label": {0: "a"}}, "id2label has 1 entries"),
+        ({"depth": 0}, "depth must be positive"),
+    ],
+)
+def test_validation_names_the_problem(changes, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace(")", r"\)")):
+        ViTConfig(**changes)
+
+
+def test_padding_allows_any_size():
+    c = ViTConfig(image_size=230, dynamic_img_pad=True)
+    assert c.grid_size == (15, 15)
+
+
+def test_replace_rejects_unknown_fields_and_clears_labels():
+    c = ViTConfig(num_classes=2, id2label={0: "a", 1: "b"})
+    assert c.replace(num_classes=5).id2label is None
+    with pytest.raises(ConfigError, match="unknown ViTConfig field"):
+        c.replace(hidden_size=3)
+
+
+def test_load_reports_the_file(tmp_path):
+    bad = tmp_path / "config.json"
+    bad.write_text("{not json")
+    with pytest.raises(ConfigError, match=r"config\.json"):
+        ViTConfig.load(bad)
+
+
+def test_presets_and_unknown_name():
+    names = vitkit.list_models("vit_base_*")
+    assert "vit_base_patch16_224" in names and "vit_base_patch14_384" not in names
+    assert "deit_tiny_distilled_patch16_224" in vitkit.list_models("deit*")
+    with pytest.raises(ConfigError, match="unknown model"):
+        vitkit.get_config("vit_gigantic_patch16_224")
+    assert vitkit.get_config("vit_large_patch32_384").grid_size == (12, 12)

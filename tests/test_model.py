@@ -1,0 +1,275 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vitkit
+from vitkit import VisionTransformer, ViTConfig
+from vitkit.layers import attention as attention_module
+
+TINY = dict(image_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=4, num_classes=5)
+
+
+def tiny(**overrides) -> VisionTransformer:
+    return VisionTransformer(ViTConfig(**{**TINY, **overrides})).eval()
+
+
+def meta_params(name: str, **overrides) -> int:
+    with torch.device("meta"):
+        return vitkit.create_model(name, **overrides).num_params()
+
+
+@pytest.mark.parametrize(
+    ("name", "count"),
+    [
+        ("vit_tiny_patch16_224", 5_717_416),
+        ("vit_small_patch16_224", 22_050_664),
+        ("vit_base_patch16_224", 86_567_656),
+        ("vit_large_patch16_224", 304_326_632),
+        ("vit_huge_patch14_224", 632_045_800),  # timm with num_classes=1000
+    ],
+)
+def test_parameter_counts_match_the_paper_and_timm(name, count):
+    assert meta_params(name) == count
+
+
+def test_huge_without_head_matches_timm_default():
+    # timm's vit_huge_patch14_224 defaults to num_classes=0: 630,764,800 parameters
+    assert meta_params("vit_huge_patch14_224", num_classes=0) == 630_764_800
+
+
+def test_distilled_adds_token_position_and_head():
+    base = meta_params("deit_tiny_patch16_224")
+    assert meta_params("deit_tiny_distilled_patch16_224") - base == 192 + 192 + 192 * 1000 + 1000
+
+
+@pytest.mark.parametrize("name", vitkit.list_models())
+def test_every_preset_builds_and_has_the_right_shapes(name):
+    config = vitkit.get_config(name)
+    with torch.device("meta"):
+        model = VisionTransformer(config).eval()
+        h, w = config.image_hw
+        out = model(torch.empty(2, config.in_chans, h, w))
+    tokens = config.num_patches + config.num_prefix_tokens
+    assert out.last_hidden_state.shape == (2, tokens, config.embed_dim)
+    assert out.logits.shape == (2, config.num_classes)
+    assert model.pos_embed.shape == (
+        1,
+        config.num_pos_prefix_tokens + config.num_patches,
+        config.embed_dim,
+    )
+
+
+def test_macs_of_vit_base():
+    macs = vitkit.create_model(vitkit.get_config("vit_tiny_patch16_224")).flops()
+    assert macs == pytest.approx(1.2537e9, rel=1e-3)
+    assert vitkit.models.vit.count_macs(vitkit.get_config("vit_base_patch16_224")) == 17_563_828_224
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {},
+        {"distilled": True},
+        {"num_register_tokens": 2},
+        {"global_pool": "avg", "class_token": False},
+        {"head": "mlp", "head_hidden_dim": 16},
+        {"pos_embed": "sincos2d"},
+    ],
+)
+def test_eager_and_sdpa_agree(variant):
+    sdpa = tiny(**variant)
+    eager = tiny(**variant, attn_implementation="eager")
+    eager.load_state_dict(sdpa.state_dict())
+    x = torch.randn(3, 3, 32, 32)
+    a, b = sdpa(x), eager(x)
+    torch.testing.assert_close(a.logits, b.logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(a.last_hidden_state, b.last_hidden_state, atol=1e-5, rtol=0)
+
+
+def test_attention_maps_on_request_only(monkeypatch):
+    model = tiny()
+    calls = []
+    real = attention_module.F.scaled_dot_product_attention
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(attention_module.F, "scaled_dot_product_attention", counting)
+    x = torch.randn(2, 3, 32, 32)
+    plain = model(x)
+    assert plain.attentions is None and len(calls) == 3
+
+    calls.clear()
+    last = model(x, output_attentions=[-1])
+    assert len(calls) == 2  # only the last layer left the fused kernel
+    assert last.attention_layers == (2,) and len(last.attentions) == 1
+    torch.testing.assert_close(last.logits, plain.logits, atol=1e-5, rtol=0)
+
+    every = model(x, output_attentions=True)
+    assert every.attention_layers == (0, 1, 2)
+    probs = every.attentions[2]
+    assert probs.shape == (2, 4, 17, 17)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(2, 4, 17), atol=1e-6, rtol=0)
+    torch.testing.assert_close(probs, last.attentions[0])
+    with pytest.raises(IndexError):
+        model(x, output_attentions=[3])
+
+
+def test_attention_maps_equal_a_hand_computation():
+    model = tiny(depth=1)
+    x = torch.randn(1, 3, 32, 32)
+    out = model(x, output_attentions=True, output_hidden_states=True)
+    block = model.blocks[0]
+    h = block.norm1(out.hidden_states[0])
+    q, k, _ = block.attn.qkv(h).reshape(1, 17, 3, 4, 8).permute(2, 0, 3, 1, 4)
+    expected = F.softmax(q @ k.transpose(-1, -2) / 8**0.5, dim=-1)
+    torch.testing.assert_close(out.attentions[0], expected, atol=1e-6, rtol=0)
+
+
+def test_hidden_states_are_block_inputs_and_final_output():
+    model = tiny()
+    out = model(torch.randn(2, 3, 32, 32), output_hidden_states=True)
+    assert len(out.hidden_states) == 4
+    torch.testing.assert_close(out.hidden_states[-1], out.last_hidden_state)
+    torch.testing.assert_close(out.pooler_output, out.last_hidden_state[:, 0])
+
+
+def test_mean_pooling_uses_patch_tokens_and_fc_norm():
+    model = tiny(global_pool="avg", num_register_tokens=2)
+    out = model(torch.randn(2, 3, 32, 32))
+    assert isinstance(model.norm, torch.nn.Identity)
+    expected = model.fc_norm(out.last_hidden_state[:, 3:].mean(1))
+    torch.testing.assert_close(out.pooler_output, expected)
+
+
+def test_distilled_logits_average_both_heads():
+    model = tiny(distilled=True)
+    out = model(torch.randn(2, 3, 32, 32))
+    dist = model.head_dist(out.last_hidden_state[:, 1])
+    torch.testing.assert_close(out.distillation_logits, dist)
+    torch.testing.assert_close(out.logits, (out.cls_logits + dist) / 2)
+
+
+def test_backbone_without_head():
+    model = tiny(num_classes=0)
+    out = model(torch.randn(2, 3, 32, 32))
+    assert out.logits.shape == (2, 32) and model.num_features == 32
+
+
+def test_reset_classifier_zero_init_and_labels():
+    model = tiny()
+    model.reset_classifier(2, id2label={0: "a", 1: "b"})
+    assert model.head.weight.abs().sum() == 0 and model.config.num_classes == 2
+    out = model(torch.randn(1, 3, 32, 32))
+    assert out.logits.shape == (1, 2) and torch.all(out.logits == 0)
+    assert model.config.id2label == {0: "a", 1: "b"}
+
+
+def test_any_resolution_resamples_positions():
+    model = tiny()
+    out = model(torch.randn(2, 3, 48, 64))  # a 6 x 8 grid instead of 4 x 4
+    assert out.last_hidden_state.shape == (2, 1 + 48, 32)
+    # the same as a model built for 48x64 holding the resampled table
+    big = VisionTransformer(model.config.replace(image_size=(48, 64))).eval()
+    state = model.state_dict()
+    state["pos_embed"] = model.position_table((6, 8), torch.device("cpu"), torch.float32)
+    big.load_state_dict(state)
+    x = torch.randn(2, 3, 48, 64)
+    torch.testing.assert_close(big(x).logits, model(x).logits)
+
+
+def test_size_not_multiple_of_patch_is_a_clear_error_unless_padding():
+    with pytest.raises(vitkit.ConfigError, match="not a multiple of the patch size 8"):
+        tiny()(torch.randn(1, 3, 30, 32))
+    padded = tiny(dynamic_img_pad=True)
+    assert padded(torch.randn(1, 3, 30, 33)).last_hidden_state.shape == (1, 1 + 4 * 5, 32)
+
+
+def test_wrong_channel_count_is_a_clear_error():
+    with pytest.raises(vitkit.ConfigError, match="expects 3 input channels, got 1"):
+        tiny()(torch.randn(1, 1, 32, 32))
+
+
+def test_gradients_reach_every_parameter():
+    model = tiny(distilled=True, num_register_tokens=1).train()
+    out = model(torch.randn(2, 3, 32, 32))
+    (out.cls_logits.sum() + out.distillation_logits.sum()).backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.any()]
+    assert missing == []
+
+
+def test_stochastic_depth_only_while_training():
+    model = tiny(drop_path_rate=0.5)
+    x = torch.randn(4, 3, 32, 32)
+    torch.testing.assert_close(model(x).logits, model(x).logits)
+    model.train()
+    torch.manual_seed(1)
+    a = model(x).logits
+    torch.manual_seed(2)
+    b = model(x).logits
+    assert not torch.allclose(a, b)
+    assert [round(b.drop_path.p, 4) for b in list(model.blocks)[1:]] == [0.25, 0.5]
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    model = tiny(depth=2).train()
+    x = torch.randn(2, 3, 32, 32)
+    model(x).logits.sum().backward()
+    plain = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.set_grad_checkpointing(True)
+    model(x).logits.sum().backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, plain[n], msg=n)
+
+
+def test_bf16_autocast_runs_and_stays_close():
+    model = tiny()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = model(x, output_attentions=[-1])
+    assert low.logits.dtype == torch.bfloat16
+    torch.testing.assert_close(low.logits.float(), model(x).logits, atol=5e-2, rtol=5e-2)
+
+
+def test_masked_patches_use_the_mask_token():
+    model = tiny(use_mask_token=True)
+    x = torch.randn(1, 3, 32, 32)
+    mask = torch.zeros(1, 16, dtype=torch.bool)
+    mask[0, 5] = True
+    tokens = model.embed(x, mask)
+    expected = model.mask_token[0, 0] + model.pos_embed[0, 6]
+    torch.testing.assert_close(tokens[0, 6], expected)
+    assert not torch.allclose(tokens[0, 7], model.mask_token[0, 0] + model.pos_embed[0, 7])
+
+
+@pytest.mark.slow
+def test_torch_compile_matches_eager():
+    model = tiny()
+    x = torch.randn(2, 3, 32, 32)
+    compiled = torch.compile(model)
+    torch.testing.assert_close(compiled(x).logits, model(x).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_export_with_dynamic_image_size():
+    from torch.export import Dim, export
+
+    class Logits(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x):
+            return self.model(x).logits
+
+    model = tiny(depth=1)
+    b, h, w = Dim("b", min=1, max=64), Dim("h", min=2, max=16), Dim("w", min=2, max=16)
+    program = export(
+        Logits(model),
+        (torch.randn(2, 3, 32, 32),),
+        dynamic_shapes={"x": {0: b, 2: 8 * h, 3: 8 * w}},
+    )
+    for batch, size in [(2, (32, 32)), (3, (48, 48)), (1, (32, 56))]:
+        x = torch.randn(batch, 3, *size)
+        torch.testing.assert_close(program.module()(x), model(x).logits, atol=1e-5, rtol=0)
