@@ -273,3 +273,17 @@ def test_export_with_dynamic_image_size():
     for batch, size in [(2, (32, 32)), (3, (48, 48)), (1, (32, 56))]:
         x = torch.randn(batch, 3, *size)
         torch.testing.assert_close(program.module()(x), model(x).logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_fused_attention_matches_eager(dtype):
+    sdpa = tiny(embed_dim=64, num_heads=2).cuda()
+    eager = tiny(embed_dim=64, num_heads=2, attn_implementation="eager").cuda()
+    eager.load_state_dict(sdpa.state_dict())
+    x = torch.randn(4, 3, 32, 32, device="cuda")
+    with torch.autocast("cuda", dtype=dtype):
+        a = sdpa(x, output_attentions=[-1])
+        b = eager(x)
+    torch.testing.assert_close(a.logits.float(), b.logits.float(), atol=2e-2, rtol=2e-2)
+    assert a.attentions[0].shape == (4, 2, 17, 17)
