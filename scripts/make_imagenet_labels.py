@@ -19,7 +19,8 @@ def main() -> None:
     info = Path(timm.data.__file__).parent / "_info"
     synsets = (info / "imagenet_synsets.txt").read_text().split()
     lemmas = dict(
-        line.split("\t", 1) for line in (info / "imagenet_synset_to_lemma.txt").read_text().splitlines()
+        line.split("\t", 1)
+        for line in (info / "imagenet_synset_to_lemma.txt").read_text().splitlines()
     )
     if len(synsets) != 1000:
         raise SystemExit(f"expected 1000 synsets, found {len(synsets)}")

@@ -89,7 +89,9 @@ class ImageProcessor:
             self.std = tuple(float(v) for v in self.std)
         errors = []
         if self.interpolation not in _PIL_CODES:
-            errors.append(f"interpolation={self.interpolation!r} is not one of {sorted(_PIL_CODES)}")
+            errors.append(
+                f"interpolation={self.interpolation!r} is not one of {sorted(_PIL_CODES)}"
+            )
         if isinstance(self.resize, int) and self.resize <= 0:
             errors.append(f"resize={self.resize} must be positive")
         if self.crop_rounding not in ("floor", "round"):
@@ -375,7 +377,11 @@ class ImageProcessor:
             if self.background is not None:
                 bg = torch.tensor(self.background, dtype=xf.dtype, device=x.device) / 255.0
                 rgb = rgb * alpha + bg.view(1, 3, 1, 1) * (1 - alpha)
-            x = (rgb * 255.0).round().clamp(0, 255).to(torch.uint8) if x.dtype == torch.uint8 else rgb
+            x = (
+                (rgb * 255.0).round().clamp(0, 255).to(torch.uint8)
+                if x.dtype == torch.uint8
+                else rgb
+            )
             c = 3
         if c == self.num_channels:
             return x
@@ -423,7 +429,7 @@ class ImageProcessor:
     def _crop_offsets(self, h: int, w: int) -> tuple[int, int]:
         ch, cw = self.crop_size  # type: ignore[misc]
         if self.crop_rounding == "round":  # torchvision / timm
-            return int(round((h - ch) / 2.0)), int(round((w - cw) / 2.0))
+            return round((h - ch) / 2.0), round((w - cw) / 2.0)
         return (h - ch) // 2, (w - cw) // 2  # transformers
 
 
