@@ -158,7 +158,9 @@ def resolve_processor(source: str, config: Any, choice: str = "auto"):
         processor = ImageProcessor.hf_vit(config.image_hw, mean=base.mean, std=base.std)
     elif choice == "timm":
         deit = config.distilled or "deit" in os.path.basename(os.path.normpath(source)).lower()
-        mean, std = (base.mean, base.std) if found else (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+        mean, std = (
+            (base.mean, base.std) if found else (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+        )
         processor = ImageProcessor.timm_eval(
             config.image_hw, crop_pct=0.875 if deit else 0.9, mean=mean, std=std
         )
@@ -168,9 +170,7 @@ def resolve_processor(source: str, config: Any, choice: str = "auto"):
         mean, std = processor.mean, processor.std
         if config.in_chans == 1 and mean is not None and std is not None:
             mean, std = (sum(mean) / len(mean),), (sum(std) / len(std),)
-        processor = dataclasses.replace(
-            processor, num_channels=config.in_chans, mean=mean, std=std
-        )
+        processor = dataclasses.replace(processor, num_channels=config.in_chans, mean=mean, std=std)
     return processor
 
 

@@ -145,6 +145,11 @@ def _open(source: Any, name: str) -> Image.Image:
             raise ImageError(f"{name}: is a directory, not an image file")
         if path.stat().st_size == 0:
             raise ImageError(f"{name}: empty file")
+    elif not hasattr(source, "read"):
+        raise ImageError(
+            f"{name}: unsupported input type {type(source).__name__}; pass a path, bytes, a "
+            "binary file object or a PIL image"
+        )
     try:
         return Image.open(source)
     except UnidentifiedImageError:
