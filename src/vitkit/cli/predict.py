@@ -282,8 +282,9 @@ def _report_failure(path: str, reason: str, *, as_json: bool, bar=None) -> None:
 
 
 def _out(text: str, bar, stream) -> None:
-    if bar is not None and not getattr(bar, "disable", True):
-        bar.write(text, file=stream)
+    on_screen = getattr(stream, "isatty", lambda: False)()
+    if bar is not None and not getattr(bar, "disable", True) and on_screen:
+        bar.write(text, file=stream)  # clears the bar, prints, redraws it
     else:
         print(text, file=stream, flush=stream is sys.stderr)
 
