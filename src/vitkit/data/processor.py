@@ -289,10 +289,13 @@ class ImageProcessor:
         tensors (CHW or BCHW; uint8 or float in [0, 1]), or a list mixing these. A single
         image still gives B = 1. Tensors stay on their device unless `device` is given.
         """
+        if isinstance(images, torch.Tensor) and images.ndim == 4 and not self._use_pil(images):
+            batch = _check_batch(images if device is None else images.to(device))
+            return self._tensor_batch(batch)  # one (B, C, H, W) tensor: no per-image work
         items = _as_list(images)
         if not items:
             raise ImageError("no images given")
-        outputs: list[torch.Tensor | None] = [None] * len(items)
+        outputs: list[np.ndarray | torch.Tensor | None] = [None] * len(items)
         groups: dict[tuple, list[int]] = {}
         tensors: dict[int, torch.Tensor] = {}
         for i, item in enumerate(items):
@@ -313,12 +316,15 @@ class ImageProcessor:
             raise ImageError(
                 f"images came out with different sizes {sorted(shapes)}; set resize or crop_size"
             )
-        target = device or next(o.device for o in outputs if o is not None)  # type: ignore[union-attr]
-        return torch.stack([o.to(target) for o in outputs])  # type: ignore[union-attr]
+        if all(isinstance(o, np.ndarray) for o in outputs):
+            stacked = torch.from_numpy(np.stack(outputs))  # type: ignore[arg-type]
+            return stacked if device is None else stacked.to(device)
+        target = device or next(o.device for o in outputs if isinstance(o, torch.Tensor))
+        return torch.stack([torch.as_tensor(o).to(target) for o in outputs])
 
-    def preprocess_pil(self, image: Image.Image) -> torch.Tensor:
-        """One image through the PIL path -> (C, H, W) float32."""
-        return self._pil_one(image)
+    def preprocess_pil(self, image: Any) -> torch.Tensor:
+        """One image (path, PIL image, ...) through the PIL path -> (C, H, W) float32."""
+        return torch.from_numpy(self._pil_one(image))
 
     # -- PIL path: resample 8-bit RGB with PIL, like transformers' PIL backend and timm
 
@@ -346,11 +352,14 @@ class ImageProcessor:
             top, left = self._crop_offsets(image.height, image.width)
             ch, cw = self.crop_size
             image = image.crop((left, top, left + cw, top + ch))  # outside the image reads 0
-        array = np.asarray(image)
-        if array.ndim == 2:
-            array = array[:, :, None]
-        x = torch.from_numpy(array.copy()).permute(2, 0, 1)  # (C, H, W) uint8
-        return self._normalize(x[None], integer_scale=255.0)[0]
+        # numpy, single-threaded: cheaper than torch ops for one small image on busy cores
+        x = np.asarray(image, dtype=np.float32)  # (H, W) or (H, W, C), 0..255
+        if x.ndim == 2:
+            x = x[:, :, None]
+        weight, bias = self._affine()
+        x *= weight
+        x += bias
+        return np.ascontiguousarray(x.transpose(2, 0, 1))  # (C, H, W)
 
     # -- tensor path: batched torchvision.transforms.v2 ops, like transformers' default backend
 
@@ -405,17 +414,20 @@ class ImageProcessor:
         top, left = self._crop_offsets(h, w)
         return x[..., top : top + ch, left : left + cw]
 
-    def _normalize(self, x: torch.Tensor, *, integer_scale: float) -> torch.Tensor:
-        """uint8 (0..255) or float in [0, 1] -> rescaled, normalized float32."""
+    def _affine(self) -> tuple[np.ndarray, np.ndarray]:
+        """(weight, bias) per channel with normalized = value_0_255 * weight + bias."""
         scale = self.rescale_factor if self.rescale_factor is not None else 1.0
+        mean = np.asarray(self.mean if self.mean is not None else (0.0,), dtype=np.float64)
+        std = np.asarray(self.std if self.std is not None else (1.0,), dtype=np.float64)
+        return (scale / std).astype(np.float32), (-mean / std).astype(np.float32)
+
+    def _normalize(self, x: torch.Tensor, *, integer_scale: float) -> torch.Tensor:
+        """(B, C, H, W) uint8 (0..255) or float in [0, 1] -> rescaled, normalized float32."""
+        weight, bias = (torch.from_numpy(v).to(x.device).view(1, -1, 1, 1) for v in self._affine())
         if x.is_floating_point():
-            scale = scale * integer_scale  # [0, 1] floats stand for value / 255
-        x = x.to(torch.float32) * scale
-        if self.mean is not None:
-            mean = torch.tensor(self.mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
-            std = torch.tensor(self.std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
-            x = (x - mean) / std
-        return x.contiguous()
+            weight = weight * integer_scale  # [0, 1] floats stand for value / 255
+        x = x.to(torch.float32, memory_format=torch.contiguous_format)
+        return torch.addcmul(bias, x, weight)  # one fused pass: bias + x * weight
 
     # -- geometry shared by both paths
 
@@ -478,6 +490,16 @@ def _as_list(images: Any) -> list[Any]:
     if isinstance(images, (list, tuple)):
         return list(images)
     return [images]
+
+
+def _check_batch(x: torch.Tensor) -> torch.Tensor:
+    if x.shape[1] not in (1, 3, 4):
+        raise ImageError(
+            f"expected a (B, C, H, W) batch with 1, 3 or 4 channels, got {tuple(x.shape)}"
+        )
+    if x.dtype != torch.uint8 and not x.is_floating_point():
+        raise ImageError(f"dtype {x.dtype} not supported; use uint8 or float in [0, 1]")
+    return x if x.dtype == torch.uint8 else x.to(torch.float32)
 
 
 def _to_chw_tensor(item: Any, index: int = 0) -> torch.Tensor:
