@@ -196,6 +196,10 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
         p([tmp_path / "missing.png"])
     with pytest.raises(ImageError, match=r"dtype torch\.int64"):
         p(torch.zeros(3, 8, 8, dtype=torch.int64))
+    with pytest.raises(ImageError, match=r"dtype torch\.int64"):
+        p(torch.zeros(2, 3, 8, 8, dtype=torch.int64))
+    with pytest.raises(ImageError, match="channels"):
+        p(torch.zeros(2, 5, 8, 8))
     with pytest.raises(ImageError, match="unsupported input type"):
         p([object()])
     with pytest.raises(ImageError, match="different sizes"):
