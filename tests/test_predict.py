@@ -174,8 +174,12 @@ def test_only_failures_exit_one_and_usage_errors(capsys, tmp_path):
     )
     code, _, err = _run(capsys, tmp_path, "--model", "vit_tiny_patch4_32", "--top-k", "0")
     assert code == 1 and "--top-k" in err
-    code, _, err = _run(capsys, tmp_path / "x.png", "--model", "x", "--device", "potato")
-    assert code == 1
+    photo = tmp_path / "x.png"
+    Image.new("RGB", (8, 8)).save(photo)
+    code, out, err = _run(capsys, photo, "--model", "vit_tiny_patch4_32", "--device", "potato")
+    assert code == 1 and out == "" and "'potato' is not a device" in err
+    code, _, err = _run(capsys, photo, "--model", "no_such_model_or_folder")
+    assert code == 1 and "no_such_model_or_folder" in err and "Traceback" not in err
 
 
 def test_processor_comes_from_the_model_folder(tmp_path):
