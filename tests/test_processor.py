@@ -210,6 +210,16 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
         ImageProcessor(mean=(0.5,) * 3, std=(0.0, 1.0, 1.0))
 
 
+@pytest.mark.parametrize("rounding", ["floor", "round"])
+def test_crop_larger_than_image_pads_the_same_on_both_paths(rounding):
+    array = np.full((5, 4, 3), 200, dtype=np.uint8)
+    p = ImageProcessor(resize=None, crop_size=(8, 7), crop_rounding=rounding, mean=None, std=None)
+    pil, tensor = p(Image.fromarray(array)), p(array)
+    assert pil.shape == (1, 3, 8, 7)
+    torch.testing.assert_close(pil, tensor)
+    assert pil.sum() == pytest.approx(5 * 4 * 3 * 200 / 255)
+
+
 def test_box_interpolation_falls_back_to_pil_for_tensors(photos):
     p = ImageProcessor.hf_vit(20, interpolation="box")
     image = photos["rocket"]

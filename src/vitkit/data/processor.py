@@ -337,7 +337,7 @@ class ImageProcessor:
             return self.interpolation in ("box", "hamming")  # torchvision lacks these modes
         return True
 
-    def _pil_one(self, item: Any) -> torch.Tensor:
+    def _pil_one(self, item: Any) -> np.ndarray:
         if isinstance(item, (np.ndarray, torch.Tensor)):
             image = _tensor_to_pil(_to_chw_tensor(item), self.background)
         else:
@@ -407,11 +407,11 @@ class ImageProcessor:
 
         ch, cw = self.crop_size  # type: ignore[misc]
         h, w = x.shape[-2:]
-        if ch > h or cw > w:  # pad with zeros like PIL's crop outside the image
-            pad_h, pad_w = max(ch - h, 0), max(cw - w, 0)
-            x = tvf.pad(x, [pad_w // 2, pad_h // 2, pad_w - pad_w // 2, pad_h - pad_h // 2])
-            h, w = x.shape[-2:]
-        top, left = self._crop_offsets(h, w)
+        top, left = self._crop_offsets(h, w)  # negative when the crop is larger than the image
+        pads = [max(-left, 0), max(-top, 0), max(left + cw - w, 0), max(top + ch - h, 0)]
+        if any(pads):  # zeros outside the image, as PIL's crop reads them
+            x = tvf.pad(x, pads)
+            top, left = top + pads[1], left + pads[0]
         return x[..., top : top + ch, left : left + cw]
 
     def _affine(self) -> tuple[np.ndarray, np.ndarray]:
