@@ -146,14 +146,27 @@ def test_results_do_not_depend_on_batching(capsys, image_dir, fake_from_pretrain
             assert ta["probability"] == pytest.approx(tb["probability"], abs=1e-5)
 
 
-def test_preset_name_warns_about_random_weights_and_uses_imagenet_labels(capsys, image_dir):
+def test_preset_name_warns_about_random_weights(capsys, image_dir):
     photo = image_dir / "good" / "camera.png"
-    code, out, err = _run(capsys, photo, "--model", "vit_tiny_patch16_224", "--json", "-k", "1")
+    code, out, err = _run(capsys, photo, "--model", "vit_tiny_patch4_32", "--json", "-k", "1")
     assert code == 0
-    assert "RANDOM weights" in err and "vit_tiny_patch16_224" in err
+    assert "RANDOM weights" in err and "vit_tiny_patch4_32" in err
     (record,) = [json.loads(line) for line in out.splitlines()]
     top = record["top_k"][0]
-    assert top["label"] == imagenet_labels()[top["index"]]
+    assert top["label"] == str(top["index"])  # no id2label, not 1000 classes: indices
+
+
+def test_unlabelled_1000_class_checkpoint_prints_imagenet_names(capsys, image_dir, monkeypatch):
+    def from_pretrained(source):  # a timm-converted ImageNet model carries no id2label
+        return vitkit.create_model("vit_tiny_patch4_32", num_classes=1000, **TINY)
+
+    monkeypatch.setattr(vitkit, "from_pretrained", from_pretrained, raising=False)
+    photo = image_dir / "good" / "camera.png"
+    code, out, _ = _run(capsys, photo, "--model", "some-org/some-vit", "--json", "-k", "3")
+    assert code == 0
+    (record,) = [json.loads(line) for line in out.splitlines()]
+    names = imagenet_labels()
+    assert [t["label"] for t in record["top_k"]] == [names[t["index"]] for t in record["top_k"]]
 
 
 def test_single_channel_model(capsys, image_dir):
