@@ -6,6 +6,7 @@
 """
 
 from vitkit.config import ViTConfig
+from vitkit.data.processor import ImageProcessor
 from vitkit.errors import CheckpointError, ConfigError, ImageError, VitkitError
 from vitkit.models.vit import VisionTransformer, ViTOutput
 from vitkit.presets import create_model, get_config, list_models, register_preset
@@ -16,6 +17,7 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "ImageError",
+    "ImageProcessor",
     "ViTConfig",
     "ViTOutput",
     "VisionTransformer",
