@@ -386,7 +386,7 @@ def state_dict_to_hf(
         base = f"{prefix}encoder.layer.{i}."
         if name == "attn.qkv":
             for part, theirs in zip(value.chunk(3, dim=0), _QKV_V4, strict=True):
-                out[f"{base}{theirs}.{kind}"] = part.contiguous()
+                out[f"{base}{theirs}.{kind}"] = part.clone()  # no shared storage (safetensors)
         elif name in layer_names:
             out[f"{base}{layer_names[name]}.{kind}"] = value
         else:
