@@ -21,8 +21,9 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 def looks_like_hub_id(source: str) -> bool:
     """`org/name` or a bare legacy `name` that is not a path on this machine."""
-    return bool(_HUB_ID.match(source)) and not source.endswith((".npz", ".safetensors", ".bin",
-                                                                 ".pth", ".pt"))
+    return bool(_HUB_ID.match(source)) and not source.endswith(
+        (".npz", ".safetensors", ".bin", ".pth", ".pt")
+    )
 
 
 def _offline() -> bool:
@@ -33,14 +34,17 @@ def _offline() -> bool:
 
 
 def _how_to_get(repo_id: str) -> str:
-    return (f"on a machine with network run `huggingface-cli download {repo_id}` (or `hf "
-            f"download {repo_id}`) and copy its cache folder (~/.cache/huggingface/hub, or "
-            f"$HF_HUB_CACHE) here, or download the repository files (config.json and "
-            f"model.safetensors) into a folder and pass that folder's path")
+    return (
+        f"on a machine with network run `huggingface-cli download {repo_id}` (or `hf "
+        f"download {repo_id}`) and copy its cache folder (~/.cache/huggingface/hub, or "
+        f"$HF_HUB_CACHE) here, or download the repository files (config.json and "
+        f"model.safetensors) into a folder and pass that folder's path"
+    )
 
 
-def resolve_hub(repo_id: str, *, revision: str | None = None,
-                cache_dir: str | os.PathLike[str] | None = None) -> dict[str, Path]:
+def resolve_hub(
+    repo_id: str, *, revision: str | None = None, cache_dir: str | os.PathLike[str] | None = None
+) -> dict[str, Path]:
     """Local paths of `config.json` and the weights of hub repository `repo_id`.
 
     Returns {"config.json": path, <weights file name>: path, [shards...]}.
@@ -60,18 +64,19 @@ def resolve_hub(repo_id: str, *, revision: str | None = None,
     def fetch(filename: str) -> Path | None:
         """The cached/downloaded file, None if the repo has no such file; raises if unknown."""
         if offline:
-            found = hub.try_to_load_from_cache(repo_id, filename, cache_dir=cache,
-                                               revision=revision)
+            found = hub.try_to_load_from_cache(
+                repo_id, filename, cache_dir=cache, revision=revision
+            )
             return Path(found) if isinstance(found, str) else None
         try:
-            return Path(hub.hf_hub_download(repo_id, filename, revision=revision,
-                                            cache_dir=cache))
+            return Path(hub.hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache))
         except EntryNotFoundError:
             return None
         except Exception as exc:  # network, auth, unknown repo: report with the way out
-            raise CheckpointError(f"cannot get {filename} of {repo_id!r} from the Hugging Face "
-                                  f"Hub ({type(exc).__name__}: {exc}); {_how_to_get(repo_id)}"
-                                  ) from exc
+            raise CheckpointError(
+                f"cannot get {filename} of {repo_id!r} from the Hugging Face "
+                f"Hub ({type(exc).__name__}: {exc}); {_how_to_get(repo_id)}"
+            ) from exc
 
     where = "the local cache" + (f" {cache}" if cache else " ($HF_HUB_CACHE)")
     config = fetch("config.json")
@@ -89,9 +94,12 @@ def resolve_hub(repo_id: str, *, revision: str | None = None,
             for shard in shards:
                 got = fetch(shard)
                 if got is None:
-                    raise CheckpointError(f"shard {shard} of {repo_id!r} is not in {where}; "
-                                          f"{_how_to_get(repo_id)}")
+                    raise CheckpointError(
+                        f"shard {shard} of {repo_id!r} is not in {where}; {_how_to_get(repo_id)}"
+                    )
                 files[shard] = got
         return files
-    raise CheckpointError(f"no weights ({', '.join(WEIGHT_FILES)}) for {repo_id!r} in "
-                          f"{where if offline else 'the repository'}; {_how_to_get(repo_id)}")
+    raise CheckpointError(
+        f"no weights ({', '.join(WEIGHT_FILES)}) for {repo_id!r} in "
+        f"{where if offline else 'the repository'}; {_how_to_get(repo_id)}"
+    )

@@ -55,10 +55,12 @@ def _strip_prefix(w: Mapping[str, np.ndarray], source: str) -> dict[str, np.ndar
         if f"{prefix}embedding/kernel" in w:
             return {k[len(prefix) :]: v for k, v in w.items() if k.startswith(prefix)}
     if any("conv_root" in k or "block1/unit1" in k for k in w):
-        raise CheckpointError(f"{source} is a hybrid (ResNet + ViT) checkpoint; vitkit builds "
-                              f"pure ViTs only")
-    raise CheckpointError(f"{source} has no 'embedding/kernel'; is it a ViT .npz? first keys: "
-                          f"{sorted(w)[:6]}")
+        raise CheckpointError(
+            f"{source} is a hybrid (ResNet + ViT) checkpoint; vitkit builds pure ViTs only"
+        )
+    raise CheckpointError(
+        f"{source} has no 'embedding/kernel'; is it a ViT .npz? first keys: {sorted(w)[:6]}"
+    )
 
 
 def _layout(w: Mapping[str, np.ndarray]) -> tuple[dict[str, str], bool]:
@@ -69,20 +71,25 @@ def _layout(w: Mapping[str, np.ndarray]) -> tuple[dict[str, str], bool]:
     return names, stacked
 
 
-def config_from_npz(weights: Mapping[str, np.ndarray], *, act: str = "gelu_tanh",
-                    source: str = "checkpoint") -> ViTConfig:
+def config_from_npz(
+    weights: Mapping[str, np.ndarray], *, act: str = "gelu_tanh", source: str = "checkpoint"
+) -> ViTConfig:
     """The `ViTConfig` a JAX ViT checkpoint describes (see the module docstring)."""
     w = _strip_prefix(weights, source)
     names, stacked = _layout(w)
     if any(k.startswith("MAPHead_0/") for k in w):
-        raise CheckpointError(f"{source} pools with a MAP head (attention pooling), which "
-                              f"vitkit does not implement")
-    P, P2, C, D = w["embedding/kernel"].shape
+        raise CheckpointError(
+            f"{source} pools with a MAP head (attention pooling), which vitkit does not implement"
+        )
+    P, Pw, C, D = w["embedding/kernel"].shape
+    if Pw != P:
+        raise CheckpointError(f"{source}: non-square patches {P}x{Pw} are not supported")
     if stacked:
         depth = w["Transformer/encoderblock/LayerNorm_0/scale"].shape[0]
     else:
-        depth = 1 + max(int(m.group(1)) for k in w
-                        if (m := re.match(r"Transformer/encoderblock_(\d+)/", k)))
+        depth = 1 + max(
+            int(m.group(1)) for k in w if (m := re.match(r"Transformer/encoderblock_(\d+)/", k))
+        )
     q = w[_block_key(0, names["attn"] + "/query/kernel", stacked)]
     q = q[0] if stacked else q
     heads = q.shape[1]
@@ -90,27 +97,42 @@ def config_from_npz(weights: Mapping[str, np.ndarray], *, act: str = "gelu_tanh"
     class_token = "cls" in w
     pos = w.get("Transformer/posembed_input/pos_embedding", w.get("pos_embedding"))
     if pos is None:
-        raise CheckpointError(f"{source} has no position embedding (Transformer/posembed_input/"
-                              f"pos_embedding or pos_embedding)")
+        raise CheckpointError(
+            f"{source} has no position embedding (Transformer/posembed_input/"
+            f"pos_embedding or pos_embedding)"
+        )
     rows = pos.reshape(-1, D).shape[0]
     n = rows - int(class_token) if "pos_embedding" not in w else rows
     side = round(n**0.5)
     if side * side != n:
-        raise CheckpointError(f"{source}: position table with {n} patch rows is not a square "
-                              f"grid; pass config=ViTConfig(image_size=(h, w), ...)")
+        raise CheckpointError(
+            f"{source}: position table with {n} patch rows is not a square "
+            f"grid; pass config=ViTConfig(image_size=(h, w), ...)"
+        )
     num_classes = w["head/kernel"].shape[-1] if "head/kernel" in w else 0
     has_pre_logits = "pre_logits/kernel" in w
     try:
         return ViTConfig(
-            image_size=side * P, patch_size=P, in_chans=C, num_classes=num_classes,
-            embed_dim=D, depth=depth, num_heads=heads, mlp_ratio=mlp / D,
+            image_size=side * P,
+            patch_size=P,
+            in_chans=C,
+            num_classes=num_classes,
+            embed_dim=D,
+            depth=depth,
+            num_heads=heads,
+            mlp_ratio=mlp / D,
             qkv_bias=_block_key(0, names["attn"] + "/query/bias", stacked) in w,
-            layer_norm_eps=1e-6, act=act,  # type: ignore[arg-type]
-            global_pool="token" if class_token else "avg", fc_norm=False,
+            layer_norm_eps=1e-6,
+            act=act,  # type: ignore[arg-type]
+            global_pool="token" if class_token else "avg",
+            fc_norm=False,
             class_token=class_token,
             head="mlp" if has_pre_logits else "linear",
-            head_hidden_dim=(w["pre_logits/kernel"].shape[-1]
-                             if has_pre_logits and w["pre_logits/kernel"].shape[-1] != D else None),
+            head_hidden_dim=(
+                w["pre_logits/kernel"].shape[-1]
+                if has_pre_logits and w["pre_logits/kernel"].shape[-1] != D
+                else None
+            ),
         )
     except ConfigError as exc:
         raise CheckpointError(f"{source} does not describe a vitkit ViT: {exc}") from exc
@@ -120,8 +142,9 @@ def _block_key(i: int, name: str, stacked: bool) -> str:
     return f"Transformer/encoderblock/{name}" if stacked else f"Transformer/encoderblock_{i}/{name}"
 
 
-def state_dict_from_npz(weights: Mapping[str, np.ndarray], config: ViTConfig, *,
-                        source: str = "checkpoint") -> dict[str, Tensor]:
+def state_dict_from_npz(
+    weights: Mapping[str, np.ndarray], config: ViTConfig, *, source: str = "checkpoint"
+) -> dict[str, Tensor]:
     """vitkit state dict from a JAX checkpoint; every array must be used (else one error)."""
     w = _strip_prefix(weights, source)
     names, stacked = _layout(w)
@@ -148,6 +171,7 @@ def state_dict_from_npz(weights: Mapping[str, np.ndarray], config: ViTConfig, *,
         prefix = config.num_pos_prefix_tokens
         sd["pos_embed"] = torch.cat([pos.new_zeros(1, prefix, D), pos], dim=1)
     for i in range(config.depth):
+
         def blk(name: str, i: int = i) -> Tensor:
             return get(_block_key(i, name, stacked), i)
 
@@ -155,10 +179,12 @@ def state_dict_from_npz(weights: Mapping[str, np.ndarray], config: ViTConfig, *,
         sd[ours + "norm1.weight"] = blk("LayerNorm_0/scale")
         sd[ours + "norm1.bias"] = blk("LayerNorm_0/bias")
         sd[ours + "attn.qkv.weight"] = torch.cat(
-            [blk(f"{a}/{n}/kernel").reshape(D, -1).T for n in ("query", "key", "value")])
+            [blk(f"{a}/{n}/kernel").reshape(D, -1).T for n in ("query", "key", "value")]
+        )
         if config.qkv_bias:
             sd[ours + "attn.qkv.bias"] = torch.cat(
-                [blk(f"{a}/{n}/bias").reshape(-1) for n in ("query", "key", "value")])
+                [blk(f"{a}/{n}/bias").reshape(-1) for n in ("query", "key", "value")]
+            )
         sd[ours + "attn.proj.weight"] = blk(f"{a}/out/kernel").reshape(-1, D).T
         sd[ours + "attn.proj.bias"] = blk(f"{a}/out/bias")
         sd[ours + "norm2.weight"] = blk(f"{names['ln2']}/scale")
@@ -176,8 +202,10 @@ def state_dict_from_npz(weights: Mapping[str, np.ndarray], config: ViTConfig, *,
         sd["head.bias"] = get("head/bias")
     unused = sorted(set(w) - used)
     if unused:
-        raise CheckpointError(f"{source}: arrays the config does not use: {unused[:12]}"
-                              + (" ..." if len(unused) > 12 else ""))
+        raise CheckpointError(
+            f"{source}: arrays the config does not use: {unused[:12]}"
+            + (" ..." if len(unused) > 12 else "")
+        )
     sd = {k: v.contiguous() for k, v in sd.items()}
     check_state_dict(sd, config, source=source)
     return sd
@@ -194,8 +222,9 @@ def npz_from_state_dict(sd: Mapping[str, Tensor], config: ViTConfig) -> dict[str
     if c.pos_embed != "learned":
         problems.append("a learned position table")
     if problems:
-        raise CheckpointError("cannot write this model as a vision_transformer .npz: needs "
-                              + "; ".join(problems))
+        raise CheckpointError(
+            "cannot write this model as a vision_transformer .npz: needs " + "; ".join(problems)
+        )
     check_state_dict(sd, c, source="model state dict")
     D, H, Dh = c.embed_dim, c.num_heads, c.head_dim
 

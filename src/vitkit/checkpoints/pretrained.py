@@ -47,12 +47,16 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
         try:
             return load_file(str(path), device="cpu")
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-            raise CheckpointError(f"{path} is not a readable safetensors file ({exc}); it may be "
-                                  f"truncated or corrupt: download it again") from exc
+            raise CheckpointError(
+                f"{path} is not a readable safetensors file ({exc}); it may be "
+                f"truncated or corrupt: download it again"
+            ) from exc
     if path.suffix in PICKLE_SUFFIXES:
         return _read_pickle(path)
-    raise CheckpointError(f"{path}: unknown weights format {path.suffix!r}; vitkit reads "
-                          f".safetensors, .npz and weights-only .bin/.pth/.pt files")
+    raise CheckpointError(
+        f"{path}: unknown weights format {path.suffix!r}; vitkit reads "
+        f".safetensors, .npz and weights-only .bin/.pth/.pt files"
+    )
 
 
 def _read_pickle(path: Path) -> dict[str, Tensor]:
@@ -67,10 +71,13 @@ def _read_pickle(path: Path) -> dict[str, Tensor]:
             f"weights_only=True rejected it: {str(exc).splitlines()[0]}). If you trust its "
             f"origin, convert it once in a sandbox to safetensors, e.g. `safetensors.torch."
             f"save_file(torch.load(path, weights_only=False)['model'], 'model.safetensors')`, "
-            f"and load that") from exc
+            f"and load that"
+        ) from exc
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({exc}); it may "
-                              f"be truncated or corrupt: download it again") from exc
+        raise CheckpointError(
+            f"{path} is not a readable PyTorch checkpoint ({exc}); it may "
+            f"be truncated or corrupt: download it again"
+        ) from exc
     return unwrap_state_dict(obj, source=str(path))
 
 
@@ -90,8 +97,9 @@ def _read_weights(files: Mapping[str, Path]) -> tuple[dict[str, Tensor], str]:
         return sd, str(index)
     if "pytorch_model.bin" in files:
         return read_state_dict(files["pytorch_model.bin"]), str(files["pytorch_model.bin"])
-    raise CheckpointError("no weights found (model.safetensors, model.safetensors.index.json "
-                          "or pytorch_model.bin)")
+    raise CheckpointError(
+        "no weights found (model.safetensors, model.safetensors.index.json or pytorch_model.bin)"
+    )
 
 
 def _folder_files(folder: Path) -> dict[str, Path]:
@@ -141,18 +149,30 @@ def from_pretrained(
         config, sd, name = _load_folder(files, Path(str(source)), model_name, config)
     else:
         raise CheckpointError(f"{source} is neither a file, a folder nor a hub id (org/name)")
-    return _build(config, sd, source=name, num_classes=num_classes, image_size=image_size,
-                  dtype=dtype, device=device, strict=strict, overrides=overrides,
-                  antialias=resample_antialias)
+    return _build(
+        config,
+        sd,
+        source=name,
+        num_classes=num_classes,
+        image_size=image_size,
+        dtype=dtype,
+        device=device,
+        strict=strict,
+        overrides=overrides,
+        antialias=resample_antialias,
+    )
 
 
-def _load_folder(files: Mapping[str, Path], where: Path, model_name: str | None,
-                 config: ViTConfig | None) -> tuple[ViTConfig, dict[str, Tensor], str]:
+def _load_folder(
+    files: Mapping[str, Path], where: Path, model_name: str | None, config: ViTConfig | None
+) -> tuple[ViTConfig, dict[str, Tensor], str]:
     from vitkit.checkpoints import hf, timm
 
     if "config.json" not in files:
-        raise CheckpointError(f"{where} has no config.json; pass the weights file itself with "
-                              f"model_name=... for a timm state dict")
+        raise CheckpointError(
+            f"{where} has no config.json; pass the weights file itself with "
+            f"model_name=... for a timm state dict"
+        )
     try:
         data = json.loads(files["config.json"].read_text())
     except (OSError, ValueError) as exc:
@@ -184,12 +204,15 @@ def _load_folder(files: Mapping[str, Path], where: Path, model_name: str | None,
         if labels and len(labels) == cfg.num_classes and config is None:
             cfg = cfg.replace(id2label=dict(enumerate(labels)))
         return cfg, timm.state_dict_from_timm(sd, cfg, source=name), name
-    raise CheckpointError(f"{files['config.json']}: model_type {model_type!r} is not one vitkit "
-                          f"reads ('vit', 'deit', 'vitkit', or a timm config with 'architecture')")
+    raise CheckpointError(
+        f"{files['config.json']}: model_type {model_type!r} is not one vitkit "
+        f"reads ('vit', 'deit', 'vitkit', or a timm config with 'architecture')"
+    )
 
 
-def _load_file(path: Path, model_name: str | None,
-               config: ViTConfig | None) -> tuple[ViTConfig, dict[str, Tensor], str]:
+def _load_file(
+    path: Path, model_name: str | None, config: ViTConfig | None
+) -> tuple[ViTConfig, dict[str, Tensor], str]:
     from vitkit.checkpoints import jax, timm
 
     name = str(path)
@@ -200,8 +223,10 @@ def _load_file(path: Path, model_name: str | None,
     raw = read_state_dict(path)
     if any("embeddings.patch_embeddings.projection" in k for k in raw):
         if config is None:
-            raise CheckpointError(f"{path} holds transformers (HF) weights; pass the folder with "
-                                  f"its config.json, or config=ViTConfig(...)")
+            raise CheckpointError(
+                f"{path} holds transformers (HF) weights; pass the folder with "
+                f"its config.json, or config=ViTConfig(...)"
+            )
         from vitkit.checkpoints.hf import state_dict_from_hf
 
         return config, state_dict_from_hf(raw, config, source=name), name
@@ -209,10 +234,19 @@ def _load_file(path: Path, model_name: str | None,
     return cfg, timm.state_dict_from_timm(raw, cfg, source=name), name
 
 
-def _build(config: ViTConfig, sd: dict[str, Tensor], *, source: str, num_classes: int | None,
-           image_size: int | tuple[int, int] | None, dtype: torch.dtype | None,
-           device: str | torch.device | None, strict: bool, overrides: Mapping[str, Any],
-           antialias: bool):
+def _build(
+    config: ViTConfig,
+    sd: dict[str, Tensor],
+    *,
+    source: str,
+    num_classes: int | None,
+    image_size: int | tuple[int, int] | None,
+    dtype: torch.dtype | None,
+    device: str | torch.device | None,
+    strict: bool,
+    overrides: Mapping[str, Any],
+    antialias: bool,
+):
     from vitkit.layers.pos_embed import resample_pos_embed
     from vitkit.models.vit import VisionTransformer
 
@@ -224,8 +258,12 @@ def _build(config: ViTConfig, sd: dict[str, Tensor], *, source: str, num_classes
             pos = sd.get("pos_embed")
             if new.grid_size != config.grid_size and pos is not None and pos.ndim == 3:
                 sd["pos_embed"] = resample_pos_embed(
-                    pos, new.grid_size, old_grid=config.grid_size,
-                    num_prefix_tokens=config.num_pos_prefix_tokens, antialias=antialias)
+                    pos,
+                    new.grid_size,
+                    old_grid=config.grid_size,
+                    num_prefix_tokens=config.num_pos_prefix_tokens,
+                    antialias=antialias,
+                )
             config = new
         new_head = num_classes is not None and num_classes != config.num_classes
         if new_head:
@@ -238,20 +276,36 @@ def _build(config: ViTConfig, sd: dict[str, Tensor], *, source: str, num_classes
     fresh = {k for k in expected if k.startswith(("head.", "head_dist."))} if new_head else set()
     missing = [k for k in expected if k not in sd and k not in fresh]
     unexpected = [k for k in sd if k not in expected]
-    conflicts = {k: (expected[k], tuple(v.shape)) for k, v in sd.items()
-                 if k in expected and tuple(v.shape) != expected[k]}
+    conflicts = {
+        k: (expected[k], tuple(v.shape))
+        for k, v in sd.items()
+        if k in expected and tuple(v.shape) != expected[k]
+    }
     if conflicts or (strict and (missing or unexpected)):
-        raise mismatch_error(source, missing=missing, unexpected=unexpected, conflicts=conflicts,
-                             hint="pass strict=False to load what matches" if not conflicts
-                             else "check model_name/config, num_classes and image_size")
+        raise mismatch_error(
+            source,
+            missing=missing,
+            unexpected=unexpected,
+            conflicts=conflicts,
+            hint="pass strict=False to load what matches"
+            if not conflicts
+            else "check model_name/config, num_classes and image_size",
+        )
     if missing or unexpected:
-        warnings.warn(str(mismatch_error(source, missing=missing, unexpected=unexpected)),
-                      stacklevel=3)
-    model = VisionTransformer(config)
-    model.load_state_dict({k: v for k, v in sd.items() if k in expected}, strict=False)
+        warnings.warn(
+            str(mismatch_error(source, missing=missing, unexpected=unexpected)), stacklevel=3
+        )
+    sd = {k: v for k, v in sd.items() if k in expected}
+    if missing:  # strict=False: what the file lacks keeps its fresh initialisation
+        model = VisionTransformer(config)
+        model.load_state_dict(sd, strict=False)
+    else:  # skip the random initialisation of parameters the file overwrites anyway
+        with torch.device("meta"):
+            model = VisionTransformer(config)
+        model.load_state_dict(sd, strict=False, assign=True)
     if new_head:
         model.reset_classifier(num_classes, zero_init=True)
-    model.to(device=device, dtype=dtype)
+    model.to(device=device, dtype=dtype or torch.get_default_dtype())
     return model.eval()
 
 
