@@ -153,3 +153,16 @@ def test_corrupt_and_foreign_npz(tmp_path):
     np.savez(extra, **w)
     with pytest.raises(CheckpointError, match="extra/kernel"):
         vitkit.from_pretrained(extra)
+    del w["Transformer/encoderblock_0/extra/kernel"], w["head/bias"], w["cls"]
+    np.savez(extra, **w)
+    with pytest.raises(CheckpointError) as err:
+        vitkit.from_pretrained(extra, config=CFG)
+    assert "missing keys (2): cls, head/bias" in str(err.value)
+    with pytest.raises(CheckpointError, match="has 4 attention heads"):
+        vitkit.from_pretrained(_npz(tmp_path), config=CFG.replace(num_heads=8))
+
+
+def _npz(tmp_path):
+    path = tmp_path / "ok.npz"
+    save_npz(_random_vitkit(), path)
+    return path

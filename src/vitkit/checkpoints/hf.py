@@ -322,7 +322,14 @@ def state_dict_from_hf(
     missing = []
     for (i, kind), parts in sorted(qkv.items()):
         if len(parts) == 3:
-            out[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat([parts[0], parts[1], parts[2]], dim=0)
+            try:
+                out[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat([parts[0], parts[1], parts[2]])
+            except RuntimeError as exc:
+                shapes = [list(parts[j].shape) for j in range(3)]
+                raise CheckpointError(
+                    f"{source}: query/key/value of layer {i} have shapes "
+                    f"{shapes} that cannot be stacked"
+                ) from exc
         else:
             missing += [
                 f"{prefix}encoder.layer.{i}.{_QKV_V4[j]}.{kind}" for j in range(3) if j not in parts

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from vitkit.checkpoints._common import check_state_dict
+from vitkit.checkpoints._common import check_state_dict, mismatch_error
 from vitkit.config import ViTConfig
 from vitkit.errors import CheckpointError, ConfigError
 
@@ -148,14 +148,80 @@ def state_dict_from_npz(
     """vitkit state dict from a JAX checkpoint; every array must be used (else one error)."""
     w = _strip_prefix(weights, source)
     names, stacked = _layout(w)
-    used: set[str] = set()
+    required = set(_required_keys(w, config, names, stacked))
+    missing, unused = sorted(required - set(w)), sorted(set(w) - required)
+    if missing or unused:
+        raise mismatch_error(
+            source,
+            missing=missing,
+            unexpected=unused,
+            hint="the arrays do not fit the config read from / given for them",
+        )
+
+    q = w[_block_key(0, names["attn"] + "/query/kernel", stacked)]
+    if q.ndim >= 3 and q.shape[-2] != config.num_heads:  # (D, H, Dh): heads are in the file
+        raise CheckpointError(
+            f"{source} has {q.shape[-2]} attention heads but the config says "
+            f"num_heads={config.num_heads}"
+        )
 
     def get(key: str, i: int | None = None) -> Tensor:
-        if key not in w:
-            raise CheckpointError(f"{source} is missing '{key}'")
-        used.add(key)
         value = w[key] if i is None or not stacked else w[key][i]
         return torch.from_numpy(np.asarray(value, dtype=np.float32).copy())
+
+    try:
+        sd = _convert(w, config, names, stacked, get)
+    except (RuntimeError, ValueError, IndexError) as exc:
+        raise CheckpointError(
+            f"{source}: arrays have shapes that do not fit the config "
+            f"({config.embed_dim=}, {config.num_heads=}): {exc}"
+        ) from exc
+    check_state_dict(sd, config, source=source)
+    return sd
+
+
+def _required_keys(
+    w: Mapping[str, np.ndarray], config: ViTConfig, names: dict[str, str], stacked: bool
+) -> list[str]:
+    """Every array a model of `config` reads from the file (all of them must be used)."""
+    keys = [
+        "embedding/kernel",
+        "embedding/bias",
+        "Transformer/encoder_norm/scale",
+        "Transformer/encoder_norm/bias",
+    ]
+    keys.append(
+        "Transformer/posembed_input/pos_embedding"
+        if "Transformer/posembed_input/pos_embedding" in w
+        else "pos_embedding"
+    )
+    if config.class_token:
+        keys.append("cls")
+    a, m = names["attn"], names["mlp"]
+    per_block = [
+        "LayerNorm_0/scale",
+        "LayerNorm_0/bias",
+        f"{a}/out/kernel",
+        f"{a}/out/bias",
+        f"{names['ln2']}/scale",
+        f"{names['ln2']}/bias",
+    ]
+    per_block += [f"{a}/{n}/kernel" for n in ("query", "key", "value")]
+    if config.qkv_bias:
+        per_block += [f"{a}/{n}/bias" for n in ("query", "key", "value")]
+    per_block += [f"{m}/Dense_{j}/{p}" for j in range(2) for p in ("kernel", "bias")]
+    for i in range(1 if stacked else config.depth):
+        keys += [_block_key(i, name, stacked) for name in per_block]
+    if config.head == "mlp":
+        keys += ["pre_logits/kernel", "pre_logits/bias"]
+    if config.num_classes:
+        keys += ["head/kernel", "head/bias"]
+    return keys
+
+
+def _convert(
+    w: Mapping[str, np.ndarray], config: ViTConfig, names: dict[str, str], stacked: bool, get: Any
+) -> dict[str, Tensor]:
 
     D = config.embed_dim
     sd: dict[str, Tensor] = {
@@ -200,15 +266,7 @@ def state_dict_from_npz(
     if config.num_classes:
         sd["head.weight"] = get("head/kernel").T
         sd["head.bias"] = get("head/bias")
-    unused = sorted(set(w) - used)
-    if unused:
-        raise CheckpointError(
-            f"{source}: arrays the config does not use: {unused[:12]}"
-            + (" ..." if len(unused) > 12 else "")
-        )
-    sd = {k: v.contiguous() for k, v in sd.items()}
-    check_state_dict(sd, config, source=source)
-    return sd
+    return {k: v.contiguous() for k, v in sd.items()}
 
 
 def npz_from_state_dict(sd: Mapping[str, Tensor], config: ViTConfig) -> dict[str, np.ndarray]:
