@@ -280,3 +280,19 @@ def test_non_strict_loads_what_matches(tmp_path):
         back = vitkit.from_pretrained(tmp_path, strict=False)
     assert torch.equal(back.head.weight, ours.head.weight)
     assert torch.equal(back.norm.bias, torch.zeros(64))
+
+
+def test_masked_image_modeling_folder_keeps_mask_token(tmp_path):
+    """ViTForMaskedImageModeling: encoder and mask token load; the decoder is not vitkit's."""
+    theirs = transformers.ViTForMaskedImageModeling(transformers.ViTConfig(**SMALL)).eval()
+    with torch.no_grad():
+        theirs.vit.embeddings.mask_token.normal_()
+    theirs.save_pretrained(tmp_path)
+    ours = vitkit.from_pretrained(tmp_path)
+    assert ours.config.use_mask_token and ours.config.num_classes == 0
+    x = torch.randn(2, 3, 32, 32)
+    mask = torch.rand(2, 16) < 0.5
+    with torch.no_grad():
+        a = ours(x, bool_masked_pos=mask).last_hidden_state
+        b = theirs.vit(x, bool_masked_pos=mask).last_hidden_state
+    assert _diff(a, b) <= 1e-5
