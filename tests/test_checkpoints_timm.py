@@ -16,9 +16,10 @@ safetensors_torch = pytest.importorskip("safetensors.torch")
 def _timm_model(name: str, **kwargs):
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False, **kwargs).eval()
-    with torch.no_grad():  # timm zero-initialises some tokens; make every parameter matter
+    with torch.no_grad():  # timm starts biases, norms and tokens at constants; perturb them
         for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
+            if p.numel() < 200_000:
+                p.add_(torch.randn_like(p) * 0.02)
     return model
 
 
@@ -40,7 +41,7 @@ def test_timm_parity(name, tmp_path):
     path = tmp_path / "weights.safetensors"
     safetensors_torch.save_file(theirs.state_dict(), str(path))
     ours = vitkit.from_pretrained(path, model_name=f"{name}.fake_tag")
-    x = torch.randn(2, 3, 224, 224)
+    x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         diff = _max_diff(ours(x).logits, theirs(x))
     print(f"{name}: logits max-abs diff {diff:.2e}")
@@ -113,11 +114,9 @@ def test_384_against_timm_resampling(tmp_path):
     load and with dynamic_img_size); vitkit matches it with resample_antialias=True. vitkit's
     default (antialias=False, as transformers) differs by an interpolation kernel: the
     antialiased bicubic uses a=-0.5, the plain one a=-0.75."""
-    theirs = _timm_model("vit_tiny_patch16_224")
     dynamic = _timm_model("vit_tiny_patch16_224", dynamic_img_size=True)
-    dynamic.load_state_dict(theirs.state_dict())
     path = tmp_path / "w.safetensors"
-    safetensors_torch.save_file(theirs.state_dict(), str(path))
+    safetensors_torch.save_file(dynamic.state_dict(), str(path))
     ours_aa = vitkit.from_pretrained(
         path, model_name="vit_tiny_patch16_224", image_size=384, resample_antialias=True
     )
