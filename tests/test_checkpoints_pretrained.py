@@ -41,6 +41,7 @@ def test_round_trip_through_transformers(tmp_path):
     """vitkit -> save_pretrained -> transformers -> save_pretrained -> vitkit, same logits."""
     ours = _random(TINY.replace(num_classes=3, id2label={0: "a", 1: "b", 2: "c"}))
     ours.save_pretrained(tmp_path / "ours")
+    assert sorted(os.listdir(tmp_path / "ours")) == ["config.json", "model.safetensors"]
     theirs = transformers.ViTForImageClassification.from_pretrained(tmp_path / "ours").eval()
     assert theirs.config.id2label == {0: "a", 1: "b", 2: "c"}
     x = torch.randn(2, 3, 32, 32)
@@ -296,3 +297,17 @@ def test_masked_image_modeling_folder_keeps_mask_token(tmp_path):
         a = ours(x, bool_masked_pos=mask).last_hidden_state
         b = theirs.vit(x, bool_masked_pos=mask).last_hidden_state
     assert _diff(a, b) <= 1e-5
+
+
+def test_hub_id_without_network_says_how_to_get_the_files(tmp_path, monkeypatch):
+    hub = pytest.importorskip("huggingface_hub")
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def unreachable(*args, **kwargs):  # what hf_hub_download raises after its retries
+        raise LocalEntryNotFoundError("cannot reach the Hub and the file is not cached")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub, "hf_hub_download", unreachable)
+    with pytest.raises(CheckpointError, match="huggingface-cli download google/vit-x"):
+        vitkit.from_pretrained("google/vit-x", cache_dir=tmp_path)

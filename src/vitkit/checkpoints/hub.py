@@ -51,7 +51,7 @@ def resolve_hub(
     """
     try:
         import huggingface_hub as hub
-        from huggingface_hub.errors import EntryNotFoundError
+        from huggingface_hub.errors import RemoteEntryNotFoundError
     except ImportError as exc:
         raise CheckpointError(
             f"loading the hub id {repo_id!r} needs huggingface_hub (`pip install "
@@ -70,9 +70,9 @@ def resolve_hub(
             return Path(found) if isinstance(found, str) else None
         try:
             return Path(hub.hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache))
-        except EntryNotFoundError:
+        except RemoteEntryNotFoundError:  # the repository has no such file
             return None
-        except Exception as exc:  # network, auth, unknown repo: report with the way out
+        except Exception as exc:  # no network and not cached, auth, unknown repo
             raise CheckpointError(
                 f"cannot get {filename} of {repo_id!r} from the Hugging Face "
                 f"Hub ({type(exc).__name__}: {exc}); {_how_to_get(repo_id)}"

@@ -22,7 +22,7 @@ import warnings
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -30,6 +30,9 @@ from torch import Tensor
 from vitkit.checkpoints._common import expected_shapes, mismatch_error
 from vitkit.config import ViTConfig
 from vitkit.errors import CheckpointError, ConfigError
+
+if TYPE_CHECKING:
+    from vitkit.models.vit import VisionTransformer
 
 PICKLE_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt")
 
@@ -121,7 +124,7 @@ def from_pretrained(
     cache_dir: str | os.PathLike[str] | None = None,
     resample_antialias: bool = False,
     **overrides: Any,
-):
+) -> VisionTransformer:
     """Load a `VisionTransformer` from a folder, hub id, timm state dict file or JAX `.npz`.
 
     num_classes: a new head of this size, zero-initialised (the paper's fine-tuning recipe);
@@ -145,7 +148,13 @@ def from_pretrained(
     elif path.is_file():
         config, sd, name = _load_file(path, model_name, config)
     elif looks_like_hub_id(str(source)):
-        files = resolve_hub(str(source), revision=revision, cache_dir=cache_dir)
+        try:
+            files = resolve_hub(str(source), revision=revision, cache_dir=cache_dir)
+        except CheckpointError as exc:
+            raise CheckpointError(
+                f"{source!r} is not a local file or folder, so it was read as "
+                f"a Hugging Face Hub id: {exc}"
+            ) from exc
         config, sd, name = _load_folder(files, Path(str(source)), model_name, config)
     else:
         raise CheckpointError(f"{source} is neither a file, a folder nor a hub id (org/name)")
@@ -246,7 +255,7 @@ def _build(
     strict: bool,
     overrides: Mapping[str, Any],
     antialias: bool,
-):
+) -> VisionTransformer:
     from vitkit.layers.pos_embed import resample_pos_embed
     from vitkit.models.vit import VisionTransformer
 
