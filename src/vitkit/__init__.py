@@ -5,6 +5,7 @@
 >>> out = model(images)            # ViTOutput(logits, last_hidden_state, pooler_output, ...)
 """
 
+from vitkit.checkpoints.pretrained import from_pretrained
 from vitkit.config import ViTConfig
 from vitkit.data.processor import ImageProcessor
 from vitkit.errors import CheckpointError, ConfigError, ImageError, VitkitError
@@ -24,6 +25,7 @@ __all__ = [
     "VitkitError",
     "__version__",
     "create_model",
+    "from_pretrained",
     "get_config",
     "list_models",
     "register_preset",

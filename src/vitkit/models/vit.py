@@ -322,6 +322,22 @@ class VisionTransformer(nn.Module):
         """Multiply-accumulates of one forward pass on one image (matmuls and convs only)."""
         return count_macs(self.config, image_size)
 
+    # ------------------------------------------------------------------------------ checkpoints
+    @classmethod
+    def from_pretrained(cls, source: str, **kwargs) -> VisionTransformer:
+        """Load a checkpoint (folder, hub id, timm file, JAX .npz); see
+        `vitkit.checkpoints.pretrained.from_pretrained` for the options."""
+        from vitkit.checkpoints.pretrained import from_pretrained
+
+        return from_pretrained(source, **kwargs)
+
+    def save_pretrained(self, directory: str, format: str = "auto"):
+        """Write config.json + model.safetensors: "hf" (transformers ViT/DeiT), "vitkit", or
+        "auto" (hf when transformers can express the model)."""
+        from vitkit.checkpoints.pretrained import save_pretrained
+
+        return save_pretrained(self, directory, format=format)
+
 
 def _is_tracing() -> bool:
     return torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
