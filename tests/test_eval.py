@@ -108,3 +108,155 @@ def test_errors():
         evaluate(FixedModel(), [])
     with pytest.raises(VitkitError, match="outside"):
         evaluate(FixedModel(), [(torch.tensor([0]), torch.tensor([7]))])
+
+
+# --- vitkit eval (CLI) --------------------------------------------------------------------------
+
+COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (20, 40, 230)}
+
+
+def _save_native(model, folder):
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    model.config.save(folder / "config.json")
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()},
+        str(folder / "model.safetensors"),
+    )
+
+
+def _image_tree(root, n_per_class=4, in_chans=3):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for name, color in COLORS.items():
+        for i in range(n_per_class):
+            noise = rng.integers(-30, 30, size=(20 + i, 18, 3))
+            arr = np.clip(np.array(color)[None, None] + noise, 0, 255).astype(np.uint8)
+            path = root / name / f"{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(arr).save(path)
+    (root / "red" / "bad.png").write_bytes(b"not a png")
+
+
+def _direct(model, root, classes_to_model, gray=False):
+    """Reference: decode, scale, resize, normalise by hand and run the model."""
+    from PIL import Image
+
+    xs, ys = [], []
+    for name in sorted(COLORS):
+        for path in sorted((root / name).glob("[0-9].png")):
+            img = Image.open(path).convert("L" if gray else "RGB")
+            t = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)
+            t = t[None] if gray else t.permute(2, 0, 1)
+            t = nn.functional.interpolate(
+                t[None],
+                size=model.config.image_hw,
+                mode="bilinear",
+                align_corners=False,
+                antialias=True,
+            )[0]
+            xs.append((t - 0.5) / 0.5)
+            ys.append(classes_to_model[name])
+    with torch.no_grad():
+        logits = model(torch.stack(xs)).logits
+    return logits, torch.tensor(ys)
+
+
+@pytest.mark.parametrize("in_chans", [3, 1])
+def test_cli_eval_image_folder_matches_direct_computation(tmp_path, in_chans, capsys):
+    from vitkit.cli import main
+
+    id2label = {0: "red", 1: "green", 2: "blue"}  # not the sorted folder order
+    cfg = ViTConfig(
+        image_size=16,
+        patch_size=8,
+        in_chans=in_chans,
+        num_classes=3,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        id2label=id2label,
+    )
+    model = VisionTransformer(cfg).eval()
+    torch.nn.init.normal_(model.head.weight, std=0.5)
+    ckpt = tmp_path / "ckpt"
+    _save_native(model, ckpt)
+    data = tmp_path / "data"
+    _image_tree(data / "test")
+    _image_tree(data / "train", n_per_class=1)
+    out = tmp_path / "report"
+
+    rc = main(
+        [
+            "eval",
+            "--model",
+            str(ckpt),
+            "--data",
+            str(data),
+            "--split",
+            "test",
+            "--batch-size",
+            "5",
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+        ]
+    )
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "top-1" in printed and "1 skipped" in printed
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (out / "confusion.png").stat().st_size > 1000
+    logits, y = _direct(
+        model, data / "test", {v: k for k, v in id2label.items()}, gray=in_chans == 1
+    )
+    pred = logits.argmax(1)
+    assert metrics["num_samples"] == 12 and metrics["num_skipped"] == 1
+    assert metrics["top1"] == pytest.approx((pred == y).float().mean().item())
+    assert metrics["loss"] == pytest.approx(float(nn.functional.cross_entropy(logits, y)), rel=1e-4)
+    conf = np.zeros((3, 3), dtype=int)
+    for t, p in zip(y.tolist(), pred.tolist()):
+        conf[t, p] += 1
+    assert metrics["confusion"] == conf.tolist()
+    assert metrics["class_names"] == ["red", "green", "blue"]
+    assert metrics["top5"] == 1.0
+
+
+def test_cli_eval_list_file_and_native_loader(tmp_path):
+    from vitkit.cli import main
+    from vitkit.cli.eval import load_native
+
+    cfg = ViTConfig(
+        image_size=16, patch_size=8, in_chans=3, num_classes=4, embed_dim=32, depth=1, num_heads=2
+    )
+    model = VisionTransformer(cfg).eval()
+    ckpt = tmp_path / "ckpt"
+    _save_native(model, ckpt)
+    loaded = load_native(ckpt)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, model(x).logits)
+
+    _image_tree(tmp_path / "imgs", n_per_class=2)
+    lst = tmp_path / "list.csv"
+    lst.write_text("path,label\nimgs/red/0.png,3\nimgs/green/0.png,1\nimgs/blue/1.png,0\n")
+    out = tmp_path / "o"
+    assert main(["eval", "--model", str(ckpt), "--data", str(lst), "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["num_samples"] == 3
+    assert sum(map(sum, metrics["confusion"])) == 3
+    assert [sum(r) for r in metrics["confusion"]] == [1, 1, 0, 1]
+
+
+def test_cli_eval_errors(tmp_path, capsys):
+    from vitkit.cli import main
+
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "config.json").write_text('{"model_type": "vitkit"}')
+    rc = main(["eval", "--model", str(tmp_path / "ckpt"), "--data", str(tmp_path)])
+    assert rc == 1
+    assert "vitkit eval: error:" in capsys.readouterr().err
