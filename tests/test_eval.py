@@ -260,3 +260,29 @@ def test_cli_eval_errors(tmp_path, capsys):
     rc = main(["eval", "--model", str(tmp_path / "ckpt"), "--data", str(tmp_path)])
     assert rc == 1
     assert "vitkit eval: error:" in capsys.readouterr().err
+
+
+def test_cli_eval_uses_the_checkpoints_preprocessor_config(tmp_path):
+    processor_mod = pytest.importorskip("vitkit.data.processor")
+    from vitkit.cli import main
+    from vitkit.cli.eval import eval_transform, load_native
+
+    cfg = ViTConfig(
+        image_size=16, patch_size=8, in_chans=3, num_classes=3, embed_dim=32, depth=1, num_heads=2
+    )
+    ckpt = tmp_path / "ckpt"
+    _save_native(VisionTransformer(cfg).eval(), ckpt)
+    processor = processor_mod.ImageProcessor.hf_vit(16, mean=(0.2, 0.3, 0.4), std=(0.5, 0.6, 0.7))
+    processor.save_pretrained(ckpt)
+    transform = eval_transform(load_native(ckpt).config, ckpt)
+    from PIL import Image
+
+    img = Image.new("RGB", (20, 20), (255, 0, 128))
+    x = transform(img)
+    expected = (torch.tensor([1.0, 0.0, 128 / 255]) - torch.tensor([0.2, 0.3, 0.4])) / torch.tensor(
+        [0.5, 0.6, 0.7]
+    )
+    assert x.shape == (3, 16, 16)
+    assert torch.allclose(x[:, 8, 8], expected, atol=1e-5)
+    _image_tree(tmp_path / "data", n_per_class=1)
+    assert main(["eval", "--model", str(ckpt), "--data", str(tmp_path / "data")]) == 0

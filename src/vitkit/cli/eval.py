@@ -200,6 +200,8 @@ def eval_transform(
             ImageProcessor = None
         if ImageProcessor is not None:
             processor = ImageProcessor.from_pretrained(ckpt_dir)
+            if processor.num_channels != config.in_chans:
+                processor = ImageProcessor.from_pretrained(ckpt_dir, num_channels=config.in_chans)
             return processor.preprocess_pil
     from vitkit.errors import VitkitError
 
