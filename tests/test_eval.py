@@ -286,3 +286,83 @@ def test_cli_eval_uses_the_checkpoints_preprocessor_config(tmp_path):
     assert torch.allclose(x[:, 8, 8], expected, atol=1e-5)
     _image_tree(tmp_path / "data", n_per_class=1)
     assert main(["eval", "--model", str(ckpt), "--data", str(tmp_path / "data")]) == 0
+
+
+def _fake_builtin(monkeypatch):
+    import sys
+    import types
+    from dataclasses import dataclass
+
+    @dataclass
+    class TensorData:
+        images: torch.Tensor
+        labels: torch.Tensor
+        classes: list
+
+    g = torch.Generator().manual_seed(0)
+    parts = [
+        TensorData(torch.rand(n, 1, 8, 8, generator=g), torch.arange(n) % 3, ["a", "b", "c"])
+        for n in (9, 7)
+    ]
+    mod = types.ModuleType("vitkit.data.builtin")
+    mod.load_builtin = lambda name: tuple(parts) if name == "tiny" else 1 / 0
+    monkeypatch.setitem(sys.modules, "vitkit.data.builtin", mod)
+    return parts
+
+
+def test_cli_eval_builtin_tensor_dataset(tmp_path, monkeypatch):
+    from vitkit.cli import main
+
+    train, test = _fake_builtin(monkeypatch)
+    cfg = ViTConfig(
+        image_size=16, patch_size=4, in_chans=1, num_classes=3, embed_dim=32, depth=1, num_heads=2
+    )
+    model = VisionTransformer(cfg).eval()
+    torch.nn.init.normal_(model.head.weight, std=0.5)
+    ckpt = tmp_path / "ckpt"
+    _save_native(model, ckpt)
+    for split, part in (("test", test), ("train", train)):
+        out = tmp_path / split
+        assert (
+            main(
+                [
+                    "eval",
+                    "--model",
+                    str(ckpt),
+                    "--data",
+                    "tiny",
+                    "--split",
+                    split,
+                    "--out",
+                    str(out),
+                ]
+            )
+            == 0
+        )
+        metrics = json.loads((out / "metrics.json").read_text())
+        x = nn.functional.interpolate(
+            part.images, size=(16, 16), mode="bilinear", align_corners=False, antialias=True
+        )
+        with torch.no_grad():
+            logits = model((x - 0.5) / 0.5).logits
+        assert metrics["num_samples"] == len(part.labels)
+        assert metrics["top1"] == pytest.approx((logits.argmax(1) == part.labels).float().mean())
+        assert metrics["loss"] == pytest.approx(
+            float(nn.functional.cross_entropy(logits, part.labels)), rel=1e-4
+        )
+        assert metrics["class_names"] == ["a", "b", "c"]
+
+
+def test_cli_eval_real_digits(tmp_path):
+    builtin = pytest.importorskip("vitkit.data.builtin")
+    pytest.importorskip("sklearn")
+    from vitkit.cli import main
+
+    cfg = ViTConfig(
+        image_size=8, patch_size=2, in_chans=1, num_classes=10, embed_dim=16, depth=1, num_heads=2
+    )
+    ckpt = tmp_path / "ckpt"
+    _save_native(VisionTransformer(cfg).eval(), ckpt)
+    assert main(["eval", "--model", str(ckpt), "--data", "digits", "--out", str(tmp_path)]) == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["num_samples"] == len(builtin.load_builtin("digits")[1])

@@ -6,11 +6,13 @@ model.safetensors), which is read here directly when `from_pretrained` is not av
 
 SPEC: a folder (ImageFolder tree `root/<class>/<img>`, optionally with `train/`, `val/`, `test/`
 sub-trees chosen by --split, or a CIFAR-10/100 python batches folder), a .csv / .json / .jsonl
-image list, or a built-in dataset name ("digits", "mnist").
+image list, or a built-in dataset name ("digits", "mnist": the held-out 20% for --split val/test,
+the 80% training part for --split train).
 
 Preprocessing: the checkpoint folder's preprocessor_config.json when there is one; otherwise
 resize straight to the model's image size (bilinear), scale to [0, 1] and normalise with
 mean = std = 0.5 (grayscale for 1-channel models). --mean / --std override the statistics.
+Built-in datasets are [0, 1] tensors already: they are resized and normalised the simple way.
 """
 
 from __future__ import annotations
@@ -82,16 +84,15 @@ def run(args: argparse.Namespace) -> int:
             f"{args.model} has no classification head (num_classes=0): nothing to evaluate"
         )
     transform = eval_transform(config, ckpt_dir, mean=args.mean, std=args.std)
-    dataset, classes = build_eval_dataset(
-        args.data, args.split, transform, gray=config.in_chans == 1
-    )
+    tensor_transform = simple_transform(config, mean=args.mean, std=args.std)
+    dataset, classes = build_eval_dataset(args.data, args.split, gray=config.in_chans == 1)
     names, remap = _match_classes(classes, config)
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=args.batch_size,
         shuffle=False,
         num_workers=args.num_workers,
-        collate_fn=_Collate(transform, remap),
+        collate_fn=_Collate(transform, tensor_transform, remap),
         pin_memory=device.type == "cuda",
     )
     amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
@@ -203,6 +204,13 @@ def eval_transform(
             if processor.num_channels != config.in_chans:
                 processor = ImageProcessor.from_pretrained(ckpt_dir, num_channels=config.in_chans)
             return processor.preprocess_pil
+    return simple_transform(config, mean=mean, std=std)
+
+
+def simple_transform(
+    config: Any, *, mean: list[float] | None = None, std: list[float] | None = None
+) -> Any:
+    """Resize to the model's size, [0, 1], normalise with `mean`/`std` (default 0.5)."""
     from vitkit.errors import VitkitError
 
     c = config.in_chans
@@ -218,7 +226,8 @@ def eval_transform(
 
 
 class _ResizeNormalize:
-    """PIL image -> (C, H, W) float: scale to [0, 1], bilinear resize (antialiased), normalise."""
+    """PIL image (or a [0, 1] tensor) -> (C, H, W) float: scale to [0, 1], bilinear resize
+    (antialiased), normalise."""
 
     def __init__(self, size: tuple[int, int], mean: list[float], std: list[float]):
         self.size = tuple(size)
@@ -230,8 +239,11 @@ class _ResizeNormalize:
         import torch
         from torch.nn.functional import interpolate
 
-        x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)
-        x = x[None] if x.ndim == 2 else x.permute(2, 0, 1)  # (C, h, w)
+        if isinstance(image, torch.Tensor):  # (C, h, w) already in [0, 1]
+            x = image.float()
+        else:
+            x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)
+            x = x[None] if x.ndim == 2 else x.permute(2, 0, 1)  # (C, h, w)
         if tuple(x.shape[-2:]) != self.size:
             x = interpolate(
                 x[None], size=self.size, mode="bilinear", align_corners=False, antialias=True
@@ -242,7 +254,7 @@ class _ResizeNormalize:
 
 
 def build_eval_dataset(
-    spec: str, split: str, transform: Any, *, gray: bool = False
+    spec: str, split: str, *, gray: bool = False
 ) -> tuple[Any, list[str] | None]:
     """(dataset, class names or None) for a --data SPEC. Items are (PIL image or tensor, label)."""
     from vitkit.data.folders import CIFARDataset, ImageFolderDataset, ImageListDataset
@@ -271,27 +283,28 @@ def build_eval_dataset(
         ds = ImageFolderDataset(root, mode=mode)
         return ds, ds.classes
     try:
-        from vitkit.data.datasets import build_dataset
+        from vitkit.data.builtin import load_builtin
     except ImportError:
         raise VitkitError(
-            f"--data {spec}: no such file or folder (built-in datasets need vitkit.data.datasets)"
+            f"--data {spec}: no such file or folder (built-in datasets need vitkit.data.builtin)"
         ) from None
-    ds = _call_build_dataset(build_dataset, spec, split)
-    classes = getattr(ds, "classes", None)
-    return ds, list(classes) if classes is not None else None
+    train, test = load_builtin(spec)  # in-memory (N, C, H, W) in [0, 1]; an 80/20 split
+    part = train if split == "train" else test
+    return _TensorItems(part.images, part.labels), list(part.classes)
 
 
-def _call_build_dataset(build_dataset: Any, name: str, split: str) -> Any:
-    """Call the built-in dataset factory, passing only the keywords it accepts."""
-    import inspect
+class _TensorItems:
+    """(image tensor, label) items of an in-memory set (built-in datasets)."""
 
-    params = inspect.signature(build_dataset).parameters
-    kwargs: dict[str, Any] = {}
-    if "split" in params:
-        kwargs["split"] = split
-    elif "train" in params:
-        kwargs["train"] = split == "train"
-    return build_dataset(name, **kwargs)
+    def __init__(self, images: Any, labels: Any):
+        self.images = images
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[Any, int]:
+        return self.images[i], int(self.labels[i])
 
 
 def _match_classes(
@@ -323,10 +336,11 @@ def _match_classes(
 
 
 class _Collate:
-    """Turns (PIL image | tensor, label) items into a batch; applies the eval transform to PIL."""
+    """Turns (PIL image | [0, 1] tensor, label) items into a normalised batch."""
 
-    def __init__(self, transform: Any, remap: dict[int, int] | None):
+    def __init__(self, transform: Any, tensor_transform: Any, remap: dict[int, int] | None):
         self.transform = transform
+        self.tensor_transform = tensor_transform
         self.remap = remap
 
     def __call__(self, items: list[tuple[Any, int]]) -> tuple[Any, Any]:
@@ -334,9 +348,8 @@ class _Collate:
 
         images = []
         for image, _ in items:
-            if not isinstance(image, torch.Tensor):
-                image = self.transform(image)
-            images.append(image)
+            fn = self.tensor_transform if isinstance(image, torch.Tensor) else self.transform
+            images.append(fn(image))
         labels = [int(label) for _, label in items]
         if self.remap is not None:
             labels = [self.remap[label] for label in labels]
