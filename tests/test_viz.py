@@ -100,3 +100,18 @@ def test_save_attention_maps_from_a_model(tmp_path):
         titles=["a", "b", "c"],
     )
     _is_png(png)
+
+
+def test_step_rows_are_placed_by_steps_per_epoch():
+    from vitkit.viz import _series, _x_values
+
+    rows = [
+        {"step": 5, "train_loss": 1.0},
+        {"step": 10, "epoch": 1, "val_acc": 0.5},
+        {"step": 15, "train_loss": 0.5},
+        {"step": 20, "epoch": 2, "val_acc": 0.7},
+    ]
+    xs = _x_values(rows)
+    assert xs == [0.5, 1.0, 1.5, 2.0]
+    assert _series(rows, xs, "train_loss") == ([0.5, 1.5], [1.0, 0.5])
+    assert _x_values([{"step": 3}, {"step": 7}]) == [3.0, 7.0]

@@ -1,7 +1,8 @@
 """Figures: training curves, confusion matrices and attention maps, written as PNG files.
 
-matplotlib is an optional dependency (`pip install vitkit[plot]`); it is imported on use with the
-non-interactive Agg backend, so these work on headless machines. Every PNG is written atomically.
+matplotlib is an optional dependency (`pip install vitkit[plot]`), imported on use. Figures are
+built with matplotlib's object API (no pyplot), so they work on headless machines and leave a
+notebook's backend alone. Every PNG is written atomically.
 """
 
 from __future__ import annotations
@@ -23,23 +24,19 @@ __all__ = ["plot_confusion_matrix", "plot_curves", "read_metrics", "save_attenti
 PathLike = str | os.PathLike[str]
 
 
-def _pyplot() -> Any:
+def _figure(**kwargs: Any) -> Any:
+    """A standalone matplotlib Figure: no pyplot state, no backend switch, safe in notebooks."""
     try:
-        import matplotlib
+        from matplotlib.figure import Figure
     except ImportError:
         raise VitkitError("plotting needs matplotlib: pip install 'vitkit[plot]'") from None
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    return plt
+    return Figure(**kwargs)
 
 
 def _save(fig: Any, out_png: PathLike) -> Path:
     out = Path(out_png)
     with atomic_path(out) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    fig.clf()
-    _pyplot().close(fig)
     return out
 
 
@@ -64,21 +61,36 @@ def read_metrics(metrics_jsonl: PathLike) -> list[dict[str, Any]]:
     return rows
 
 
-def _series(rows: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
-    """(x, y) for rows that have `key`; x is the epoch (fractional if only steps are known)."""
-    xs, ys = [], []
-    for i, row in enumerate(rows):
-        value = row.get(key)
-        if (
-            not isinstance(value, int | float)
-            or isinstance(value, bool)
-            or not math.isfinite(value)
-        ):
-            continue
-        x = row.get("epoch", row.get("step", i))
-        xs.append(float(x))
-        ys.append(float(value))
-    return xs, ys
+def _x_values(rows: list[dict[str, Any]]) -> list[float]:
+    """The x of each row: its epoch; a row with only a step is placed at step / steps-per-epoch
+    (estimated from rows that have both), or at its step when no row has an epoch."""
+    both = [(r["step"], r["epoch"]) for r in rows if _num(r.get("step")) and _num(r.get("epoch"))]
+    per_epoch = max(s for s, _ in both) / max(e for _, e in both) if both else None
+    if per_epoch is not None and per_epoch <= 0:
+        per_epoch = None
+    has_epoch = any(_num(r.get("epoch")) for r in rows)
+    xs = []
+    for i, r in enumerate(rows):
+        if _num(r.get("epoch")):
+            xs.append(float(r["epoch"]))
+        elif _num(r.get("step")):
+            step = float(r["step"])
+            xs.append(step / per_epoch if per_epoch and has_epoch else step)
+        else:
+            xs.append(float(i))
+    return xs
+
+
+def _num(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _series(
+    rows: list[dict[str, Any]], xs: list[float], key: str
+) -> tuple[list[float], list[float]]:
+    """(x, y) of the rows that have a finite number under `key`."""
+    pairs = [(x, float(r[key])) for r, x in zip(rows, xs) if _num(r.get(key))]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
 _LOSS_KEYS = ("train_loss", "val_loss", "ema_val_loss")
@@ -94,21 +106,22 @@ def plot_curves(metrics_jsonl: PathLike, out_png: PathLike, title: str | None = 
     rows = read_metrics(metrics_jsonl)
     if not rows:
         raise VitkitError(f"{metrics_jsonl}: no metrics to plot (the file is empty)")
-    plt = _pyplot()
+    xs = _x_values(rows)
     has_lr = any("lr" in r for r in rows)
     panels = 3 if has_lr else 2
-    fig, axes = plt.subplots(1, panels, figsize=(4.6 * panels, 3.6))
+    fig = _figure(figsize=(4.6 * panels, 3.6))
+    axes = fig.subplots(1, panels)
     loss_ax, acc_ax = axes[0], axes[1]
 
     for key in _LOSS_KEYS:
-        x, y = _series(rows, key)
+        x, y = _series(rows, xs, key)
         if x:
             loss_ax.plot(x, y, label=key, marker="o" if len(x) < 30 else None, markersize=3)
     loss_ax.set_title("loss")
 
     best_note = ""
     for key in _ACC_KEYS:
-        x, y = _series(rows, key)
+        x, y = _series(rows, xs, key)
         if not x:
             continue
         scale = 100.0 if max(y) <= 1.0 else 1.0
@@ -128,7 +141,7 @@ def plot_curves(metrics_jsonl: PathLike, out_png: PathLike, title: str | None = 
     acc_ax.set_title("accuracy (%)" + (f"\n{best_note}" if best_note else ""))
 
     if has_lr:
-        x, y = _series(rows, "lr")
+        x, y = _series(rows, xs, "lr")
         axes[2].plot(x, y, color="tab:gray")
         axes[2].set_title("learning rate")
         axes[2].ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
@@ -165,11 +178,11 @@ def plot_confusion_matrix(
     names = [str(n) for n in class_names] if class_names is not None else [str(i) for i in range(k)]
     if len(names) != k:
         raise VitkitError(f"{len(names)} class names for a {k} x {k} confusion matrix")
-    plt = _pyplot()
     rows = m.sum(axis=1, keepdims=True)
     shown = np.divide(m, rows, out=np.zeros_like(m), where=rows > 0) if normalize else m
     size = min(max(4.0, 0.45 * k + 2.0), 24.0)
-    fig, ax = plt.subplots(figsize=(size + 1.2, size))
+    fig = _figure(figsize=(size + 1.2, size))
+    ax = fig.subplots()
     im = ax.imshow(shown, cmap="Blues", vmin=0.0, vmax=1.0 if normalize else None)
     fig.colorbar(
         im,
@@ -280,10 +293,10 @@ def save_attention_maps(
     n = min(len(images), len(attentions), max_images)
     if n == 0:
         raise VitkitError("save_attention_maps: no images given")
-    plt = _pyplot()
     cols = min(n, 4)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(2 * rows, cols, figsize=(2.6 * cols, 5.2 * rows), squeeze=False)
+    fig = _figure(figsize=(2.6 * cols, 5.2 * rows))
+    axes = fig.subplots(2 * rows, cols, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for i in range(n):
