@@ -90,3 +90,14 @@ def test_bad_arguments():
         MixupCutmix(5, prob=2.0)
     with pytest.raises(ConfigError):
         MixupCutmix(5)(torch.zeros(2, 3, 4, 4), torch.zeros(3, dtype=torch.long))
+
+
+def test_soft_target_cross_entropy_matches_hard_and_smoothed_ce():
+    from vitkit.data.augment import soft_target_cross_entropy
+
+    logits, labels = torch.randn(5, 7), torch.randint(0, 7, (5,))
+    hard = soft_target_cross_entropy(logits, one_hot_smooth(labels, 7))
+    assert torch.allclose(hard, torch.nn.functional.cross_entropy(logits, labels))
+    smooth = soft_target_cross_entropy(logits, one_hot_smooth(labels, 7, 0.1))
+    ref = torch.nn.functional.cross_entropy(logits, labels, label_smoothing=0.1)
+    assert torch.allclose(smooth, ref)

@@ -233,3 +233,16 @@ def test_malicious_cifar_pickle_is_refused_without_running(cifar10, tmp_path):
 def test_cifar_missing(tmp_path):
     with pytest.raises(VitkitError, match="no CIFAR batches"):
         CIFARDataset(tmp_path)
+
+
+def test_cifar_pickle_with_published_numpy_spelling(tmp_path):
+    # the published files (Python 2, numpy 1) name numpy.core.multiarray; numpy 2 writes _core
+    obj = {b"data": np.arange(6, dtype=np.uint8).reshape(2, 3), b"labels": [np.int64(1), 2]}
+    raw = pickle.dumps(obj, protocol=2)
+    raw = raw.replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n")
+    assert b"cnumpy.core.multiarray\n_reconstruct" in raw
+    path = tmp_path / "batch"
+    path.write_bytes(raw)
+    loaded = read_cifar_pickle(path)
+    assert np.array_equal(loaded[b"data"], obj[b"data"])
+    assert [int(v) for v in loaded[b"labels"]] == [1, 2]

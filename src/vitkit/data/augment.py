@@ -15,7 +15,7 @@ from torch import Tensor
 
 from vitkit.errors import ConfigError
 
-__all__ = ["MixupCutmix", "one_hot_smooth"]
+__all__ = ["MixupCutmix", "one_hot_smooth", "soft_target_cross_entropy"]
 
 
 def one_hot_smooth(labels: Tensor, num_classes: int, smoothing: float = 0.0) -> Tensor:
@@ -25,12 +25,17 @@ def one_hot_smooth(labels: Tensor, num_classes: int, smoothing: float = 0.0) -> 
     return targets.scatter_(1, labels.long().view(-1, 1), 1.0 - smoothing + off)
 
 
+def soft_target_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
+    """Mean over the batch of -sum_k targets_k * log_softmax(logits)_k, for (B, K) soft targets."""
+    return torch.sum(-targets * logits.float().log_softmax(dim=-1), dim=-1).mean()
+
+
 class MixupCutmix:
     """Mix a batch of images and return soft targets.
 
         mix = MixupCutmix(num_classes=10)
         images, targets = mix(images, labels)   # (B, C, H, W), (B, K); targets rows sum to 1
-        loss = torch.sum(-targets * logits.log_softmax(-1), dim=-1).mean()
+        loss = soft_target_cross_entropy(logits, targets)
 
     `mixup_alpha` / `cutmix_alpha` are the Beta(a, a) parameters; 0 disables that kind. With both
     enabled, cutmix is chosen with probability `switch_prob`. `prob` is the chance a batch is mixed
