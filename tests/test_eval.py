@@ -366,3 +366,18 @@ def test_cli_eval_real_digits(tmp_path):
     assert main(["eval", "--model", str(ckpt), "--data", "digits", "--out", str(tmp_path)]) == 0
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["num_samples"] == len(builtin.load_builtin("digits")[1])
+
+
+@pytest.mark.gpu
+def test_evaluate_on_cuda_with_bf16_autocast_matches_cpu():
+    cfg = ViTConfig(
+        image_size=16, patch_size=8, in_chans=3, num_classes=5, embed_dim=64, depth=2, num_heads=4
+    )
+    model = VisionTransformer(cfg).eval()
+    torch.nn.init.normal_(model.head.weight, std=1.0)
+    x, y = torch.randn(32, 3, 16, 16), torch.arange(32) % 5
+    cpu = evaluate(model, [(x, y)])
+    gpu = evaluate(model.cuda(), [(x, y)], device="cuda")
+    assert gpu.top1 == pytest.approx(cpu.top1) and gpu.loss == pytest.approx(cpu.loss, rel=1e-3)
+    amp = evaluate(model, [(x, y)], device="cuda", amp_dtype=torch.bfloat16)
+    assert amp.num_samples == 32 and abs(amp.loss - cpu.loss) < 0.05
