@@ -234,7 +234,7 @@ def test_cli_eval_list_file_and_native_loader(tmp_path):
         image_size=16, patch_size=8, in_chans=3, num_classes=4, embed_dim=32, depth=1, num_heads=2
     )
     model = VisionTransformer(cfg).eval()
-    ckpt = tmp_path / "ckpt"
+    ckpt = tmp_path / "run" / "best"  # a `vitkit train` run directory
     _save_native(model, ckpt)
     loaded = load_native(ckpt)
     x = torch.randn(2, 3, 16, 16)
@@ -245,7 +245,9 @@ def test_cli_eval_list_file_and_native_loader(tmp_path):
     lst = tmp_path / "list.csv"
     lst.write_text("path,label\nimgs/red/0.png,3\nimgs/green/0.png,1\nimgs/blue/1.png,0\n")
     out = tmp_path / "o"
-    assert main(["eval", "--model", str(ckpt), "--data", str(lst), "--out", str(out)]) == 0
+    assert (
+        main(["eval", "--model", str(tmp_path / "run"), "--data", str(lst), "--out", str(out)]) == 0
+    )
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["num_samples"] == 3
     assert sum(map(sum, metrics["confusion"])) == 3

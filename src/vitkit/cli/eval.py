@@ -122,8 +122,17 @@ def run(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------ the model
 def load_model(source: str) -> tuple[Any, Path | None]:
-    """(model in eval mode, its folder or None). Uses from_pretrained, else the native reader."""
+    """(model in eval mode, its folder or None). Uses from_pretrained, else the native reader.
+
+    A `vitkit train` run directory is accepted too: its best/ (else last/) weights are used.
+    """
     path = Path(source).expanduser()
+    if path.is_dir() and not (path / "config.json").is_file():
+        for sub in ("best", "last"):
+            if (path / sub / "config.json").is_file():
+                path = path / sub
+                source = str(path)
+                break
     try:
         from vitkit.checkpoints.pretrained import from_pretrained
     except ImportError:
