@@ -383,3 +383,24 @@ def test_evaluate_on_cuda_with_bf16_autocast_matches_cpu():
     assert gpu.top1 == pytest.approx(cpu.top1) and gpu.loss == pytest.approx(cpu.loss, rel=1e-3)
     amp = evaluate(model, [(x, y)], device="cuda", amp_dtype=torch.bfloat16)
     assert amp.num_samples == 32 and abs(amp.loss - cpu.loss) < 0.05
+
+
+def test_match_classes():
+    from vitkit.cli.eval import _match_classes
+
+    cfg = ViTConfig(
+        image_size=16,
+        patch_size=8,
+        num_classes=3,
+        embed_dim=32,
+        depth=1,
+        num_heads=2,
+        id2label={0: "x", 1: "y", 2: "z"},
+    )
+    assert _match_classes(["z", "x"], cfg) == (["x", "y", "z"], {0: 2, 1: 0})
+    assert _match_classes(["x", "y", "z"], cfg) == (["x", "y", "z"], None)
+    assert _match_classes(["a", "b"], cfg)[0] == ["a", "b", "z"]
+    with pytest.raises(VitkitError, match="4 classes"):
+        _match_classes(["a", "b", "c", "d"], cfg)
+    plain = cfg.replace(id2label=None)
+    assert _match_classes(None, plain) == (["0", "1", "2"], None)

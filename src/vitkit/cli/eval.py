@@ -337,8 +337,17 @@ def _match_classes(
         return model_names, (None if all(i == j for i, j in remap.items()) else remap)
     if len(classes) > k:
         raise VitkitError(
-            f"the data has {len(classes)} classes but the model only {k}; "
-            f"and its class names do not match the model's id2label"
+            f"the data has {len(classes)} classes but the model only {k}, and the data's "
+            f"class names are not all in the model's id2label"
+        )
+    generic = [str(i) for i in range(k)]
+    if id2label and model_names != generic and list(classes) != model_names[: len(classes)]:
+        import sys
+
+        print(
+            "note: the data's class names do not match the model's id2label; dataset class i "
+            "is scored as model class i",
+            file=sys.stderr,
         )
     names = list(classes) + model_names[len(classes) :]
     return names, None
