@@ -97,3 +97,12 @@ def test_attention_png(tmp_path):
     out = tmp_path / "attn.png"
     save_attention_maps(model.teacher.backbone, torch.rand(3, 1, 8, 8), str(out), scale=2)
     assert Image.open(out).size == ((1 + 2) * 16, 3 * 16)  # image + 2 heads per row
+
+
+def test_batched_crops_are_per_image_and_keep_values():
+    torch.manual_seed(0)
+    crops = MultiCrop(16, patch_size=4, n_local=1).batch(torch.full((4, 1, 16, 16), 0.25))
+    assert all(torch.allclose(c, torch.full_like(c, 0.25)) for c in crops)
+    ramp = torch.arange(16.0).expand(16, 16).reshape(1, 1, 16, 16).repeat(6, 1, 1, 1)
+    views = MultiCrop(16, patch_size=4, n_local=1).batch(ramp)[0]
+    assert len({tuple(v.flatten().tolist()) for v in views}) == 6  # each image its own crop

@@ -237,15 +237,44 @@ class MultiCrop:
 
         self.global_crop = crop(g, global_scale)
         self.local_crop = crop(loc, local_scale)
+        self.global_size, self.local_size = g, loc
+        self.global_scale, self.local_scale = global_scale, local_scale
 
     def __call__(self, image: Tensor) -> list[Tensor]:
         crops = [self.global_crop(image), self.global_crop(image)]
         return crops + [self.local_crop(image) for _ in range(self.n_local)]
 
     def batch(self, images: Tensor) -> list[Tensor]:
-        """(B, C, H, W) -> list of crop batches [(B, C, g, g) x 2, (B, C, l, l) x n_local]."""
-        per_image = [self(img) for img in images]
-        return [torch.stack([crops[i] for crops in per_image]) for i in range(2 + self.n_local)]
+        """(B, C, H, W) -> [(B, C, g, g) x 2, (B, C, l, l) x n_local], every image with its own
+        random crops. Batched: boxes drawn as RandomResizedCrop does (area fraction in `scale`,
+        aspect ratio in [3/4, 4/3]), cut and resized bilinearly in one `roi_align` call."""
+        specs = [(self.global_size, self.global_scale)] * 2
+        specs += [(self.local_size, self.local_scale)] * self.n_local
+        return [_random_resized_crops(images, size, scale) for size, scale in specs]
+
+
+def _random_resized_crops(images: Tensor, size: int, scale: tuple[float, float]) -> Tensor:
+    from torchvision.ops import roi_align
+
+    B, _, H, W = images.shape
+    area = H * W * torch.empty(B).uniform_(*scale)
+    log_ratio = torch.empty(B).uniform_(math.log(3 / 4), math.log(4 / 3))
+    w = (area * log_ratio.exp()).sqrt().clamp(1, W)
+    h = (area / log_ratio.exp()).sqrt().clamp(1, H)
+    x0 = torch.rand(B) * (W - w)
+    y0 = torch.rand(B) * (H - h)
+    boxes = torch.stack([torch.arange(B, dtype=torch.float), x0, y0, x0 + w, y0 + h], dim=1)
+    crops = roi_align(
+        images.float(),
+        boxes.to(images.device),
+        output_size=size,
+        spatial_scale=1.0,
+        sampling_ratio=2,
+        aligned=True,
+    )
+    flip = torch.rand(B, device=images.device) < 0.5
+    crops = torch.where(flip[:, None, None, None], crops.flip(-1), crops)
+    return crops.to(images.dtype)
 
 
 @torch.no_grad()
