@@ -28,7 +28,7 @@ def _threads():
 
 
 def test_recipe_validation_messages():
-    with pytest.raises(ConfigError, match="unknown recipe key.*'lrr'"):
+    with pytest.raises(ConfigError, match=r"unknown recipe key.*'lrr'"):
         Recipe.from_dict({"lrr": 1})
     with pytest.raises(ConfigError, match="dtype='fp8'"):
         Recipe(dtype="fp8").validate()

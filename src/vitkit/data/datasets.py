@@ -119,23 +119,20 @@ class TrainData:
         micro = self.batch_size // self.accum_steps
         share = micro // self.world
         for step in range(start, self.steps_per_epoch):
-            out = []
-            for a, idx in enumerate(
-                shard_indices(order, step, self.batch_size, self.accum_steps, 0, 1)
-            ):
-                gen = torch.Generator().manual_seed(_mix(self.seed, epoch, step, a))
-                # augment the whole micro-batch, then take this process's share: the same pixels
-                # whatever the number of processes
-                x = augment_batch(
-                    self._resize(data.images[idx]),
-                    generator=gen,
-                    random_shift_px=self.random_shift,
-                    hflip=self.hflip,
-                    rrc_scale=self.rrc_scale,
-                )
-                lo, hi = self.rank * share, (self.rank + 1) * share
-                out.append((normalize(x[lo:hi]), data.labels[idx][lo:hi]))
-            yield step, out
+            idx = order[step * self.batch_size : (step + 1) * self.batch_size]
+            gen = torch.Generator().manual_seed(_mix(self.seed, epoch, step))
+            # augment the whole global batch, then take this process's shares: the same pixels
+            # whatever the number of processes and accumulation steps
+            x = augment_batch(
+                self._resize(data.images[idx]),
+                generator=gen,
+                random_shift_px=self.random_shift,
+                hflip=self.hflip,
+                rrc_scale=self.rrc_scale,
+            )
+            x, y = normalize(x), data.labels[idx]
+            los = [a * micro + self.rank * share for a in range(self.accum_steps)]
+            yield step, [(x[lo : lo + share], y[lo : lo + share]) for lo in los]
 
     def _file_batches(self, order: Tensor, epoch: int, start: int):
         tf = sample_transform(
