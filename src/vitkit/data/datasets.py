@@ -215,7 +215,8 @@ def _file_datasets(data: str, val_data: str | None) -> tuple[Any, Any]:
     if root.is_file():
         if not val_data:
             raise ConfigError(f"--data {data}: a list file needs --val-data with a second list")
-        return folders.ImageListDataset(root), folders.ImageListDataset(Path(val_data))
+        train = folders.ImageListDataset(root)
+        return train, folders.ImageListDataset(Path(val_data), classes=train.classes)
     cifar = root / "cifar-10-batches-py"
     if (root / "data_batch_1").exists() or cifar.exists():
         croot = cifar if cifar.exists() else root
