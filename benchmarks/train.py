@@ -27,10 +27,18 @@ def _timm_twin(config: vitkit.ViTConfig) -> torch.nn.Module:
 
     c = config
     return timm.models.VisionTransformer(
-        img_size=c.image_hw, patch_size=c.patch_size, in_chans=c.in_chans,
-        num_classes=c.num_classes, embed_dim=c.embed_dim, depth=c.depth, num_heads=c.num_heads,
-        mlp_ratio=c.mlp_ratio, qkv_bias=c.qkv_bias, global_pool=c.global_pool,
-        drop_path_rate=c.drop_path_rate)
+        img_size=c.image_hw,
+        patch_size=c.patch_size,
+        in_chans=c.in_chans,
+        num_classes=c.num_classes,
+        embed_dim=c.embed_dim,
+        depth=c.depth,
+        num_heads=c.num_heads,
+        mlp_ratio=c.mlp_ratio,
+        qkv_bias=c.qkv_bias,
+        global_pool=c.global_pool,
+        drop_path_rate=c.drop_path_rate,
+    )
 
 
 def _step_fn(model, logits_of, x, y, opt, amp):
@@ -55,10 +63,12 @@ def bench(name: str, batch: int, steps: int, rounds: int, dtype: str) -> dict:
     y = torch.randint(0, config.num_classes, (batch,))
     amp = {"fp32": None, "bf16": torch.bfloat16}[dtype]
     fns = {
-        "vitkit": _step_fn(ours, lambda o: o.logits, x, y,
-                           torch.optim.AdamW(ours.parameters(), lr=1e-3), amp),
-        "timm": _step_fn(theirs, lambda o: o, x, y,
-                         torch.optim.AdamW(theirs.parameters(), lr=1e-3), amp),
+        "vitkit": _step_fn(
+            ours, lambda o: o.logits, x, y, torch.optim.AdamW(ours.parameters(), lr=1e-3), amp
+        ),
+        "timm": _step_fn(
+            theirs, lambda o: o, x, y, torch.optim.AdamW(theirs.parameters(), lr=1e-3), amp
+        ),
     }
     for fn in fns.values():  # warm-up
         for _ in range(3):
@@ -71,8 +81,14 @@ def bench(name: str, batch: int, steps: int, rounds: int, dtype: str) -> dict:
                 fn()
             times[key].append(batch * steps / (time.perf_counter() - t))
     med = {k: statistics.median(v) for k, v in times.items()}
-    return {"model": name, "batch": batch, "dtype": dtype, "vitkit": med["vitkit"],
-            "timm": med["timm"], "ratio": med["vitkit"] / med["timm"]}
+    return {
+        "model": name,
+        "batch": batch,
+        "dtype": dtype,
+        "vitkit": med["vitkit"],
+        "timm": med["timm"],
+        "ratio": med["vitkit"] / med["timm"],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,17 +102,21 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    batches = (args.batch * len(args.models))[:len(args.models)]
+    batches = (args.batch * len(args.models))[: len(args.models)]
     rows = [bench(m, b, args.steps, args.rounds, args.dtype) for m, b in zip(args.models, batches)]
     cpu = platform.processor() or platform.machine()
-    print(f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, torch "
-          f"{torch.__version__}, {cpu}, {torch.get_num_threads()} threads, "
-          f"command: python benchmarks/train.py {' '.join(sys.argv[1:])}")
+    print(
+        f"# {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, torch "
+        f"{torch.__version__}, {cpu}, {torch.get_num_threads()} threads, "
+        f"command: python benchmarks/train.py {' '.join(sys.argv[1:])}"
+    )
     print("| model | batch | dtype | vitkit img/s | timm img/s | vitkit / timm |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['batch']} | {r['dtype']} | {r['vitkit']:.0f} | "
-              f"{r['timm']:.0f} | {r['ratio']:.2f} |")
+        print(
+            f"| {r['model']} | {r['batch']} | {r['dtype']} | {r['vitkit']:.0f} | "
+            f"{r['timm']:.0f} | {r['ratio']:.2f} |"
+        )
     return 0
 
 

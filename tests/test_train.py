@@ -129,3 +129,59 @@ def test_init_from_run_new_head_and_size(tmp_path):
     res = train(r)
     config, weights = load_native_weights(res.run_dir / "last")
     assert config.image_size in (16, (16, 16)) and weights["pos_embed"].shape == (1, 65, 32)
+
+
+def test_folder_data_with_mixup_randaugment_and_plot(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for k, name in enumerate(("cat", "dog")):
+            (tmp_path / "data" / split / name).mkdir(parents=True)
+            for i in range(6):
+                pixels = rng.integers(0, 128, (20, 20, 3)) + 100 * k
+                Image.fromarray(pixels.astype(np.uint8)).save(
+                    tmp_path / "data" / split / name / f"{i}.png"
+                )
+    r = Recipe(
+        **{
+            **TINY,
+            "model": "vit_tiny_patch4_32",
+            "image_size": 16,
+            "batch_size": 4,
+            "data": str(tmp_path / "data"),
+            "output": str(tmp_path / "run"),
+            "mixup_alpha": 0.8,
+            "cutmix_alpha": 1.0,
+            "auto_augment": "randaugment",
+            "hflip": True,
+            "random_shift": 2,
+            "plot": True,
+            "epochs": 2,
+        }
+    )
+    res = train(r)
+    assert res.steps == 2 * 3 and res.val_acc is not None
+    config, _ = load_native_weights(res.run_dir / "best")
+    assert config.num_classes == 2 and config.id2label == {0: "cat", 1: "dog"}
+    assert (res.run_dir / "curves.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_autocast_accumulation_and_clipping_run(tmp_path, dtype):
+    r = Recipe(
+        **{
+            **TINY,
+            "batch_size": 256,
+            "accum_steps": 2,
+            "clip_grad": 1.0,
+            "dtype": dtype,
+            "output": str(tmp_path),
+        }
+    )
+    res = train(r)
+    state = load_state(tmp_path)
+    assert res.steps == 1437 // 256 and math.isfinite(res.val_loss)
+    assert bool(state["scaler"]) == (dtype == "fp16")
+    assert all(v.dtype == torch.float32 for v in state["model"].values())
