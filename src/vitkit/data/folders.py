@@ -1,0 +1,464 @@
+"""Image classification datasets read from local files: folder trees, CIFAR pickles, list files.
+
+Every dataset yields `(image, label)`: a PIL image (RGB, or L when `mode="L"`) passed through the
+optional `transform`, and an int label. Each has `.classes` (index -> name), `.targets` (one label
+per sample), `.skipped` (`(path, reason)` pairs) and `.num_skipped`.
+
+Bad files: a dataset never raises because one image is broken.
+- At construction each file gets a cheap check (`verify="header"`, the default): it must exist and
+  PIL must recognise its header and a non-zero size. This reads only the first bytes of each file,
+  so it is fast even for large trees; files that fail are left out and listed in `.skipped`.
+  `verify="full"` decodes every image once (slow, catches truncated data); `verify="none"` trusts
+  the listing.
+- A file that passes the check but fails to decode later (truncated data) is replaced by the next
+  good sample, recorded in `.skipped` and reported once with a warning, so training goes on. With
+  DataLoader workers that record lives in the worker's copy; the warning is what you see.
+
+CIFAR pickles are untrusted: they are read with a restricted unpickler that can only rebuild
+builtin containers, strings, numbers and numpy arrays; anything else is refused before it runs.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import pickle
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from vitkit.errors import VitkitError
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "CIFARDataset",
+    "ImageFolderDataset",
+    "ImageListDataset",
+    "read_cifar_pickle",
+]
+
+PathLike = str | os.PathLike[str]
+Transform = Callable[[Image.Image], Any]
+
+IMAGE_EXTENSIONS = (
+    ".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm",
+    ".pnm", ".jfif",
+)  # fmt: skip
+_VERIFY = ("none", "header", "full")
+
+
+def _open_image(path: Path, mode: str) -> Image.Image:
+    """Decode `path` upright in `mode` ("RGB" or "L"); raise on any failure."""
+    try:
+        from vitkit.data.images import load_image
+    except ImportError:
+        load_image = None
+    if load_image is not None:
+        image = load_image(path)  # RGB, EXIF-upright, alpha on white, bombs refused
+        return image if mode == "RGB" else image.convert(mode)
+    with Image.open(path) as im:
+        im.load()
+        im = ImageOps.exif_transpose(im) or im
+        if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+            im = im.convert("RGBA")
+            background = Image.new("RGBA", im.size, (255, 255, 255, 255))
+            im = Image.alpha_composite(background, im)
+        return im.convert(mode)
+
+
+def _check_file(path: Path, verify: str, mode: str) -> str | None:
+    """Why `path` is unusable, or None if it passes the `verify` level."""
+    try:
+        if not path.is_file():
+            return "missing"
+        if verify == "none":
+            return None
+        if path.stat().st_size == 0:
+            return "empty file"
+        if verify == "full":
+            _open_image(path, mode)
+            return None
+        with Image.open(path) as im:
+            w, h = im.size
+        if w <= 0 or h <= 0:
+            return f"invalid size {w}x{h}"
+    except Exception as exc:  # any decoder failure is a reason to skip, never a crash
+        return f"{type(exc).__name__}: {exc}".strip()
+    return None
+
+
+class _FileDataset:
+    """Shared machinery: a list of (path, label) with checking, lazy decoding and fallback."""
+
+    classes: list[str]
+
+    def __init__(
+        self,
+        samples: list[tuple[Path, int]],
+        transform: Transform | None,
+        mode: str,
+        verify: str,
+        skipped: list[tuple[Path, str]] | None = None,
+    ):
+        if mode not in ("RGB", "L"):
+            raise VitkitError(f"image mode must be 'RGB' or 'L', got {mode!r}")
+        if verify not in _VERIFY:
+            raise VitkitError(f"verify must be one of {_VERIFY}, got {verify!r}")
+        self.transform = transform
+        self.mode = mode
+        self.skipped: list[tuple[Path, str]] = list(skipped or [])
+        good = []
+        for path, label in samples:
+            reason = _check_file(path, verify, mode)
+            if reason is None:
+                good.append((path, label))
+            else:
+                self.skipped.append((path, reason))
+        self.samples = good
+        self.targets = [label for _, label in good]
+        self._failed: set[int] = set()
+
+    @property
+    def num_skipped(self) -> int:
+        return len(self.skipped)
+
+    @property
+    def class_to_idx(self) -> dict[str, int]:
+        return {name: i for i, name in enumerate(self.classes)}
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        n = len(self.samples)
+        if not -n <= index < n:
+            raise IndexError(f"index {index} out of range for {n} samples")
+        index %= n
+        for offset in range(n):
+            i = (index + offset) % n
+            if i in self._failed:
+                continue
+            path, label = self.samples[i]
+            try:
+                image = _open_image(path, self.mode)
+            except Exception as exc:
+                self._failed.add(i)
+                self.skipped.append((path, f"{type(exc).__name__}: {exc}".strip()))
+                warnings.warn(f"skipping unreadable image {path}: {exc}", stacklevel=2)
+                continue
+            return (self.transform(image) if self.transform else image), label
+        raise VitkitError(
+            f"none of the {n} images of this dataset could be decoded; "
+            f"first failure: {self.skipped[-1] if self.skipped else '?'}"
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}({len(self)} images, {len(self.classes)} classes, "
+            f"{self.num_skipped} skipped)"
+        )
+
+
+def _is_image(path: Path, extensions: Sequence[str]) -> bool:
+    return path.suffix.lower() in extensions and not path.name.startswith(".")
+
+
+class ImageFolderDataset(_FileDataset):
+    """`root/<class>/<image>` (the torchvision layout); classes are the sorted folder names.
+
+    Images may sit in nested folders below their class folder. Pass `classes` to fix the
+    label order (e.g. a model's id2label); class folders not in it are skipped.
+    """
+
+    def __init__(
+        self,
+        root: PathLike,
+        transform: Transform | None = None,
+        *,
+        extensions: Sequence[str] = IMAGE_EXTENSIONS,
+        mode: str = "RGB",
+        classes: Sequence[str] | None = None,
+        verify: str = "header",
+    ):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise VitkitError(f"{self.root}: not a directory (expected root/<class>/<image>)")
+        found = sorted(
+            p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")
+        )
+        if not found:
+            raise VitkitError(f"{self.root}: no class folders (expected root/<class>/<image>)")
+        self.classes = list(classes) if classes is not None else found
+        index = {name: i for i, name in enumerate(self.classes)}
+        exts = tuple(e.lower() for e in extensions)
+        samples, skipped = [], []
+        for name in found:
+            files = sorted(p for p in (self.root / name).rglob("*") if p.is_file())
+            if name not in index:
+                skipped.extend((p, f"class folder {name!r} not in classes") for p in files)
+                continue
+            samples.extend((p, index[name]) for p in files if _is_image(p, exts))
+        if not samples:
+            raise VitkitError(
+                f"{self.root}: no image files with extensions {exts} in the class folders"
+            )
+        super().__init__(samples, transform, mode, verify, skipped)
+
+
+class ImageListDataset(_FileDataset):
+    """Images listed in a CSV (header `path,label`), a JSON list of {"path", "label"} or JSON lines.
+
+    Labels are class names (mapped to sorted names) or ints (used as they are). Relative paths
+    are resolved against `root`, or the list file's folder. `classes` fixes the name order.
+    """
+
+    def __init__(
+        self,
+        list_file: PathLike,
+        root: PathLike | None = None,
+        transform: Transform | None = None,
+        *,
+        mode: str = "RGB",
+        classes: Sequence[str] | None = None,
+        verify: str = "header",
+    ):
+        self.list_file = Path(list_file)
+        self.root = Path(root) if root is not None else self.list_file.parent
+        rows = _read_list(self.list_file)
+        labels = [r[1] for r in rows]
+        if classes is not None:
+            self.classes = list(classes)
+        elif all(_as_int(v) is not None for v in labels):
+            self.classes = [str(i) for i in range(max(_as_int(v) for v in labels) + 1)]
+        else:
+            self.classes = sorted({str(v) for v in labels})
+        index = {name: i for i, name in enumerate(self.classes)}
+        samples, skipped = [], []
+        for path_str, label in rows:
+            path = Path(path_str)
+            path = path if path.is_absolute() else self.root / path
+            if str(label) in index:
+                target = index[str(label)]
+            elif (i := _as_int(label)) is not None and 0 <= i < len(self.classes):
+                target = i
+            else:
+                skipped.append((path, f"label {label!r} not among {len(self.classes)} classes"))
+                continue
+            samples.append((path, target))
+        super().__init__(samples, transform, mode, verify, skipped)
+
+
+def _as_int(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    return None
+
+
+def _read_list(path: Path) -> list[tuple[str, Any]]:
+    """[(path, label)] from a CSV / JSON / JSON-lines list file."""
+    if not path.is_file():
+        raise VitkitError(f"{path}: no such list file")
+    text = path.read_text(encoding="utf-8-sig")
+    entries: list[Any]
+    if path.suffix.lower() == ".csv":
+        reader = csv.DictReader(io.StringIO(text))
+        fields = [f.strip().lower() for f in reader.fieldnames or []]
+        if "path" not in fields or "label" not in fields:
+            raise VitkitError(
+                f"{path}: a CSV list needs a header row with 'path' and 'label' "
+                f"columns, got {reader.fieldnames}"
+            )
+        entries = [
+            {k.strip().lower(): (v or "").strip() for k, v in row.items() if k} for row in reader
+        ]
+    else:
+        stripped = text.strip()
+        try:
+            if stripped.startswith("["):
+                entries = json.loads(stripped)
+            else:
+                entries = [json.loads(line) for line in stripped.splitlines() if line.strip()]
+        except json.JSONDecodeError as exc:
+            raise VitkitError(f"{path}: not valid JSON or JSON lines ({exc})") from None
+    rows = []
+    for n, entry in enumerate(entries):
+        if not isinstance(entry, dict) or "path" not in entry or "label" not in entry:
+            raise VitkitError(f"{path}: entry {n} must have 'path' and 'label', got {entry!r}")
+        rows.append((str(entry["path"]), entry["label"]))
+    if not rows:
+        raise VitkitError(f"{path}: the list is empty")
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# CIFAR (python pickle version, https://www.cs.toronto.edu/~kriz/cifar.html)
+
+
+_ALLOWED_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("_codecs", "encode"),  # how protocol-2 pickles written by Python 3 spell bytes
+}
+_ALLOWED_BUILTINS = {
+    "dict",
+    "list",
+    "tuple",
+    "set",
+    "frozenset",
+    "str",
+    "bytes",
+    "bytearray",
+    "int",
+    "float",
+    "bool",
+    "complex",
+}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Rebuilds only builtin containers/scalars and numpy arrays; refuses every other global."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module in ("builtins", "__builtin__") and name in _ALLOWED_BUILTINS:
+            import builtins
+
+            return getattr(builtins, name)
+        if (module, name) in _ALLOWED_GLOBALS:
+            if module == "_codecs":
+                import codecs
+
+                return codecs.encode
+            if module.startswith("numpy.core") or module.startswith("numpy._core"):
+                core = getattr(np, "_core", None) or np.core
+                return getattr(core.multiarray, name)
+            return getattr(np, name)
+        raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed")
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise pickle.UnpicklingError("persistent ids are not allowed")
+
+
+def read_cifar_pickle(path: PathLike) -> dict[bytes, Any]:
+    """Load one CIFAR python-pickle file safely (keys stay bytes, as published)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            data = _RestrictedUnpickler(f, encoding="bytes").load()
+    except FileNotFoundError:
+        raise VitkitError(f"{path}: no such CIFAR file") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as exc:
+        raise VitkitError(
+            f"{path}: refused or unreadable CIFAR pickle ({exc}); only the "
+            f"published python version of CIFAR-10/100 is accepted"
+        ) from None
+    if not isinstance(data, dict):
+        raise VitkitError(f"{path}: expected a dict in a CIFAR pickle, got {type(data).__name__}")
+    return data
+
+
+def _find_cifar_dir(root: Path) -> tuple[Path, int]:
+    """The folder holding the batches and whether it is CIFAR-10 or CIFAR-100."""
+    for folder in (root, root / "cifar-10-batches-py", root / "cifar-100-python"):
+        if (folder / "data_batch_1").is_file() and (folder / "batches.meta").is_file():
+            return folder, 10
+        if (folder / "train").is_file() and (folder / "meta").is_file():
+            return folder, 100
+    raise VitkitError(
+        f"{root}: no CIFAR batches found (expected data_batch_1..5, test_batch, "
+        f"batches.meta for CIFAR-10, or train, test, meta for CIFAR-100, in this "
+        f"folder or its cifar-10-batches-py / cifar-100-python child)"
+    )
+
+
+def _names(values: Any) -> list[str]:
+    return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in values]
+
+
+class CIFARDataset:
+    """CIFAR-10 or CIFAR-100 (fine labels) from the published python pickles in a local folder.
+
+    `root` may be the batches folder itself or its parent. Images are 32x32 PIL RGB.
+    """
+
+    def __init__(
+        self,
+        root: PathLike,
+        train: bool = True,
+        transform: Transform | None = None,
+        *,
+        mode: str = "RGB",
+    ):
+        self.root, kind = _find_cifar_dir(Path(root))
+        self.transform = transform
+        self.mode = mode
+        self.train = train
+        self.skipped: list[tuple[Path, str]] = []
+        if kind == 10:
+            files = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
+            meta_file, meta_key, label_key = "batches.meta", b"label_names", b"labels"
+        else:
+            files = ["train" if train else "test"]
+            meta_file, meta_key, label_key = "meta", b"fine_label_names", b"fine_labels"
+        meta = read_cifar_pickle(self.root / meta_file)
+        if meta_key not in meta:
+            raise VitkitError(f"{self.root / meta_file}: missing key {meta_key!r}")
+        self.classes = _names(meta[meta_key])
+        arrays, targets = [], []
+        for name in files:
+            path = self.root / name
+            batch = read_cifar_pickle(path)
+            if b"data" not in batch or label_key not in batch:
+                raise VitkitError(f"{path}: missing key b'data' or {label_key!r}")
+            data = np.asarray(batch[b"data"])
+            if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+                raise VitkitError(
+                    f"{path}: b'data' must be uint8 (N, 3072), got {data.dtype} {data.shape}"
+                )
+            labels = [int(v) for v in batch[label_key]]
+            if len(labels) != data.shape[0]:
+                raise VitkitError(f"{path}: {data.shape[0]} images but {len(labels)} labels")
+            arrays.append(data)
+            targets.extend(labels)
+        # rows are R, G, B planes of 32x32, each row-major -> (N, 32, 32, 3)
+        self.data = np.concatenate(arrays).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy()
+        self.targets = targets
+        bad = [t for t in targets if not 0 <= t < len(self.classes)]
+        if bad:
+            raise VitkitError(f"{self.root}: label {bad[0]} outside 0..{len(self.classes) - 1}")
+
+    @property
+    def num_skipped(self) -> int:
+        return 0
+
+    @property
+    def class_to_idx(self) -> dict[str, int]:
+        return {name: i for i, name in enumerate(self.classes)}
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        image = Image.fromarray(self.data[index])
+        if self.mode != "RGB":
+            image = image.convert(self.mode)
+        return (self.transform(image) if self.transform else image), self.targets[index]
+
+    def __repr__(self) -> str:
+        split = "train" if self.train else "test"
+        return (
+            f"CIFARDataset({self.root}, {split}: {len(self)} images, {len(self.classes)} classes)"
+        )

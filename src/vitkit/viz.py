@@ -1,0 +1,322 @@
+"""Figures: training curves, confusion matrices and attention maps, written as PNG files.
+
+matplotlib is an optional dependency (`pip install vitkit[plot]`), imported on use. Figures are
+built with matplotlib's object API (no pyplot), so they work on headless machines and leave a
+notebook's backend alone. Every PNG is written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vitkit.checkpoints.io import atomic_path
+from vitkit.errors import VitkitError
+
+__all__ = ["plot_confusion_matrix", "plot_curves", "read_metrics", "save_attention_maps"]
+
+PathLike = str | os.PathLike[str]
+
+
+def _figure(**kwargs: Any) -> Any:
+    """A standalone matplotlib Figure: no pyplot state, no backend switch, safe in notebooks."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise VitkitError("plotting needs matplotlib: pip install 'vitkit[plot]'") from None
+    return Figure(**kwargs)
+
+
+def _save(fig: Any, out_png: PathLike) -> Path:
+    out = Path(out_png)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    return out
+
+
+def read_metrics(metrics_jsonl: PathLike) -> list[dict[str, Any]]:
+    """Read a metrics JSON-lines file; blank and malformed lines (a run killed mid-write) are skipped."""
+    path = Path(metrics_jsonl)
+    if not path.is_file():
+        raise VitkitError(
+            f"{path}: no such metrics file (training writes metrics.jsonl in its output folder)"
+        )
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def _x_values(rows: list[dict[str, Any]]) -> list[float]:
+    """The x of each row: its epoch; a row with only a step is placed at step / steps-per-epoch
+    (estimated from rows that have both), or at its step when no row has an epoch."""
+    both = [(r["step"], r["epoch"]) for r in rows if _num(r.get("step")) and _num(r.get("epoch"))]
+    per_epoch = max(s for s, _ in both) / max(e for _, e in both) if both else None
+    if per_epoch is not None and per_epoch <= 0:
+        per_epoch = None
+    has_epoch = any(_num(r.get("epoch")) for r in rows)
+    xs = []
+    for i, r in enumerate(rows):
+        if _num(r.get("epoch")):
+            xs.append(float(r["epoch"]))
+        elif _num(r.get("step")):
+            step = float(r["step"])
+            xs.append(step / per_epoch if per_epoch and has_epoch else step)
+        else:
+            xs.append(float(i))
+    return xs
+
+
+def _num(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _series(
+    rows: list[dict[str, Any]], xs: list[float], key: str
+) -> tuple[list[float], list[float]]:
+    """(x, y) of the rows that have a finite number under `key`."""
+    pairs = [(x, float(r[key])) for r, x in zip(rows, xs) if _num(r.get(key))]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+_LOSS_KEYS = ("train_loss", "val_loss", "ema_val_loss")
+_ACC_KEYS = ("train_acc", "val_acc", "val_top5", "ema_val_acc", "ema_val_top5")
+
+
+def plot_curves(metrics_jsonl: PathLike, out_png: PathLike, title: str | None = None) -> Path:
+    """Draw loss, accuracy and learning-rate curves against the epoch from training metrics.
+
+    Reads rows like {"epoch": 3, "train_loss": .., "val_acc": .., "lr": ..}; any key may be
+    missing. Accuracies in [0, 1] are shown as percentages. Returns the PNG path.
+    """
+    rows = read_metrics(metrics_jsonl)
+    if not rows:
+        raise VitkitError(f"{metrics_jsonl}: no metrics to plot (the file is empty)")
+    xs = _x_values(rows)
+    has_lr = any("lr" in r for r in rows)
+    panels = 3 if has_lr else 2
+    fig = _figure(figsize=(4.6 * panels, 3.6))
+    axes = fig.subplots(1, panels)
+    loss_ax, acc_ax = axes[0], axes[1]
+
+    for key in _LOSS_KEYS:
+        x, y = _series(rows, xs, key)
+        if x:
+            loss_ax.plot(x, y, label=key, marker="o" if len(x) < 30 else None, markersize=3)
+    loss_ax.set_title("loss")
+
+    best_note = ""
+    for key in _ACC_KEYS:
+        x, y = _series(rows, xs, key)
+        if not x:
+            continue
+        scale = 100.0 if max(y) <= 1.0 else 1.0
+        y = [v * scale for v in y]
+        acc_ax.plot(x, y, label=key, marker="o" if len(x) < 30 else None, markersize=3)
+        if key == "val_acc":
+            best = int(np.argmax(y))
+            best_note = f"best val_acc {y[best]:.2f}% @ {x[best]:g}"
+            acc_ax.annotate(
+                f"{y[best]:.2f}",
+                (x[best], y[best]),
+                textcoords="offset points",
+                xytext=(0, 6),
+                ha="center",
+                fontsize=8,
+            )
+    acc_ax.set_title("accuracy (%)" + (f"\n{best_note}" if best_note else ""))
+
+    if has_lr:
+        x, y = _series(rows, xs, "lr")
+        axes[2].plot(x, y, color="tab:gray")
+        axes[2].set_title("learning rate")
+        axes[2].ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+
+    xlabel = "epoch" if any("epoch" in r for r in rows) else "step"
+    for ax in axes:
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, out_png)
+
+
+def plot_confusion_matrix(
+    matrix: Any,
+    class_names: Sequence[str] | None,
+    out_png: PathLike,
+    *,
+    normalize: bool = True,
+    title: str | None = None,
+) -> Path:
+    """Draw a K x K confusion matrix (rows: true class, columns: predicted) as a heat map.
+
+    With `normalize`, colours are row fractions (per-class recall) and cells show counts; cell
+    text is omitted above 30 classes, tick labels above 60.
+    """
+    m = np.asarray(matrix.cpu() if hasattr(matrix, "cpu") else matrix, dtype=np.float64)
+    if m.ndim != 2 or m.shape[0] != m.shape[1]:
+        raise VitkitError(f"confusion matrix must be square K x K, got shape {m.shape}")
+    k = m.shape[0]
+    names = [str(n) for n in class_names] if class_names is not None else [str(i) for i in range(k)]
+    if len(names) != k:
+        raise VitkitError(f"{len(names)} class names for a {k} x {k} confusion matrix")
+    rows = m.sum(axis=1, keepdims=True)
+    shown = np.divide(m, rows, out=np.zeros_like(m), where=rows > 0) if normalize else m
+    size = min(max(4.0, 0.45 * k + 2.0), 24.0)
+    fig = _figure(figsize=(size + 1.2, size))
+    ax = fig.subplots()
+    im = ax.imshow(shown, cmap="Blues", vmin=0.0, vmax=1.0 if normalize else None)
+    fig.colorbar(
+        im,
+        ax=ax,
+        fraction=0.046,
+        pad=0.04,
+        label="fraction of true class" if normalize else "count",
+    )
+    if k <= 60:
+        longest = max(len(n) for n in names)
+        rotation = 0 if longest <= 3 and k <= 20 else (45 if k <= 10 else 90)
+        ax.set_xticks(
+            range(k),
+            labels=names,
+            rotation=rotation,
+            ha="right" if rotation == 45 else "center",
+            fontsize=8,
+        )
+        ax.set_yticks(range(k), labels=names, fontsize=8)
+    if k <= 30:
+        for i in range(k):
+            for j in range(k):
+                if m[i, j]:
+                    ax.text(
+                        j,
+                        i,
+                        f"{int(m[i, j])}",
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="white" if shown[i, j] > 0.5 * (shown.max() or 1) else "black",
+                    )
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    total = m.sum()
+    acc = np.trace(m) / total if total else 0.0
+    ax.set_title(title or f"confusion matrix (accuracy {100 * acc:.2f}%, n={int(total)})")
+    fig.tight_layout()
+    return _save(fig, out_png)
+
+
+def _to_hwc(image: Any) -> np.ndarray:
+    """A PIL image, (C, H, W) / (H, W, C) / (H, W) array or tensor -> float (H, W, 3) in [0, 1]."""
+    if hasattr(image, "convert"):
+        return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    a = np.asarray(
+        image.detach().float().cpu() if hasattr(image, "detach") else image, dtype=np.float32
+    )
+    if a.ndim == 3 and a.shape[0] in (1, 3) and a.shape[-1] not in (1, 3):
+        a = a.transpose(1, 2, 0)
+    if a.ndim == 2:
+        a = a[..., None]
+    if a.shape[-1] == 1:
+        a = np.repeat(a, 3, axis=-1)
+    lo, hi = float(a.min()), float(a.max())
+    if lo < 0.0 or hi > 1.0:  # normalised tensor or 0..255: stretch for display
+        a = (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
+    return a
+
+
+def cls_attention_map(
+    attention: Any, grid: tuple[int, int] | None = None, num_prefix_tokens: int = 1
+) -> np.ndarray:
+    """(H, T, T) or (T, T) attention of one image -> (gh, gw) [CLS]->patch map, head-averaged.
+
+    T = num_prefix_tokens + gh * gw; the grid is taken as square when not given.
+    """
+    a = np.asarray(
+        attention.detach().float().cpu() if hasattr(attention, "detach") else attention,
+        dtype=np.float32,
+    )
+    if a.ndim == 3:
+        a = a.mean(axis=0)
+    if a.ndim != 2:
+        raise VitkitError(f"attention must be (heads, T, T) or (T, T), got shape {a.shape}")
+    row = a[0, num_prefix_tokens:]
+    if grid is None:
+        side = math.isqrt(row.shape[0])
+        if side * side != row.shape[0]:
+            raise VitkitError(f"{row.shape[0]} patch tokens are not a square grid: pass grid=")
+        grid = (side, side)
+    if grid[0] * grid[1] != row.shape[0]:
+        raise VitkitError(
+            f"grid {grid} does not match {row.shape[0]} patch tokens "
+            f"(with {num_prefix_tokens} prefix tokens)"
+        )
+    return row.reshape(grid)
+
+
+def save_attention_maps(
+    images: Any,
+    attentions: Any,
+    out_png: PathLike,
+    *,
+    num_prefix_tokens: int = 1,
+    grid: tuple[int, int] | None = None,
+    titles: Sequence[str] | None = None,
+    max_images: int = 8,
+    alpha: float = 0.55,
+) -> Path:
+    """Overlay each image's [CLS]->patch attention (averaged over heads) on the image, in a grid.
+
+    `images`: a batch (B, C, H, W) tensor/array or a list of PIL images / arrays.
+    `attentions`: the last layer's probabilities, (B, heads, T, T) (e.g. `out.attentions[-1]`
+    from `model(x, output_attentions=[-1])`). Use `num_prefix_tokens=model.config.num_prefix_tokens`
+    for DeiT or register models. Each row shows the image and the overlaid map.
+    """
+    n = min(len(images), len(attentions), max_images)
+    if n == 0:
+        raise VitkitError("save_attention_maps: no images given")
+    cols = min(n, 4)
+    rows = math.ceil(n / cols)
+    fig = _figure(figsize=(2.6 * cols, 5.2 * rows))
+    axes = fig.subplots(2 * rows, cols, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i in range(n):
+        img = _to_hwc(images[i])
+        amap = cls_attention_map(attentions[i], grid, num_prefix_tokens)
+        amap = (amap - amap.min()) / (np.ptp(amap) or 1.0)
+        r, c = 2 * (i // cols), i % cols
+        axes[r, c].imshow(img)
+        if titles is not None and i < len(titles):
+            axes[r, c].set_title(str(titles[i]), fontsize=8)
+        axes[r + 1, c].imshow(img)
+        h, w = img.shape[:2]
+        # nearest upsampling keeps the patch structure visible; extent stretches the map over the image
+        axes[r + 1, c].imshow(
+            amap,
+            cmap="inferno",
+            alpha=alpha,
+            interpolation="nearest",
+            extent=(-0.5, w - 0.5, h - 0.5, -0.5),
+        )
+    fig.suptitle("[CLS] attention, last layer, mean over heads", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, out_png)

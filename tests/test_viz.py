@@ -1,0 +1,117 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vitkit import VisionTransformer, ViTConfig
+from vitkit.errors import VitkitError
+from vitkit.viz import (
+    cls_attention_map,
+    plot_confusion_matrix,
+    plot_curves,
+    read_metrics,
+    save_attention_maps,
+)
+
+pytest.importorskip("matplotlib")
+
+
+def _is_png(path):
+    with Image.open(path) as im:
+        assert im.format == "PNG"
+        return im.size
+
+
+def test_plot_curves_tolerates_missing_keys_and_bad_lines(tmp_path):
+    rows = []
+    for epoch in range(1, 11):
+        row = {"epoch": epoch, "step": epoch * 10, "train_loss": 2.0 / epoch, "lr": 1e-3 * epoch}
+        if epoch % 2 == 0:
+            row.update(val_loss=2.2 / epoch, val_acc=0.5 + epoch / 40, val_top5=0.9)
+        if epoch > 5:
+            row["ema_val_acc"] = 0.6 + epoch / 50
+        rows.append(json.dumps(row))
+    rows.insert(3, "")
+    rows.append('{"epoch": 11, "train_lo')  # killed mid-write
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("\n".join(rows))
+    assert len(read_metrics(path)) == 10
+    out = plot_curves(path, tmp_path / "plots" / "curves.png")
+    w, h = _is_png(out)
+    assert w > 2 * h  # three panels side by side
+    assert not list((tmp_path / "plots").glob(".*.tmp"))
+
+
+def test_plot_curves_errors(tmp_path):
+    with pytest.raises(VitkitError, match="no such metrics file"):
+        plot_curves(tmp_path / "missing.jsonl", tmp_path / "x.png")
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(VitkitError, match="empty"):
+        plot_curves(tmp_path / "empty.jsonl", tmp_path / "x.png")
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_confusion_matrix_png(tmp_path):
+    m = np.array([[5, 1, 0], [0, 4, 2], [1, 0, 7]])
+    out = plot_confusion_matrix(m, ["cat", "dog", "bird"], tmp_path / "cm.png")
+    _is_png(out)
+    with pytest.raises(VitkitError, match="class names"):
+        plot_confusion_matrix(m, ["a"], tmp_path / "bad.png")
+    with pytest.raises(VitkitError, match="square"):
+        plot_confusion_matrix(np.zeros((2, 3)), None, tmp_path / "bad.png")
+
+
+def test_cls_attention_map_picks_cls_row_and_averages_heads():
+    t = 1 + 4
+    att = torch.zeros(2, t, t)
+    att[0, 0, 1:] = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    att[1, 0, 1:] = torch.tensor([0.3, 0.2, 0.1, 0.0])
+    m = cls_attention_map(att)
+    assert m.shape == (2, 2)
+    assert np.allclose(m, [[0.2, 0.2], [0.2, 0.2]])
+    with pytest.raises(VitkitError, match="grid"):
+        cls_attention_map(torch.zeros(2, 6, 6))
+
+
+def test_save_attention_maps_from_a_model(tmp_path):
+    cfg = ViTConfig(
+        image_size=32,
+        patch_size=8,
+        in_chans=3,
+        num_classes=3,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        num_register_tokens=2,
+    )
+    model = VisionTransformer(cfg).eval()
+    x = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        out = model(x, output_attentions=[-1])
+    att = out.attentions[-1]
+    assert att.shape == (3, 2, cfg.num_prefix_tokens + 16, cfg.num_prefix_tokens + 16)
+    png = save_attention_maps(
+        x,
+        att,
+        tmp_path / "att.png",
+        num_prefix_tokens=cfg.num_prefix_tokens,
+        titles=["a", "b", "c"],
+    )
+    _is_png(png)
+
+
+def test_step_rows_are_placed_by_steps_per_epoch():
+    from vitkit.viz import _series, _x_values
+
+    rows = [
+        {"step": 5, "train_loss": 1.0},
+        {"step": 10, "epoch": 1, "val_acc": 0.5},
+        {"step": 15, "train_loss": 0.5},
+        {"step": 20, "epoch": 2, "val_acc": 0.7},
+    ]
+    xs = _x_values(rows)
+    assert xs == [0.5, 1.0, 1.5, 2.0]
+    assert _series(rows, xs, "train_loss") == ([0.5, 1.5], [1.0, 0.5])
+    assert _x_values([{"step": 3}, {"step": 7}]) == [3.0, 7.0]
