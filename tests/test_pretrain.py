@@ -107,3 +107,26 @@ def test_cli_pretrains_a_folder_of_images(tmp_path, capsys):
 def test_cli_rejects_unknown_data(tmp_path, capsys):
     assert main(["pretrain", "--data", str(tmp_path / "nope"), "--out", str(tmp_path)]) == 1
     assert "neither" in capsys.readouterr().err
+
+
+def test_vitkit_train_init_fine_tunes_the_pretrained_encoder(tmp_path, capsys):
+    pretrain(_cfg("mae", tmp_path / "pre"), images=torch.rand(16, 1, 8, 8) * 2 - 1)
+    rc = main(
+        [
+            "train",
+            "--init",
+            str(tmp_path / "pre"),
+            "--data",
+            "digits",
+            "--epochs",
+            "1",
+            "--output",
+            str(tmp_path / "ft"),
+            "--threads",
+            "1",
+            "--no-progress",
+        ]
+    )
+    assert rc == 0 and "test accuracy" in capsys.readouterr().out
+    tuned = from_pretrained(tmp_path / "ft" / "best")
+    assert tuned.config.num_classes == 10 and tuned.config.embed_dim == SMALL["embed_dim"]
