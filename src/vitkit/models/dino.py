@@ -204,10 +204,11 @@ class DINO(nn.Module):
 
 class MultiCrop:
     """DINO's multi-crop: 2 global crops (scale 0.4-1) and `n_local` local crops (scale
-    0.05-0.4) of one image (C, H, W), with flips, via torchvision.transforms.v2.
+        0.05-0.4) of one image (C, H, W), with random horizontal flips unless `hflip=False` (digits),
+    via torchvision.transforms.v2 (`batch` draws the same crops for a whole batch at once).
 
-    Sizes default to the image size and 3/7 of it (224 -> 96 as in DINO), rounded to a multiple
-    of `patch_size`, so tiny images (8x8 digits) get 8 and 4 pixel crops with patch 2.
+        Sizes default to the image size and 3/7 of it (224 -> 96 as in DINO), rounded to a multiple
+        of `patch_size`, so tiny images (8x8 digits) get 8 and 4 pixel crops with patch 2.
     """
 
     def __init__(
@@ -220,6 +221,7 @@ class MultiCrop:
         local_size: int | None = None,
         global_scale: tuple[float, float] = (0.4, 1.0),
         local_scale: tuple[float, float] = (0.05, 0.4),
+        hflip: bool = True,
     ):
         from torchvision.transforms import v2
 
@@ -229,6 +231,7 @@ class MultiCrop:
         g = global_size or fit(image_size)
         loc = local_size or fit(image_size * 3 / 7)
         self.n_local = n_local
+        self.hflip = hflip
 
         def crop(size: int, scale: tuple[float, float]):
             return v2.Compose(
@@ -250,10 +253,12 @@ class MultiCrop:
         aspect ratio in [3/4, 4/3]), cut and resized bilinearly in one `roi_align` call."""
         specs = [(self.global_size, self.global_scale)] * 2
         specs += [(self.local_size, self.local_scale)] * self.n_local
-        return [_random_resized_crops(images, size, scale) for size, scale in specs]
+        return [_random_resized_crops(images, size, scale, self.hflip) for size, scale in specs]
 
 
-def _random_resized_crops(images: Tensor, size: int, scale: tuple[float, float]) -> Tensor:
+def _random_resized_crops(
+    images: Tensor, size: int, scale: tuple[float, float], hflip: bool
+) -> Tensor:
     from torchvision.ops import roi_align
 
     B, _, H, W = images.shape
@@ -272,7 +277,7 @@ def _random_resized_crops(images: Tensor, size: int, scale: tuple[float, float])
         sampling_ratio=2,
         aligned=True,
     )
-    flip = torch.rand(B, device=images.device) < 0.5
+    flip = torch.rand(B, device=images.device) < (0.5 if hflip else 0.0)
     crops = torch.where(flip[:, None, None, None], crops.flip(-1), crops)
     return crops.to(images.dtype)
 

@@ -60,6 +60,7 @@ class PretrainConfig:
     # DINO
     out_dim: int = 1024
     local_crops: int = 4
+    hflip: bool | None = None  # DINO crops; None: off for digits/mnist (flips change digits)
     momentum_teacher: float = 0.996
     teacher_temp: float = 0.07
     warmup_teacher_temp: float = 0.04
