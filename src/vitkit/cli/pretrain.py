@@ -40,6 +40,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("DINO")
     g.add_argument("--out-dim", type=int, default=1024, help="prototypes of the DINO head")
     g.add_argument("--local-crops", type=int, default=4)
+    g.add_argument(
+        "--hflip",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="flip crops (default: off for digits/mnist, on for folders)",
+    )
     g.add_argument("--momentum-teacher", type=float, default=0.996)
     g.add_argument("--teacher-temp", type=float, default=0.07)
     g.add_argument("--warmup-teacher-temp", type=float, default=0.04)
