@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vitkit import ViTConfig
+from vitkit import ViTConfig, from_pretrained
 from vitkit.checkpoints.hf import config_from_hf
 from vitkit.checkpoints.hf_mim import simmim_state_dict_from_hf
 from vitkit.models.mim import SimMIM, mask_block_for, simmim_mask
@@ -56,6 +56,9 @@ def test_save_then_transformers_loads_it(tmp_path):
         ref = ours(x, bool_masked_pos=mask)
         assert (hf(x, bool_masked_pos=mask).reconstruction - ref.reconstruction).abs().max() <= 1e-5
         assert torch.equal(back(x, bool_masked_pos=mask).reconstruction, ref.reconstruction)
+    # the folder is also an encoder checkpoint for fine-tuning (the decoder is skipped)
+    encoder = from_pretrained(tmp_path, num_classes=3)
+    assert torch.equal(encoder.blocks[0].attn.qkv.weight, ours.encoder.blocks[0].attn.qkv.weight)
 
 
 def test_loss_is_l1_on_masked_pixels_only():
