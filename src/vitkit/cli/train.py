@@ -1,0 +1,121 @@
+"""`vitkit train`: train or fine-tune a ViT from a YAML recipe plus command-line overrides.
+
+vitkit train                                   # digits (scikit-learn), the default recipe
+vitkit train --config configs/cifar10.yaml --data /data/cifar-10-batches-py
+vitkit train --data mnist --model vit_mnist_patch4_28 --epochs 30 --set ema_decay=0.999
+vitkit train --resume runs/digits-vit_digits_patch2_8
+torchrun --nproc_per_node 2 -m vitkit train --config configs/digits.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+
+# flag -> recipe key, type
+_FLAGS: tuple[tuple[str, str, type, str], ...] = (
+    ("--model", "model", str, "preset name (`vitkit models`)"),
+    ("--data", "data", str, "digits | mnist | a folder with train/ and val/ | a CIFAR-10 dir"),
+    ("--val-data", "val_data", str, "validation folder or list file"),
+    ("--init", "init", str, "start from pretrained weights (vitkit dir, hub id, .npz, ...)"),
+    ("--epochs", "epochs", int, "number of epochs"),
+    ("--batch-size", "batch_size", int, "global batch size"),
+    ("--accum-steps", "accum_steps", int, "gradient accumulation steps"),
+    ("--lr", "lr", float, "peak learning rate"),
+    ("--weight-decay", "weight_decay", float, "decoupled weight decay"),
+    ("--optimizer", "optimizer", str, "adamw | sgd"),
+    ("--warmup-epochs", "warmup_epochs", float, "linear warmup length in epochs"),
+    ("--image-size", "image_size", int, "training resolution (positions are resampled)"),
+    ("--dtype", "dtype", str, "fp32 | bf16 | fp16 autocast"),
+    ("--seed", "seed", int, "random seed"),
+    ("--output", "output", str, "run directory (default runs/<data>-<model>)"),
+    ("--threads", "threads", int, "torch CPU threads"),
+)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train or fine-tune a ViT",
+        description="Train a ViT from a recipe (configs/*.yaml) with command-line "
+        "overrides. With no arguments: scikit-learn digits, "
+        "the default recipe.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", "-c", help="YAML recipe (see configs/)")
+    for flag, _key, typ, text in _FLAGS:
+        p.add_argument(flag, type=typ, help=text)
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any recipe field, value parsed as YAML (repeatable), e.g. "
+        "--set ema_decay=0.999 --set model_overrides.depth=6",
+    )
+    p.add_argument(
+        "--resume",
+        metavar="DIR",
+        help="continue the run in DIR from its last checkpoint (its saved recipe is used)",
+    )
+    p.add_argument("--tensorboard", action="store_true", help="also log to DIR/tensorboard")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--print-recipe", action="store_true", help="print the resolved recipe as YAML and exit"
+    )
+    p.set_defaults(func=run)
+
+
+def build_recipe(args: argparse.Namespace):
+    from vitkit.train.recipe import Recipe
+
+    recipe = Recipe.from_yaml(args.config) if args.config else Recipe()
+    changes = {
+        key: getattr(args, key)
+        for _flag, key, _t, _h in _FLAGS
+        if getattr(args, key, None) is not None
+    }
+    if args.tensorboard:
+        changes["tensorboard"] = True
+    if args.no_progress:
+        changes["progress"] = False
+    if changes:
+        recipe = recipe.replace(**changes)
+    return recipe.with_overrides(args.overrides) if args.overrides else recipe
+
+
+def run(args: argparse.Namespace) -> int:
+    import os
+
+    from vitkit.train import train
+
+    if args.resume:
+        result = train(None, resume=args.resume)  # type: ignore[arg-type]
+    else:
+        recipe = build_recipe(args)
+        if args.print_recipe:
+            import yaml
+
+            print(yaml.safe_dump(recipe.to_dict(), sort_keys=False), end="")
+            return 0
+        result = train(recipe)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    parts = [f"finished {result.steps} steps in {result.seconds:.1f} s"]
+    if result.val_acc is not None:
+        parts.append(
+            f"test accuracy {100 * result.val_acc:.2f}% (top-5 {100 * result.val_top5:.2f}%)"
+        )
+    if result.ema_val_acc is not None:
+        parts.append(f"EMA {100 * result.ema_val_acc:.2f}%")
+    print("; ".join(parts))
+    if result.best_dir is not None:
+        print(
+            f"best weights ({100 * (result.best_acc or 0):.2f}%): {result.best_dir} "
+            "(model.safetensors + config.json)"
+        )
+    print(
+        f"last checkpoint: {result.run_dir / 'last'}  (resume: vitkit train --resume "
+        f"{result.run_dir})"
+    )
+    return 0

@@ -1,0 +1,117 @@
+"""Training augmentation.
+
+Two paths with the same knobs (`Recipe.random_shift`, `hflip`, `rrc_scale`, `auto_augment`):
+
+- batch ops on in-memory tensors (built-in datasets): vectorised over the batch and driven by an
+  explicit `torch.Generator`, so a run is reproducible step by step and resumable bit for bit;
+- per-image torchvision.transforms.v2 pipelines for file datasets (`sample_transform`).
+
+Pixels stay in [0, 1] until `normalize` maps them to [-1, 1] (mean = std = 0.5).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+MEAN = 0.5
+STD = 0.5
+
+
+def normalize(x: Tensor) -> Tensor:
+    """[0, 1] pixels -> [-1, 1], the normalisation every vitkit recipe trains with."""
+    return (x - MEAN) / STD
+
+
+def random_shift(x: Tensor, pad: int, generator: torch.Generator) -> Tensor:
+    """Translate each image (B, C, H, W) by up to `pad` pixels in x and y, filling with zeros."""
+    if pad <= 0:
+        return x
+    B, C, H, W = x.shape
+    xp = F.pad(x, (pad, pad, pad, pad))  # (B, C, H+2p, W+2p)
+    oy = torch.randint(0, 2 * pad + 1, (B,), generator=generator)
+    ox = torch.randint(0, 2 * pad + 1, (B,), generator=generator)
+    rows = (torch.arange(H)[None] + oy[:, None]).to(x.device)  # (B, H)
+    cols = (torch.arange(W)[None] + ox[:, None]).to(x.device)  # (B, W)
+    xp = xp.gather(2, rows[:, None, :, None].expand(B, C, H, W + 2 * pad))  # (B, C, H, W+2p)
+    return xp.gather(3, cols[:, None, None, :].expand(B, C, H, W))
+
+
+def random_hflip(x: Tensor, generator: torch.Generator, p: float = 0.5) -> Tensor:
+    """Mirror a random half of the batch left-right."""
+    flip = (torch.rand(x.shape[0], generator=generator) < p).to(x.device)
+    return torch.where(flip[:, None, None, None], x.flip(-1), x)
+
+
+def random_resized_crop(
+    x: Tensor,
+    scale: tuple[float, float],
+    generator: torch.Generator,
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> Tensor:
+    """Crop a random area fraction in `scale` with aspect ratio in `ratio` from each image and
+    resize it back to the input size (bilinear), as torchvision's RandomResizedCrop does."""
+    B = x.shape[0]
+    area = torch.empty(B).uniform_(scale[0], scale[1], generator=generator)
+    log_r = torch.empty(B).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
+    r = log_r.exp()
+    w = (area * r).sqrt().clamp(max=1.0)  # fraction of the width
+    h = (area / r).sqrt().clamp(max=1.0)
+    cx = (torch.rand(B, generator=generator) * 2 - 1) * (1 - w)  # centre in [-1, 1] coords
+    cy = (torch.rand(B, generator=generator) * 2 - 1) * (1 - h)
+    theta = torch.zeros(B, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w, cx, h, cy
+    grid = F.affine_grid(theta.to(x), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def augment_batch(
+    x: Tensor,
+    *,
+    generator: torch.Generator,
+    random_shift_px: int = 0,
+    hflip: bool = False,
+    rrc_scale: tuple[float, float] | None = None,
+) -> Tensor:
+    """The batch-tensor augmentation pipeline: crop, shift, flip (each only when enabled)."""
+    if rrc_scale is not None:
+        x = random_resized_crop(x, rrc_scale, generator)
+    x = random_shift(x, random_shift_px, generator)
+    if hflip:
+        x = random_hflip(x, generator)
+    return x
+
+
+def sample_transform(
+    image_size: int,
+    in_chans: int,
+    *,
+    train: bool,
+    random_shift_px: int = 0,
+    hflip: bool = False,
+    rrc_scale: tuple[float, float] | None = None,
+    auto_augment: str | None = None,
+):
+    """A torchvision.transforms.v2 pipeline for one PIL image or tensor -> (C, S, S) float in
+    [0, 1]. Training adds RandomResizedCrop or padding+random crop, flips and Rand/TrivialAugment."""
+    from torchvision.transforms import v2
+
+    ops: list = [v2.ToImage(), v2.Grayscale(1) if in_chans == 1 else v2.RGB()]
+    size = (image_size, image_size)
+    if train and rrc_scale is not None:
+        ops.append(v2.RandomResizedCrop(size, scale=tuple(rrc_scale), antialias=True))
+    else:
+        ops.append(v2.Resize(size, antialias=True))
+        if train and random_shift_px:
+            ops.append(v2.RandomCrop(size, padding=random_shift_px))
+    if train and hflip:
+        ops.append(v2.RandomHorizontalFlip())
+    if train and auto_augment == "randaugment":
+        ops.append(v2.RandAugment())
+    elif train and auto_augment == "trivialaugment":
+        ops.append(v2.TrivialAugmentWide())
+    ops.append(v2.ToDtype(torch.float32, scale=True))
+    return v2.Compose(ops)

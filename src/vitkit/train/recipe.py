@@ -1,0 +1,206 @@
+"""`Recipe`: every knob of a training run in one dataclass, read from YAML and overridden from
+the command line (`--set key=value`). Validation lives here, with messages that say what to change."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vitkit.errors import ConfigError
+
+_DTYPES = ("fp32", "bf16", "fp16")
+_OPTIMIZERS = ("adamw", "sgd")
+_SCHEDULES = ("cosine", "linear", "constant")
+_AUTO_AUGMENT = (None, "randaugment", "trivialaugment")
+
+
+@dataclass
+class Recipe:
+    """A training run. Defaults are the digits recipe (`configs/digits.yaml`)."""
+
+    # model
+    model: str = "vit_digits_patch2_8"  # preset name (`vitkit models`)
+    model_overrides: dict[str, Any] = field(default_factory=dict)  # any ViTConfig field
+    init: str | None = None  # pretrained weights: vitkit dir, or what from_pretrained accepts
+    head_init_zero: bool = True  # zero the new head when `init` changes num_classes
+    drop_path: float | None = None  # stochastic depth rate (None: the preset's)
+    dropout: float | None = None  # dropout rate (None: the preset's)
+    # data
+    data: str = "digits"  # digits | mnist | a folder (train/ val/), a CIFAR dir or a list file
+    val_data: str | None = None  # validation source for folder/list data (None: built in split)
+    image_size: int | None = None  # training resolution (None: the model's)
+    num_workers: int = 0  # DataLoader workers for file datasets
+    # schedule
+    epochs: int = 100
+    batch_size: int = 64  # global batch (summed over processes and accumulation steps)
+    accum_steps: int = 1  # gradient accumulation: micro-batch = batch_size / accum_steps / world
+    optimizer: str = "adamw"
+    lr: float = 2e-3
+    min_lr: float = 1e-6
+    weight_decay: float = 0.05
+    momentum: float = 0.9  # SGD only
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW only
+    schedule: str = "cosine"
+    warmup_epochs: float = 5.0
+    layer_decay: float | None = None  # layer-wise lr decay for fine-tuning (e.g. 0.75)
+    clip_grad: float | None = None  # max global gradient norm
+    label_smoothing: float = 0.1
+    # augmentation
+    random_shift: int = 1  # pixels of random translation (zero padded)
+    hflip: bool = False  # horizontal flips (never for digits)
+    rrc_scale: tuple[float, float] | None = None  # RandomResizedCrop scale range (None: off)
+    auto_augment: str | None = None  # randaugment | trivialaugment (file datasets)
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    mix_prob: float = 1.0
+    # numerics and bookkeeping
+    ema_decay: float | None = None  # EMA of weights (evaluated too), e.g. 0.999
+    dtype: str = "fp32"  # fp32 | bf16 | fp16 autocast (fp32 is fastest for tiny CPU models)
+    seed: int = 0
+    output: str | None = None  # run directory (None: runs/<data>-<model>)
+    save_every_steps: int = 0  # also checkpoint every N optimizer steps (0: epoch ends only)
+    log_every_steps: int = 50
+    eval_every_epochs: int = 1
+    threads: int | None = None  # torch.set_num_threads (None: leave as is)
+    tensorboard: bool = False
+    plot: bool = True  # PNG of loss / accuracy curves at the end
+    progress: bool = True  # tqdm bars
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = "recipe") -> Recipe:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(
+                f"{source}: unknown recipe key(s) {unknown}; known keys: {', '.join(sorted(known))}"
+            )
+        values = dict(data)
+        for key in ("betas", "rrc_scale"):
+            if isinstance(values.get(key), list):
+                values[key] = tuple(float(v) for v in values[key])
+        for f in dataclasses.fields(cls):  # YAML reads `1e-3` as a string
+            if "float" in str(f.type) and isinstance(values.get(f.name), str):
+                try:
+                    values[f.name] = float(values[f.name])
+                except ValueError:
+                    raise ConfigError(
+                        f"{source}: {f.name}={values[f.name]!r} is not a number"
+                    ) from None
+        recipe = cls(**values)
+        recipe.validate(source)
+        return recipe
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike[str]) -> Recipe:
+        import yaml
+
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"cannot read recipe {path}: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"recipe {path} must be a YAML mapping of key: value")
+        return cls.from_dict(data, source=str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        for key in ("betas", "rrc_scale"):
+            if d[key] is not None:
+                d[key] = list(d[key])
+        return d
+
+    def replace(self, **changes: Any) -> Recipe:
+        return Recipe.from_dict({**self.to_dict(), **changes})
+
+    def with_overrides(self, pairs: list[str]) -> Recipe:
+        """Apply `key=value` strings; values are parsed as YAML (`lr=1e-3`, `betas=[0.9,0.95]`,
+        `model_overrides.depth=6`)."""
+        import yaml
+
+        d = self.to_dict()
+        for pair in pairs:
+            key, sep, text = pair.partition("=")
+            key = key.strip().replace("-", "_")
+            if not sep or not key:
+                raise ConfigError(f"--set {pair!r}: expected key=value (e.g. --set lr=1e-3)")
+            value = yaml.safe_load(text) if text.strip() else None
+            if key.startswith("model_overrides."):
+                d["model_overrides"] = {**d["model_overrides"], key.split(".", 1)[1]: value}
+            else:
+                d[key] = value
+        return Recipe.from_dict(d, source="--set")
+
+    # ------------------------------------------------------------------ checks
+    def validate(self, source: str = "recipe") -> None:
+        def bad(msg: str) -> ConfigError:
+            return ConfigError(f"{source}: {msg}")
+
+        choices = (
+            ("dtype", _DTYPES),
+            ("optimizer", _OPTIMIZERS),
+            ("schedule", _SCHEDULES),
+            ("auto_augment", _AUTO_AUGMENT),
+        )
+        for key, allowed in choices:
+            if getattr(self, key) not in allowed:
+                raise bad(f"{key}={getattr(self, key)!r}; choose one of {list(allowed)}")
+        for key in ("epochs", "batch_size", "accum_steps", "log_every_steps", "eval_every_epochs"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise bad(f"{key}={value!r} must be a positive integer")
+        if self.batch_size % self.accum_steps:
+            raise bad(
+                f"batch_size={self.batch_size} must be divisible by accum_steps={self.accum_steps}"
+            )
+        for key in (
+            "lr",
+            "min_lr",
+            "weight_decay",
+            "warmup_epochs",
+            "label_smoothing",
+            "mixup_alpha",
+            "cutmix_alpha",
+            "momentum",
+        ):
+            value = getattr(self, key)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+                raise bad(f"{key}={value!r} must be a number >= 0")
+        if self.lr <= 0:
+            raise bad(f"lr={self.lr} must be > 0")
+        if not 0 <= self.label_smoothing < 1:
+            raise bad(f"label_smoothing={self.label_smoothing} must be in [0, 1)")
+        if not 0 <= self.mix_prob <= 1:
+            raise bad(f"mix_prob={self.mix_prob} must be in [0, 1]")
+        for key in ("drop_path", "dropout"):
+            value = getattr(self, key)
+            if value is not None and not 0 <= value < 1:
+                raise bad(f"{key}={value} must be in [0, 1)")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise bad(f"ema_decay={self.ema_decay} must be in (0, 1), e.g. 0.999")
+        if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
+            raise bad(f"layer_decay={self.layer_decay} must be in (0, 1], e.g. 0.75")
+        if self.clip_grad is not None and self.clip_grad <= 0:
+            raise bad(f"clip_grad={self.clip_grad} must be > 0 (or null to disable)")
+        if self.random_shift < 0:
+            raise bad(f"random_shift={self.random_shift} must be >= 0")
+        if self.rrc_scale is not None and not (
+            len(self.rrc_scale) == 2 and 0 < self.rrc_scale[0] <= self.rrc_scale[1] <= 1
+        ):
+            raise bad(f"rrc_scale={self.rrc_scale} must be [low, high] with 0 < low <= high <= 1")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise bad(f"betas={self.betas} must be two numbers in [0, 1)")
+        if self.save_every_steps < 0:
+            raise bad(f"save_every_steps={self.save_every_steps} must be >= 0")
+        if not isinstance(self.model_overrides, dict):
+            raise bad("model_overrides must be a mapping of ViTConfig fields")
+
+    def run_dir(self) -> Path:
+        if self.output:
+            return Path(self.output)
+        data = Path(self.data).name or "data"
+        return Path("runs") / f"{data}-{self.model}"

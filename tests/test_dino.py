@@ -1,0 +1,108 @@
+"""DINO: loss decreases on a tiny batch, the teacher gets no gradients, exact EMA and center
+updates, schedules, multi-crop shapes, attention-map PNG."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from vitkit import ViTConfig
+from vitkit.models.dino import (
+    DINO,
+    DINOLoss,
+    MultiCrop,
+    ema_update,
+    save_attention_maps,
+    teacher_momentum,
+)
+
+TINY = ViTConfig(
+    image_size=8, patch_size=2, in_chans=1, num_classes=0, embed_dim=32, depth=2, num_heads=2
+)
+
+
+def _model(n_local=2, **loss_kwargs):
+    return DINO(
+        TINY, out_dim=64, hidden_dim=32, bottleneck_dim=16, n_local_crops=n_local, **loss_kwargs
+    )
+
+
+def test_loss_is_finite_and_decreases_and_teacher_gets_no_gradient():
+    torch.manual_seed(0)
+    # a frozen center isolates the student's fit to the (slowly moving) teacher; with a moving
+    # center the loss first rises on one batch, as the center flattens the teacher's targets
+    model = _model(center_momentum=1.0).train()
+    images = torch.rand(8, 1, 8, 8)
+    crops = MultiCrop(8, patch_size=2, n_local=2).batch(images)
+    opt = torch.optim.AdamW([p for p in model.student.parameters() if p.requires_grad], lr=3e-4)
+    losses = []
+    for step in range(6):
+        loss = model(crops, progress=0.0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        model.update_teacher(teacher_momentum(step, 6))
+        losses.append(loss.item())
+    assert all(math.isfinite(v) for v in losses)
+    assert losses[-1] < losses[0]
+    assert all(p.grad is None for p in model.teacher.parameters())
+    assert not any(p.requires_grad for p in model.teacher.parameters())
+
+
+def test_ema_update_is_exact():
+    a, b = _model(), _model()
+    before = [p.clone() for p in a.teacher.parameters()]
+    ema_update(a.teacher, b.student, 0.9)
+    for t, old, s in zip(a.teacher.parameters(), before, b.student.parameters(), strict=True):
+        assert torch.allclose(t, 0.9 * old + 0.1 * s, atol=1e-7, rtol=0)
+
+
+def test_center_update_and_loss_value_are_exact():
+    loss_fn = DINOLoss(
+        4, student_temp=0.1, teacher_temp=0.05, warmup_fraction=0.0, center_momentum=0.9
+    )
+    loss_fn.center.fill_(0.5)
+    student, teacher = torch.randn(3 * 2, 4), torch.randn(2 * 2, 4)
+    loss = loss_fn(student, teacher, n_crops=3)
+    q = F.softmax((teacher - 0.5) / 0.05, dim=-1).chunk(2)
+    s = F.log_softmax(student / 0.1, dim=-1).chunk(3)
+    pairs = [(0, 1), (0, 2), (1, 0), (1, 2)]
+    want = sum((-q[i] * s[v]).sum(-1).mean() for i, v in pairs) / 4
+    assert torch.allclose(loss, want, atol=1e-6)
+    assert torch.allclose(loss_fn.center, 0.9 * 0.5 + 0.1 * teacher.mean(0, keepdim=True))
+
+
+def test_schedules():
+    assert teacher_momentum(0, 100) == 0.996 and teacher_momentum(99, 100) == 1.0
+    assert abs(teacher_momentum(50, 101) - 0.998) < 1e-12
+    fn = DINOLoss(4, warmup_teacher_temp=0.04, teacher_temp=0.07, warmup_fraction=0.5)
+    assert fn.teacher_temperature(0.0) == 0.04 and abs(fn.teacher_temperature(0.25) - 0.055) < 1e-9
+    assert fn.teacher_temperature(0.9) == 0.07
+
+
+def test_head_last_layer_has_unit_norm_and_crops_have_patch_multiple_sizes():
+    model = _model()
+    w = model.student.head.last_layer.weight
+    assert torch.allclose(w.norm(dim=1), torch.ones(64), atol=1e-5)
+    crops = MultiCrop(28, patch_size=4, n_local=3).batch(torch.rand(2, 1, 28, 28))
+    assert [tuple(c.shape) for c in crops] == [(2, 1, 28, 28)] * 2 + [(2, 1, 12, 12)] * 3
+
+
+def test_attention_png(tmp_path):
+    from PIL import Image
+
+    model = _model()
+    out = tmp_path / "attn.png"
+    save_attention_maps(model.teacher.backbone, torch.rand(3, 1, 8, 8), str(out), scale=2)
+    assert Image.open(out).size == ((1 + 2) * 16, 3 * 16)  # image + 2 heads per row
+
+
+def test_batched_crops_are_per_image_and_keep_values():
+    torch.manual_seed(0)
+    crops = MultiCrop(16, patch_size=4, n_local=1).batch(torch.full((4, 1, 16, 16), 0.25))
+    assert all(torch.allclose(c, torch.full_like(c, 0.25)) for c in crops)
+    ramp = torch.arange(16.0).expand(16, 16).reshape(1, 1, 16, 16).repeat(6, 1, 1, 1)
+    views = MultiCrop(16, patch_size=4, n_local=1).batch(ramp)[0]
+    assert len({tuple(v.flatten().tolist()) for v in views}) == 6  # each image its own crop

@@ -1,0 +1,65 @@
+"""Kill a training run with SIGKILL mid-epoch, resume it, and get bit-identical weights."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from vitkit.train import Recipe, train
+from vitkit.train.state import load_state
+
+RECIPE = dict(
+    model_overrides={"embed_dim": 32, "depth": 1, "num_heads": 2},
+    batch_size=64,
+    epochs=2,
+    warmup_epochs=0.5,
+    progress=False,
+    plot=False,
+    threads=1,
+    save_every_steps=4,
+    drop_path=0.1,
+    ema_decay=0.9,
+    random_shift=1,
+    rrc_scale=[0.6, 1.0],
+)
+
+SCRIPT = """
+import json, sys, time
+from vitkit.train import Recipe, train
+r = Recipe.from_dict(json.loads(sys.argv[1]))
+train(r, on_step=lambda s: time.sleep(0.15))
+"""
+
+
+def test_kill_and_resume_is_bit_exact(tmp_path):
+    n = torch.get_num_threads()
+    try:
+        ref = train(Recipe.from_dict({**RECIPE, "output": str(tmp_path / "ref")}))
+        run = tmp_path / "killed"
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+        proc = subprocess.Popen(
+            [sys.executable, "-c", SCRIPT, json.dumps({**RECIPE, "output": str(run)})], env=env
+        )
+        state_file = run / "last" / "state.pt"
+        deadline = time.time() + 240
+        while not state_file.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        saved = load_state(run)
+        assert saved["epoch"] == 0 and 0 < saved["step"] < 22  # a mid-epoch checkpoint
+        res = train(None, resume=run)
+        assert res.steps == ref.steps == 44
+    finally:
+        torch.set_num_threads(n)
+    a, b = load_state(tmp_path / "ref"), load_state(run)
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    for key, value in a["ema"]["module"].items():
+        assert torch.equal(value, b["ema"]["module"][key]), key
+    assert a["metrics"][-1]["val_acc"] == b["metrics"][-1]["val_acc"]
