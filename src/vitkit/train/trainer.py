@@ -111,10 +111,8 @@ def _load_init(source: str) -> nn.Module:
             model.load_state_dict(state)
             return model
     try:
-        import vitkit
-
-        from_pretrained = vitkit.from_pretrained  # type: ignore[attr-defined]
-    except AttributeError as exc:
+        from vitkit.checkpoints.pretrained import from_pretrained
+    except ImportError as exc:
         raise ConfigError(
             f"--init {source}: not a vitkit model directory, and this vitkit has "
             "no from_pretrained for other sources"
@@ -122,7 +120,9 @@ def _load_init(source: str) -> nn.Module:
     return from_pretrained(source)
 
 
-def build_model(recipe: Recipe, num_classes: int | None = None) -> nn.Module:
+def build_model(
+    recipe: Recipe, num_classes: int | None = None, *, pretrained: nn.Module | None = None
+) -> nn.Module:
     """The recipe's model: a preset (random init) or `recipe.init` weights with a new head for
     `num_classes` and positions resampled to `recipe.image_size`."""
     from vitkit.presets import create_model
@@ -140,7 +140,7 @@ def build_model(recipe: Recipe, num_classes: int | None = None) -> nn.Module:
         return create_model(recipe.model, **changes)
     from vitkit.models.vit import VisionTransformer
 
-    pre = _load_init(recipe.init)
+    pre = pretrained if pretrained is not None else _load_init(recipe.init)
     changes.pop("num_classes", None)
     if changes:  # regularisation knobs and the like; shapes must not change
         rebuilt = VisionTransformer(pre.config.replace(**changes))
@@ -282,8 +282,10 @@ def train(
     main = info.is_main
 
     # data first: it fixes the number of classes
+    pretrained = None
     if recipe.init:
-        cfg0 = _load_init(recipe.init).config
+        pretrained = _load_init(recipe.init)
+        cfg0 = pretrained.config
     else:
         from vitkit.presets import get_config
 
@@ -296,7 +298,7 @@ def train(
     )
     num_classes = len(data.classes) or cfg0.num_classes
     _seed_everything(recipe.seed)
-    model = build_model(recipe, num_classes)
+    model = build_model(recipe, num_classes, pretrained=pretrained)
     if data.classes:
         model.config = model.config.replace(id2label=dict(enumerate(data.classes)))
     model.to(info.device)
