@@ -69,3 +69,22 @@ def test_build_optimizer_adamw_and_sgd():
     sgd = build_optimizer(model, Recipe(optimizer="sgd", weight_decay=0.0, momentum=0.9))
     assert isinstance(sgd, torch.optim.SGD)
     assert all(g["momentum"] == 0.9 and g["weight_decay"] == 0 for g in sgd.param_groups)
+
+
+def test_ema_follows_the_weights():
+    from vitkit.train.ema import ModelEMA
+
+    model = torch.nn.Linear(2, 1)
+    ema = ModelEMA(model, decay=0.5)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+        model.bias.fill_(0.0)
+    start = ema.module.weight.clone()
+    ema.update(model)  # effective decay min(0.5, 2/11) = 2/11
+    d = 2 / 11
+    torch.testing.assert_close(ema.module.weight, start * d + (1 - d))
+    state = ema.state_dict()
+    other = ModelEMA(model, decay=0.9)
+    other.load_state_dict(state)
+    assert other.updates == 1 and other.decay == 0.5
+    assert torch.equal(other.module.weight, ema.module.weight)

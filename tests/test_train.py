@@ -37,7 +37,8 @@ def test_recipe_validation_messages():
     r = Recipe().with_overrides(
         ["lr=1e-3", "model_overrides.depth=6", "betas=[0.9, 0.95]", "rrc_scale=[0.3, 1]"]
     )
-    assert r.lr == 1e-3 and r.model_overrides == {"depth": 6} and r.betas == (0.9, 0.95)
+    assert r.lr == 1e-3 and r.betas == (0.9, 0.95) and r.rrc_scale == (0.3, 1.0)
+    assert r.model_overrides == {**Recipe().model_overrides, "depth": 6}
     with pytest.raises(ConfigError, match="key=value"):
         Recipe().with_overrides(["lr"])
 

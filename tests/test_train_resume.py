@@ -63,3 +63,4 @@ def test_kill_and_resume_is_bit_exact(tmp_path):
     for key, value in a["ema"]["module"].items():
         assert torch.equal(value, b["ema"]["module"][key]), key
     assert a["metrics"][-1]["val_acc"] == b["metrics"][-1]["val_acc"]
+    assert a["metrics"][-1]["train_loss"] == b["metrics"][-1]["train_loss"]

@@ -79,6 +79,9 @@ def build_recipe(args: argparse.Namespace):
         changes["tensorboard"] = True
     if args.no_progress:
         changes["progress"] = False
+    if "model" in changes and changes["model"] != recipe.model:
+        # the recipe's model_overrides were written for its own model (re-add with --set)
+        changes["model_overrides"] = {}
     if changes:
         recipe = recipe.replace(**changes)
     return recipe.with_overrides(args.overrides) if args.overrides else recipe

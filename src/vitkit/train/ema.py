@@ -27,11 +27,13 @@ class ModelEMA:
         self.updates += 1
         d = min(self.decay, (1 + self.updates) / (10 + self.updates))
         ema = self.module.state_dict()
+        floats, others = [], []
         for name, value in model.state_dict().items():
-            if value.dtype.is_floating_point:
-                ema[name].lerp_(value.detach(), 1 - d)
-            else:
-                ema[name].copy_(value)
+            (floats if value.dtype.is_floating_point else others).append((ema[name], value))
+        if floats:
+            torch._foreach_lerp_([e for e, _ in floats], [v.detach() for _, v in floats], 1 - d)
+        for e, v in others:
+            e.copy_(v)
 
     def state_dict(self) -> dict:
         return {"module": self.module.state_dict(), "updates": self.updates, "decay": self.decay}

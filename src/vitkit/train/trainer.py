@@ -111,10 +111,8 @@ def _load_init(source: str) -> nn.Module:
             model.load_state_dict(state)
             return model
     try:
-        import vitkit
-
-        from_pretrained = vitkit.from_pretrained  # type: ignore[attr-defined]
-    except AttributeError as exc:
+        from vitkit.checkpoints.pretrained import from_pretrained
+    except ImportError as exc:
         raise ConfigError(
             f"--init {source}: not a vitkit model directory, and this vitkit has "
             "no from_pretrained for other sources"
@@ -122,7 +120,9 @@ def _load_init(source: str) -> nn.Module:
     return from_pretrained(source)
 
 
-def build_model(recipe: Recipe, num_classes: int | None = None) -> nn.Module:
+def build_model(
+    recipe: Recipe, num_classes: int | None = None, *, pretrained: nn.Module | None = None
+) -> nn.Module:
     """The recipe's model: a preset (random init) or `recipe.init` weights with a new head for
     `num_classes` and positions resampled to `recipe.image_size`."""
     from vitkit.presets import create_model
@@ -140,7 +140,7 @@ def build_model(recipe: Recipe, num_classes: int | None = None) -> nn.Module:
         return create_model(recipe.model, **changes)
     from vitkit.models.vit import VisionTransformer
 
-    pre = _load_init(recipe.init)
+    pre = pretrained if pretrained is not None else _load_init(recipe.init)
     changes.pop("num_classes", None)
     if changes:  # regularisation knobs and the like; shapes must not change
         rebuilt = VisionTransformer(pre.config.replace(**changes))
@@ -282,8 +282,14 @@ def train(
     main = info.is_main
 
     # data first: it fixes the number of classes
-    probe = build_model(recipe.replace(init=None)) if not recipe.init else None
-    cfg0 = probe.config if probe is not None else _load_init(recipe.init).config
+    pretrained = None
+    if recipe.init:
+        pretrained = _load_init(recipe.init)
+        cfg0 = pretrained.config
+    else:
+        from vitkit.presets import get_config
+
+        cfg0 = get_config(recipe.model, **recipe.model_overrides)
     image_size = recipe.image_size or cfg0.image_hw[0]
     from vitkit.data.datasets import build_data
 
@@ -292,7 +298,7 @@ def train(
     )
     num_classes = len(data.classes) or cfg0.num_classes
     _seed_everything(recipe.seed)
-    model = build_model(recipe, num_classes)
+    model = build_model(recipe, num_classes, pretrained=pretrained)
     if data.classes:
         model.config = model.config.replace(id2label=dict(enumerate(data.classes)))
     model.to(info.device)
@@ -307,6 +313,7 @@ def train(
     epoch, start_step, global_step = 0, 0, 0
     best_acc: float | None = None
     rows: list[dict[str, Any]] = []
+    ep_partial = (0.0, 0)  # training-loss sum and step count of the epoch so far (for resume)
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -318,6 +325,7 @@ def train(
         epoch, start_step, global_step = state["epoch"], state["step"], state["global_step"]
         best_acc = state.get("best_acc")
         rows = list(state.get("metrics", []))
+        ep_partial = (float(state.get("epoch_loss", 0.0)), int(state.get("epoch_steps", 0)))
 
     net: nn.Module = _Logits(model)
     if info.enabled:
@@ -354,6 +362,8 @@ def train(
             "model_config": model.config.to_dict(),
             "metrics": log.rows,
             "best_acc": best_acc,
+            "epoch_loss": float(ep_loss) if next_step else 0.0,
+            "epoch_steps": ep_steps if next_step else 0,
         }
         save_state(run_dir / "last" / STATE_FILE, st)
         if best:
@@ -372,8 +382,16 @@ def train(
             leave=False,
             dynamic_ncols=True,
         )
-        ep_loss = torch.zeros(())
-        ep_steps = 0
+        ep_loss, ep_steps = ep_partial
+        ep_partial = (0.0, 0)
+        lr = lr_at(
+            global_step,
+            total_steps=total_steps,
+            warmup_steps=warmup_steps,
+            base_lr=recipe.lr,
+            min_lr=recipe.min_lr,
+            schedule=recipe.schedule,
+        )
         seen, t_win, loss_win, n_win = 0, time.perf_counter(), 0.0, 0
         for step, micros in data.batches(epoch, start_step):
             lr = lr_at(
