@@ -9,7 +9,14 @@ from vitkit.train.recipe import Recipe
 
 
 def _tiny():
-    return vitkit.create_model("vit_digits_patch2_8", embed_dim=32, depth=2, num_heads=2)
+    return vitkit.create_model(
+        "vit_digits_patch2_8",
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        global_pool="token",
+        pos_embed="learned",
+    )
 
 
 def test_no_decay_on_norms_biases_tokens_positions():

@@ -10,7 +10,13 @@ from vitkit.train import Recipe, TrainingDiverged, train
 from vitkit.train.state import load_native_weights, load_state
 
 TINY = dict(
-    model_overrides={"embed_dim": 32, "depth": 1, "num_heads": 2},
+    model_overrides={
+        "embed_dim": 32,
+        "depth": 1,
+        "num_heads": 2,
+        "global_pool": "token",
+        "pos_embed": "learned",
+    },
     batch_size=64,
     epochs=1,
     warmup_epochs=0.5,

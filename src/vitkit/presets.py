@@ -67,7 +67,9 @@ def _register_defaults() -> None:
     )
     # Small images. 8x8 digits (scikit-learn), 28x28 MNIST, 32x32 CIFAR (Lee et al. 2021 use a
     # depth-9, width-192 ViT with patch 4 on CIFAR; "lite" follows Compact Transformers' ViT-Lite).
-    small = dict(qkv_bias=True, mlp_ratio=2.0)
+    # Mean pooling and fixed 2D sin-cos positions learn faster than [CLS] + a learned table on
+    # small data (Beyer et al. 2022, "Better plain ViT baselines"; measured on digits here).
+    small = dict(mlp_ratio=2.0, global_pool="avg", pos_embed="sincos2d")
     register_preset(
         "vit_digits_patch2_8",
         image_size=8,

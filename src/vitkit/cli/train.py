@@ -29,6 +29,8 @@ _FLAGS: tuple[tuple[str, str, type, str], ...] = (
     ("--seed", "seed", int, "random seed"),
     ("--output", "output", str, "run directory (default runs/<data>-<model>)"),
     ("--threads", "threads", int, "torch CPU threads"),
+    ("--teacher", "teacher", str, "DeiT distillation from this classifier (vitkit dir, hub id...)"),
+    ("--distillation", "distillation", str, "hard | soft | none (with --teacher)"),
 )
 
 

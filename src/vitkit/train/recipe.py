@@ -23,11 +23,8 @@ class Recipe:
 
     # model
     model: str = "vit_digits_patch2_8"  # preset name (`vitkit models`)
-    # any ViTConfig field; the digits default swaps the [CLS] readout and learned positions for
-    # mean pooling and fixed 2-D sin-cos positions (Beyer et al. 2022), which learn faster here
-    model_overrides: dict[str, Any] = field(
-        default_factory=lambda: {"global_pool": "avg", "pos_embed": "sincos2d"}
-    )
+    # any ViTConfig field on top of the preset (or of the `init` checkpoint's config)
+    model_overrides: dict[str, Any] = field(default_factory=dict)
     init: str | None = None  # pretrained weights: vitkit dir, or what from_pretrained accepts
     head_init_zero: bool = True  # zero the new head when `init` changes num_classes
     drop_path: float | None = 0.1  # stochastic depth rate (None: the preset's)
@@ -60,6 +57,11 @@ class Recipe:
     mixup_alpha: float = 0.0
     cutmix_alpha: float = 0.0
     mix_prob: float = 1.0
+    # DeiT distillation: a teacher (vitkit dir, hub id, ...) trains the student's [DIST] head
+    teacher: str | None = None
+    distillation: str = "hard"  # hard | soft | none
+    distillation_alpha: float = 0.5
+    distillation_tau: float = 1.0
     # numerics and bookkeeping
     ema_decay: float | None = 0.999  # EMA of weights (evaluated too); null: off
     dtype: str = "fp32"  # fp32 | bf16 | fp16 autocast (fp32 is fastest for tiny CPU models)
@@ -150,6 +152,7 @@ class Recipe:
             ("optimizer", _OPTIMIZERS),
             ("schedule", _SCHEDULES),
             ("auto_augment", _AUTO_AUGMENT),
+            ("distillation", ("hard", "soft", "none")),
         )
         for key, allowed in choices:
             if getattr(self, key) not in allowed:
@@ -181,6 +184,10 @@ class Recipe:
             raise bad(f"label_smoothing={self.label_smoothing} must be in [0, 1)")
         if not 0 <= self.mix_prob <= 1:
             raise bad(f"mix_prob={self.mix_prob} must be in [0, 1]")
+        if not 0 <= self.distillation_alpha <= 1:
+            raise bad(f"distillation_alpha={self.distillation_alpha} must be in [0, 1]")
+        if self.distillation_tau <= 0:
+            raise bad(f"distillation_tau={self.distillation_tau} must be > 0")
         for key in ("drop_path", "dropout"):
             value = getattr(self, key)
             if value is not None and not 0 <= value < 1:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from vitkit.checkpoints.io import atomic_open, atomic_path
+from vitkit.checkpoints.io import atomic_open
 from vitkit.errors import CheckpointError
 
 STATE_FILE = "state.pt"
@@ -87,30 +87,23 @@ def load_state(path: str | Path) -> dict[str, Any]:
 
 
 def export_model(directory: str | Path, model: nn.Module) -> None:
-    """Write model.safetensors + config.json (vitkit's native format) atomically."""
-    from safetensors.torch import save_file
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    with atomic_path(directory / "model.safetensors") as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt", "library": "vitkit"})
-    model.config.save(directory / "config.json")
+    """Write the model with `save_pretrained` (transformers' format when it can express the model,
+    vitkit's native one otherwise): config.json + model.safetensors, each atomically."""
+    model.save_pretrained(directory)
 
 
 def load_native_weights(directory: str | Path) -> tuple[Any, dict[str, torch.Tensor]]:
-    """(ViTConfig, state dict) of a vitkit model directory or a run directory (its best/)."""
-    from safetensors.torch import load_file
-
+    """(ViTConfig, state dict) of a model folder (either format `export_model` writes) or a run
+    directory (its best/, else last/)."""
+    from vitkit.checkpoints.pretrained import from_pretrained
     from vitkit.config import ViTConfig
 
     directory = Path(directory)
     for d in (directory, directory / "best", directory / "last"):
         if (d / "model.safetensors").is_file() and (d / "config.json").is_file():
-            return ViTConfig.load(d / "config.json"), load_file(str(d / "model.safetensors"))
+            model = from_pretrained(d)
+            return model.config, model.state_dict()
     if (directory / "last" / STATE_FILE).is_file() or (directory / STATE_FILE).is_file():
-        from vitkit.config import ViTConfig
-
         state = load_state(directory)
         return ViTConfig.from_dict(state["model_config"]), state["model"]
     raise CheckpointError(f"{directory}: no model.safetensors + config.json (or {STATE_FILE})")

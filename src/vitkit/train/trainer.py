@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -70,6 +71,34 @@ class _Logits(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x).logits
+
+
+class _Heads(nn.Module):
+    """A distilled student's two heads stacked, (2, B, K), so DDP sees one tensor."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.model(x)
+        return torch.stack([out.cls_logits, out.distillation_logits])
+
+
+def _distiller(recipe: Recipe, device: torch.device):
+    """DeiT's `DistillationLoss` around the recipe's teacher, or None without one."""
+    if not recipe.teacher:
+        return None
+    from vitkit.models.distill import DistillationLoss, load_teacher
+
+    teacher = load_teacher(recipe.teacher, device=device)
+    return DistillationLoss(
+        teacher,
+        _loss_fn(recipe),
+        recipe.distillation,
+        alpha=recipe.distillation_alpha,
+        tau=recipe.distillation_tau,
+    )
 
 
 # ---------------------------------------------------------------------------------- model
@@ -128,6 +157,8 @@ def build_model(
     from vitkit.presets import create_model
 
     changes = dict(recipe.model_overrides)
+    if recipe.teacher and not recipe.init:
+        changes.setdefault("distilled", True)  # a [DIST] token for the teacher to train
     if recipe.drop_path is not None:
         changes["drop_path_rate"] = recipe.drop_path
     if recipe.dropout is not None:
@@ -327,7 +358,13 @@ def train(
         rows = list(state.get("metrics", []))
         ep_partial = (float(state.get("epoch_loss", 0.0)), int(state.get("epoch_steps", 0)))
 
-    net: nn.Module = _Logits(model)
+    distill = _distiller(recipe, info.device)
+    if distill is not None and not model.config.distilled:
+        raise ConfigError(
+            f"--teacher needs a student with a distillation token; {recipe.init} "
+            "has none (start from a preset, or a distilled checkpoint)"
+        )
+    net: nn.Module = _Heads(model) if distill is not None else _Logits(model)
     if info.enabled:
         net = torch.nn.parallel.DistributedDataParallel(
             net, device_ids=[info.device.index] if info.device.type == "cuda" else None
@@ -416,7 +453,12 @@ def train(
                         info.device.type, dtype=amp or torch.float32, enabled=amp is not None
                     ),
                 ):
-                    loss = loss_fn(net(x).float(), target)
+                    out = net(x).float()
+                    if distill is None:
+                        loss = loss_fn(out, target)
+                    else:
+                        heads = SimpleNamespace(cls_logits=out[0], distillation_logits=out[1])
+                        loss = distill(x, heads, target)
                     scaler.scale(loss / len(micros)).backward()
                 step_loss += loss.detach() / len(micros)
                 seen += len(y) * info.world
