@@ -54,27 +54,50 @@ def synchronize(device: torch.device | str) -> None:
         torch.cuda.synchronize(device)
 
 
-def matmul_peak(
+def matmul_case(
+    dtype: torch.dtype, n: int, device: torch.device | str = "cpu"
+) -> tuple[Callable[[], object], float]:
+    """A call of an (n x n) @ (n x n) matmul in `dtype`, and its FLOPs (2 n^3)."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    return (lambda: a @ b), 2.0 * n**3
+
+
+def matmul_size(
     dtype: torch.dtype,
     *,
     n: int = 2048,
+    calls: int = 6,
+    max_seconds: float = 10.0,
+    device: torch.device | str = "cpu",
+) -> int:
+    """The largest n <= `n` (halving) whose matmul runs `calls` times within `max_seconds`.
+
+    Where the dtype has no fast kernel (bf16 without AVX-512-BF16/AMX runs ~100x slower than
+    fp32) a full-size peak measurement would take minutes; a probe at n/4 decides.
+    """
+    probe = n // 4
+    fn, _ = matmul_case(dtype, probe, device)
+    probe_s = min(time_calls(fn, repeats=2, warmup=1, device=device))
+    while n > probe and probe_s * (n / probe) ** 3 * calls > max_seconds:
+        n //= 2
+    return n
+
+
+def matmul_peak(
+    dtype: torch.dtype,
+    *,
+    n: int | None = None,
     repeats: int = 5,
     device: torch.device | str = "cpu",
-    max_seconds: float = 20.0,
 ) -> float:
-    """FLOP/s of an (n x n) @ (n x n) matmul in `dtype`: the median of `repeats` timed calls.
+    """FLOP/s of a large square matmul in `dtype`: the median of `repeats` timed calls.
 
-    This is the practical hardware limit a transformer forward (which is mostly matmuls) can reach
-    on this machine, in this dtype, with this thread count. If a single call is very slow (no
-    hardware support for `dtype`), fewer repeats are taken so that it stays under `max_seconds`.
+    This is the practical limit a transformer forward (mostly matmuls) can reach on this machine,
+    in this dtype, with this thread count. `n=None` picks the size with `matmul_size`.
     """
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    times = time_calls(lambda: a @ b, repeats=1, warmup=1, device=device)
-    extra = min(repeats - 1, int(max_seconds / max(times[0], 1e-9)))
-    if extra > 0:
-        times += time_calls(lambda: a @ b, repeats=extra, warmup=0, device=device)
-    return 2 * n**3 / statistics.median(times)
+    fn, flops = matmul_case(dtype, n or matmul_size(dtype, device=device), device)
+    return flops / statistics.median(time_calls(fn, repeats=repeats, warmup=1, device=device))
 
 
 def time_calls(

@@ -33,6 +33,7 @@ import common
 import vitkit
 
 DEFAULT_MODELS = "vit_small_patch16_224,vit_base_patch16_224"
+PEAK = "matmul peak"  # the reference matmul timed alongside the models in every row
 
 
 @dataclass
@@ -45,12 +46,17 @@ class Row:
     gmacs_per_image: float
     seconds: dict[str, float] = field(default_factory=dict)
     repeats: int = 0
+    peak_flops: float = 0.0  # FLOPs of one call of the PEAK matmul
 
     def images_per_s(self, name: str) -> float:
         return self.batch / self.seconds[name]
 
-    def fraction_of_peak(self, name: str, peak_flops: float) -> float:
-        return self.images_per_s(name) * 2 * self.gmacs_per_image * 1e9 / peak_flops
+    def fraction_of_peak(self, name: str) -> float:
+        """Achieved FLOP/s over the matmul peak timed in the same rounds (NaN if none)."""
+        if PEAK not in self.seconds:
+            return float("nan")
+        peak = self.peak_flops / self.seconds[PEAK]
+        return self.images_per_s(name) * 2 * self.gmacs_per_image * 1e9 / peak
 
 
 # ------------------------------------------------------------------------------ contenders
@@ -168,12 +174,15 @@ def run_benchmark(
     device: str = "cpu",
     libraries: set[str] | None = None,
     compile_models: bool = False,
+    peak_sizes: dict[str, int] | None = None,
     log: Callable[[str], None] = print,
 ) -> list[Row]:
     """Time every contender on every (model, dtype, batch); see the module docstring.
 
     `repeats=None` picks a repeat count per row from a warm-up round so that each row takes about
-    `seconds_per_row` (at least 3, at most 25 repeats).
+    `seconds_per_row` (at least 3, at most 25 repeats). `peak_sizes` (dtype -> n) adds an
+    (n x n) matmul in that dtype to every row's rounds, so that the fraction of peak compares
+    with the peak under the same machine load.
     """
     libraries = {"timm", "transformers"} if libraries is None else libraries
     dev = torch.device(device)
@@ -194,6 +203,11 @@ def run_benchmark(
                 gen = torch.Generator().manual_seed(0)
                 x = torch.randn(batch, config.in_chans, *config.image_hw, generator=gen).to(dev)
                 fns = {k: forward_fn(m, x, autocast) for k, m in contenders.items()}
+                peak_flops = 0.0
+                if peak_sizes and dtype in peak_sizes:
+                    fns[PEAK], peak_flops = common.matmul_case(
+                        common.DTYPES[dtype], peak_sizes[dtype], dev
+                    )
                 if dtype == "fp32":
                     diff = check_same_model(fns)
                     log(f"{name} batch {batch}: max |vitkit - timm| logits = {diff:.1e}")
@@ -222,28 +236,29 @@ def run_benchmark(
                     gmacs,
                     {k: common.median(v) for k, v in times.items()},
                     repeats=n,
+                    peak_flops=peak_flops,
                 )
                 rows.append(row)
                 log(
                     f"{name} {dtype} batch {batch} ({n} repeats): "
-                    + ", ".join(f"{k} {row.images_per_s(k):.2f}" for k in row.seconds)
+                    + ", ".join(f"{k} {row.images_per_s(k):.2f}" for k in row.seconds if k != PEAK)
                     + " img/s"
                 )
     return rows
 
 
-def results_table(rows: list[Row], peaks: dict[str, float]) -> str:
+def results_table(rows: list[Row]) -> str:
     """One line per (model, dtype, batch): img/s of each contender, ratios, fraction of peak."""
     keys: list[str] = []
     for row in rows:
-        keys += [k for k in row.seconds if k not in keys]
+        keys += [k for k in row.seconds if k not in keys and k != PEAK]
     headers = ["model", "dtype", "batch", *(f"{k} img/s" for k in keys)]
     if "timm" in keys:
         headers.append("vitkit/timm")
     hf = [k for k in keys if k.startswith("HF")]
     if hf:
         headers.append("vitkit/HF best")
-    headers += ["vitkit % peak", "repeats"]
+    headers += ["peak GFLOP/s", "vitkit % peak", "repeats"]
     lines = []
     for row in rows:
         line: list[object] = [row.model.replace("_224", ""), row.dtype, row.batch]
@@ -253,8 +268,11 @@ def results_table(rows: list[Row], peaks: dict[str, float]) -> str:
             line.append(f"{ours / row.images_per_s('timm'):.3f}")
         if hf:
             line.append(f"{ours / max(row.images_per_s(k) for k in hf):.3f}")
-        peak = peaks.get(row.dtype)
-        line.append(f"{100 * row.fraction_of_peak('vitkit', peak):.0f}%" if peak else "-")
+        if PEAK in row.seconds:
+            line.append(f"{row.peak_flops / row.seconds[PEAK] / 1e9:.0f}")
+            line.append(f"{100 * row.fraction_of_peak('vitkit'):.0f}%")
+        else:
+            line += ["-", "-"]
         line.append(row.repeats)
         lines.append(line)
     return common.format_table(headers, lines)
@@ -309,8 +327,14 @@ def main(argv: list[str] | None = None) -> int:
     info = common.machine_info(args.device)
     print(common.machine_line(info), flush=True)
     dtypes = (args.dtypes or "fp32,bf16").split(",")
-    peaks = {d: common.matmul_peak(common.DTYPES[d], device=args.device) for d in dtypes}
-    print("matmul peak: " + ", ".join(f"{d} {p / 1e9:.0f} GFLOP/s" for d, p in peaks.items()))
+    sizes = {d: common.matmul_size(common.DTYPES[d], device=args.device) for d in dtypes}
+    peaks = {
+        d: common.matmul_peak(common.DTYPES[d], n=n, device=args.device) for d, n in sizes.items()
+    }
+    print(
+        "matmul peak (before the run): "
+        + ", ".join(f"{d} {p / 1e9:.0f} GFLOP/s (n={sizes[d]})" for d, p in peaks.items())
+    )
     if args.dtypes is None and "bf16" in peaks and peaks["bf16"] < peaks["fp32"]:
         print(
             "bf16 rows skipped: bf16 matmuls are slower than fp32 on this machine "
@@ -328,10 +352,11 @@ def main(argv: list[str] | None = None) -> int:
         device=args.device,
         libraries={lib for lib in args.libraries.split(",") if lib},
         compile_models=args.compile,
+        peak_sizes=sizes,
         log=lambda s: print(s, flush=True),
     )
     print()
-    print(results_table(rows, peaks))
+    print(results_table(rows))
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 import sys
 from pathlib import Path
 
@@ -51,15 +52,25 @@ def test_infer_runs_on_a_tiny_model():
         repeats=1,
         warmup=0,
         image_size=32,
+        peak_sizes={"fp32": 64},
         log=lambda s: None,
     )
     assert [(r.dtype, r.batch) for r in rows] == [("fp32", 1), ("bf16", 1)]
-    assert set(rows[0].seconds) == {"vitkit", "vitkit eager", "timm", "HF sdpa", "HF eager"}
+    assert set(rows[0].seconds) == {
+        "vitkit",
+        "vitkit eager",
+        "timm",
+        "HF sdpa",
+        "HF eager",
+        infer.PEAK,
+    }
+    assert rows[0].fraction_of_peak("vitkit") > 0
+    assert math.isnan(rows[1].fraction_of_peak("vitkit"))  # no bf16 peak matmul was timed
     # a ViT-Ti/16 at 32x32 sees 4 patches + [CLS]
     assert rows[0].gmacs_per_image == pytest.approx(
         infer.vitkit.create_model("vit_tiny_patch16_224", image_size=32).flops() / 1e9
     )
-    table = infer.results_table(rows, {"fp32": 1e9, "bf16": 1e9})
+    table = infer.results_table(rows)
     assert "vitkit/timm" in table and table.count("\n") == 3
 
 
