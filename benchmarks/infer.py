@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import sys
 import time
 from collections.abc import Callable
@@ -34,6 +35,7 @@ import vitkit
 
 DEFAULT_MODELS = "vit_small_patch16_224,vit_base_patch16_224"
 PEAK = "matmul peak"  # the reference matmul timed alongside the models in every row
+BF16_WEIGHTS = " bf16 weights"  # suffix of contenders whose parameters are bf16 (no autocast)
 
 
 @dataclass
@@ -111,8 +113,13 @@ def build_contenders(
     device: torch.device,
     libraries: set[str],
     compile_models: bool,
+    bf16_weights: bool = False,
 ) -> dict[str, nn.Module]:
-    """name -> model in eval mode on `device`; vitkit and timm share one set of weights."""
+    """name -> model in eval mode on `device`; vitkit and timm share one set of weights.
+
+    `bf16_weights` adds vitkit and timm converted with `.to(torch.bfloat16)` (the alternative to
+    autocast that casts the weights once instead of on every call); they run in bf16 rows only.
+    """
     ours = build_vitkit(name, image_size, "sdpa")
     models: dict[str, nn.Module] = {"vitkit": ours}
     eager = build_vitkit(name, image_size, "eager")
@@ -127,6 +134,9 @@ def build_contenders(
         models["HF eager"] = build_transformers(ours.config, "eager")
     for model in models.values():
         model.eval().to(device)
+    if bf16_weights:
+        for key in [k for k in ("vitkit", "timm") if k in models]:
+            models[key + BF16_WEIGHTS] = copy.deepcopy(models[key]).to(torch.bfloat16)
     if compile_models:
         for key in [k for k in ("vitkit", "timm") if k in models]:
             models[f"{key} compiled"] = torch.compile(models[key])
@@ -174,6 +184,7 @@ def run_benchmark(
     device: str = "cpu",
     libraries: set[str] | None = None,
     compile_models: bool = False,
+    bf16_weights: bool = False,
     peak_sizes: dict[str, int] | None = None,
     log: Callable[[str], None] = print,
 ) -> list[Row]:
@@ -194,6 +205,7 @@ def run_benchmark(
             device=dev,
             libraries=libraries,
             compile_models=compile_models,
+            bf16_weights=bf16_weights,
         )
         config = contenders["vitkit"].config
         gmacs = contenders["vitkit"].flops() / 1e9
@@ -202,7 +214,19 @@ def run_benchmark(
             for batch in batch_sizes:
                 gen = torch.Generator().manual_seed(0)
                 x = torch.randn(batch, config.in_chans, *config.image_hw, generator=gen).to(dev)
-                fns = {k: forward_fn(m, x, autocast) for k, m in contenders.items()}
+                fns = {
+                    k: forward_fn(m, x, autocast)
+                    for k, m in contenders.items()
+                    if not k.endswith(BF16_WEIGHTS)
+                }
+                if dtype == "bf16":
+                    fns.update(
+                        {
+                            k: forward_fn(m, x.to(torch.bfloat16), None)
+                            for k, m in contenders.items()
+                            if k.endswith(BF16_WEIGHTS)
+                        }
+                    )
                 peak_flops = 0.0
                 if peak_sizes and dtype in peak_sizes:
                     fns[PEAK], peak_flops = common.matmul_case(
@@ -306,6 +330,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--compile", action="store_true", help="add torch.compile'd vitkit and timm")
     p.add_argument(
+        "--bf16-weights",
+        action="store_true",
+        help="in bf16 rows, also time vitkit and timm converted to bf16 (no autocast)",
+    )
+    p.add_argument(
         "--quick",
         action="store_true",
         help="ViT-S/16, batch 1, fp32, 3 repeats: a one-minute sanity run",
@@ -352,6 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         device=args.device,
         libraries={lib for lib in args.libraries.split(",") if lib},
         compile_models=args.compile,
+        bf16_weights=args.bf16_weights,
         peak_sizes=sizes,
         log=lambda s: print(s, flush=True),
     )

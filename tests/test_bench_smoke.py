@@ -53,6 +53,7 @@ def test_infer_runs_on_a_tiny_model():
         warmup=0,
         image_size=32,
         peak_sizes={"fp32": 64},
+        bf16_weights=True,
         log=lambda s: None,
     )
     assert [(r.dtype, r.batch) for r in rows] == [("fp32", 1), ("bf16", 1)]
@@ -64,6 +65,7 @@ def test_infer_runs_on_a_tiny_model():
         "HF eager",
         infer.PEAK,
     }
+    assert {"vitkit bf16 weights", "timm bf16 weights"} <= set(rows[1].seconds)
     assert rows[0].fraction_of_peak("vitkit") > 0
     assert math.isnan(rows[1].fraction_of_peak("vitkit"))  # no bf16 peak matmul was timed
     # a ViT-Ti/16 at 32x32 sees 4 patches + [CLS]
