@@ -49,6 +49,12 @@ class Row:
     seconds: dict[str, float] = field(default_factory=dict)
     repeats: int = 0
     peak_flops: float = 0.0  # FLOPs of one call of the PEAK matmul
+    paired: dict[str, float] = field(default_factory=dict)  # name -> median per-round time ratio
+
+    def speedup(self, name: str, over: str) -> float:
+        """How many times faster `name` is than `over`: the median over rounds of their time
+        ratio in the same round (robust to load drifting between rounds)."""
+        return self.paired.get(f"{over}/{name}", self.seconds[over] / self.seconds[name])
 
     def images_per_s(self, name: str) -> float:
         return self.batch / self.seconds[name]
@@ -253,6 +259,13 @@ def run_benchmark(
                 else:
                     warm = warmup
                 times = common.round_robin(fns, repeats=n, warmup=warm, device=dev)
+                paired = {
+                    f"{other}/vitkit": common.median(
+                        [t / v for t, v in zip(times[other], times["vitkit"])]
+                    )
+                    for other in times
+                    if other != "vitkit"
+                }
                 row = Row(
                     name,
                     batch,
@@ -261,6 +274,7 @@ def run_benchmark(
                     {k: common.median(v) for k, v in times.items()},
                     repeats=n,
                     peak_flops=peak_flops,
+                    paired=paired,
                 )
                 rows.append(row)
                 log(
@@ -287,11 +301,10 @@ def results_table(rows: list[Row]) -> str:
     for row in rows:
         line: list[object] = [row.model.replace("_224", ""), row.dtype, row.batch]
         line += [f"{row.images_per_s(k):.2f}" if k in row.seconds else "-" for k in keys]
-        ours = row.images_per_s("vitkit")
         if "timm" in keys:
-            line.append(f"{ours / row.images_per_s('timm'):.3f}")
+            line.append(f"{row.speedup('vitkit', 'timm'):.3f}")
         if hf:
-            line.append(f"{ours / max(row.images_per_s(k) for k in hf):.3f}")
+            line.append(f"{min(row.speedup('vitkit', k) for k in hf if k in row.seconds):.3f}")
         if PEAK in row.seconds:
             line.append(f"{row.peak_flops / row.seconds[PEAK] / 1e9:.0f}")
             line.append(f"{100 * row.fraction_of_peak('vitkit'):.0f}%")
