@@ -1,0 +1,407 @@
+"""Inference throughput of vitkit vs timm vs HF transformers, measured in one alternating run.
+
+    python benchmarks/infer.py                       # ViT-S/16 and ViT-B/16, batch 1 and 16
+    python benchmarks/infer.py --quick               # ViT-S/16, batch 1, fp32, a few repeats
+    python benchmarks/infer.py --models vit_base_patch16_224 --batch-sizes 16 --dtypes bf16
+
+For every (model, dtype, batch size) the contenders (vitkit with SDPA and with eager attention,
+timm, transformers' ViTForImageClassification with SDPA and with eager attention, optionally
+torch.compile'd vitkit and timm) run on the same input, in eval mode under
+`torch.inference_mode()`, after warm-up, round-robin; the table gives the median images/s, the
+ratios vitkit/timm and vitkit/transformers, and the fraction of this machine's matmul peak
+(measured in the same run) that vitkit reaches. vitkit and timm share the same weights, and their
+outputs are checked to agree before timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import common
+import vitkit
+
+DEFAULT_MODELS = "vit_small_patch16_224,vit_base_patch16_224"
+PEAK = "matmul peak"  # the reference matmul timed alongside the models in every row
+BF16_WEIGHTS = " bf16 weights"  # suffix of contenders whose parameters are bf16 (no autocast)
+
+
+@dataclass
+class Row:
+    """One (model, batch, dtype) cell of the benchmark: median seconds per call per contender."""
+
+    model: str
+    batch: int
+    dtype: str
+    gmacs_per_image: float
+    seconds: dict[str, float] = field(default_factory=dict)
+    repeats: int = 0
+    peak_flops: float = 0.0  # FLOPs of one call of the PEAK matmul
+    paired: dict[str, float] = field(default_factory=dict)  # name -> median per-round time ratio
+
+    def speedup(self, name: str, over: str) -> float:
+        """How many times faster `name` is than `over`: the median over rounds of their time
+        ratio in the same round (robust to load drifting between rounds)."""
+        return self.paired.get(f"{over}/{name}", self.seconds[over] / self.seconds[name])
+
+    def images_per_s(self, name: str) -> float:
+        return self.batch / self.seconds[name]
+
+    def fraction_of_peak(self, name: str) -> float:
+        """Achieved FLOP/s over the matmul peak timed in the same rounds (NaN if none)."""
+        if PEAK not in self.seconds:
+            return float("nan")
+        peak = self.peak_flops / self.seconds[PEAK]
+        return self.images_per_s(name) * 2 * self.gmacs_per_image * 1e9 / peak
+
+
+# ------------------------------------------------------------------------------ contenders
+def build_vitkit(name: str, image_size: int | None, implementation: str) -> nn.Module:
+    overrides = {"attn_implementation": implementation}
+    if image_size:
+        overrides["image_size"] = image_size
+    return vitkit.create_model(name, **overrides)
+
+
+def build_timm(config: vitkit.ViTConfig) -> nn.Module:
+    """timm's VisionTransformer with the same architecture as `config` (plain ViT/DeiT only)."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer(
+        img_size=config.image_size,
+        patch_size=config.patch_size,
+        in_chans=config.in_chans,
+        num_classes=config.num_classes,
+        global_pool=config.global_pool,
+        embed_dim=config.embed_dim,
+        depth=config.depth,
+        num_heads=config.num_heads,
+        mlp_ratio=config.mlp_ratio,
+        qkv_bias=config.qkv_bias,
+    )
+
+
+def build_transformers(config: vitkit.ViTConfig, implementation: str) -> nn.Module:
+    from transformers import ViTConfig as HFViTConfig
+    from transformers import ViTForImageClassification
+
+    hf = HFViTConfig(
+        hidden_size=config.embed_dim,
+        num_hidden_layers=config.depth,
+        num_attention_heads=config.num_heads,
+        intermediate_size=config.mlp_hidden_dim,
+        image_size=config.image_size,
+        patch_size=config.patch_size,
+        num_channels=config.in_chans,
+        qkv_bias=config.qkv_bias,
+        layer_norm_eps=config.layer_norm_eps,
+        num_labels=config.num_classes,
+    )
+    return ViTForImageClassification._from_config(hf, attn_implementation=implementation)
+
+
+def build_contenders(
+    name: str,
+    *,
+    image_size: int | None,
+    device: torch.device,
+    libraries: set[str],
+    compile_models: bool,
+    bf16_weights: bool = False,
+) -> dict[str, nn.Module]:
+    """name -> model in eval mode on `device`; vitkit and timm share one set of weights.
+
+    `bf16_weights` adds vitkit and timm converted with `.to(torch.bfloat16)` (the alternative to
+    autocast that casts the weights once instead of on every call); they run in bf16 rows only.
+    """
+    ours = build_vitkit(name, image_size, "sdpa")
+    models: dict[str, nn.Module] = {"vitkit": ours}
+    eager = build_vitkit(name, image_size, "eager")
+    eager.load_state_dict(ours.state_dict())
+    models["vitkit eager"] = eager
+    if "timm" in libraries:
+        timm_model = build_timm(ours.config)
+        timm_model.load_state_dict(ours.state_dict())  # vitkit's names are timm's for plain ViT
+        models["timm"] = timm_model
+    if "transformers" in libraries:
+        models["HF sdpa"] = build_transformers(ours.config, "sdpa")
+        models["HF eager"] = build_transformers(ours.config, "eager")
+    for model in models.values():
+        model.eval().to(device)
+    if bf16_weights:
+        for key in [k for k in ("vitkit", "timm") if k in models]:
+            models[key + BF16_WEIGHTS] = copy.deepcopy(models[key]).to(torch.bfloat16)
+    if compile_models:
+        for key in [k for k in ("vitkit", "timm") if k in models]:
+            models[f"{key} compiled"] = torch.compile(models[key])
+    return models
+
+
+def forward_fn(
+    model: nn.Module, x: torch.Tensor, autocast_dtype: torch.dtype | None
+) -> Callable[[], torch.Tensor]:
+    """A no-argument call of `model` on `x` under inference mode (and autocast), -> logits."""
+
+    def run() -> torch.Tensor:
+        ctx = (
+            torch.autocast(x.device.type, dtype=autocast_dtype)
+            if autocast_dtype
+            else contextlib.nullcontext()
+        )
+        with torch.inference_mode(), ctx:
+            out = model(x)
+        return out if isinstance(out, torch.Tensor) else out.logits
+
+    return run
+
+
+def check_same_model(fns: dict[str, Callable[[], torch.Tensor]], atol: float = 1e-3) -> float:
+    """Max |vitkit - timm| logits (fp32): proves the two contenders compute the same network."""
+    if "timm" not in fns:
+        return float("nan")
+    diff = (fns["vitkit"]() - fns["timm"]()).abs().max().item()
+    if diff > atol:
+        raise AssertionError(f"vitkit and timm disagree by {diff:.2e} on the same weights")
+    return diff
+
+
+# ------------------------------------------------------------------------------ the run
+def run_benchmark(
+    *,
+    models: list[str],
+    batch_sizes: list[int],
+    dtypes: list[str],
+    repeats: int | None,
+    warmup: int = 1,
+    seconds_per_row: float = 60.0,
+    image_size: int | None = None,
+    device: str = "cpu",
+    libraries: set[str] | None = None,
+    compile_models: bool = False,
+    bf16_weights: bool = False,
+    peak_sizes: dict[str, int] | None = None,
+    log: Callable[[str], None] = print,
+) -> list[Row]:
+    """Time every contender on every (model, dtype, batch); see the module docstring.
+
+    `repeats=None` picks a repeat count per row from a warm-up round so that each row takes about
+    `seconds_per_row` (at least 3, at most 25 repeats). `peak_sizes` (dtype -> n) adds an
+    (n x n) matmul in that dtype to every row's rounds, so that the fraction of peak compares
+    with the peak under the same machine load.
+    """
+    libraries = {"timm", "transformers"} if libraries is None else libraries
+    dev = torch.device(device)
+    rows = []
+    for name in models:
+        contenders = build_contenders(
+            name,
+            image_size=image_size,
+            device=dev,
+            libraries=libraries,
+            compile_models=compile_models,
+            bf16_weights=bf16_weights,
+        )
+        config = contenders["vitkit"].config
+        gmacs = contenders["vitkit"].flops() / 1e9
+        for dtype in dtypes:
+            autocast = None if dtype == "fp32" else common.DTYPES[dtype]
+            for batch in batch_sizes:
+                gen = torch.Generator().manual_seed(0)
+                x = torch.randn(batch, config.in_chans, *config.image_hw, generator=gen).to(dev)
+                fns = {
+                    k: forward_fn(m, x, autocast)
+                    for k, m in contenders.items()
+                    if not k.endswith(BF16_WEIGHTS)
+                }
+                if dtype == "bf16":
+                    fns.update(
+                        {
+                            k: forward_fn(m, x.to(torch.bfloat16), None)
+                            for k, m in contenders.items()
+                            if k.endswith(BF16_WEIGHTS)
+                        }
+                    )
+                peak_flops = 0.0
+                if peak_sizes and dtype in peak_sizes:
+                    fns[PEAK], peak_flops = common.matmul_case(
+                        common.DTYPES[dtype], peak_sizes[dtype], dev
+                    )
+                if dtype == "fp32":
+                    diff = check_same_model(fns)
+                    log(f"{name} batch {batch}: max |vitkit - timm| logits = {diff:.1e}")
+                for key in [k for k in fns if k.endswith("compiled")]:
+                    start = time.perf_counter()
+                    fns[key]()
+                    log(
+                        f"{name} {dtype} batch {batch}: {key} first call (compile) "
+                        f"{time.perf_counter() - start:.1f} s"
+                    )
+                n = repeats
+                if n is None:
+                    round_s = sum(
+                        common.time_calls(f, repeats=1, warmup=warmup, device=dev)[0]
+                        for f in fns.values()
+                    )
+                    n = max(3, min(25, int(seconds_per_row / max(round_s, 1e-9))))
+                    warm = 0
+                else:
+                    warm = warmup
+                times = common.round_robin(fns, repeats=n, warmup=warm, device=dev)
+                paired = {
+                    f"{other}/vitkit": common.median(
+                        [t / v for t, v in zip(times[other], times["vitkit"])]
+                    )
+                    for other in times
+                    if other != "vitkit"
+                }
+                row = Row(
+                    name,
+                    batch,
+                    dtype,
+                    gmacs,
+                    {k: common.median(v) for k, v in times.items()},
+                    repeats=n,
+                    peak_flops=peak_flops,
+                    paired=paired,
+                )
+                rows.append(row)
+                log(
+                    f"{name} {dtype} batch {batch} ({n} repeats): "
+                    + ", ".join(f"{k} {row.images_per_s(k):.2f}" for k in row.seconds if k != PEAK)
+                    + " img/s"
+                )
+    return rows
+
+
+def results_table(rows: list[Row]) -> str:
+    """One line per (model, dtype, batch): img/s of each contender, ratios, fraction of peak."""
+    keys: list[str] = []
+    for row in rows:
+        keys += [k for k in row.seconds if k not in keys and k != PEAK]
+    headers = ["model", "dtype", "batch", *(f"{k} img/s" for k in keys)]
+    if "timm" in keys:
+        headers.append("vitkit/timm")
+    hf = [k for k in keys if k.startswith("HF")]
+    if hf:
+        headers.append("vitkit/HF best")
+    headers += ["peak GFLOP/s", "vitkit % peak", "repeats"]
+    lines = []
+    for row in rows:
+        line: list[object] = [row.model.replace("_224", ""), row.dtype, row.batch]
+        line += [f"{row.images_per_s(k):.2f}" if k in row.seconds else "-" for k in keys]
+        if "timm" in keys:
+            line.append(f"{row.speedup('vitkit', 'timm'):.3f}")
+        if hf:
+            line.append(f"{min(row.speedup('vitkit', k) for k in hf if k in row.seconds):.3f}")
+        if PEAK in row.seconds:
+            line.append(f"{row.peak_flops / row.seconds[PEAK] / 1e9:.0f}")
+            line.append(f"{100 * row.fraction_of_peak('vitkit'):.0f}%")
+        else:
+            line += ["-", "-"]
+        line.append(row.repeats)
+        lines.append(line)
+    return common.format_table(headers, lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", default=DEFAULT_MODELS, help="comma-separated vitkit presets")
+    p.add_argument("--batch-sizes", default="1,16")
+    p.add_argument(
+        "--dtypes",
+        default=None,
+        help="comma-separated from fp32,bf16 (bf16 = autocast); default fp32,bf16, "
+        "where bf16 is skipped if this machine's bf16 matmul is slower than fp32",
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="timed rounds per row (default: about --seconds-per-row each, 3..25)",
+    )
+    p.add_argument("--seconds-per-row", type=float, default=45.0)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--image-size", type=int, default=None, help="override the preset's size")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument(
+        "--libraries",
+        default="timm,transformers",
+        help="peers to compare with (comma-separated, may be empty)",
+    )
+    p.add_argument("--compile", action="store_true", help="add torch.compile'd vitkit and timm")
+    p.add_argument(
+        "--bf16-weights",
+        action="store_true",
+        help="in bf16 rows, also time vitkit and timm converted to bf16 (no autocast)",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="ViT-S/16, batch 1, fp32, 3 repeats: a one-minute sanity run",
+    )
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.quick:
+        args.models, args.batch_sizes, args.repeats = (
+            "vit_small_patch16_224",
+            "1",
+            args.repeats or 3,
+        )
+        args.dtypes = args.dtypes or "fp32"
+    info = common.machine_info(args.device)
+    print(common.machine_line(info), flush=True)
+    dtypes = (args.dtypes or "fp32,bf16").split(",")
+    sizes = {d: common.matmul_size(common.DTYPES[d], device=args.device) for d in dtypes}
+    peaks = {
+        d: common.matmul_peak(common.DTYPES[d], n=n, device=args.device) for d, n in sizes.items()
+    }
+    print(
+        "matmul peak (before the run): "
+        + ", ".join(f"{d} {p / 1e9:.0f} GFLOP/s (n={sizes[d]})" for d, p in peaks.items())
+    )
+    if args.dtypes is None and "bf16" in peaks and peaks["bf16"] < peaks["fp32"]:
+        print(
+            "bf16 rows skipped: bf16 matmuls are slower than fp32 on this machine "
+            "(no AVX-512-BF16/AMX); pass --dtypes bf16 to time them anyway"
+        )
+        dtypes.remove("bf16")
+    rows = run_benchmark(
+        models=args.models.split(","),
+        batch_sizes=[int(b) for b in args.batch_sizes.split(",")],
+        dtypes=dtypes,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        seconds_per_row=args.seconds_per_row,
+        image_size=args.image_size,
+        device=args.device,
+        libraries={lib for lib in args.libraries.split(",") if lib},
+        compile_models=args.compile,
+        bf16_weights=args.bf16_weights,
+        peak_sizes=sizes,
+        log=lambda s: print(s, flush=True),
+    )
+    print()
+    print(results_table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
