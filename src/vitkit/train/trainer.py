@@ -378,6 +378,16 @@ def train(
 
         atomic_write_text(run_dir / "recipe.json", json.dumps(recipe.to_dict(), indent=2) + "\n")
 
+    def schedule(step: int) -> float:
+        return lr_at(
+            step,
+            total_steps=total_steps,
+            warmup_steps=warmup_steps,
+            base_lr=recipe.lr,
+            min_lr=recipe.min_lr,
+            schedule=recipe.schedule,
+        )
+
     def checkpoint(next_epoch: int, next_step: int, *, best: bool = False) -> None:
         if not main:
             return
@@ -421,24 +431,10 @@ def train(
         )
         ep_loss, ep_steps = ep_partial
         ep_partial = (0.0, 0)
-        lr = lr_at(
-            global_step,
-            total_steps=total_steps,
-            warmup_steps=warmup_steps,
-            base_lr=recipe.lr,
-            min_lr=recipe.min_lr,
-            schedule=recipe.schedule,
-        )
+        lr = schedule(global_step)
         seen, t_win, loss_win, n_win = 0, time.perf_counter(), 0.0, 0
         for step, micros in data.batches(epoch, start_step):
-            lr = lr_at(
-                global_step,
-                total_steps=total_steps,
-                warmup_steps=warmup_steps,
-                base_lr=recipe.lr,
-                min_lr=recipe.min_lr,
-                schedule=recipe.schedule,
-            )
+            lr = schedule(global_step)
             set_lr(optimizer, lr)
             step_loss = torch.zeros((), device=info.device)
             for a, (x, y) in enumerate(micros):
