@@ -287,3 +287,17 @@ def test_cuda_fused_attention_matches_eager(dtype):
         b = eager(x)
     torch.testing.assert_close(a.logits.float(), b.logits.float(), atol=2e-2, rtol=2e-2)
     assert a.attentions[0].shape == (4, 2, 17, 17)
+
+
+def test_rebuild_moves_the_final_norm_when_pooling_changes():
+    model = tiny()
+    with torch.no_grad():
+        model.norm.weight.uniform_()
+    avg = vitkit.models.vit.rebuild(model, global_pool="avg", drop_path_rate=0.1)
+    assert isinstance(avg.norm, torch.nn.Identity) and avg.config.drop_path_rate == 0.1
+    torch.testing.assert_close(avg.fc_norm.weight, model.norm.weight)
+    torch.testing.assert_close(avg.blocks[0].attn.qkv.weight, model.blocks[0].attn.qkv.weight)
+    back = vitkit.models.vit.rebuild(avg, global_pool="token")
+    torch.testing.assert_close(back.norm.weight, model.norm.weight)
+    with pytest.raises(vitkit.ConfigError, match="keep every weight's shape"):
+        vitkit.models.vit.rebuild(model, distilled=True)

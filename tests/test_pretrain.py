@@ -54,8 +54,10 @@ def test_encoder_weights_are_the_trained_ones(tmp_path):
     pretrain(_cfg("mae", tmp_path), images=images)
     state = torch.load(tmp_path / "pretrain_state.pt", weights_only=True)["model"]
     model = from_pretrained(tmp_path)
+    assert model.config.global_pool == "avg"  # MAE fine-tunes on the patch mean
+    renamed = {"fc_norm.weight": "norm.weight", "fc_norm.bias": "norm.bias"}
     for k, v in model.state_dict().items():
-        assert torch.equal(v, state[f"encoder.{k}"])
+        assert torch.equal(v, state[f"encoder.{renamed.get(k, k)}"])
 
 
 def test_resume_equals_uninterrupted_run(tmp_path):

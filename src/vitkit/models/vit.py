@@ -17,12 +17,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from vitkit.config import ViTConfig
+from vitkit.errors import ConfigError
 from vitkit.layers.block import Block
 from vitkit.layers.patch_embed import PatchEmbed
 from vitkit.layers.pos_embed import resample_pos_embed, sincos_2d_pos_embed
@@ -337,6 +339,29 @@ class VisionTransformer(nn.Module):
         from vitkit.checkpoints.pretrained import save_pretrained
 
         return save_pretrained(self, directory, format=format)
+
+
+def rebuild(model: VisionTransformer, **changes: Any) -> VisionTransformer:
+    """A new model with config `changes` that carries over every weight of `model`.
+
+    For changes that keep the weights' shapes: regularisation, attention implementation, pooling.
+    Switching between [CLS] and mean pooling moves the final LayerNorm between `norm` and
+    `fc_norm` (timm's convention), as MAE does when it fine-tunes with mean pooling.
+    """
+    new = VisionTransformer(model.config.replace(**changes))
+    state = dict(model.state_dict())
+    if model.config.use_fc_norm != new.config.use_fc_norm:
+        src, dst = ("norm", "fc_norm") if new.config.use_fc_norm else ("fc_norm", "norm")
+        for name in ("weight", "bias"):
+            state[f"{dst}.{name}"] = state.pop(f"{src}.{name}")
+    try:
+        new.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ConfigError(
+            f"config changes {changes} change the model's weights; only "
+            f"changes that keep every weight's shape can be applied here: {exc}"
+        ) from None
+    return new.to(next(model.parameters()).device)
 
 
 def _is_tracing() -> bool:

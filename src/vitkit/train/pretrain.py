@@ -191,13 +191,15 @@ def export_encoder(model: nn.Module, method: str, out: str | Path) -> Path:
     """Write the encoder as a vitkit folder with num_classes=0 (a SimMIM mask token is
     dropped: fine-tuning never masks)."""
     from vitkit.checkpoints.pretrained import save_pretrained
-    from vitkit.models.vit import VisionTransformer
+    from vitkit.models.vit import VisionTransformer, rebuild
 
     enc = encoder_of(model, method)
     config = enc.config.replace(num_classes=0, use_mask_token=False)
     plain = VisionTransformer(config)
     sd = {k: v for k, v in enc.state_dict().items() if k != "mask_token"}
     plain.load_state_dict(sd)
+    if method == "mae":  # MAE fine-tunes on the mean of the patch tokens (He et al. 2021)
+        plain = rebuild(plain, global_pool="avg")
     return save_pretrained(plain, out, format="vitkit")
 
 

@@ -169,14 +169,12 @@ def build_model(
         if recipe.image_size is not None:
             changes["image_size"] = recipe.image_size
         return create_model(recipe.model, **changes)
-    from vitkit.models.vit import VisionTransformer
+    from vitkit.models.vit import rebuild
 
     pre = pretrained if pretrained is not None else _load_init(recipe.init)
     changes.pop("num_classes", None)
-    if changes:  # regularisation knobs and the like; shapes must not change
-        rebuilt = VisionTransformer(pre.config.replace(**changes))
-        rebuilt.load_state_dict(pre.state_dict())
-        pre = rebuilt
+    if changes:  # regularisation knobs, pooling and the like; shapes must not change
+        pre = rebuild(pre, **changes)
     if recipe.image_size is not None:
         pre = _resize_positions(pre, recipe.image_size)
     if num_classes is not None and num_classes != pre.config.num_classes:
