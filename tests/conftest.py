@@ -1,5 +1,7 @@
 import os
+import pickle
 
+import numpy as np
 import pytest
 import torch
 
@@ -19,3 +21,47 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# CIFAR batches in the published python-pickle layout, with random pixels
+def cifar_batch(n, seed, label_key=b"labels", k=10):
+    rng = np.random.default_rng(seed)
+    data = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
+    labels = [int(v) for v in rng.integers(0, k, size=n)]
+    return {
+        b"batch_label": b"batch",
+        label_key: labels,
+        b"data": data,
+        b"filenames": [f"img_{i}.png".encode() for i in range(n)],
+    }
+
+
+def dump_pickle(obj, path):
+    with open(path, "wb") as f:
+        pickle.dump(obj, f, protocol=2)
+
+
+@pytest.fixture
+def cifar10(tmp_path):
+    d = tmp_path / "cifar-10-batches-py"
+    d.mkdir()
+    batches = [cifar_batch(3, i) for i in range(6)]
+    for i in range(5):
+        dump_pickle(batches[i], d / f"data_batch_{i + 1}")
+    dump_pickle(batches[5], d / "test_batch")
+    names = [
+        b"airplane",
+        b"automobile",
+        b"bird",
+        b"cat",
+        b"deer",
+        b"dog",
+        b"frog",
+        b"horse",
+        b"ship",
+        b"truck",
+    ]
+    dump_pickle(
+        {b"label_names": names, b"num_vis": 3072, b"num_cases_per_batch": 3}, d / "batches.meta"
+    )
+    return tmp_path, batches

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import cifar_batch, dump_pickle
 from vitkit.data.folders import (
     CIFARDataset,
     ImageFolderDataset,
@@ -124,47 +125,6 @@ def test_image_list_json_and_jsonl_int_labels(tree, tmp_path):
 # --- CIFAR --------------------------------------------------------------------------------------
 
 
-def _cifar_batch(n, seed, label_key=b"labels", k=10):
-    rng = np.random.default_rng(seed)
-    data = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
-    labels = [int(v) for v in rng.integers(0, k, size=n)]
-    return {
-        b"batch_label": b"batch",
-        label_key: labels,
-        b"data": data,
-        b"filenames": [f"img_{i}.png".encode() for i in range(n)],
-    }
-
-
-def _dump(obj, path):
-    with open(path, "wb") as f:
-        pickle.dump(obj, f, protocol=2)
-
-
-@pytest.fixture
-def cifar10(tmp_path):
-    d = tmp_path / "cifar-10-batches-py"
-    d.mkdir()
-    batches = [_cifar_batch(3, i) for i in range(6)]
-    for i in range(5):
-        _dump(batches[i], d / f"data_batch_{i + 1}")
-    _dump(batches[5], d / "test_batch")
-    names = [
-        b"airplane",
-        b"automobile",
-        b"bird",
-        b"cat",
-        b"deer",
-        b"dog",
-        b"frog",
-        b"horse",
-        b"ship",
-        b"truck",
-    ]
-    _dump({b"label_names": names, b"num_vis": 3072, b"num_cases_per_batch": 3}, d / "batches.meta")
-    return tmp_path, batches
-
-
 def test_cifar10_pixel_layout(cifar10):
     parent, batches = cifar10
     train = CIFARDataset(parent)  # the parent of cifar-10-batches-py works too
@@ -188,12 +148,12 @@ def test_cifar10_pixel_layout(cifar10):
 def test_cifar100_fine_labels(tmp_path):
     d = tmp_path / "cifar-100-python"
     d.mkdir()
-    tr = _cifar_batch(4, 0, b"fine_labels", k=100)
+    tr = cifar_batch(4, 0, b"fine_labels", k=100)
     tr[b"coarse_labels"] = [0] * 4
-    te = _cifar_batch(2, 1, b"fine_labels", k=100)
-    _dump(tr, d / "train")
-    _dump(te, d / "test")
-    _dump(
+    te = cifar_batch(2, 1, b"fine_labels", k=100)
+    dump_pickle(tr, d / "train")
+    dump_pickle(te, d / "test")
+    dump_pickle(
         {
             b"fine_label_names": [f"c{i}".encode() for i in range(100)],
             b"coarse_label_names": [b"x"] * 20,
@@ -218,7 +178,7 @@ def test_malicious_cifar_pickle_is_refused_without_running(cifar10, tmp_path):
     evil = _Evil()
     evil.marker = marker
     path = parent / "cifar-10-batches-py" / "data_batch_1"
-    _dump({b"data": evil, b"labels": []}, path)
+    dump_pickle({b"data": evil, b"labels": []}, path)
     with pytest.raises(VitkitError, match="not allowed"):
         CIFARDataset(parent)
     assert not marker.exists()

@@ -1,6 +1,5 @@
 """Every shipped recipe in configs/ runs end to end, shrunk to a tiny model and one short epoch."""
 
-import pickle
 from pathlib import Path
 
 import numpy as np
@@ -14,33 +13,6 @@ from vitkit.train.trainer import train
 CONFIGS = Path(__file__).parents[1] / "configs"
 TINY_MODEL = {"embed_dim": 16, "depth": 1, "num_heads": 2}
 SMOKE = {"epochs": 1, "progress": False, "plot": False, "num_workers": 0, "threads": 1}
-
-
-def _fake_cifar10(root: Path, n: int = 32) -> Path:
-    """CIFAR-10 python batches in the published layout, with random pixels."""
-    d = root / "cifar-10-batches-py"
-    d.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    names = [
-        b"airplane",
-        b"automobile",
-        b"bird",
-        b"cat",
-        b"deer",
-        b"dog",
-        b"frog",
-        b"horse",
-        b"ship",
-        b"truck",
-    ]
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        batch = {
-            b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-            b"labels": [int(v) for v in rng.integers(0, 10, n)],
-        }
-        (d / name).write_bytes(pickle.dumps(batch, protocol=2))
-    (d / "batches.meta").write_bytes(pickle.dumps({b"label_names": names}, protocol=2))
-    return d
 
 
 def _image_folder(root: Path, size: int = 40) -> Path:
@@ -75,9 +47,9 @@ def test_mnist_recipe(tmp_path):
     assert vitkit.from_pretrained(result.run_dir / "best").config.image_hw == (28, 28)
 
 
-def test_cifar10_recipe(tmp_path):
-    _fake_cifar10(tmp_path / "data")
-    result = _run("cifar10.yaml", tmp_path, data=str(tmp_path / "data"), batch_size=32)
+def test_cifar10_recipe(cifar10, tmp_path):
+    data, _ = cifar10  # 5 x 3 training images, 3 test images
+    result = _run("cifar10.yaml", tmp_path, data=str(data), batch_size=5)
     model = vitkit.from_pretrained(result.run_dir / "best")
     assert model.config.num_classes == 10 and model.config.id2label[3] == "cat"
 
