@@ -10,7 +10,8 @@ import torch
 
 from vitkit import from_pretrained
 from vitkit.cli import main
-from vitkit.train.pretrain import PretrainConfig, lr_at, pretrain
+from vitkit.train.optim import lr_at
+from vitkit.train.pretrain import PretrainConfig, pretrain
 
 SMALL = dict(embed_dim=32, depth=2, num_heads=2)
 
@@ -73,10 +74,14 @@ def test_resume_equals_uninterrupted_run(tmp_path):
 
 
 def test_warmup_then_cosine():
-    assert lr_at(0, 100, 10, 1.0, 0.0) == pytest.approx(0.1)
-    assert lr_at(9, 100, 10, 1.0, 0.0) == pytest.approx(1.0)
-    assert lr_at(55, 100, 10, 1.0, 0.0) == pytest.approx(0.5)
-    assert lr_at(100, 100, 10, 1.0, 0.1) == pytest.approx(0.1)
+    assert lr_at(0, total_steps=100, warmup_steps=10, base_lr=1.0, min_lr=0.0) == pytest.approx(0.1)
+    assert lr_at(9, total_steps=100, warmup_steps=10, base_lr=1.0, min_lr=0.0) == pytest.approx(1.0)
+    assert lr_at(55, total_steps=100, warmup_steps=10, base_lr=1.0, min_lr=0.0) == pytest.approx(
+        0.5
+    )
+    assert lr_at(100, total_steps=100, warmup_steps=10, base_lr=1.0, min_lr=0.1) == pytest.approx(
+        0.1
+    )
 
 
 def test_cli_pretrains_a_folder_of_images(tmp_path, capsys):

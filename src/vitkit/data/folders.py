@@ -31,8 +31,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
+from vitkit.data.images import load_image
 from vitkit.errors import VitkitError
 
 __all__ = [
@@ -55,21 +56,8 @@ _VERIFY = ("none", "header", "full")
 
 def _open_image(path: Path, mode: str) -> Image.Image:
     """Decode `path` upright in `mode` ("RGB" or "L"); raise on any failure."""
-    try:
-        from vitkit.data.images import load_image
-    except ImportError:
-        load_image = None
-    if load_image is not None:
-        image = load_image(path)  # RGB, EXIF-upright, alpha on white, bombs refused
-        return image if mode == "RGB" else image.convert(mode)
-    with Image.open(path) as im:
-        im.load()
-        im = ImageOps.exif_transpose(im) or im
-        if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-            im = im.convert("RGBA")
-            background = Image.new("RGBA", im.size, (255, 255, 255, 255))
-            im = Image.alpha_composite(background, im)
-        return im.convert(mode)
+    image = load_image(path)  # RGB, EXIF-upright, alpha on white, bombs refused
+    return image if mode == "RGB" else image.convert(mode)
 
 
 def _check_file(path: Path, verify: str, mode: str) -> str | None:

@@ -19,6 +19,7 @@ from torch import nn
 
 from vitkit.errors import ConfigError
 
+_NO_DECAY_NAMES = {"cls_token", "dist_token", "reg_token", "mask_token", "pos_embed"}
 _EMBED_PREFIXES = ("patch_embed", "cls_token", "dist_token", "reg_token", "mask_token", "pos_embed")
 
 
@@ -35,13 +36,14 @@ def param_groups(
     model: nn.Module, *, weight_decay: float, layer_decay: float | None = None
 ) -> list[dict[str, Any]]:
     """Parameter groups: (decay, no decay) x (one per layer when `layer_decay` is set)."""
-    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    # tokens and position tables, also inside wrappers (MAE's `encoder.cls_token`, ...)
+    skip = _NO_DECAY_NAMES | set(getattr(model, "no_weight_decay", set)())
     depth = len(getattr(model, "blocks", ()))
     groups: dict[tuple[int, bool], dict[str, Any]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        no_decay = p.ndim <= 1 or name in skip or name.split(".")[0] in skip
+        no_decay = p.ndim <= 1 or name.rsplit(".", 1)[-1] in skip
         lid = layer_id(name, depth) if layer_decay is not None else depth + 1
         scale = layer_decay ** (depth + 1 - lid) if layer_decay is not None else 1.0
         key = (lid, no_decay)

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from vitkit.config import ViTConfig
 from vitkit.errors import ConfigError, VitkitError
+from vitkit.train.optim import lr_at, param_groups, set_lr
 
 METHODS = ("simmim", "mae", "dino")
 DEFAULT_MODELS = {"digits": "vit_digits_patch2_8", "mnist": "vit_mnist_patch4_28"}
@@ -103,23 +104,19 @@ def load_builtin(name: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 def load_folder(path: str | Path, image_size: int, channels: int = 3) -> Tensor:
     """Every image file under `path` (recursively), resized to a square, in [-1, 1]."""
     import numpy as np
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
+    from vitkit.data.images import IMAGE_EXTENSIONS, is_image_file, load_image
     from vitkit.errors import ImageError
 
-    suffixes = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-    files = sorted(p for p in Path(path).rglob("*") if p.suffix.lower() in suffixes)
+    files = sorted(p for p in Path(path).rglob("*") if is_image_file(p))
     if not files:
-        raise ImageError(f"no image files ({', '.join(sorted(suffixes))}) under {path}")
+        raise ImageError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {path}")
     mode = "L" if channels == 1 else "RGB"
     out = []
     for f in files:
-        try:
-            with Image.open(f) as im:
-                im = im.convert(mode).resize((image_size, image_size), Image.BICUBIC)
-                a = np.asarray(im, dtype=np.float32) / 255.0
-        except (OSError, UnidentifiedImageError) as exc:
-            raise ImageError(f"cannot read image {f}: {exc}") from exc
+        im = load_image(f).convert(mode).resize((image_size, image_size), Image.BICUBIC)
+        a = np.asarray(im, dtype=np.float32) / 255.0
         out.append(torch.from_numpy(a).reshape(image_size, image_size, channels))
     images = torch.stack(out).permute(0, 3, 1, 2)
     return (images - 0.5) / 0.5
@@ -203,30 +200,6 @@ def export_encoder(model: nn.Module, method: str, out: str | Path) -> Path:
     return save_pretrained(plain, out, format="vitkit")
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: decay for matrices, none for norms, biases, tokens and positions."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if p.ndim <= 1 or name.endswith(("token", "pos_embed")):
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-
-
-def lr_at(step: int, total: int, warmup: int, base: float, minimum: float) -> float:
-    """Linear warm-up for `warmup` steps, then cosine from `base` to `minimum`."""
-    if step < warmup:
-        return base * (step + 1) / warmup
-    t = (step - warmup) / max(1, total - warmup)
-    return minimum + (base - minimum) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
-
-
 # ------------------------------------------------------------------------------------- loop
 def _batch_loss(
     model: nn.Module, cfg: PretrainConfig, x: Tensor, progress: float, crops: Any, mask_block: int
@@ -272,7 +245,8 @@ def pretrain(
         config = config.replace(image_size=tuple(images.shape[-2:]))
     device = torch.device(cfg.device)
     model = build_method(cfg, config).to(device)
-    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
+    groups = param_groups(model, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
     steps_per_epoch = math.ceil(len(images) / cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
     warmup = int(cfg.warmup_epochs * steps_per_epoch)
@@ -313,9 +287,10 @@ def pretrain(
         )
         for i in bar:
             x = images[order[i * cfg.batch_size : (i + 1) * cfg.batch_size]].to(device)
-            lr = lr_at(step, total, warmup, cfg.lr, cfg.min_lr)
-            for g in opt.param_groups:
-                g["lr"] = lr
+            lr = lr_at(
+                step, total_steps=total, warmup_steps=warmup, base_lr=cfg.lr, min_lr=cfg.min_lr
+            )
+            set_lr(opt, lr)
             loss = _batch_loss(model, cfg, x, step / max(1, total - 1), crops, mask_block)
             if not torch.isfinite(loss):
                 raise VitkitError(
