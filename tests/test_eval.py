@@ -227,8 +227,8 @@ def test_cli_eval_image_folder_matches_direct_computation(tmp_path, in_chans, ca
 
 
 def test_cli_eval_list_file_and_native_loader(tmp_path):
+    from vitkit import from_pretrained
     from vitkit.cli import main
-    from vitkit.cli.eval import load_native
 
     cfg = ViTConfig(
         image_size=16, patch_size=8, in_chans=3, num_classes=4, embed_dim=32, depth=1, num_heads=2
@@ -236,7 +236,7 @@ def test_cli_eval_list_file_and_native_loader(tmp_path):
     model = VisionTransformer(cfg).eval()
     ckpt = tmp_path / "run" / "best"  # a `vitkit train` run directory
     _save_native(model, ckpt)
-    loaded = load_native(ckpt)
+    loaded = from_pretrained(ckpt)
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         assert torch.equal(loaded(x).logits, model(x).logits)
@@ -266,8 +266,9 @@ def test_cli_eval_errors(tmp_path, capsys):
 
 def test_cli_eval_uses_the_checkpoints_preprocessor_config(tmp_path):
     processor_mod = pytest.importorskip("vitkit.data.processor")
+    from vitkit import from_pretrained
     from vitkit.cli import main
-    from vitkit.cli.eval import eval_transform, load_native
+    from vitkit.cli.eval import eval_transform
 
     cfg = ViTConfig(
         image_size=16, patch_size=8, in_chans=3, num_classes=3, embed_dim=32, depth=1, num_heads=2
@@ -276,7 +277,7 @@ def test_cli_eval_uses_the_checkpoints_preprocessor_config(tmp_path):
     _save_native(VisionTransformer(cfg).eval(), ckpt)
     processor = processor_mod.ImageProcessor.hf_vit(16, mean=(0.2, 0.3, 0.4), std=(0.5, 0.6, 0.7))
     processor.save_pretrained(ckpt)
-    transform = eval_transform(load_native(ckpt).config, ckpt)
+    transform = eval_transform(from_pretrained(ckpt).config, ckpt)
     from PIL import Image
 
     img = Image.new("RGB", (20, 20), (255, 0, 128))

@@ -1,8 +1,7 @@
 """`vitkit eval --model CKPT --data SPEC`: accuracy, per-class accuracy and a confusion matrix.
 
 CKPT: anything `vitkit.from_pretrained` reads (a vitkit / transformers / timm folder, a hub id in
-the local cache), or a vitkit-native folder (config.json with model_type "vitkit" +
-model.safetensors), which is read here directly when `from_pretrained` is not available.
+the local cache), or a `vitkit train` run directory (its best/, else last/).
 
 SPEC: a folder (ImageFolder tree `root/<class>/<img>`, optionally with `train/`, `val/`, `test/`
 sub-trees chosen by --split, or a CIFAR-10/100 python batches folder), a .csv / .json / .jsonl
@@ -122,10 +121,12 @@ def run(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------ the model
 def load_model(source: str) -> tuple[Any, Path | None]:
-    """(model in eval mode, its folder or None). Uses from_pretrained, else the native reader.
+    """(model in eval mode, its folder or None), read with `vitkit.from_pretrained`.
 
     A `vitkit train` run directory is accepted too: its best/ (else last/) weights are used.
     """
+    from vitkit.checkpoints.pretrained import from_pretrained
+
     path = Path(source).expanduser()
     if path.is_dir() and not (path / "config.json").is_file():
         for sub in ("best", "last"):
@@ -133,60 +134,8 @@ def load_model(source: str) -> tuple[Any, Path | None]:
                 path = path / sub
                 source = str(path)
                 break
-    try:
-        from vitkit.checkpoints.pretrained import from_pretrained
-    except ImportError:
-        from_pretrained = None
-    if from_pretrained is not None:
-        model = from_pretrained(source)
-    elif path.is_dir():
-        model = load_native(path)
-    else:
-        from vitkit.errors import CheckpointError
-
-        raise CheckpointError(f"{source}: expected a folder with config.json and model.safetensors")
+    model = from_pretrained(source)
     return model.eval(), (path if path.is_dir() else None)
-
-
-def load_native(folder: Path) -> Any:
-    """A vitkit-native folder: config.json (model_type "vitkit") + model.safetensors, strict."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from vitkit.config import ViTConfig
-    from vitkit.errors import CheckpointError, ConfigError
-    from vitkit.models.vit import VisionTransformer
-
-    cfg_path, weights = folder / "config.json", folder / "model.safetensors"
-    for f in (cfg_path, weights):
-        if not f.is_file():
-            raise CheckpointError(
-                f"{folder}: missing {f.name} (a vitkit checkpoint folder holds "
-                f"config.json and model.safetensors)"
-            )
-    try:
-        data = json.loads(cfg_path.read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"cannot read {cfg_path}: {exc}") from None
-    if not isinstance(data, dict) or data.get("model_type") != "vitkit":
-        raise CheckpointError(
-            f"{cfg_path}: model_type is {data.get('model_type')!r}, not "
-            f"'vitkit'; loading other formats needs vitkit.from_pretrained"
-        )
-    try:
-        config = ViTConfig.from_dict(data)
-    except ConfigError as exc:
-        raise CheckpointError(f"{cfg_path}: {exc}") from None
-    try:
-        state = load_file(str(weights))
-    except (SafetensorError, OSError) as exc:
-        raise CheckpointError(f"{weights}: not a readable safetensors file ({exc})") from None
-    model = VisionTransformer(config)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise CheckpointError(f"{weights} does not match {cfg_path}: {exc}") from None
-    return model.eval()
 
 
 # ------------------------------------------------------------------------------ the data
@@ -204,15 +153,12 @@ def eval_transform(
         and mean is None
         and std is None
     ):
-        try:
-            from vitkit.data.processor import ImageProcessor
-        except ImportError:
-            ImageProcessor = None
-        if ImageProcessor is not None:
-            processor = ImageProcessor.from_pretrained(ckpt_dir)
-            if processor.num_channels != config.in_chans:
-                processor = ImageProcessor.from_pretrained(ckpt_dir, num_channels=config.in_chans)
-            return processor.preprocess_pil
+        from vitkit.data.processor import ImageProcessor
+
+        processor = ImageProcessor.from_pretrained(ckpt_dir)
+        if processor.num_channels != config.in_chans:
+            processor = ImageProcessor.from_pretrained(ckpt_dir, num_channels=config.in_chans)
+        return processor.preprocess_pil
     return simple_transform(config, mean=mean, std=std)
 
 
@@ -291,12 +237,8 @@ def build_eval_dataset(
         root = next((path / c for c in candidates if (path / c).is_dir()), path)
         ds = ImageFolderDataset(root, mode=mode)
         return ds, ds.classes
-    try:
-        from vitkit.data.builtin import load_builtin
-    except ImportError:
-        raise VitkitError(
-            f"--data {spec}: no such file or folder (built-in datasets need vitkit.data.builtin)"
-        ) from None
+    from vitkit.data.builtin import load_builtin
+
     train, test = load_builtin(spec)  # in-memory (N, C, H, W) in [0, 1]; an 80/20 split
     part = train if split == "train" else test
     return _TensorItems(part.images, part.labels), list(part.classes)

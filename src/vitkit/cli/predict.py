@@ -220,15 +220,8 @@ def _load_model(source: str):
             file=sys.stderr,
         )
         return create_model(source)
-    try:
-        from vitkit import from_pretrained  # provided by vitkit.checkpoints
-    except ImportError:
-        from vitkit.errors import VitkitError
+    from vitkit import from_pretrained
 
-        raise VitkitError(
-            f"{source}: not a preset name, and this vitkit cannot load checkpoints "
-            "(vitkit.from_pretrained is missing); see `vitkit models` for presets"
-        ) from None
     return from_pretrained(source)
 
 

@@ -200,13 +200,8 @@ class _SeededDataset(torch.utils.data.Dataset):
 
 def _file_datasets(data: str, val_data: str | None) -> tuple[Any, Any]:
     """(train, val) datasets of a path, using vitkit.data.folders."""
-    try:
-        from vitkit.data import folders
-    except ImportError as exc:
-        raise ConfigError(
-            f"--data {data}: reading image files needs vitkit.data.folders, "
-            "which this installation lacks"
-        ) from exc
+    from vitkit.data import folders
+
     root = Path(data)
     if not root.exists():
         raise ConfigError(

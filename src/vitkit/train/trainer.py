@@ -125,27 +125,17 @@ def _resize_positions(model: nn.Module, image_size: int) -> nn.Module:
 
 
 def _load_init(source: str) -> nn.Module:
-    """A pretrained model from a vitkit directory (model.safetensors + config.json, or a run
-    directory) or anything `vitkit.from_pretrained` accepts."""
+    """A pretrained model from a model folder, a `vitkit train` run directory (its best/, else
+    last/, or its training state) or anything else `vitkit.from_pretrained` accepts."""
+    from vitkit.checkpoints.pretrained import from_pretrained
     from vitkit.models.vit import VisionTransformer
 
     path = Path(source)
-    if path.is_dir():
-        try:
-            config, state = load_native_weights(path)
-        except VitkitError:
-            config = None
-        if config is not None:
-            model = VisionTransformer(config)
-            model.load_state_dict(state)
-            return model
-    try:
-        from vitkit.checkpoints.pretrained import from_pretrained
-    except ImportError as exc:
-        raise ConfigError(
-            f"--init {source}: not a vitkit model directory, and this vitkit has "
-            "no from_pretrained for other sources"
-        ) from exc
+    if path.is_dir() and not (path / "config.json").is_file():
+        config, state = load_native_weights(path)  # a run directory
+        model = VisionTransformer(config)
+        model.load_state_dict(state)
+        return model
     return from_pretrained(source)
 
 
@@ -259,13 +249,8 @@ def _loss_fn(recipe: Recipe) -> Callable[[Tensor, Tensor], Tensor]:
 def _mixer(recipe: Recipe, num_classes: int):
     if recipe.mixup_alpha <= 0 and recipe.cutmix_alpha <= 0:
         return None
-    try:
-        from vitkit.data.augment import MixupCutmix
-    except ImportError as exc:
-        raise ConfigError(
-            "mixup/cutmix need vitkit.data.augment, missing here; set "
-            "mixup_alpha=0 and cutmix_alpha=0"
-        ) from exc
+    from vitkit.data.augment import MixupCutmix
+
     return MixupCutmix(
         num_classes,
         mixup_alpha=recipe.mixup_alpha,
@@ -553,10 +538,8 @@ def train(
 
 
 def _plot(run_dir: Path) -> None:
-    try:
-        from vitkit.viz import plot_curves
-    except ImportError:
-        return
+    from vitkit.viz import plot_curves
+
     try:
         plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
     except Exception as exc:  # a plot must never fail a finished run
