@@ -225,7 +225,7 @@ class ViTConfig:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the config as JSON atomically."""
-        from vitkit.checkpoints.io import atomic_write_text
+        from vitkit._io import atomic_write_text
 
         atomic_write_text(Path(path), self.to_json() + "\n")
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from vitkit.checkpoints.io import atomic_path
+from vitkit._io import atomic_path
 from vitkit.errors import VitkitError
 
 __all__ = ["plot_confusion_matrix", "plot_curves", "read_metrics", "save_attention_maps"]

@@ -70,7 +70,7 @@ def save_simmim(model: Any, directory: str | os.PathLike[str]) -> Path:
     """Write `model` (a `SimMIM`) as a transformers `ViTForMaskedImageModeling` folder."""
     from safetensors.torch import save_file
 
-    from vitkit.checkpoints.io import atomic_path, atomic_write_text
+    from vitkit._io import atomic_path, atomic_write_text
 
     folder = Path(directory)
     folder.mkdir(parents=True, exist_ok=True)

@@ -326,7 +326,7 @@ def npz_from_state_dict(sd: Mapping[str, Tensor], config: ViTConfig) -> dict[str
 def save_npz(model: Any, path: str | os.PathLike[str]) -> None:
     """Write a vitkit model as a vision_transformer `.npz` atomically (timm's
     `_load_weights` and the original JAX code read it)."""
-    from vitkit.checkpoints.io import atomic_open
+    from vitkit._io import atomic_open
 
     arrays = npz_from_state_dict(model.state_dict(), model.config)
     with atomic_open(path, "wb") as f:

@@ -332,7 +332,7 @@ def save_pretrained(model: Any, directory: str | os.PathLike[str], format: str =
     from safetensors.torch import save_file
 
     from vitkit.checkpoints import hf
-    from vitkit.checkpoints.io import atomic_path, atomic_write_text
+    from vitkit._io import atomic_path, atomic_write_text
 
     config: ViTConfig = model.config
     if format not in ("auto", "hf", "vitkit"):

@@ -242,7 +242,7 @@ def save_timm(model: torch.nn.Module, path: str) -> None:
     `load_checkpoint(model, path)` and `pretrained_cfg_overlay=dict(file=path)` read it)."""
     from safetensors.torch import save_file
 
-    from vitkit.checkpoints.io import atomic_path
+    from vitkit._io import atomic_path
 
     sd = export_timm(model)
     with atomic_path(path) as tmp:

@@ -319,7 +319,7 @@ class _Collate:
 # ------------------------------------------------------------------------------ the report
 def write_report(result: Any, out: Path, **meta: Any) -> None:
     """metrics.json (every number, the confusion matrix) and confusion.png under `out`."""
-    from vitkit.checkpoints.io import atomic_write_text
+    from vitkit._io import atomic_write_text
     from vitkit.errors import VitkitError
 
     skipped = meta.pop("skipped", [])

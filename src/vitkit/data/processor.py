@@ -265,7 +265,7 @@ class ImageProcessor:
 
     def save_pretrained(self, folder: str | os.PathLike[str]) -> Path:
         """Write `folder/preprocessor_config.json` (atomically); transformers loads it back."""
-        from vitkit.checkpoints.io import atomic_write_text
+        from vitkit._io import atomic_write_text
 
         file = Path(folder) / CONFIG_NAME
         atomic_write_text(file, json.dumps(self.to_hf_dict(), indent=2) + "\n")

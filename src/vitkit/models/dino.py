@@ -319,7 +319,7 @@ def _to_rgb(t: Tensor):
 def _write_png(array, out_png: str) -> None:
     from PIL import Image
 
-    from vitkit.checkpoints.io import atomic_open
+    from vitkit._io import atomic_open
 
     with atomic_open(out_png, "wb") as f:
         Image.fromarray(array).save(f, format="PNG")

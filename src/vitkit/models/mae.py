@@ -234,7 +234,7 @@ def save_reconstruction(
     import numpy as np
     from PIL import Image
 
-    from vitkit.checkpoints.io import atomic_open
+    from vitkit._io import atomic_open
 
     rows = []
     for i in range(min(max_images, images.shape[0])):

@@ -227,7 +227,7 @@ def pretrain(
     """
     from tqdm.auto import tqdm
 
-    from vitkit.checkpoints.io import atomic_path, atomic_write_text
+    from vitkit._io import atomic_path, atomic_write_text
 
     cfg.validate()
     out = Path(cfg.out)

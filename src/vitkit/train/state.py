@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from vitkit.checkpoints.io import atomic_open
+from vitkit._io import atomic_open
 from vitkit.errors import CheckpointError
 
 STATE_FILE = "state.pt"

@@ -221,7 +221,7 @@ class _Log:
     def flush(self) -> None:
         if not self.enabled:
             return
-        from vitkit.checkpoints.io import atomic_write_text
+        from vitkit._io import atomic_write_text
 
         atomic_write_text(
             self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.rows)
@@ -357,7 +357,7 @@ def train(
     log = _Log(run_dir, rows, main, recipe.tensorboard)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        from vitkit.checkpoints.io import atomic_write_text
+        from vitkit._io import atomic_write_text
 
         atomic_write_text(run_dir / "recipe.json", json.dumps(recipe.to_dict(), indent=2) + "\n")
 
