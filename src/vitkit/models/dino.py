@@ -25,7 +25,13 @@ from vitkit.models.vit import VisionTransformer
 
 class DINOHead(nn.Module):
     """MLP (3 layers, GELU) -> bottleneck -> L2 normalisation -> weight-normalised linear layer
-    to `out_dim` prototypes (its norm fixed to 1 when `norm_last_layer`)."""
+    to `out_dim` prototypes (its norm fixed to 1 when `norm_last_layer`).
+
+    `use_bn` puts a BatchNorm after each hidden layer (DINO's option, used there for ResNets):
+    it removes what all images of a batch share, which on tiny images (8x8 digits) is nearly
+    all of a freshly initialised encoder's output, and would otherwise leave the centred
+    teacher uniform from the first steps.
+    """
 
     def __init__(
         self,
@@ -36,6 +42,7 @@ class DINOHead(nn.Module):
         bottleneck_dim: int = 256,
         nlayers: int = 3,
         norm_last_layer: bool = True,
+        use_bn: bool = False,
     ):
         super().__init__()
         layers: list[nn.Module] = []
@@ -43,6 +50,8 @@ class DINOHead(nn.Module):
         for i in range(nlayers):
             layers.append(nn.Linear(dims[i], dims[i + 1]))
             if i < nlayers - 1:
+                if use_bn:
+                    layers.append(nn.BatchNorm1d(dims[i + 1]))
                 layers.append(nn.GELU())
         self.mlp = nn.Sequential(*layers)
         for m in self.mlp:
@@ -177,6 +186,7 @@ class DINO(nn.Module):
         hidden_dim: int = 2048,
         bottleneck_dim: int = 256,
         norm_last_layer: bool = True,
+        use_bn: bool = False,
         n_local_crops: int = 6,
         **loss_kwargs: float,
     ):
@@ -188,6 +198,7 @@ class DINO(nn.Module):
             hidden_dim=hidden_dim,
             bottleneck_dim=bottleneck_dim,
             norm_last_layer=norm_last_layer,
+            use_bn=use_bn,
         )
         self.student = MultiCropWrapper(backbone, head)
         self.teacher = copy.deepcopy(self.student).requires_grad_(False)
@@ -201,6 +212,9 @@ class DINO(nn.Module):
     def train(self, mode: bool = True) -> DINO:
         super().train(mode)
         self.teacher.eval()  # no dropout / drop-path in the teacher
+        for m in self.teacher.modules():  # but batch statistics, as in DINO's code
+            if isinstance(m, nn.BatchNorm1d):
+                m.train(mode)
         return self
 
     def forward(self, crops: Sequence[Tensor], progress: float = 1.0) -> Tensor:

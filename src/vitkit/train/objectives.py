@@ -231,7 +231,7 @@ class DINOObjective(Objective):
     uses_labels = False
 
     def __init__(self, config: ViTConfig, *, out_dim: int = 1024, local_crops: int = 4,
-                 hflip: bool = False, momentum_teacher: float = 0.996,
+                 hflip: bool = False, head_bn: bool = True, momentum_teacher: float = 0.996,
                  teacher_temp: float = 0.07, warmup_teacher_temp: float = 0.04):  # fmt: skip
         from vitkit.models.dino import DINO, MultiCrop
 
@@ -241,6 +241,7 @@ class DINOObjective(Objective):
             out_dim=out_dim,
             hidden_dim=max(256, 4 * config.embed_dim),
             bottleneck_dim=min(256, max(64, config.embed_dim)),
+            use_bn=head_bn,
             n_local_crops=local_crops,
             teacher_temp=teacher_temp,
             warmup_teacher_temp=warmup_teacher_temp,
@@ -340,6 +341,7 @@ def build_objective(recipe: Any, model_or_config: VisionTransformer | ViTConfig,
         out_dim=recipe.out_dim,
         local_crops=recipe.local_crops,
         hflip=recipe.hflip,
+        head_bn=recipe.head_bn,
         momentum_teacher=recipe.momentum_teacher,
         teacher_temp=recipe.teacher_temp,
         warmup_teacher_temp=recipe.warmup_teacher_temp,

@@ -94,6 +94,7 @@ class Recipe:
     norm_pix_loss: bool = True
     out_dim: int = 1024  # DINO prototypes
     local_crops: int = 4
+    head_bn: bool = True  # DINO head with BatchNorm (keeps the teacher from a uniform start)
     momentum_teacher: float = 0.996
     teacher_temp: float = 0.07
     warmup_teacher_temp: float = 0.04
