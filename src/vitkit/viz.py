@@ -349,7 +349,9 @@ def heatmap_overlay(
     for m in maps:
         lo, hi = float(np.nanmin(m)), float(np.nanmax(m))
         m = (m - lo) / (hi - lo) if hi > lo else np.zeros_like(m)
-        up = np.asarray(Image.fromarray(np.ascontiguousarray(m, dtype=np.float32)).resize(base.size, resample))
+        up = np.asarray(
+            Image.fromarray(np.ascontiguousarray(m, dtype=np.float32)).resize(base.size, resample)
+        )
         blend = (1.0 - alpha) * pixels + alpha * colorize(up).astype(np.float32)
         panels.append(Image.fromarray(np.rint(blend).astype(np.uint8)))
     if len(panels) == 1:
