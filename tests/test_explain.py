@@ -180,3 +180,57 @@ def test_rollout_options():
         explain(model, x, "rollout", head_fusion="median")
     with pytest.raises(ConfigError, match="unknown explanation method"):
         explain(model, x, "lrp")
+
+
+def test_cli_writes_png_and_npy_per_image_and_reports_bad_ones(tmp_path, capsys):
+    import numpy as np
+    import skimage.data
+    from PIL import Image
+
+    import vitkit
+    from vitkit.checkpoints.resolve import resolve
+    from vitkit.cli import main
+
+    model = _tiny(image_size=64).eval()
+    model.config = model.config.replace(num_classes=2, id2label={0: "noise", 1: "square"})
+    vitkit.VisionTransformer.save_pretrained(model, tmp_path / "model")
+    photo = tmp_path / "a" / "photo.png"
+    photo.parent.mkdir()
+    Image.fromarray(skimage.data.astronaut()[:300, :400]).save(photo)
+    twin = tmp_path / "b" / "photo.png"  # same file name: written as photo-2
+    twin.parent.mkdir()
+    twin.write_bytes(photo.read_bytes())
+    bad = tmp_path / "bad.jpg"
+    bad.write_text("not a jpeg")
+    out = tmp_path / "out"
+    args = [str(photo), str(bad), str(twin), "--model", str(tmp_path / "model"), "-o", str(out)]
+    code = main(["explain", *args, "--method", "grad-rollout", "--label", "square", "--save-npy"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert f"{bad}: not an image file" in err
+    assert sorted(p.name for p in out.iterdir()) == [
+        "photo-2.grad-rollout.npy", "photo-2.grad-rollout.png",
+        "photo.grad-rollout.npy", "photo.grad-rollout.png",
+    ]  # fmt: skip
+    saved = np.load(out / "photo.grad-rollout.npy")
+    r = resolve(tmp_path / "model")
+    expected = explain(r.model, r.processor([str(photo)]), "grad-rollout", label=1).maps[0]
+    np.testing.assert_allclose(saved, expected.numpy(), rtol=1e-5, atol=1e-7)
+    with Image.open(out / "photo.grad-rollout.png") as im:
+        assert im.size == (2 * 400 + 4, 300)  # the photo, then the map over it
+
+    assert main(["explain", str(photo), "--model", str(tmp_path / "model"), "-o", str(out),
+                 "--method", "attention"]) == 0  # fmt: skip
+    with Image.open(out / "photo.attention.png") as im:
+        assert im.size == (4 * 400 + 3 * 4, 300)  # image, head mean, two heads
+
+
+def test_label_index():
+    from vitkit.explain import label_index
+
+    labels = {0: "tench, Tinca tinca", 1: "golden retriever"}
+    assert label_index("1", labels) == 1
+    assert label_index("Tinca tinca", labels) == 0
+    assert label_index("Golden Retriever", labels) == 1
+    with pytest.raises(ConfigError, match="no class named"):
+        label_index("cat", labels)

@@ -22,13 +22,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor
 
 from vitkit.errors import ConfigError
 from vitkit.models.vit import VisionTransformer
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from vitkit.data.processor import ImageProcessor
 
 __all__ = [
     "HEAD_FUSIONS",
@@ -37,7 +42,9 @@ __all__ = [
     "attention_map",
     "attention_rollout",
     "explain",
+    "explain_image",
     "grad_rollout",
+    "label_index",
 ]
 
 Method = Literal["attention", "rollout", "grad-rollout"]
@@ -87,6 +94,57 @@ def explain(
     if method == "grad-rollout":
         return grad_rollout(model, pixel_values, label=label)
     raise ConfigError(f"unknown explanation method {method!r}; choose one of {METHODS}")
+
+
+def explain_image(
+    model: VisionTransformer,
+    processor: ImageProcessor,
+    image: Any,
+    method: Method = "rollout",
+    *,
+    label: int | None = None,
+    head_fusion: HeadFusion = "mean",
+    discard_ratio: float = 0.0,
+    with_image: bool = True,
+    per_head: bool = True,
+    max_side: int | None = 512,
+) -> tuple[Explanation, Image.Image]:
+    """Explain one image (a path, encoded bytes or a PIL image) and draw it.
+
+    The image goes through `processor` exactly as for prediction; the map is drawn over the
+    region the model saw (`processor.crop_box`), after the plain image when `with_image`, and
+    for "attention" followed by one panel per head when `per_head`. Raises `ImageError` for an
+    unreadable image.
+    """
+    from vitkit.data.images import load_image
+    from vitkit.viz import heatmap_overlay
+
+    picture = load_image(image, background=processor.background, max_pixels=processor.max_pixels)
+    device = next(model.parameters()).device
+    pixels = processor.preprocess_pil(picture)[None].to(device)  # (1, C, H, W)
+    result = explain(
+        model, pixels, method, label=label, head_fusion=head_fusion, discard_ratio=discard_ratio
+    )
+    maps = result.maps[0][None]  # (1, gh, gw)
+    if result.head_maps is not None and per_head:
+        maps = torch.cat([maps, result.head_maps[0]])  # (1 + heads, gh, gw)
+    view = picture.crop(processor.crop_box(picture.width, picture.height))
+    drawn = heatmap_overlay(view, maps, max_side=max_side, with_image=with_image)
+    return result, drawn
+
+
+def label_index(label: str | int, id2label: dict[int, str]) -> int:
+    """A class given as an index ("207") or a name (exact, or one of the comma-separated
+    synonyms ImageNet names carry: "golden retriever"), case-insensitive -> its index."""
+    text = str(label).strip()
+    if text.lstrip("-").isdigit():
+        return int(text)
+    wanted = text.casefold()
+    for index, name in id2label.items():
+        synonyms = [s.strip().casefold() for s in name.split(",")]
+        if wanted == name.casefold() or wanted in synonyms:
+            return int(index)
+    raise ConfigError(f"no class named {text!r}; pass a class index or one of the model's labels")
 
 
 @torch.inference_mode()
