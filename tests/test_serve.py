@@ -428,3 +428,56 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(model_dir, photos):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# ---------------------------------------------------------------------------------- browser
+def test_web_page_in_headless_chromium(server, tmp_path):
+    """Upload a real photo through the page and read back what it shows. Set
+    VITKIT_SCREENSHOT=path to keep a copy of the screenshot outside the test's tmp dir."""
+    import shutil
+
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("Debian's chromium is not installed (apt-get install -y chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    photo = tmp_path / "astronaut.png"
+    Image.fromarray(skimage.data.astronaut()).save(photo)
+    status, api = post_json(server.port, "/v1/classify?top_k=5", photo.read_bytes())
+    assert status == 200
+
+    origin = f"http://127.0.0.1:{server.port}"
+    requested = []
+    with sync_api.sync_playwright() as p:
+        # --no-sandbox: CI runs as root, where Chromium's sandbox refuses to start
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 760})
+            page.on("request", lambda r: requested.append(r.url))
+            page.goto(origin + "/")
+            page.set_input_files("#file", str(photo))
+            page.wait_for_selector("body[data-state=done]", timeout=TIMEOUT * 1000)
+            labels = page.locator("#labels .label").all_inner_texts()
+            shown = page.locator("#labels .prob").all_inner_texts()
+            widths = page.eval_on_selector_all(
+                "#labels .bar span", "spans => spans.map(s => parseFloat(s.style.width))"
+            )
+            overlay = page.eval_on_selector(
+                "#overlay", "img => [img.naturalWidth, img.naturalHeight]"
+            )
+            caption = page.inner_text("#overlay-caption")
+            page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
+        finally:
+            browser.close()
+    if os.environ.get("VITKIT_SCREENSHOT"):
+        shutil.copyfile(tmp_path / "page.png", os.environ["VITKIT_SCREENSHOT"])
+
+    assert labels == [t["label"] for t in api["top_k"]]
+    for text, width, t in zip(shown, widths, api["top_k"]):
+        assert float(text.rstrip("%")) == pytest.approx(100 * t["probability"], abs=0.006)
+        assert width == pytest.approx(max(0.5, 100 * t["probability"]), abs=0.006)
+    left, top, right, bottom = server.app.state.service.processor.crop_box(512, 512)
+    assert overlay == [right - left, bottom - top] == [449, 449]  # the centre crop, 0.875
+    assert caption == f"attention rollout for {api['top_k'][0]['label']}"
+    assert requested and all(url.startswith((origin, "blob:")) for url in requested), requested
+    with Image.open(tmp_path / "page.png") as im:
+        assert im.width == 1200 and im.height >= 400
