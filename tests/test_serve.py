@@ -481,3 +481,36 @@ def test_web_page_in_headless_chromium(server, tmp_path):
     assert requested and all(url.startswith((origin, "blob:")) for url in requested), requested
     with Image.open(tmp_path / "page.png") as im:
         assert im.width == 1200 and im.height >= 400
+
+
+# ---------------------------------------------------------------------------------- deploy/
+def test_deploy_files_agree_with_the_server(server):
+    import yaml
+
+    from vitkit.cli.serve import DRAIN_SECONDS
+
+    root = Path(__file__).resolve().parents[1] / "deploy"
+    dockerfile = (root / "Dockerfile").read_text()
+    lines = [line.strip() for line in dockerfile.splitlines()]
+    assert 'ENTRYPOINT ["vitkit", "serve"]' in lines
+    user = [line.split()[1] for line in lines if line.startswith("USER ")]
+    assert user and user[-1] not in ("0", "root")
+    # the image's HEALTHCHECK command, pointed at the test server: 0 when ready
+    check = dockerfile.split("HEALTHCHECK", 1)[1].split("CMD", 1)[1].split("\n\n")[0]
+    argv = json.loads(check.replace("\\\n", " ").strip())
+    argv = [a.replace("127.0.0.1:8000", f"127.0.0.1:{server.port}") for a in argv]
+    assert subprocess.run([sys.executable, *argv[1:]], timeout=TIMEOUT).returncode == 0
+
+    docs = list(yaml.safe_load_all((root / "kubernetes" / "vitkit-serve.yaml").read_text()))
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    service = next(d for d in docs if d["kind"] == "Service")
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert container["ports"] == [{"name": "http", "containerPort": 8000}]
+    assert container["args"][container["args"].index("--port") + 1] == "8000"
+    pre_stop = int(container["lifecycle"]["preStop"]["exec"]["command"][-1])
+    assert pod["terminationGracePeriodSeconds"] >= pre_stop + DRAIN_SECONDS + 1
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
