@@ -3,14 +3,15 @@
 Starts `vitkit serve` in a subprocess, then for 1, 4, 16 and 64 concurrent clients (threads with
 keep-alive connections, each sending the same encoded photo to POST /v1/classify back to back)
 measures throughput, p50/p99 latency, failed requests and the mean batch size the server ran
-(from its /metrics). In the same run, before and after the HTTP levels, the same model is timed
-offline in this process: model only (preprocessed batches of --max-batch) and end to end
-(decode + preprocess + forward, as `vitkit predict` does).
+(from its /metrics). Each level runs --rounds rounds; each round first times the same model
+offline in this process (one forward on a preprocessed batch of --max-batch) and then the
+served round, so every served/offline ratio compares neighbouring measurements on a machine
+whose load drifts. The table gives medians over rounds.
 
     PYTHONPATH=src python benchmarks/serve.py --threads 2              # ViT-S/16, random weights
     PYTHONPATH=src python benchmarks/serve.py --model out/ --clients 1,16 --requests 64
 
-Every level is bounded by --requests (at least 2 per client) and --seconds.
+Every round is bounded by --requests (at least one per client) and --seconds.
 """
 
 from __future__ import annotations
@@ -43,24 +44,25 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="vit_small_patch16_224", help="preset, folder or hub id")
     p.add_argument("--clients", default="1,4,16,64")
-    p.add_argument("--requests", type=int, default=64, help="requests per level (at least)")
-    p.add_argument("--seconds", type=float, default=45.0, help="time limit per level")
+    p.add_argument("--rounds", type=int, default=3, help="offline/HTTP pairs per level")
+    p.add_argument("--requests", type=int, default=24, help="requests per round (>= clients)")
+    p.add_argument("--seconds", type=float, default=40.0, help="time limit per HTTP round")
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--max-wait-ms", type=float, default=10.0)
     p.add_argument("--threads", type=int, default=2, help="torch threads (server and offline)")
-    p.add_argument("--offline-batches", type=int, default=4, help="timed batches per offline run")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     clients = [int(c) for c in args.clients.split(",")]
     photo = _photo()
 
-    info = machine_info()
-    print(machine_line(info))
+    print(machine_line(machine_info()))
     print(
         f"model: {args.model}, max_batch {args.max_batch}, max_wait_ms {args.max_wait_ms}, "
-        f"image: {len(photo)} byte PNG (512 x 512)"
+        f"image: {len(photo)} byte PNG (512 x 512), {args.rounds} rounds per level"
     )
-    offline = [_offline(args, photo)]
+    offline = _Offline(args, photo)
+    print(f"offline decode + preprocess + model, batch {args.max_batch}: "
+          f"{offline.end_to_end():.2f} img/s")  # fmt: skip
     port = _free_port()
     cmd = [
         sys.executable, "-m", "vitkit", "serve", "--model", args.model, "--port", str(port),
@@ -69,43 +71,47 @@ def main() -> None:
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(HERE.parent / "src")}
     server = subprocess.Popen(cmd, env=env, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
-    rows = []
+    table = []
     try:
         _wait_ready(port, server)
-        _run_level(port, photo, 2, 4, 30.0)  # warm-up: connections, allocator, kernels
+        _run_round(port, photo, 2, 4, 30.0)  # warm-up: connections, allocator, kernels
         for n in clients:
-            rows.append(_run_level(port, photo, n, max(args.requests, 2 * n), args.seconds))
+            # offline and served alternate, so each ratio compares two neighbouring measurements
+            pairs = []
+            for _ in range(args.rounds):
+                alone = offline.model_only()
+                pairs.append(
+                    (alone, _run_round(port, photo, n, max(args.requests, n), args.seconds))
+                )
+            table.append(_summary(n, pairs))
+            print(json.dumps(dict(zip(HEADERS, table[-1]))), flush=True)
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=30)
-    offline.append(_offline(args, photo))
+    print(format_table(HEADERS, table))
 
-    model_only = statistics.median(o[0] for o in offline)
-    end_to_end = statistics.median(o[1] for o in offline)
-    print(
-        f"offline (this process, {args.threads} threads), before / after the HTTP levels: "
-        f"model only, batch {args.max_batch}: "
-        f"{' / '.join(f'{o[0]:.2f}' for o in offline)} img/s; "
-        f"decode + preprocess + model: {' / '.join(f'{o[1]:.2f}' for o in offline)} img/s"
-    )
-    table = [
-        (
-            r["clients"], r["ok"], r["failed"], f"{r['throughput']:.2f}",
-            f"{1000 * r['p50']:.0f}", f"{1000 * r['p99']:.0f}", f"{r['mean_batch']:.2f}",
-            f"{100 * r['throughput'] / model_only:.0f}%",
-            f"{100 * r['throughput'] / end_to_end:.0f}%",
-        )
-        for r in rows
-    ]  # fmt: skip
-    print(
-        format_table(
-            [
-                "clients", "ok", "failed", "img/s", "p50 ms", "p99 ms", "mean batch",
-                "% offline model", "% offline e2e",
-            ],
-            table,
-        )
-    )  # fmt: skip
+
+HEADERS = [
+    "clients", "requests", "failed", "img/s", "offline img/s", "served / offline",
+    "p50 ms", "p99 ms", "mean batch",
+]  # fmt: skip
+
+
+def _summary(clients: int, pairs: list[tuple[float, dict]]) -> list:
+    latencies = sorted(x for _, r in pairs for x in r["latencies"])
+    served = [r["ok"] / r["wall"] for _, r in pairs]
+    forwards = sum(r["forwards"] for _, r in pairs)
+    return [
+        clients,
+        sum(r["ok"] + r["failed"] for _, r in pairs),
+        sum(r["failed"] for _, r in pairs),
+        f"{statistics.median(served):.2f}",
+        f"{statistics.median(o for o, _ in pairs):.2f}",
+        f"{statistics.median(s / o for s, (o, _) in zip(served, pairs)):.2f}",
+        f"{1000 * _quantile(latencies, 0.50):.0f}",
+        f"{1000 * _quantile(latencies, 0.99):.0f}",
+        f"{sum(r['images'] for _, r in pairs) / forwards:.2f}" if forwards else "-",
+    ]
 
 
 def _photo() -> bytes:
@@ -117,29 +123,34 @@ def _photo() -> bytes:
     return buffer.getvalue()
 
 
-def _offline(args, photo: bytes) -> tuple[float, float]:
-    """(model-only img/s on preprocessed batches, decode + preprocess + model img/s)."""
-    from vitkit.checkpoints.resolve import resolve
+class _Offline:
+    """The same model in this process, timed on batches of --max-batch."""
 
-    r = resolve(args.model, allow_preset=True)
-    model, processor = r.model.eval(), r.processor
-    n = args.max_batch
-    pixels = torch.stack([processor.preprocess_pil(photo)] * n)
-    with torch.inference_mode():
-        model(pixels)  # warm-up
+    def __init__(self, args, photo: bytes):
+        from vitkit.checkpoints.resolve import resolve
+
+        r = resolve(args.model, allow_preset=True)
+        self.model, self.processor, self.photo = r.model.eval(), r.processor, photo
+        self.batch = torch.stack([self.processor.preprocess_pil(photo)] * args.max_batch)
+        self.model_only()  # warm-up
+
+    @torch.inference_mode()
+    def model_only(self) -> float:
+        """img/s of one forward on a preprocessed batch."""
         start = time.perf_counter()
-        for _ in range(args.offline_batches):
-            model(pixels).logits.float().softmax(-1)
-        model_only = n * args.offline_batches / (time.perf_counter() - start)
+        self.model(self.batch).logits.float().softmax(-1)
+        return len(self.batch) / (time.perf_counter() - start)
+
+    @torch.inference_mode()
+    def end_to_end(self) -> float:
+        """img/s of decode + preprocess + forward, as `vitkit predict` does."""
         start = time.perf_counter()
-        for _ in range(args.offline_batches):
-            batch = torch.stack([processor.preprocess_pil(photo) for _ in range(n)])
-            model(batch).logits.float().softmax(-1)
-        end_to_end = n * args.offline_batches / (time.perf_counter() - start)
-    return model_only, end_to_end
+        pixels = torch.stack([self.processor.preprocess_pil(self.photo) for _ in self.batch])
+        self.model(pixels).logits.float().softmax(-1)
+        return len(self.batch) / (time.perf_counter() - start)
 
 
-def _run_level(port: int, photo: bytes, clients: int, requests: int, seconds: float) -> dict:
+def _run_round(port: int, photo: bytes, clients: int, requests: int, seconds: float) -> dict:
     before = parse(_get(port, "/metrics").decode())
     lock = threading.Lock()
     remaining = [requests]
@@ -180,20 +191,14 @@ def _run_level(port: int, photo: bytes, clients: int, requests: int, seconds: fl
         t.join()
     wall = time.perf_counter() - start
     after = parse(_get(port, "/metrics").decode())
-    forwards = after["vitkit_batch_size_count"] - before.get("vitkit_batch_size_count", 0)
-    images = after["vitkit_batch_size_sum"] - before.get("vitkit_batch_size_sum", 0)
-    latencies.sort()
-    row = {
-        "clients": clients,
+    return {
         "ok": len(latencies),
         "failed": failed[0],
-        "throughput": len(latencies) / wall,
-        "p50": _quantile(latencies, 0.50),
-        "p99": _quantile(latencies, 0.99),
-        "mean_batch": images / forwards if forwards else float("nan"),
+        "wall": wall,
+        "latencies": latencies,
+        "forwards": after["vitkit_batch_size_count"] - before.get("vitkit_batch_size_count", 0),
+        "images": after["vitkit_batch_size_sum"] - before.get("vitkit_batch_size_sum", 0),
     }
-    print(json.dumps(row), flush=True)
-    return row
 
 
 def _quantile(values: list[float], q: float) -> float:
