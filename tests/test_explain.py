@@ -193,7 +193,7 @@ def test_cli_writes_png_and_npy_per_image_and_reports_bad_ones(tmp_path, capsys)
 
     model = _tiny(image_size=64).eval()
     model.config = model.config.replace(num_classes=2, id2label={0: "noise", 1: "square"})
-    vitkit.VisionTransformer.save_pretrained(model, tmp_path / "model")
+    vitkit.save_pretrained(model, tmp_path / "model")
     photo = tmp_path / "a" / "photo.png"
     photo.parent.mkdir()
     Image.fromarray(skimage.data.astronaut()[:300, :400]).save(photo)

@@ -52,7 +52,7 @@ def model_dir(tmp_path_factory):
     )  # fmt: skip
     model = vitkit.VisionTransformer(cfg)
     torch.nn.init.normal_(model.head.weight, std=0.5)  # peaked answers: bars worth showing
-    vitkit.VisionTransformer.save_pretrained(model, root)
+    vitkit.save_pretrained(model, root)
     ImageProcessor.timm_eval(64, crop_pct=0.875).save_pretrained(root)
     return root
 

@@ -1,4 +1,5 @@
-"""Figures: training curves, confusion matrices, attention and relevance maps, as PNG files.
+"""Every picture vitkit draws: training curves, confusion matrices, attention and relevance maps,
+masked-image reconstructions; written as PNG files.
 
 Curves and confusion matrices need matplotlib, an optional dependency (`pip install
 vitkit[plot]`) imported on use and driven through its object API (no pyplot), so they work on
@@ -31,6 +32,7 @@ __all__ = [
     "read_metrics",
     "save_attention_maps",
     "save_png",
+    "save_reconstruction",
 ]
 
 PathLike = str | os.PathLike[str]
@@ -451,3 +453,37 @@ def save_attention_maps(
         sheet.paste(r, (0, y))
         y += r.height + _PANEL_GAP
     return save_png(sheet, out_png)
+
+
+def save_reconstruction(
+    images: Any,
+    masked: Any,
+    recon: Any,
+    out_png: PathLike,
+    *,
+    max_images: int = 8,
+    scale: int = 8,
+) -> Path:
+    """One row per image: original | masked | reconstructed (SimMIM, MAE), without matplotlib.
+
+    Each image is min-max scaled (from the original's range) to 0..255 and enlarged by `scale`
+    (nearest neighbour) so that 8x8 digits stay visible.
+    """
+    from PIL import Image
+
+    rows = []
+    for i in range(min(max_images, images.shape[0])):
+        lo, hi = images[i].min(), images[i].max()
+        cells = []
+        for t in (images[i], masked[i], recon[i]):
+            a = ((t - lo) / (hi - lo + 1e-8)).clamp(0, 1).mul(255).byte().cpu()
+            a = a.permute(1, 2, 0).numpy()
+            a = np.repeat(np.repeat(a, scale, 0), scale, 1)
+            if a.shape[2] == 1:
+                a = np.repeat(a, 3, 2)
+            cells += [a, np.full((a.shape[0], 2, 3), 128, np.uint8)]
+        rows.append(np.concatenate(cells[:-1], axis=1))
+    out = Path(out_png)
+    with atomic_path(out) as tmp:
+        Image.fromarray(np.concatenate(rows, axis=0)).save(tmp, format="PNG")
+    return out
