@@ -375,7 +375,7 @@ async def _openapi(request):
     from starlette.schemas import SchemaGenerator
 
     generator = SchemaGenerator(
-        {"openapi": "3.0.0", "info": {"title": "vitkit serve", "version": _version()}}
+        {"openapi": "3.0.0", "info": {"title": "vitkit serve", "version": "1"}}  # the /v1 API
     )
     return _json(generator.get_schema(routes=request.app.routes))
 
@@ -483,12 +483,6 @@ def _ascii(text: str) -> str:
 
 def _log(message: str) -> None:
     print(f"vitkit serve: {message}", file=sys.stderr, flush=True)
-
-
-def _version() -> str:
-    from vitkit import __version__
-
-    return __version__
 
 
 _PAGE: str | None = None
