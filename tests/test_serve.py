@@ -400,9 +400,9 @@ def _free_port() -> int:
 def test_sigterm_drains_in_flight_requests_and_exits_0(model_dir, photos):
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    # a 3 s batching window makes a lone request slow enough to be in flight at SIGTERM
+    # a 5 s batching window makes a lone request slow enough to be in flight at SIGTERM
     cmd = [sys.executable, "-m", "vitkit", "serve", "--model", str(model_dir), "--port",
-           str(port), "--max-wait-ms", "3000", "--threads", "1"]  # fmt: skip
+           str(port), "--max-wait-ms", "5000", "--threads", "1"]  # fmt: skip
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + TIMEOUT
@@ -415,7 +415,7 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(model_dir, photos):
             time.sleep(0.1)
         with ThreadPoolExecutor(1) as pool:
             slow = pool.submit(post_json, port, "/v1/classify", photos["astronaut"].read_bytes())
-            time.sleep(0.7)  # the request is waiting in the batcher
+            time.sleep(1.5)  # the request is waiting in the batcher
             assert not slow.done()
             sent = time.monotonic()
             proc.send_signal(signal.SIGTERM)
