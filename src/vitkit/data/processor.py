@@ -299,6 +299,18 @@ class ImageProcessor:
             return self.resize
         return None
 
+    def crop_box(self, width: int, height: int) -> tuple[int, int, int, int]:
+        """(left, top, right, bottom) of the part of a `width` x `height` image that the output
+        shows, in that image's pixels: the centre crop mapped back through the resize, or the
+        whole image. Heat maps over the patch grid are drawn over this region."""
+        if self.crop_size is None:
+            return (0, 0, width, height)
+        h, w = self._resized_hw(height, width)
+        top, left = self._crop_offsets(h, w)
+        ch, cw = self.crop_size
+        sx, sy = width / w, height / h
+        return (round(left * sx), round(top * sy), round((left + cw) * sx), round((top + ch) * sy))
+
     def __call__(self, images: Any, *, device: torch.device | str | None = None) -> torch.Tensor:
         """Preprocess one image or a list of them into a (B, C, H, W) float32 tensor.
 
