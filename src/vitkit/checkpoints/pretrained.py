@@ -193,12 +193,8 @@ def _load_folder(
     except CheckpointError as exc:
         raise CheckpointError(f"{where}: {exc}") from exc
     model_type = data.get("model_type")
-    if model_type in ("vit", "deit"):
-        cfg = config or hf.config_from_hf(data)
-        if config is None and cfg.head == "mlp" and not any("pooler." in k for k in raw):
-            cfg = cfg.replace(head="linear", head_hidden_dim=None)  # saved without its pooler
-        ignore = ("decoder.",) if cfg.use_mask_token else ()
-        return cfg, hf.state_dict_from_hf(raw, cfg, ignore=ignore, source=name), name
+    if model_type in hf.MODEL_TYPES:
+        return (*hf.load_hf(data, raw, name, config=config), name)
     if model_type == "vitkit":
         try:
             cfg = config or ViTConfig.from_dict(data)
@@ -215,7 +211,7 @@ def _load_folder(
         return cfg, timm.state_dict_from_timm(sd, cfg, source=name), name
     raise CheckpointError(
         f"{files['config.json']}: model_type {model_type!r} is not one vitkit "
-        f"reads ('vit', 'deit', 'vitkit', or a timm config with 'architecture')"
+        f"reads ({', '.join(hf.MODEL_TYPES)}, 'vitkit', or a timm config with 'architecture')"
     )
 
 
@@ -342,9 +338,8 @@ def save_pretrained(model: Any, directory: str | os.PathLike[str], format: str =
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     dtype = next(iter(sd.values())).dtype
     if format == "hf":
-        meta = hf.config_to_hf(config)
+        meta, weights = hf.save_hf(config, sd)
         meta["dtype"] = str(dtype).removeprefix("torch.")
-        weights = hf.state_dict_to_hf(sd, config)
     else:
         meta = json.loads(config.to_json())
         weights = sd
