@@ -155,8 +155,15 @@ def _register_families() -> None:
         mlp = dict(mlp_layer="swiglu", mlp_ratio=8192 / 1536) if size == "giant" else {}
         for reg in (0, 4):
             name = f"dinov2_{size}{'_reg4' if reg else ''}_patch14_518"
+            # the models with registers resample positions with antialias (their transformers
+            # class and the original code do), the first ones without
             register_preset(
-                name, **FAMILIES["dinov2"], **sized(size), **mlp, num_register_tokens=reg
+                name,
+                **FAMILIES["dinov2"],
+                **sized(size),
+                **mlp,
+                num_register_tokens=reg,
+                pos_embed_antialias=bool(reg),
             )
     for size, patch, proj in (("base", 32, 512), ("base", 16, 512), ("large", 14, 768)):
         register_preset(

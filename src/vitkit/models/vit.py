@@ -469,18 +469,25 @@ def _is_tracing() -> bool:
 
 def count_macs(config: ViTConfig, image_size: tuple[int, int] | None = None) -> int:
     """Multiply-accumulates of one forward pass of one image: patch projection, attention
-    projections, attention itself (QK^T and AV), MLP and head(s). Norms and softmax are ignored."""
+    projections, attention itself (QK^T and AV), MLP (or SwiGLU), attention pooling, head(s)
+    and projection. Norms, LayerScale and softmax are ignored."""
     c = config
     h, w = image_size or c.image_hw
     n = math.ceil(h / c.patch_size) * math.ceil(w / c.patch_size)
     t = n + c.num_prefix_tokens
     d = c.embed_dim
     macs = n * c.patch_size**2 * c.in_chans * d
-    per_block = t * d * 3 * d + 2 * t * t * d + t * d * d + 2 * t * d * c.mlp_hidden_dim
+    hidden = c.mlp_hidden_dim
+    mlp = t * d * hidden + t * (hidden // 2 if c.mlp_layer == "swiglu" else hidden) * d
+    per_block = t * d * 3 * d + 2 * t * t * d + t * d * d + mlp
     macs += c.depth * per_block
+    if c.global_pool == "map":  # one query: q, k/v of the patches, attention, proj, MLP
+        map_hidden = int(round(d * c.mlp_ratio, 6))
+        macs += d * d + n * d * 2 * d + 2 * n * d + d * d + 2 * d * map_hidden
     feat = d
     if c.head == "mlp":
         feat = c.head_hidden_dim or d
         macs += d * feat
     macs += feat * c.num_classes * (2 if c.distilled else 1)
+    macs += d * (c.projection_dim or 0)
     return macs
