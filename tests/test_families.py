@@ -18,8 +18,8 @@ import pytest
 import torch
 
 import vitkit
+from vitkit import from_pretrained, resolve, save_pretrained
 from vitkit.checkpoints import hf as hf_ckpt
-from vitkit.checkpoints.pretrained import from_pretrained, save_pretrained
 from vitkit.checkpoints.timm import config_from_timm, export_timm, state_dict_from_timm
 from vitkit.data.processor import ImageProcessor
 from vitkit.errors import CheckpointError
@@ -460,6 +460,33 @@ def test_family_preprocessing_matches_transformers(family, astronaut, tmp_path):
     image = Image.fromarray(astronaut)
     expected = pil(images=image, return_tensors="pt")["pixel_values"]
     assert _diff(ours([image]), expected) <= TOL
+
+
+def test_the_resolver_hands_out_the_folders_processor(astronaut, tmp_path):
+    """A transformers CLIP folder with its preprocessor_config.json: resolve() returns the
+    model and CLIP's own preprocessing, which gives the peer's embedding of the photo."""
+    peer = _randomize(
+        T.CLIPVisionModelWithProjection(
+            T.CLIPVisionConfig(
+                hidden_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                intermediate_size=128,
+                image_size=224,
+                patch_size=32,
+                projection_dim=32,
+            )
+        )
+    )
+    peer.save_pretrained(tmp_path)
+    T.CLIPImageProcessor().save_pretrained(tmp_path)
+    r = resolve(tmp_path)
+    assert (r.processor.resize, r.processor.crop_size) == (224, (224, 224))
+    pixels = T.CLIPImageProcessor()(images=astronaut, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        ours = r.model(r.processor([astronaut])).image_embeds
+        theirs = peer(pixel_values=pixels).image_embeds
+    assert _diff(ours, theirs) <= TOL
 
 
 def test_legacy_integer_sizes_of_clip_configs():
