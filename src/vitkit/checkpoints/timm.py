@@ -187,7 +187,7 @@ def config_from_timm(
     elif config.pos_embed == "learned":
         found["pos_embed"] = "none"
     if any(found[k] for k in ("pre_norm", "layer_scale_init", "no_embed_class")) or (
-        found.get("global_pool") == "map" or found["num_register_tokens"]
+        found.get("global_pool") == "map"
     ):
         found["pos_embed_antialias"] = True  # timm's dynamic_img_size rule, kept for its families
     if P != P2:
