@@ -110,12 +110,15 @@ def rename_from(
             missing += absent
             continue
         used.update(names)
-        flat = torch.cat([sd[n].reshape(-1) for n in names])
         sizes = [math.prod(expected[k]) for k in ours]
-        if flat.numel() != sum(sizes):
-            got = tuple(sd[names[0]].shape) if len(names) == 1 else (flat.numel(),)
+        if sum(sd[n].numel() for n in names) != sum(sizes):
+            got = tuple(sd[names[0]].shape) if len(names) == 1 else (len(names),)
             conflicts[names[0]] = (tuple(expected[ours[0]]), got)
             continue
+        if len(names) == len(ours) == 1:  # a rename (perhaps a reshape): no copy
+            out[ours[0]] = sd[names[0]].reshape(expected[ours[0]])
+            continue
+        flat = torch.cat([sd[n].reshape(-1) for n in names])
         for key, part in zip(ours, flat.split(sizes), strict=True):
             out[key] = part.reshape(expected[key]).clone()
     unexpected = [k for k in sd if k not in used and not k.startswith(ignore)]
@@ -137,6 +140,9 @@ def rename_to(sd: Mapping[str, Tensor], rules: Iterable[Rule], *, prefix: str = 
         )
     out: dict[str, Tensor] = {}
     for ours, theirs in rules:
+        if len(ours) == len(theirs) == 1:
+            out[prefix + theirs[0][0]] = sd[ours[0]].reshape(theirs[0][1]).contiguous()
+            continue
         flat = torch.cat([sd[k].reshape(-1) for k in ours])
         sizes = [math.prod(shape) for _, shape in theirs]
         for (name, shape), part in zip(theirs, flat.split(sizes), strict=True):

@@ -90,16 +90,10 @@ def _family_for(config: ViTConfig) -> Any:
 def save_hf(config: ViTConfig, sd: Mapping[str, Tensor]) -> tuple[dict[str, Any], dict]:
     """(config.json dict, weights) in transformers' format for the class that fits `config`,
     or `CheckpointError` saying what no class can express."""
+    hf_architecture(config)  # raises, naming what no class can express
     family = _family_for(config)
     if family is None:
         return config_to_hf(config), state_dict_to_hf(sd, config)
-    reasons = family.unsupported(config)
-    if reasons:
-        raise CheckpointError(
-            "this model cannot be written as a transformers checkpoint ("
-            + "; ".join(reasons)
-            + "); save it with format='vitkit'"
-        )
     return family.config_to_hf(config), family.state_dict_to_hf(sd, config)
 
 
@@ -241,6 +235,9 @@ def hf_architecture(config: ViTConfig) -> str:
             + "; ".join(reasons)
             + "); save it with format='vitkit'"
         )
+    family = _family_for(config)
+    if family is not None:
+        return family.config_to_hf(config)["architectures"][0]
     base = "DeiT" if config.distilled else "ViT"
     if config.use_mask_token:
         return f"{base}ForMaskedImageModeling"

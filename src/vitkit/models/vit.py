@@ -114,7 +114,7 @@ class VisionTransformer(nn.Module):
             AttentionPool(
                 dim=D,
                 num_heads=c.num_heads,
-                mlp_hidden_dim=int(round(D * c.mlp_ratio, 6)),
+                mlp_hidden_dim=c.mlp_hidden_dim,
                 act=c.act,
                 eps=c.layer_norm_eps,
             )
@@ -207,10 +207,11 @@ class VisionTransformer(nn.Module):
         return len(self.blocks) + 2
 
     def layer_id(self, name: str) -> int:
-        """The layer group of parameter `name`: 0 for the embeddings, i + 1 for `blocks.i.*`,
-        `num_layers - 1` for the final norm and the head(s) (BEiT / MAE fine-tuning)."""
+        """The layer group of parameter `name`: 0 for the embeddings (and CLIP's pre-norm),
+        i + 1 for `blocks.i.*`, `num_layers - 1` for the final norm, pooling, projection and
+        head(s) (BEiT / MAE fine-tuning)."""
         if name.startswith(("patch_embed", "cls_token", "dist_token", "reg_token", "mask_token",
-                            "pos_embed")):  # fmt: skip
+                            "pos_embed", "norm_pre")):  # fmt: skip
             return 0
         if name.startswith("blocks."):
             return int(name.split(".")[1]) + 1
@@ -480,8 +481,7 @@ def count_macs(config: ViTConfig, image_size: tuple[int, int] | None = None) -> 
     per_block = t * d * 3 * d + 2 * t * t * d + t * d * d + mlp
     macs += c.depth * per_block
     if c.global_pool == "map":  # one query: q, k/v of the patches, attention, proj, MLP
-        map_hidden = int(round(d * c.mlp_ratio, 6))
-        macs += d * d + n * d * 2 * d + 2 * n * d + d * d + 2 * d * map_hidden
+        macs += d * d + n * d * 2 * d + 2 * n * d + d * d + 2 * d * hidden
     feat = d
     if c.head == "mlp":
         feat = c.head_hidden_dim or d
