@@ -95,10 +95,10 @@ def _ours(model: VisionTransformer, x: torch.Tensor, keys) -> dict[str, torch.Te
     return {k: getattr(out, k) for k in keys}
 
 
-def _compare(model, peer_fn, hw) -> float:
+def _compare(model, peer, hw) -> float:
     x = _images(hw)
     with torch.no_grad():
-        theirs = peer_fn(x)
+        theirs = _hf_outputs(peer, x, model.norm)
         ours = _ours(model, x, theirs)
     return max(_diff(ours[k], theirs[k]) for k in theirs)
 
@@ -111,7 +111,7 @@ def hf_parity(case: str, tmp_path) -> dict[str, dict[str, float]]:
     ours = from_pretrained(folder)
     result = {"load": {}, "save": {}}
     for label, hw in (("native", NATIVE), ("other", OTHER)):
-        result["load"][label] = _compare(ours, lambda x: _hf_outputs(peer, x, ours.norm), hw)
+        result["load"][label] = _compare(ours, peer, hw)
 
     fresh = _randomize(VisionTransformer(ours.config), seed=2)
     save_pretrained(fresh, tmp_path / "ours", format="hf")
@@ -120,7 +120,7 @@ def hf_parity(case: str, tmp_path) -> dict[str, dict[str, float]]:
     assert not problems, problems
     back.eval()
     for label, hw in (("native", NATIVE), ("other", OTHER)):
-        result["save"][label] = _compare(fresh, lambda x: _hf_outputs(back, x, fresh.norm), hw)
+        result["save"][label] = _compare(fresh, back, hw)
     return result
 
 
@@ -144,6 +144,22 @@ def test_dinov2_mask_token_matches(tmp_path):
         unmasked = ours(x).last_hidden_state
     assert _diff(a, b) <= TOL
     assert _diff(a, unmasked) > 1e-2  # the mask token changed something
+
+
+def test_each_peer_keeps_its_own_interpolation_rule(tmp_path):
+    """Dinov2WithRegistersModel resamples positions with antialias, Dinov2Model without: the
+    loader sets `pos_embed_antialias` per class, and the other rule would not match."""
+    from vitkit.models.vit import rebuild
+
+    for case, antialias in (("Dinov2WithRegistersModel", True), ("Dinov2Model", False)):
+        peer = _randomize(HF_CASES[case]())
+        peer.save_pretrained(tmp_path / case)
+        ours = from_pretrained(tmp_path / case)
+        assert ours.config.pos_embed_antialias is antialias
+        wrong = rebuild(ours, pos_embed_antialias=not antialias).eval()
+        assert _compare(ours, peer, OTHER) <= TOL
+        assert _compare(wrong, peer, OTHER) > 1e-3
+        assert _compare(wrong, peer, NATIVE) <= TOL
 
 
 @pytest.mark.parametrize(
