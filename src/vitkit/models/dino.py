@@ -104,6 +104,7 @@ class DINOLoss(nn.Module):
         self.warmup_fraction = warmup_fraction
         self.center_momentum = center_momentum
         self.register_buffer("center", torch.zeros(1, out_dim))
+        self.stats: dict[str, float] = {}
 
     def teacher_temperature(self, progress: float) -> float:
         """Linear warm-up from warmup_teacher_temp to teacher_temp over the first
@@ -119,7 +120,9 @@ class DINOLoss(nn.Module):
         """student_out (n_crops*B, K), teacher_out (2*B, K) -> scalar loss."""
         student = (student_out / self.student_temp).chunk(n_crops)
         temp = self.teacher_temperature(progress)
-        teacher = F.softmax((teacher_out - self.center) / temp, dim=-1).detach().chunk(2)
+        probs = F.softmax((teacher_out - self.center) / temp, dim=-1).detach()
+        self._watch(probs)
+        teacher = probs.chunk(2)
         total, terms = student_out.new_zeros(()), 0
         for iq, q in enumerate(teacher):
             for v in range(n_crops):
@@ -129,6 +132,15 @@ class DINOLoss(nn.Module):
                 terms += 1
         self.update_center(teacher_out)
         return total / terms
+
+    @torch.no_grad()
+    def _watch(self, probs: Tensor) -> None:
+        """Collapse shows in two entropies of the teacher's outputs (Caron et al. 2021, fig. 7):
+        per image near log K means uniform outputs; of the batch mean near 0, one prototype."""
+        per_image = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()
+        mean = probs.mean(0)
+        batch = -(mean * mean.clamp_min(1e-12).log()).sum()
+        self.stats = {"teacher_entropy": float(per_image), "teacher_batch_entropy": float(batch)}
 
     @torch.no_grad()
     def update_center(self, teacher_out: Tensor) -> None:

@@ -250,6 +250,7 @@ class DINOObjective(Objective):
         )
         self.momentum_teacher = momentum_teacher
         self.progress = 0.0
+        self._sums: dict[str, float] = {}
 
     def no_weight_decay(self) -> set[str]:
         student = self.dino.student.backbone.no_weight_decay()
@@ -263,7 +264,18 @@ class DINOObjective(Objective):
 
     def forward(self, images: Tensor, labels: Tensor, rng: torch.Generator) -> Tensor:
         views = [v.to(images.device) for v in self.crops.batch(images.cpu())]
-        return self.dino(views, progress=self.progress)
+        loss = self.dino(views, progress=self.progress)
+        for k, v in self.dino.loss.stats.items():
+            self._sums[k] = self._sums.get(k, 0.0) + v
+        self._sums["n"] = self._sums.get("n", 0.0) + 1
+        return loss
+
+    def logs(self) -> dict[str, float]:
+        """The epoch's mean teacher entropies (collapse shows here first)."""
+        n = self._sums.pop("n", 0.0)
+        out = {k: v / n for k, v in self._sums.items()} if n else {}
+        self._sums = {}
+        return out
 
     def after_step(self, step: int, total_steps: int) -> None:
         from vitkit.models.dino import teacher_momentum

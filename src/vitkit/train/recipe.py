@@ -30,6 +30,7 @@ PRETRAIN_DEFAULTS: dict[str, Any] = dict(
     random_shift=0,
     label_smoothing=0.0,
     ema_decay=None,
+    knn_every_epochs=10,
 )
 
 
@@ -96,6 +97,7 @@ class Recipe:
     momentum_teacher: float = 0.996
     teacher_temp: float = 0.07
     warmup_teacher_temp: float = 0.04
+    knn_every_epochs: int = 0  # self-supervised on labelled data: log validation k-NN top-1
     # numerics and bookkeeping
     ema_decay: float | None = 0.999  # EMA of weights (evaluated too); null: off
     dtype: str = "fp32"  # fp32 | bf16 | fp16 autocast (fp32 is fastest for tiny CPU models)
@@ -257,6 +259,8 @@ class Recipe:
             raise bad(f"rrc_scale={self.rrc_scale} must be [low, high] with 0 < low <= high <= 1")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise bad(f"betas={self.betas} must be two numbers in [0, 1)")
+        if self.knn_every_epochs < 0:
+            raise bad(f"knn_every_epochs={self.knn_every_epochs} must be >= 0")
         if self.save_every_steps < 0:
             raise bad(f"save_every_steps={self.save_every_steps} must be >= 0")
         if not isinstance(self.model_overrides, dict):
