@@ -29,6 +29,7 @@ def _real_size_rows() -> list[tuple[str, str, float]]:
     import transformers as T
 
     rows = []
+    torch.manual_seed(0)  # the peers initialise their own random weights
     peers = {
         "DINOv2 ViT-S/14 518 (Dinov2Model)": (
             T.Dinov2Model(T.Dinov2Config(hidden_size=384, num_attention_heads=6, image_size=518)),
