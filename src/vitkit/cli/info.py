@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-
 _POOLING = {"token": "[CLS] token", "avg": "mean of patch tokens", "map": "attention pool"}
 
 
