@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import argparse
 
-# flag -> recipe key, type, help (defaults: vitkit.train.PRETRAIN_DEFAULTS)
+# flag -> recipe key, type, help (defaults: vitkit.train.recipe.pretrain_defaults)
 _FLAGS: tuple[tuple[str, str, type, str], ...] = (
     ("--data", "data", str, "digits | mnist | a folder of images (default digits)"),
     ("--model", "model", str, "preset (default: vit_digits_patch2_8 / vit_mnist_patch4_28)"),
     ("--image-size", "image_size", int, "resize folder images to this size"),
-    ("--epochs", "epochs", int, "number of epochs (100)"),
-    ("--batch-size", "batch_size", int, "global batch size (128)"),
-    ("--lr", "lr", float, "peak learning rate (1.5e-3)"),
+    ("--epochs", "epochs", int, "number of epochs (100; DINO 150)"),
+    ("--batch-size", "batch_size", int, "global batch size (128; DINO 32)"),
+    ("--lr", "lr", float, "peak learning rate (1.5e-3; DINO 5e-4)"),
     ("--min-lr", "min_lr", float, "final learning rate (1e-5)"),
     ("--weight-decay", "weight_decay", float, "decoupled weight decay (0.05)"),
     ("--warmup-epochs", "warmup_epochs", float, "linear warmup (5)"),
@@ -28,9 +28,9 @@ _FLAGS: tuple[tuple[str, str, type, str], ...] = (
     ("--decoder-depth", "decoder_depth", int, "MAE decoder depth (2)"),
     ("--decoder-heads", "decoder_heads", int, "MAE decoder heads (4)"),
     ("--out-dim", "out_dim", int, "DINO prototypes (1024)"),
-    ("--local-crops", "local_crops", int, "DINO local crops (4)"),
+    ("--local-crops", "local_crops", int, "DINO local crops (6)"),
     ("--momentum-teacher", "momentum_teacher", float, "DINO teacher EMA start (0.996)"),
-    ("--teacher-temp", "teacher_temp", float, "DINO teacher temperature (0.07)"),
+    ("--teacher-temp", "teacher_temp", float, "DINO teacher temperature (0.04)"),
     ("--warmup-teacher-temp", "warmup_teacher_temp", float, "DINO initial temperature (0.04)"),
 )
 DEFAULT_MODELS = {"digits": "vit_digits_patch2_8", "mnist": "vit_mnist_patch4_28"}
@@ -67,7 +67,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def build_recipe(args: argparse.Namespace):
-    from vitkit.train import PRETRAIN_DEFAULTS, Recipe
+    from vitkit.train import Recipe
+    from vitkit.train.recipe import pretrain_defaults
 
     changes = {k: getattr(args, k) for _f, k, _t, _h in _FLAGS if getattr(args, k) is not None}
     data = changes.get("data", "digits")
@@ -86,7 +87,8 @@ def build_recipe(args: argparse.Namespace):
         overwrite=args.overwrite,
         progress=not args.no_progress,
     )
-    recipe = Recipe.from_dict({**Recipe().to_dict(), **PRETRAIN_DEFAULTS, **changes})
+    defaults = pretrain_defaults(args.method, small_images=builtin)
+    recipe = Recipe.from_dict({**Recipe().to_dict(), **defaults, **changes})
     return recipe.with_overrides(args.overrides) if args.overrides else recipe
 
 
