@@ -101,3 +101,21 @@ def test_soft_target_cross_entropy_matches_hard_and_smoothed_ce():
     smooth = soft_target_cross_entropy(logits, one_hot_smooth(labels, 7, 0.1))
     ref = torch.nn.functional.cross_entropy(logits, labels, label_smoothing=0.1)
     assert torch.allclose(smooth, ref)
+
+
+def test_random_affine_identity_rotation_and_zoom():
+    from vitkit.data.transforms import random_affine
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 1, 8, 8)
+    assert torch.allclose(random_affine(x, 0.0, (1.0, 1.0), g), x, atol=1e-6)
+    small = random_affine(torch.ones(1, 1, 8, 8), 0.0, (0.5, 0.5), g)  # shrunk: zero border
+    assert small[0, 0, 0, 0] == 0 and small[0, 0, 4, 4] == 1
+    yy, xx = torch.meshgrid(torch.arange(16.0), torch.arange(16.0), indexing="ij")
+    disc = (((yy - 7.5) ** 2 + (xx - 7.5) ** 2) < 20).float()[None, None].repeat(8, 1, 1, 1)
+    bar = torch.zeros(8, 1, 16, 16)
+    bar[:, :, 7:9, 2:14] = 1
+    turned_disc = random_affine(disc, 45.0, (1.0, 1.0), torch.Generator().manual_seed(1))
+    turned_bar = random_affine(bar, 45.0, (1.0, 1.0), torch.Generator().manual_seed(1))
+    assert (turned_disc - disc).abs().mean() < 0.05  # a disc looks the same turned
+    assert (turned_bar - bar).abs().mean() > 0.02  # a bar does not

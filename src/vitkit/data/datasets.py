@@ -79,6 +79,8 @@ class TrainData:
     hflip: bool = False
     rrc_scale: tuple[float, float] | None = None
     auto_augment: str | None = None
+    rotate: float = 0.0
+    zoom: tuple[float, float] | None = None
     num_workers: int = 0
     mean: tuple[float, ...] = (0.5,)
     std: tuple[float, ...] = (0.5,)
@@ -149,6 +151,8 @@ class TrainData:
                 random_shift_px=self.random_shift,
                 hflip=self.hflip,
                 rrc_scale=self.rrc_scale,
+                rotate=self.rotate,
+                zoom=self.zoom,
             )
             x, y = self.normalize(x), data.labels[idx]
             los = [a * micro + self.rank * share for a in range(self.accum_steps)]
@@ -163,6 +167,8 @@ class TrainData:
             hflip=self.hflip,
             rrc_scale=self.rrc_scale,
             auto_augment=self.auto_augment,
+            rotate=self.rotate,
+            zoom=self.zoom,
         )
         ds = _SeededDataset(self.train, tf, _mix(self.seed, epoch))
         sampler = [
@@ -417,6 +423,8 @@ def build_data(
         hflip=recipe.hflip,
         rrc_scale=recipe.rrc_scale,
         auto_augment=recipe.auto_augment,
+        rotate=recipe.rotate,
+        zoom=recipe.zoom,
         num_workers=recipe.num_workers,
         mean=tuple(mean),
         std=tuple(std),

@@ -68,6 +68,21 @@ def random_resized_crop(
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
+def random_affine(
+    x: Tensor, degrees: float, scale: tuple[float, float], generator: torch.Generator
+) -> Tensor:
+    """Rotate each image by up to +-`degrees` and zoom by a factor in `scale` about its centre
+    (bilinear, zero fill), as torchvision's RandomAffine does without translation."""
+    B = x.shape[0]
+    angle = (torch.rand(B, generator=generator) * 2 - 1) * math.radians(degrees)
+    zoom = torch.empty(B).uniform_(scale[0], scale[1], generator=generator)
+    cos, sin = angle.cos() / zoom, angle.sin() / zoom
+    theta = torch.zeros(B, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 1], theta[:, 1, 0], theta[:, 1, 1] = cos, -sin, sin, cos
+    grid = F.affine_grid(theta.to(x), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
 def augment_batch(
     x: Tensor,
     *,
@@ -75,10 +90,15 @@ def augment_batch(
     random_shift_px: int = 0,
     hflip: bool = False,
     rrc_scale: tuple[float, float] | None = None,
+    rotate: float = 0.0,
+    zoom: tuple[float, float] | None = None,
 ) -> Tensor:
-    """The batch-tensor augmentation pipeline: crop, shift, flip (each only when enabled)."""
+    """The batch-tensor augmentation pipeline: crop, rotate / zoom, shift, flip (each only when
+    enabled)."""
     if rrc_scale is not None:
         x = random_resized_crop(x, rrc_scale, generator)
+    if rotate or zoom is not None:
+        x = random_affine(x, rotate, zoom or (1.0, 1.0), generator)
     x = random_shift(x, random_shift_px, generator)
     if hflip:
         x = random_hflip(x, generator)
@@ -94,6 +114,8 @@ def sample_transform(
     hflip: bool = False,
     rrc_scale: tuple[float, float] | None = None,
     auto_augment: str | None = None,
+    rotate: float = 0.0,
+    zoom: tuple[float, float] | None = None,
 ):
     """A torchvision.transforms.v2 pipeline for one PIL image or tensor -> (C, S, S) float in
     [0, 1]. Training adds RandomResizedCrop or padding+random crop, flips and Rand/TrivialAugment."""
@@ -107,6 +129,8 @@ def sample_transform(
         ops.append(v2.Resize(size, antialias=True))
         if train and random_shift_px:
             ops.append(v2.RandomCrop(size, padding=random_shift_px))
+    if train and (rotate or zoom is not None):
+        ops.append(v2.RandomAffine(degrees=rotate, scale=zoom))
     if train and hflip:
         ops.append(v2.RandomHorizontalFlip())
     if train and auto_augment == "randaugment":

@@ -17,7 +17,7 @@ _OPTIMIZERS = ("adamw", "sgd")
 _SCHEDULES = ("cosine", "linear", "constant")
 _AUTO_AUGMENT = (None, "randaugment", "trivialaugment")
 OBJECTIVES = ("classify", "simmim", "mae", "dino")
-_TUPLES = ("betas", "rrc_scale", "mean", "std", "global_crop_scale", "local_crop_scale")
+_TUPLES = ("betas", "rrc_scale", "mean", "std", "global_crop_scale", "local_crop_scale", "zoom")
 
 # `vitkit pretrain` starts from these instead of the classification defaults
 PRETRAIN_DEFAULTS: dict[str, Any] = dict(
@@ -92,6 +92,8 @@ class Recipe:
     # augmentation
     random_shift: int = 1  # pixels of random translation (zero padded)
     hflip: bool = False  # horizontal flips (never for digits)
+    rotate: float = 0.0  # random rotation, +- degrees
+    zoom: tuple[float, float] | None = None  # random zoom factor range, e.g. [0.9, 1.1]
     rrc_scale: tuple[float, float] | None = None  # RandomResizedCrop scale range (None: off)
     auto_augment: str | None = None  # randaugment | trivialaugment (file datasets)
     mixup_alpha: float = 0.0
@@ -271,6 +273,10 @@ class Recipe:
             raise bad(f"layer_decay={self.layer_decay} must be in (0, 1], e.g. 0.75")
         if self.clip_grad is not None and self.clip_grad <= 0:
             raise bad(f"clip_grad={self.clip_grad} must be > 0 (or null to disable)")
+        if not 0 <= self.rotate <= 180:
+            raise bad(f"rotate={self.rotate} must be in [0, 180] degrees")
+        if self.zoom is not None and not (len(self.zoom) == 2 and 0 < self.zoom[0] <= self.zoom[1]):
+            raise bad(f"zoom={self.zoom} must be [low, high] with 0 < low <= high")
         if self.random_shift < 0:
             raise bad(f"random_shift={self.random_shift} must be >= 0")
         for key in ("rrc_scale", "global_crop_scale", "local_crop_scale"):
