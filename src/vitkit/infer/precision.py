@@ -324,6 +324,7 @@ def _torch_fn(model: nn.Module, precision: str, device: torch.device) -> Fn:
     def fn(pixels: Tensor) -> Tensor:
         return net(pixels.to(device=device, dtype=dtype)).logits.float()
 
+    fn.module = net  # type: ignore[attr-defined]
     return fn
 
 
@@ -347,6 +348,7 @@ def _onnxruntime_fn(
         x = pixels.detach().float().cpu().contiguous().numpy()
         return torch.from_numpy(session.run(None, {name: x})[0]).to(device)
 
+    fn.session = session  # type: ignore[attr-defined]
     note = "dynamic int8 (quantize_dynamic)" if precision == "int8" else "fp32"
     return fn, f"onnxruntime {note}, {session.get_session_options().intra_op_num_threads} threads"
 
@@ -366,6 +368,7 @@ def _openvino_fn(
         x = pixels.detach().float().cpu().contiguous().numpy()
         return torch.from_numpy(compiled(x)[output].copy()).to(device)
 
+    fn.compiled = compiled  # type: ignore[attr-defined]
     threads = compiled.get_property("INFERENCE_NUM_THREADS")
     return fn, f"OpenVINO {note}, {threads} threads".replace("  ", " ")
 
