@@ -15,7 +15,7 @@ from PIL import Image
 
 import vitkit
 from vitkit.cli import main
-from vitkit.cli.predict import expand_inputs, resolve_processor
+from vitkit.infer.predictor import expand_inputs, resolve_processor
 from vitkit.data.labels import id2label_for, imagenet_labels
 from vitkit.data.processor import ImageProcessor
 
