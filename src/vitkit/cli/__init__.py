@@ -10,7 +10,7 @@ import sys
 from vitkit.errors import VitkitError
 
 # subcommand modules, in the order `vitkit --help` lists them
-COMMANDS = ("models", "info", "predict", "train", "pretrain", "eval")
+COMMANDS = ("models", "info", "predict", "export", "train", "pretrain", "eval")
 
 
 def build_parser() -> argparse.ArgumentParser:

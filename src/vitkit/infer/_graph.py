@@ -27,14 +27,16 @@ MAX_SIDE = 8192  # largest image side an exported graph accepts (a bound torch.e
 
 
 class LogitsModule(nn.Module):
-    """(B, C, H, W) float -> (B, K) logits (pooled features for a model without a head)."""
+    """(B, C, H, W) float32 -> (B, K) float32 logits (pooled features for a model without a
+    head); a bf16/fp16 model gets its input cast inside."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
+        self.dtype = next(model.parameters()).dtype
 
     def forward(self, pixel_values: Tensor) -> Tensor:
-        return self.model(pixel_values).logits
+        return self.model(pixel_values.to(self.dtype)).logits.float()
 
 
 class PreprocessedModule(nn.Module):
@@ -64,6 +66,7 @@ class PreprocessedModule(nn.Module):
         if processor.num_channels != 3:
             raise ConfigError("--with-preprocessing needs a 3-channel (RGB) model")
         self.model = model
+        self.dtype = next(model.parameters()).dtype
         self.processor = processor
         self.channels_last = channels_last
         self.top_k = top_k
@@ -83,7 +86,7 @@ class PreprocessedModule(nn.Module):
             top, left = p._crop_offsets(*p.resize)
             x = x[..., top : top + p.crop_size[0], left : left + p.crop_size[1]]
         x = x * self.weight + self.bias
-        probs = self.model(x).logits.float().softmax(-1)
+        probs = self.model(x.to(self.dtype)).logits.float().softmax(-1)
         top = probs.topk(self.top_k, dim=-1)
         return probs, top.indices
 

@@ -109,9 +109,7 @@ class Predictor:
     # ---- files and images ----------------------------------------------------------------
     def load(self, source: Any) -> Tensor:
         """Decode and preprocess one image (path, bytes, PIL image, array) -> (C, H, W)."""
-        if self.processor.backend == "pil":
-            return self.processor.preprocess_pil(source)
-        return self.processor(decode(source, self.processor))[0]
+        return preprocess(source, self.processor)
 
     def predict(self, sources: Iterable[Any]) -> Iterator[Prediction]:
         """Predictions for `sources` (paths, bytes, PIL images, arrays), in input order.
@@ -169,6 +167,29 @@ class Predictor:
 
 
 _END = object()
+
+
+def preprocess(source: Any, processor: ImageProcessor) -> Tensor:
+    """One image (path, bytes, PIL image, array) -> (C, H, W) float32, as the predictor does."""
+    if processor.backend == "pil":
+        return processor.preprocess_pil(source)
+    return processor(decode(source, processor))[0]
+
+
+def load_folder(folder: str, processor: ImageProcessor, limit: int = 64) -> Tensor:
+    """Up to `limit` readable images of a folder -> (B, C, H, W): calibration data."""
+    paths, _ = expand_inputs([folder])
+    pixels = []
+    for path in paths:
+        try:
+            pixels.append(preprocess(path, processor))
+        except ImageError:
+            continue
+        if len(pixels) == limit:
+            break
+    if not pixels:
+        raise VitkitError(f"{folder}: no readable images")
+    return torch.stack(pixels)
 
 
 def decode(source: Any, processor: ImageProcessor) -> Tensor:
