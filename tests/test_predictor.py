@@ -101,7 +101,7 @@ def test_cli_precision_flags(capsys, hf_folder, jpeg_dir):
     assert main(args) == 0
     exact = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert main([*args, "--precision", "int8", "--backend", "torch", "--workers", "2"]) == 0
-    out, err = capsys.readouterr()
+    out = capsys.readouterr().out
     quant = [json.loads(line) for line in out.splitlines()]  # stdout holds only results
     assert [r["path"] for r in quant] == [r["path"] for r in exact] and len(exact) == 17
     same = sum(a["top_k"][0]["index"] == b["top_k"][0]["index"] for a, b in zip(exact, quant))

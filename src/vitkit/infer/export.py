@@ -150,7 +150,9 @@ def _format_from_suffix(output: Path) -> str:
     for format, suffix in SUFFIXES.items():
         if output.suffix.lower() == suffix:
             return format
-    raise ConfigError(f"cannot tell the format from {output.name!r}; pass --format onnx|pt2|openvino")
+    raise ConfigError(
+        f"cannot tell the format from {output.name!r}; pass --format onnx|pt2|openvino"
+    )
 
 
 def _labels(config: Any) -> dict[int, str]:
@@ -165,6 +167,7 @@ def _inputs(config: Any, processor: Any, channels_last: bool, dynamic: bool) -> 
     """(the example the graph is traced with, the test inputs it is checked on)."""
     gen = torch.Generator().manual_seed(0)
     if processor is not None:
+
         def images(b: int, h: int, w: int) -> Tensor:
             # smooth images: noise at full resolution is not what cameras produce, and makes
             # 8-bit rounding after the resize flip on ties
@@ -215,8 +218,11 @@ def _verify(run: Callable, tests: list[Tensor], reference: Callable, precision: 
     result = ExportResult(output, format, precision, name, worst, tolerance,
                           [tuple(t.shape) for t in tests])  # fmt: skip
     if not (worst <= tolerance and top_ok):
-        what = f"by {worst:.2e} (allowed {tolerance:.0e} for {precision})" if top_ok else (
-            "in its top class")
+        what = (
+            f"by {worst:.2e} (allowed {tolerance:.0e} for {precision})"
+            if top_ok
+            else ("in its top class")
+        )
         raise VitkitError(
             f"{output}: the exported {format} file differs from vitkit's model {what}; "
             "the file was not written"
@@ -246,9 +252,8 @@ def _write_onnx(module: nn.Module, path: Path, example: Tensor, dyn: dict, opset
     del proto.metadata_props[:]
     for key, value in meta.items():
         proto.metadata_props.add(key=key, value=value)
-    proto.doc_string = (
-        f"vitkit export: input {name!r}; "
-        + ("uint8 images of any size" if name.startswith("images") else "float32 pixels")
+    proto.doc_string = f"vitkit export: input {name!r}; " + (
+        "uint8 images of any size" if name.startswith("images") else "float32 pixels"
     )
     onnx.save(proto, str(path))
 
