@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import sys
 import time
 from collections.abc import Callable
@@ -315,6 +316,138 @@ def results_table(rows: list[Row]) -> str:
     return common.format_table(headers, lines)
 
 
+# ------------------------------------------------------------------------------ deployment paths
+def photo_batch(n: int, size: int, processor: vitkit.ImageProcessor) -> torch.Tensor:
+    """`n` of scikit-image's bundled photos (repeated if needed) preprocessed: (n, 3, S, S)."""
+    import numpy as np
+    import skimage.data
+
+    names = ["astronaut", "chelsea", "coffee", "rocket", "camera", "immunohistochemistry",
+             "hubble_deep_field", "grass", "retina", "page", "brick", "clock", "coins",
+             "colorwheel", "logo", "text"]  # fmt: skip
+    images = []
+    for i in range(n):
+        a = getattr(skimage.data, names[i % len(names)])()
+        a = np.stack([a] * 3, -1) if a.ndim == 2 else a[..., :3]
+        images.append(np.ascontiguousarray(a if i < len(names) else a[:, ::-1]))
+    return processor(images)
+
+
+def peer_paths(timm_model: nn.Module, x: torch.Tensor, log: Callable[[str], None]) -> dict:
+    """The runtimes people deploy with, on timm's model: name -> no-argument call -> logits."""
+    import tempfile
+
+    from vitkit.infer import _graph
+
+    fns: dict[str, Callable[[], torch.Tensor]] = {}
+    threads = torch.get_num_threads()
+    module = timm_model  # returns logits: no wrapper needed
+    try:
+        import onnxruntime  # noqa: F401
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        tmp = tempfile.mkdtemp(prefix="vitkit-bench-")
+        fp32 = Path(tmp) / "timm.onnx"
+        start = time.perf_counter()
+        with _graph.quiet(), torch.no_grad():
+            torch.onnx.export(module, (x[:1],), dynamo=True, opset_version=18,
+                              input_names=["x"],
+                              dynamic_shapes={"x": {0: torch.export.Dim("b", max=64)}}).save(
+                str(fp32))  # fmt: skip
+            quantize_dynamic(str(fp32), str(Path(tmp) / "int8.onnx"), weight_type=QuantType.QInt8)
+        log(f"onnxruntime: torch.onnx export + quantize_dynamic {time.perf_counter() - start:.0f} s")
+        for name, file in (("ort fp32", fp32), ("ort int8", Path(tmp) / "int8.onnx")):
+            session = _graph.onnx_session(file, threads)
+            fns[name] = functools.partial(
+                lambda s: torch.from_numpy(s.run(None, {"x": x.numpy()})[0]), session
+            )
+    except ImportError:
+        log("onnxruntime not installed: its rows are skipped")
+    try:
+        import nncf  # noqa: F401
+        import openvino  # noqa: F401
+
+        start = time.perf_counter()
+        ov_model = _graph.to_openvino(module, x[:1])
+        quantized = _graph.quantize_openvino(ov_model, x)
+        log(f"OpenVINO: convert + NNCF quantize {time.perf_counter() - start:.0f} s")
+        for name, m, precision in (("OV f32", ov_model, "fp32"), ("OV bf16", ov_model, "bf16"),
+                                   ("OV int8 (NNCF)", quantized, "int8")):  # fmt: skip
+            compiled = _graph.compile_openvino(m, precision, threads)
+            fns[name] = functools.partial(
+                lambda c: torch.from_numpy(c(x.numpy())[c.output(0)].copy()), compiled
+            )
+    except ImportError:
+        log("openvino / nncf not installed: their rows are skipped")
+    return fns
+
+
+VITKIT_PATHS = [("fp32", "torch"), ("bf16", "torch"), ("bf16", "openvino"), ("int8", "torch"),
+                ("int8", "onnxruntime"), ("int8", "openvino"), ("auto", None)]  # fmt: skip
+
+
+def run_paths(args: argparse.Namespace, log: Callable[[str], None] = print) -> str:
+    """One alternating run of every vitkit precision path against timm, transformers,
+    onnxruntime and OpenVINO on ViT-B/16 (or --models), real photos as input."""
+    from vitkit.infer import prepare
+    from vitkit.infer.precision import describe_machine, machine
+
+    log(describe_machine())
+    name = args.models.split(",")[0]
+    batch = int(args.batch_sizes.split(",")[0])
+    models = build_contenders(name, image_size=args.image_size, device=torch.device("cpu"),
+                              libraries={"timm", "transformers"}, compile_models=False,
+                              bf16_weights=True)  # fmt: skip
+    ours = models["vitkit"]
+    config = ours.config
+    x = photo_batch(batch, config.image_size, vitkit.ImageProcessor.hf_vit(config.image_hw))
+    fns: dict[str, Callable[[], torch.Tensor]] = {
+        "timm fp32": forward_fn(models["timm"], x, None),
+        "timm bf16 weights": forward_fn(models["timm" + BF16_WEIGHTS], x.bfloat16(), None),
+        "transformers fp32": forward_fn(models["HF sdpa"], x, None),
+    }
+    fns.update(peer_paths(models["timm"], x, log))
+    info = machine()
+    notes = {}
+    for precision, backend in VITKIT_PATHS:
+        if backend in ("onnxruntime", "openvino") and not info[backend]:
+            continue
+        start = time.perf_counter()
+        runner = prepare(ours, precision, backend=backend, calibration=x, log=log)
+        key = f"vitkit {precision}" + (f" {backend}" if backend else "")
+        fns[key] = functools.partial(runner, x)
+        notes[key] = runner.describe()
+        log(f"{key}: {runner.describe()} (set up in {time.perf_counter() - start:.0f} s)")
+    # the bf16 matmul limit at the MLP's shape: (batch * tokens, D) @ (D, 4D)
+    tokens = batch * (config.grid_size[0] * config.grid_size[1] + 1)
+    a = torch.randn(tokens, config.embed_dim).bfloat16()
+    w = torch.randn(config.mlp_hidden_dim, config.embed_dim).bfloat16()
+    fns["bf16 matmul limit"] = lambda: torch.nn.functional.linear(a, w)
+    mlp_flops = 2.0 * tokens * config.embed_dim * config.mlp_hidden_dim
+    model_flops = 2.0 * ours.flops() * batch
+
+    with torch.inference_mode():
+        reference = fns["timm fp32"]().float()
+        outputs = {k: fn().float() for k, fn in fns.items() if k != "bf16 matmul limit"}
+    times = common.round_robin(fns, repeats=args.repeats or 5, warmup=0)
+    base = times["timm fp32"]
+    lines = []
+    for key, t in times.items():
+        ratio = common.median([b / s for b, s in zip(base, t)])
+        if key == "bf16 matmul limit":
+            seconds = common.median(t) * model_flops / mlp_flops  # a whole model at that rate
+            ratio = common.median(base) / seconds
+            lines.append([key, f"{batch / seconds:.2f}", f"{ratio:.2f}", "", "", ""])
+            continue
+        out = outputs[key]
+        agree = (out.argmax(-1) == reference.argmax(-1)).float().mean().item()
+        diff = (out - reference).abs().max().item()
+        lines.append([key, f"{batch / common.median(t):.2f}", f"{ratio:.2f}", f"{agree:.0%}",
+                      f"{diff:.3f}", notes.get(key, "")])  # fmt: skip
+    headers = ["path", "img/s", "x timm fp32", "top-1 = fp32", "max |logit diff|", "what runs"]
+    return common.format_table(headers, lines)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", default=DEFAULT_MODELS, help="comma-separated vitkit presets")
@@ -348,6 +481,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="in bf16 rows, also time vitkit and timm converted to bf16 (no autocast)",
     )
     p.add_argument(
+        "--paths",
+        action="store_true",
+        help="time every vitkit precision path against timm fp32/bf16, transformers, "
+        "onnxruntime fp32/int8 and OpenVINO f32/bf16/int8 (first model and batch size only)",
+    )
+    p.add_argument(
         "--quick",
         action="store_true",
         help="ViT-S/16, batch 1, fp32, 3 repeats: a one-minute sanity run",
@@ -368,6 +507,9 @@ def main(argv: list[str] | None = None) -> int:
         args.dtypes = args.dtypes or "fp32"
     info = common.machine_info(args.device)
     print(common.machine_line(info), flush=True)
+    if args.paths:
+        print(run_paths(args, log=lambda s: print(s, flush=True)))
+        return 0
     dtypes = (args.dtypes or "fp32,bf16").split(",")
     sizes = {d: common.matmul_size(common.DTYPES[d], device=args.device) for d in dtypes}
     peaks = {
