@@ -135,7 +135,7 @@ def test_cli_export_folder_with_preprocessing(tmp_path, capsys, photos):
     folder = tmp_path / "model"
     model = vitkit.create_model("vit_tiny_patch4_32", num_classes=5, embed_dim=32, depth=1,
                                 num_heads=2, id2label=LABELS)  # fmt: skip
-    vitkit.checkpoints.pretrained.save_pretrained(model, str(folder))
+    vitkit.save_pretrained(model, folder)
     vitkit.ImageProcessor.hf_vit(32).save_pretrained(folder)
     out = tmp_path / "vit.onnx"
     code = main(["export", str(folder), "--output", str(out), "--with-preprocessing", "--top-k",

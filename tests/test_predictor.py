@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -11,7 +12,8 @@ from PIL import Image
 
 import vitkit
 from vitkit.cli import main
-from vitkit.infer.predictor import Predictor, decode, resolve_processor
+from vitkit.checkpoints.resolve import processor_for
+from vitkit.infer.predictor import Predictor, decode
 
 LABELS = {0: "cat", 1: "dog", 2: "rocket", 3: "coffee", 4: "face"}
 
@@ -50,7 +52,7 @@ def test_scores_equal_transformers_pipeline(hf_folder, jpeg_dir):
     classify = pipeline("image-classification", model=str(hf_folder), device="cpu")
     expected = classify(paths, top_k=5)
     model = vitkit.from_pretrained(str(hf_folder))
-    processor = resolve_processor(str(hf_folder), model.config)
+    processor = processor_for(model.config, hf_folder)
     got = list(Predictor(model, processor, batch_size=4, workers=2).predict(paths))
     assert [p.source for p in got] == paths
     worst = 0.0
@@ -59,7 +61,7 @@ def test_scores_equal_transformers_pipeline(hf_folder, jpeg_dir):
         worst = max(worst, *(abs(w["score"] - p) for w, (_, _, p) in zip(want, have.top_k)))
     assert worst < 1e-4
     # PIL resizing is the other backend, and it is not what the pipeline does
-    pil = resolve_processor(str(hf_folder), model.config, backend="pil")
+    pil = dataclasses.replace(processor, backend="pil")
     pil_probs = [p.top_k for p in Predictor(model, pil).predict(paths)]
     assert max(abs(a[2] - b[2]) for x, y in zip(pil_probs, [g.top_k for g in got])
                for a, b in zip(x, y)) > 1e-4  # fmt: skip

@@ -1,4 +1,5 @@
-"""Figures: training curves, confusion matrices and attention maps, written as PNG files.
+"""Every picture vitkit draws: training curves, confusion matrices, attention maps, masked-image
+reconstructions; written as PNG files.
 
 matplotlib is an optional dependency (`pip install vitkit[plot]`), imported on use. Figures are
 built with matplotlib's object API (no pyplot), so they work on headless machines and leave a
@@ -19,7 +20,13 @@ import numpy as np
 from vitkit._io import atomic_path
 from vitkit.errors import VitkitError
 
-__all__ = ["plot_confusion_matrix", "plot_curves", "read_metrics", "save_attention_maps"]
+__all__ = [
+    "plot_confusion_matrix",
+    "plot_curves",
+    "read_metrics",
+    "save_attention_maps",
+    "save_reconstruction",
+]
 
 PathLike = str | os.PathLike[str]
 
@@ -320,3 +327,37 @@ def save_attention_maps(
     fig.suptitle("[CLS] attention, last layer, mean over heads", fontsize=9)
     fig.tight_layout()
     return _save(fig, out_png)
+
+
+def save_reconstruction(
+    images: Any,
+    masked: Any,
+    recon: Any,
+    out_png: PathLike,
+    *,
+    max_images: int = 8,
+    scale: int = 8,
+) -> Path:
+    """One row per image: original | masked | reconstructed (SimMIM, MAE), without matplotlib.
+
+    Each image is min-max scaled (from the original's range) to 0..255 and enlarged by `scale`
+    (nearest neighbour) so that 8x8 digits stay visible.
+    """
+    from PIL import Image
+
+    rows = []
+    for i in range(min(max_images, images.shape[0])):
+        lo, hi = images[i].min(), images[i].max()
+        cells = []
+        for t in (images[i], masked[i], recon[i]):
+            a = ((t - lo) / (hi - lo + 1e-8)).clamp(0, 1).mul(255).byte().cpu()
+            a = a.permute(1, 2, 0).numpy()
+            a = np.repeat(np.repeat(a, scale, 0), scale, 1)
+            if a.shape[2] == 1:
+                a = np.repeat(a, 3, 2)
+            cells += [a, np.full((a.shape[0], 2, 3), 128, np.uint8)]
+        rows.append(np.concatenate(cells[:-1], axis=1))
+    out = Path(out_png)
+    with atomic_path(out) as tmp:
+        Image.fromarray(np.concatenate(rows, axis=0)).save(tmp, format="PNG")
+    return out

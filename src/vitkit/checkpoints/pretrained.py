@@ -1,6 +1,6 @@
-"""`from_pretrained` / `save_pretrained`: checkpoints in the wild -> vitkit and back.
+"""Reading checkpoint files into vitkit's names, and `save_pretrained` writing them back.
 
-Sources `from_pretrained` understands:
+`vitkit.checkpoints.resolve` decides what a source is; this module reads what it finds:
 
     folder with config.json + model.safetensors (or pytorch_model.bin, or a sharded index):
         model_type "vit"/"deit" (transformers), "vitkit" (ours), or a timm hub config
@@ -109,67 +109,58 @@ def _folder_files(folder: Path) -> dict[str, Path]:
     return {p.name: p for p in folder.iterdir() if p.is_file()}
 
 
-# ------------------------------------------------------------------------------ from_pretrained
-def from_pretrained(
-    source: str | os.PathLike[str],
-    *,
-    num_classes: int | None = None,
-    image_size: int | tuple[int, int] | None = None,
-    dtype: torch.dtype | None = None,
-    device: str | torch.device | None = None,
+# ------------------------------------------------------------------------------ loading
+STATE_FILE = "state.pt"  # a `vitkit train` checkpoint: {model, model_config, optimizer, ...}
+
+
+def read_training_state(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A `state.pt` written by `vitkit train` / `pretrain` (a run directory, its last/ or best/
+    folder, or the file itself), read with `torch.load(weights_only=True)`."""
+    path = Path(path)
+    if path.is_dir():
+        for candidate in (path / STATE_FILE, path / "last" / STATE_FILE):
+            if candidate.is_file():
+                path = candidate
+                break
+        else:
+            raise CheckpointError(
+                f"{path}: no {STATE_FILE} here or in {path}/last; pass a run "
+                "directory written by `vitkit train`"
+            )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"cannot read training state {path}: {exc}") from exc
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: not a vitkit training state")
+    missing = {"model", "model_config", "optimizer", "epoch", "step", "recipe"} - set(state)
+    if missing:
+        raise CheckpointError(f"{path}: not a vitkit training state (missing {sorted(missing)})")
+    return state
+
+
+def load_folder(
+    folder: Path | Mapping[str, Path],
     model_name: str | None = None,
     config: ViTConfig | None = None,
-    strict: bool = True,
-    revision: str | None = None,
-    cache_dir: str | os.PathLike[str] | None = None,
-    resample_antialias: bool = False,
-    **overrides: Any,
-) -> VisionTransformer:
-    """Load a `VisionTransformer` from a folder, hub id, timm state dict file or JAX `.npz`.
-
-    num_classes: a new head of this size, zero-initialised (the paper's fine-tuning recipe);
-        None keeps the checkpoint's head.
-    image_size: resample the position table to this size at load (bicubic, align_corners=False;
-        `resample_antialias=True` gives timm's load-time resampling).
-    model_name / config: the architecture, needed for timm state dicts (heads are not stored in
-        the weights); `config` also overrides what a folder's config.json or an npz implies
-        (e.g. `act="gelu"`).
-    overrides: `ViTConfig` fields that do not change parameter shapes (drop_path_rate,
-        attn_implementation, ...).
-    strict: with False, missing and unexpected keys are warned about instead of raised;
-        shape conflicts are always errors.
-    Returns the model in eval mode.
-    """
-    from vitkit.checkpoints.hub import looks_like_hub_id, resolve_hub
-
-    path = Path(source).expanduser()
-    if path.is_dir():
-        config, sd, name = _load_folder(_folder_files(path), path, model_name, config)
-    elif path.is_file():
-        config, sd, name = _load_file(path, model_name, config)
-    elif looks_like_hub_id(str(source)):
-        try:
-            files = resolve_hub(str(source), revision=revision, cache_dir=cache_dir)
-        except CheckpointError as exc:
-            raise CheckpointError(
-                f"{source!r} is not a local file or folder, so it was read as "
-                f"a Hugging Face Hub id: {exc}"
-            ) from exc
-        config, sd, name = _load_folder(files, Path(str(source)), model_name, config)
+    *,
+    where: Path | None = None,
+) -> tuple[ViTConfig, dict[str, Tensor], str, dict[str, Path]]:
+    """(config, vitkit state dict, weights file name, the folder's files) of a checkpoint folder
+    (or of the files a hub snapshot resolved to)."""
+    if isinstance(folder, Path):
+        where, files = folder, _folder_files(folder)
     else:
-        raise CheckpointError(f"{source} is neither a file, a folder nor a hub id (org/name)")
-    return _build(
-        config,
-        sd,
-        source=name,
-        num_classes=num_classes,
-        image_size=image_size,
-        dtype=dtype,
-        device=device,
-        strict=strict,
-        overrides=overrides,
-        antialias=resample_antialias,
-    )
+        files = dict(folder)
+    cfg, sd, name = _load_folder(files, where or Path("."), model_name, config)
+    return cfg, sd, name, files
+
+
+def load_path(
+    path: Path, model_name: str | None = None, config: ViTConfig | None = None
+) -> tuple[ViTConfig, dict[str, Tensor], str]:
+    """(config, vitkit state dict, file name) of a single weights file."""
+    return _load_file(path, model_name, config)
 
 
 def _load_folder(
@@ -243,19 +234,21 @@ def _load_file(
     return cfg, timm.state_dict_from_timm(raw, cfg, source=name), name
 
 
-def _build(
+def build_model(
     config: ViTConfig,
     sd: dict[str, Tensor],
     *,
     source: str,
-    num_classes: int | None,
-    image_size: int | tuple[int, int] | None,
-    dtype: torch.dtype | None,
-    device: str | torch.device | None,
-    strict: bool,
-    overrides: Mapping[str, Any],
-    antialias: bool,
+    num_classes: int | None = None,
+    image_size: int | tuple[int, int] | None = None,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    strict: bool = True,
+    overrides: Mapping[str, Any] | None = None,
+    antialias: bool = False,
 ) -> VisionTransformer:
+    """A `VisionTransformer(config)` holding `sd` (vitkit names), with an optional new head
+    and resampled positions; every key and shape is checked first. In eval mode."""
     from vitkit.layers.pos_embed import resample_pos_embed
     from vitkit.models.vit import VisionTransformer
 
@@ -331,8 +324,8 @@ def save_pretrained(model: Any, directory: str | os.PathLike[str], format: str =
     """
     from safetensors.torch import save_file
 
-    from vitkit.checkpoints import hf
     from vitkit._io import atomic_path, atomic_write_text
+    from vitkit.checkpoints import hf
 
     config: ViTConfig = model.config
     if format not in ("auto", "hf", "vitkit"):

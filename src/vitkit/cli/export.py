@@ -53,15 +53,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vitkit.cli.predict import _load_model
+    import sys
+
+    from vitkit.checkpoints.resolve import resolve
     from vitkit.errors import VitkitError
     from vitkit.infer.export import export
-    from vitkit.infer.predictor import load_folder, resolve_processor
+    from vitkit.infer.predictor import load_folder
 
     if args.top_k < 1:
         raise VitkitError(f"--top-k must be at least 1, got {args.top_k}")
-    model = _load_model(args.source).float().eval()
-    processor = resolve_processor(args.source, model.config)
+    resolved = resolve(args.source, allow_preset=True)
+    if resolved.random_weights:
+        print(f"vitkit export: warning: {args.source!r} is a preset: RANDOM weights",
+              file=sys.stderr)  # fmt: skip
+    model, processor = resolved.model.float().eval(), resolved.processor
     calibration = load_folder(args.calibration, processor) if args.calibration else None
     result = export(
         model,

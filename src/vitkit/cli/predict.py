@@ -80,8 +80,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from vitkit.checkpoints.resolve import resolve
     from vitkit.errors import VitkitError
-    from vitkit.infer.predictor import Predictor, expand_inputs, resolve_processor
+    from vitkit.infer.predictor import Predictor, expand_inputs
 
     if args.top_k < 1:
         raise VitkitError(f"--top-k must be at least 1, got {args.top_k}")
@@ -97,13 +98,21 @@ def run(args: argparse.Namespace) -> int:
         return 1
 
     device = _resolve_device(args.device)
-    model = _load_model(args.model).to(device).eval()
+    resolved = resolve(args.model, device=device, processor=args.processor, allow_preset=True)
+    if resolved.random_weights:
+        print(
+            f"vitkit predict: warning: {args.model!r} is a preset name, not a checkpoint: the "
+            "model has RANDOM weights and its predictions are meaningless",
+            file=sys.stderr,
+        )
+    model, processor = resolved.model, resolved.processor
     config = model.config
     if not config.num_classes:
         raise VitkitError(
             f"{args.model} has no classification head (num_classes=0); use a classifier checkpoint"
         )
-    processor = resolve_processor(args.model, config, args.processor, args.processor_backend)
+    if args.processor_backend is not None:
+        processor.backend = args.processor_backend
     if args.max_pixels is not None:
         processor.max_pixels = args.max_pixels
     predictor = Predictor(
@@ -122,21 +131,6 @@ def run(args: argparse.Namespace) -> int:
                 _print_result(result.source, result.top_k, as_json=args.json, bar=bar)
             bar.update(1)
     return 1 if failed else 0
-
-
-def _load_model(source: str):
-    from vitkit.presets import create_model, list_models
-
-    if not Path(source).exists() and source in list_models():
-        print(
-            f"vitkit predict: warning: {source!r} is a preset name, not a checkpoint: the model "
-            "has RANDOM weights and its predictions are meaningless",
-            file=sys.stderr,
-        )
-        return create_model(source)
-    from vitkit import from_pretrained
-
-    return from_pretrained(source)
 
 
 def _resolve_device(name: str):

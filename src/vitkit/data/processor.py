@@ -271,6 +271,23 @@ class ImageProcessor:
         atomic_write_text(file, json.dumps(self.to_hf_dict(), indent=2) + "\n")
         return file
 
+    def at_size(self, hw: tuple[int, int]) -> ImageProcessor:
+        """The same rule producing (H, W) outputs: a crop becomes `hw` with the resize scaled
+        alike (timm's crop_pct is kept); a squash-resize becomes `hw`."""
+        hw = _pair(hw, "hw")
+        if self.output_hw == hw:
+            return self
+        if self.crop_size is not None:
+            scale = min(hw) / min(self.crop_size)
+            if isinstance(self.resize, int):
+                resize: int | tuple[int, int] | None = math.floor(self.resize * scale)
+            elif self.resize is not None:
+                resize = (math.floor(self.resize[0] * scale), math.floor(self.resize[1] * scale))
+            else:
+                resize = None
+            return dataclasses.replace(self, resize=resize, crop_size=hw)
+        return dataclasses.replace(self, resize=hw)
+
     # ---- processing --------------------------------------------------------------------------
 
     @property

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 import os
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -263,77 +262,3 @@ def expand_inputs(inputs: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
 
 def _hidden(relative: Path) -> bool:
     return any(part.startswith(".") for part in relative.parts)
-
-
-# ------------------------------------------------------------------------------ processors
-def resolve_processor(
-    source: str, config: Any, choice: str = "auto", backend: str | None = None
-) -> ImageProcessor:
-    """The ImageProcessor for a model: its folder's preprocessor_config.json, else a timm
-    pretrained_cfg in its config.json, else transformers' defaults at the model's image size.
-    `choice` "hf" or "timm" overrides the geometry (mean/std still come from the folder).
-
-    The resizing backend follows the checkpoint's own library: timm resizes with PIL
-    (backend "pil"); transformers' default is its torchvision backend, which the predictor
-    uses for "auto". `backend` ("pil" or "tensor") overrides that.
-    """
-    from vitkit.data.processor import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-
-    found = _processor_from_source(source)
-    base = found or ImageProcessor.for_model(config)
-    if choice == "hf":
-        processor = ImageProcessor.hf_vit(config.image_hw, mean=base.mean, std=base.std)
-    elif choice == "timm":
-        deit = config.distilled or "deit" in os.path.basename(os.path.normpath(source)).lower()
-        mean, std = (
-            (base.mean, base.std) if found else (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
-        )
-        processor = ImageProcessor.timm_eval(
-            config.image_hw, crop_pct=0.875 if deit else 0.9, mean=mean, std=std, backend="pil"
-        )
-    else:
-        processor = base
-    if processor.num_channels != config.in_chans:
-        mean, std = processor.mean, processor.std
-        if config.in_chans == 1 and mean is not None and std is not None:
-            mean, std = (sum(mean) / len(mean),), (sum(std) / len(std),)
-        processor = dataclasses.replace(processor, num_channels=config.in_chans, mean=mean, std=std)
-    if backend is not None:
-        processor = dataclasses.replace(processor, backend=backend)
-    return processor
-
-
-def _processor_from_source(source: str) -> ImageProcessor | None:
-    from vitkit.data.processor import CONFIG_NAME
-
-    folder = Path(source)
-    if not folder.is_dir():
-        folder = _hub_cache_folder(source)  # type: ignore[assignment]
-        if folder is None:
-            return None
-    if (folder / CONFIG_NAME).is_file():
-        return ImageProcessor.from_pretrained(folder)
-    config_file = folder / "config.json"
-    if config_file.is_file():
-        try:
-            data = json.loads(config_file.read_text("utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            return None
-        if isinstance(data, dict) and isinstance(data.get("pretrained_cfg"), dict):
-            return ImageProcessor.from_timm_cfg(data["pretrained_cfg"], backend="pil")
-    return None
-
-
-def _hub_cache_folder(source: str) -> Path | None:
-    """The local snapshot folder of a hub id already in the cache (never downloads)."""
-    if source.count("/") != 1 or source.startswith((".", "/")):
-        return None
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:
-        return None
-    for name in ("preprocessor_config.json", "config.json"):
-        hit = try_to_load_from_cache(source.removeprefix("hf-hub:"), name)
-        if isinstance(hit, str):
-            return Path(hit).parent
-    return None

@@ -164,12 +164,26 @@ class VisionTransformer(nn.Module):
         self.grad_checkpointing = enable
 
     def no_weight_decay(self) -> set[str]:
-        """Parameter names that AdamW should not decay (tokens and positions)."""
-        return {
-            n
-            for n in ("cls_token", "dist_token", "reg_token", "mask_token", "pos_embed")
-            if getattr(self, n) is not None
-        }
+        """Parameter names that weight decay must skip: tokens, positions, and every norm
+        weight and bias (1-D tensors)."""
+        tokens = ("cls_token", "dist_token", "reg_token", "mask_token", "pos_embed")
+        named = {n for n in tokens if getattr(self, n) is not None}
+        return named | {n for n, p in self.named_parameters() if p.ndim <= 1}
+
+    @property
+    def num_layers(self) -> int:
+        """Layer groups for layer-wise lr decay: embeddings, each block, the final norm + head."""
+        return len(self.blocks) + 2
+
+    def layer_id(self, name: str) -> int:
+        """The layer group of parameter `name`: 0 for the embeddings, i + 1 for `blocks.i.*`,
+        `num_layers - 1` for the final norm and the head(s) (BEiT / MAE fine-tuning)."""
+        if name.startswith(("patch_embed", "cls_token", "dist_token", "reg_token", "mask_token",
+                            "pos_embed")):  # fmt: skip
+            return 0
+        if name.startswith("blocks."):
+            return int(name.split(".")[1]) + 1
+        return self.num_layers - 1
 
     # ------------------------------------------------------------------------------ eq. 1
     def position_table(
@@ -323,22 +337,6 @@ class VisionTransformer(nn.Module):
     def flops(self, image_size: tuple[int, int] | None = None) -> int:
         """Multiply-accumulates of one forward pass on one image (matmuls and convs only)."""
         return count_macs(self.config, image_size)
-
-    # ------------------------------------------------------------------------------ checkpoints
-    @classmethod
-    def from_pretrained(cls, source: str, **kwargs) -> VisionTransformer:
-        """Load a checkpoint (folder, hub id, timm file, JAX .npz); see
-        `vitkit.checkpoints.pretrained.from_pretrained` for the options."""
-        from vitkit.checkpoints.pretrained import from_pretrained
-
-        return from_pretrained(source, **kwargs)
-
-    def save_pretrained(self, directory: str, format: str = "auto"):
-        """Write config.json + model.safetensors: "hf" (transformers ViT/DeiT), "vitkit", or
-        "auto" (hf when transformers can express the model)."""
-        from vitkit.checkpoints.pretrained import save_pretrained
-
-        return save_pretrained(self, directory, format=format)
 
 
 def rebuild(model: VisionTransformer, **changes: Any) -> VisionTransformer:
