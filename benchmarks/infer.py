@@ -355,7 +355,9 @@ def peer_paths(timm_model: nn.Module, x: torch.Tensor, log: Callable[[str], None
                               dynamic_shapes={"x": {0: torch.export.Dim("b", max=64)}}).save(
                 str(fp32))  # fmt: skip
             quantize_dynamic(str(fp32), str(Path(tmp) / "int8.onnx"), weight_type=QuantType.QInt8)
-        log(f"onnxruntime: torch.onnx export + quantize_dynamic {time.perf_counter() - start:.0f} s")
+        log(
+            f"onnxruntime: torch.onnx export + quantize_dynamic {time.perf_counter() - start:.0f} s"
+        )
         for name, file in (("ort fp32", fp32), ("ort int8", Path(tmp) / "int8.onnx")):
             session = _graph.onnx_session(file, threads)
             fns[name] = functools.partial(

@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 import vitkit
-from vitkit.cli import main
 from vitkit.checkpoints.resolve import processor_for
+from vitkit.cli import main
 from vitkit.infer.predictor import Predictor, decode
 
 LABELS = {0: "cat", 1: "dog", 2: "rocket", 3: "coffee", 4: "face"}

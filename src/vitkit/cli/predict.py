@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 _PROGRESS_MIN_IMAGES = 32  # fewer than this finish too fast for a progress bar to help
 

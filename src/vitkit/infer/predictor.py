@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import os
+import warnings
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -219,9 +220,11 @@ def _decode_jpeg(path: str | os.PathLike[str], max_pixels: int | None) -> Tensor
     from torchvision.io import ImageReadMode, decode_jpeg, read_file
 
     try:
-        with Image.open(path) as im:  # reads the header only
-            ok = im.format == "JPEG" and im.mode in ("RGB", "L")
-            ok = ok and (max_pixels is None or im.width * im.height <= max_pixels)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked below
+            with Image.open(path) as im:  # reads the header only
+                ok = im.format == "JPEG" and im.mode in ("RGB", "L")
+                ok = ok and (max_pixels is None or im.width * im.height <= max_pixels)
         if not ok:
             return None
         data = read_file(os.fspath(path))
