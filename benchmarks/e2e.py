@@ -100,12 +100,15 @@ def main(argv: list[str] | None = None) -> int:
             contenders[name]()
             times[name].append(time.perf_counter() - start)
     base = times["transformers pipeline"]
-    want = [{d["label"]: d["score"] for d in row} for row in outputs["transformers pipeline"]]
+    label2id = classify.model.config.label2id  # compare by class index: vitkit names an
+    want = [  # unlabelled 1000-class model's classes with ImageNet's names, transformers not
+        {label2id[d["label"]]: d["score"] for d in row} for row in outputs["transformers pipeline"]
+    ]
     lines = []
     for name, t in times.items():
         diff = same = "-"
         if name != "transformers pipeline":
-            got = [{lab: p for _, lab, p in g.top_k} for g in outputs[name]]
+            got = [{c: p for c, _, p in g.top_k} for g in outputs[name]]
             shared = [(w[k], g[k]) for w, g in zip(want, got) for k in w.keys() & g.keys()]
             diff = f"{max(abs(a - b) for a, b in shared):.1e}"
             same = f"{np.mean([max(w, key=w.get) == max(g, key=g.get) for w, g in zip(want, got)]):.0%}"  # fmt: skip

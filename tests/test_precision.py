@@ -167,3 +167,13 @@ def test_errors_name_the_fix(model, monkeypatch):
     monkeypatch.setattr(importlib, "import_module", no_openvino)
     with pytest.raises(VitkitError, match=r"pip install 'vitkit\[openvino\]'"):
         prepare(model, "int8", backend="openvino")
+
+
+def test_load_resolves_a_folder_with_its_processor(model, pixels, tmp_path):
+    vitkit.save_pretrained(model, tmp_path)
+    vitkit.ImageProcessor.hf_vit(32).save_pretrained(tmp_path)
+    runner = P.load(tmp_path, "bf16", backend="torch")
+    assert runner.processor == vitkit.ImageProcessor.hf_vit(32)
+    with torch.inference_mode():
+        ref = model(pixels).logits
+    assert torch.equal(runner(pixels).argmax(-1), ref.argmax(-1))

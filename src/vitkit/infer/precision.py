@@ -146,6 +146,7 @@ class Runner:
     note: str = ""
     candidates: list[tuple[str, str, str]] = field(default_factory=list)
     log: Callable[[str], None] | None = None
+    processor: Any = None  # the checkpoint's ImageProcessor, when built by `load`
     _fn: Fn | None = None
     _agreement: float | None = None
 
@@ -178,8 +179,15 @@ class Runner:
         fp32 = _torch_fn(self.model, "fp32", self.device) if checked else None
         reference = None
         for i, (precision, backend, why) in enumerate(candidates):
-            fn, note = _build(self.model, precision, backend, self.device, calibration)
-            if fp32 is not None and precision != "fp32" and i < len(candidates) - 1:
+            last = i == len(candidates) - 1
+            try:
+                fn, note = _build(self.model, precision, backend, self.device, calibration)
+            except Exception as exc:  # a runtime that cannot take this model: `auto` moves on
+                if not checked or last:
+                    raise
+                self._say(f"auto: {precision} on {backend} failed ({exc}); trying the next path")
+                continue
+            if fp32 is not None and precision != "fp32" and not last:
                 with torch.inference_mode():
                     if reference is None:
                         reference = fp32(calibration).argmax(-1)  # type: ignore[arg-type]
@@ -243,6 +251,31 @@ def prepare(
         runner = Runner(model, precision, backend, device, log=log)
     if calibration is not None or not _needs_calibration(runner):
         runner._build(calibration)
+    return runner
+
+
+def load(
+    source: str | os.PathLike[str],
+    precision: str = "fp32",
+    *,
+    backend: str | None = None,
+    device: torch.device | str | None = None,
+    calibration: Tensor | None = None,
+    log: Callable[[str], None] | None = None,
+    **resolve_kwargs: Any,
+) -> Runner:
+    """`prepare(resolve(source).model, precision, ...)`, with `runner.processor` set to the
+    checkpoint's preprocessing: what `vitkit.from_pretrained(src, precision=...)` can return.
+
+        runner = load("google/vit-base-patch16-224", "auto")
+        probs = runner(runner.processor(["cat.jpg"])).softmax(-1)
+    """
+    from vitkit.checkpoints.resolve import resolve
+
+    resolved = resolve(source, device=device, **resolve_kwargs)
+    runner = prepare(resolved.model, precision, backend=backend, device=device,
+                     calibration=calibration, log=log)  # fmt: skip
+    runner.processor = resolved.processor
     return runner
 
 
