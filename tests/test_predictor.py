@@ -110,3 +110,15 @@ def test_cli_precision_flags(capsys, hf_folder, jpeg_dir):
     assert same >= 15
     assert main([*args, "--precision", "fp16", "--backend", "openvino"]) == 1
     assert "fp16 on openvino is not offered" in capsys.readouterr().err
+
+
+def test_backend_follows_the_checkpoints_library(tmp_path):
+    from vitkit.infer.predictor import checkpoint_backend
+
+    assert checkpoint_backend(None) == "tensor"  # a preset: transformers' defaults
+    (tmp_path / "config.json").write_text(json.dumps({"pretrained_cfg": {"crop_pct": 0.9}}))
+    assert checkpoint_backend(tmp_path) == "pil"  # timm resizes with PIL
+    assert checkpoint_backend(tmp_path, "hf") == "tensor"
+    vitkit.ImageProcessor.hf_vit(32).save_pretrained(tmp_path)
+    assert checkpoint_backend(tmp_path) == "tensor"  # a transformers processor config
+    assert checkpoint_backend(tmp_path, "timm") == "pil"

@@ -221,7 +221,7 @@ def _processor_from_files(files: dict[str, Path]) -> ImageProcessor | None:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
     if isinstance(data, dict) and isinstance(data.get("pretrained_cfg"), dict):
-        return ImageProcessor.from_timm_cfg(data["pretrained_cfg"], backend="pil")  # as timm does
+        return ImageProcessor.from_timm_cfg(data["pretrained_cfg"])
     return None
 
 
@@ -248,7 +248,7 @@ def _processor(
             (base.mean, base.std) if found else (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
         )
         processor = ImageProcessor.timm_eval(
-            config.image_hw, crop_pct=0.875 if deit else 0.9, mean=mean, std=std, backend="pil"
+            config.image_hw, crop_pct=0.875 if deit else 0.9, mean=mean, std=std
         )
     else:
         processor = base
