@@ -16,11 +16,12 @@ from typing import Any, Literal
 
 from vitkit.errors import ConfigError
 
-GlobalPool = Literal["token", "avg"]
+GlobalPool = Literal["token", "avg", "map"]
 PosEmbed = Literal["learned", "sincos2d", "none"]
 Head = Literal["linear", "mlp"]
 AttnImpl = Literal["sdpa", "eager"]
-Activation = Literal["gelu", "gelu_tanh"]
+Activation = Literal["gelu", "gelu_tanh", "quick_gelu"]
+MlpLayer = Literal["mlp", "swiglu"]
 
 
 def _pair(value: int | tuple[int, int] | list[int]) -> tuple[int, int]:
@@ -39,6 +40,15 @@ class ViTConfig:
     separate model classes: DeiT's distillation token (`distilled`), mean pooling
     (`global_pool="avg"`), register tokens, fixed 2D sin-cos positions, the paper's
     pre-training head with a tanh hidden layer (`head="mlp"`).
+
+    The encoders people start from today are switches too (docs/families.md):
+    LayerScale (`layer_scale_init`, DINOv2 and DeiT III), positions on the patches only
+    (`no_embed_class`, DeiT III), a LayerNorm before the encoder and no patch bias
+    (`pre_norm`, `patch_bias=False`, CLIP), quick-GELU / tanh-GELU (`act`), a SwiGLU MLP
+    (`mlp_layer="swiglu"`, DINOv2 giant; `mlp_ratio` then counts both packed halves, as timm's
+    SwiGLUPacked), no [CLS] with an attention-pooling head (`class_token=False`,
+    `global_pool="map"`, SigLIP), a bias-free projection to a joint image-text space
+    (`projection_dim`, CLIP), and the DINOv2 mask token (`use_mask_token`).
     """
 
     image_size: int | tuple[int, int] = 224
@@ -52,6 +62,10 @@ class ViTConfig:
     qkv_bias: bool = True
     layer_norm_eps: float = 1e-6
     act: Activation = "gelu"
+    mlp_layer: MlpLayer = "mlp"
+    layer_scale_init: float | None = None
+    pre_norm: bool = False
+    patch_bias: bool = True
     drop_rate: float = 0.0
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.0
@@ -62,11 +76,14 @@ class ViTConfig:
     num_register_tokens: int = 0
     pos_embed: PosEmbed = "learned"
     pos_embed_interpolation: Literal["bicubic", "bilinear"] = "bicubic"
+    pos_embed_antialias: bool = False
+    no_embed_class: bool = False
     dynamic_img_pad: bool = False
     use_mask_token: bool = False
     head: Head = "linear"
     head_hidden_dim: int | None = None
     head_init_zero: bool = False
+    projection_dim: int | None = None
     attn_implementation: AttnImpl = "sdpa"
     id2label: dict[int, str] | None = field(default=None)
 
@@ -103,7 +120,10 @@ class ViTConfig:
 
     @property
     def num_pos_prefix_tokens(self) -> int:
-        """Prefix tokens that carry a position embedding ([CLS] and [DIST]; registers do not)."""
+        """Prefix tokens that carry a position embedding ([CLS] and [DIST]; registers do not,
+        and none do with `no_embed_class`)."""
+        if self.no_embed_class:
+            return 0
         return int(self.class_token) + int(self.distilled)
 
     @property
@@ -112,7 +132,9 @@ class ViTConfig:
 
     @property
     def mlp_hidden_dim(self) -> int:
-        return int(self.embed_dim * self.mlp_ratio)
+        """Width of the MLP's first layer (both packed halves for SwiGLU). Rounded to 6 places
+        first so that a ratio like 4096 / 1536 gives 4096, not 4095."""
+        return int(round(self.embed_dim * self.mlp_ratio, 6))
 
     @property
     def use_fc_norm(self) -> bool:
@@ -160,11 +182,12 @@ class ViTConfig:
             if not 0.0 <= value < 1.0:
                 errors.append(f"{name} must be in [0, 1), got {value}")
         choices = {
-            "global_pool": ("token", "avg"),
+            "global_pool": ("token", "avg", "map"),
+            "mlp_layer": ("mlp", "swiglu"),
             "pos_embed": ("learned", "sincos2d", "none"),
             "head": ("linear", "mlp"),
             "attn_implementation": ("sdpa", "eager"),
-            "act": ("gelu", "gelu_tanh"),
+            "act": ("gelu", "gelu_tanh", "quick_gelu"),
             "pos_embed_interpolation": ("bicubic", "bilinear"),
         }
         for name, allowed in choices.items():
@@ -175,6 +198,17 @@ class ViTConfig:
                 "global_pool='token' needs class_token=True; use global_pool='avg' "
                 "for a model without a [CLS] token"
             )
+        if self.mlp_layer == "swiglu" and self.mlp_hidden_dim % 2:
+            errors.append(
+                f"mlp_layer='swiglu' packs two halves into mlp_ratio * embed_dim = "
+                f"{self.mlp_hidden_dim}, which must be even"
+            )
+        if self.layer_scale_init is not None and self.layer_scale_init <= 0:
+            errors.append(f"layer_scale_init must be positive or None, got {self.layer_scale_init}")
+        if self.projection_dim is not None and self.projection_dim <= 0:
+            errors.append(f"projection_dim must be positive or None, got {self.projection_dim}")
+        if self.global_pool == "map" and self.head == "mlp":
+            errors.append("global_pool='map' has its own MLP; use head='linear'")
         if self.distilled and not self.class_token:
             errors.append("distilled=True (DeiT) needs class_token=True")
         if self.head_hidden_dim is not None and self.head_hidden_dim <= 0:

@@ -29,6 +29,7 @@ from vitkit.errors import VitkitError
 __all__ = [
     "EvalResult",
     "evaluate",
+    "evaluate_frozen",
     "evaluate_on",
     "match_classes",
     "open_eval_data",
@@ -324,6 +325,53 @@ def evaluate_on(
     result = evaluate(model, loader, device=device, amp_dtype=amp_dtype,
                       num_classes=config.num_classes, class_names=names)  # fmt: skip
     return result, list(getattr(dataset, "skipped", []))
+
+
+def evaluate_frozen(
+    model: nn.Module,
+    processor: Any,
+    data: str,
+    split: str = "test",
+    *,
+    knn: int | None = None,
+    linear_probe: bool = False,
+    pool: str = "model",
+    batch_size: int = 64,
+    num_workers: int = 0,
+    device: str | torch.device = "cpu",
+) -> dict[str, Any]:
+    """Judge a frozen encoder (a headless one too) on a labelled source with training and
+    `split` parts: weighted k-NN top-1 with the training part as memory, and/or a linear probe
+    fitted on the training part with its L2 chosen on the validation part."""
+    from vitkit import features
+    from vitkit.data.builtin import TensorData
+    from vitkit.data.datasets import open_splits
+
+    splits = open_splits(data, mode="L" if model.config.in_chans == 1 else "RGB")
+    if splits.get(split) is None:
+        raise VitkitError(f"--data {data} has no {split} split to score")
+
+    def feats(part: Any) -> tuple[Tensor, Tensor]:
+        if isinstance(part, TensorData):
+            part = _TensorItems(part.images, part.labels)
+        loader = torch.utils.data.DataLoader(
+            part, batch_size=batch_size, num_workers=num_workers,
+            collate_fn=_Collate(processor, model.config.image_hw, None),
+        )  # fmt: skip
+        return features.extract(model, loader, pool=pool, device=device)
+
+    train, query = feats(splits.train), feats(splits.get(split))
+    out: dict[str, Any] = {"data": data, "split": split, "pool": pool,
+                           "train_images": len(train[0]), "images": len(query[0])}  # fmt: skip
+    if knn is not None:
+        out["knn_k"] = knn
+        out["knn_top1"] = features.knn_accuracy(*train, *query, k=knn)
+    if linear_probe:
+        if splits.val is None:
+            raise VitkitError(f"--data {data} has no validation part to choose the probe's L2")
+        probe = features.linear_probe(*train, *feats(splits.val), *query)
+        out.update({f"linear_{k}": v for k, v in probe.items()})
+    return out
 
 
 def write_report(result: EvalResult, out: Path, **meta: Any) -> None:

@@ -184,12 +184,8 @@ def _load_folder(
     except CheckpointError as exc:
         raise CheckpointError(f"{where}: {exc}") from exc
     model_type = data.get("model_type")
-    if model_type in ("vit", "deit"):
-        cfg = config or hf.config_from_hf(data)
-        if config is None and cfg.head == "mlp" and not any("pooler." in k for k in raw):
-            cfg = cfg.replace(head="linear", head_hidden_dim=None)  # saved without its pooler
-        ignore = ("decoder.",) if cfg.use_mask_token else ()
-        return cfg, hf.state_dict_from_hf(raw, cfg, ignore=ignore, source=name), name
+    if model_type in hf.MODEL_TYPES:
+        return (*hf.load_hf(data, raw, name, config=config), name)
     if model_type == "vitkit":
         try:
             cfg = config or ViTConfig.from_dict(data)
@@ -206,7 +202,7 @@ def _load_folder(
         return cfg, timm.state_dict_from_timm(sd, cfg, source=name), name
     raise CheckpointError(
         f"{files['config.json']}: model_type {model_type!r} is not one vitkit "
-        f"reads ('vit', 'deit', 'vitkit', or a timm config with 'architecture')"
+        f"reads ({', '.join(hf.MODEL_TYPES)}, 'vitkit', or a timm config with 'architecture')"
     )
 
 
@@ -315,8 +311,10 @@ def build_model(
 def save_pretrained(model: Any, directory: str | os.PathLike[str], format: str = "auto") -> Path:
     """Write `model` into `directory` as config.json + model.safetensors.
 
-    format "hf": transformers ViT/DeiT names and config (`ViTForImageClassification`,
-    `ViTModel` for a headless model with pooler, `DeiTForImageClassificationWithTeacher`);
+    format "hf": transformers names and config of the class that holds the model
+    (`ViTForImageClassification`, `ViTModel` for a headless model with pooler,
+    `DeiTForImageClassificationWithTeacher`, `Dinov2Model`, `Dinov2WithRegistersModel`,
+    `CLIPVisionModel[WithProjection]`, `SiglipVisionModel`; see `hf.save_hf`);
     "vitkit": our config (model_type "vitkit") and parameter names, for every variant;
     "auto": "hf" when transformers can express the model, else "vitkit".
     Each file is written atomically, weights first, so config.json appears only when the
@@ -335,9 +333,8 @@ def save_pretrained(model: Any, directory: str | os.PathLike[str], format: str =
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     dtype = next(iter(sd.values())).dtype
     if format == "hf":
-        meta = hf.config_to_hf(config)
+        meta, weights = hf.save_hf(config, sd)
         meta["dtype"] = str(dtype).removeprefix("torch.")
-        weights = hf.state_dict_to_hf(sd, config)
     else:
         meta = json.loads(config.to_json())
         weights = sd

@@ -66,6 +66,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="autocast dtype for the forward pass (default: none, fp32)",
     )
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (default: 0)")
+    g = p.add_argument_group("frozen encoders (no classifier needed)")
+    g.add_argument("--knn", type=int, metavar="K", help="weighted k-NN top-1 (DINO's), e.g. 20")
+    g.add_argument("--linear-probe", action="store_true",
+                   help="logistic regression on frozen features (L2 chosen on validation)")  # fmt: skip
+    g.add_argument("--pool", choices=("model", "cls", "mean"), default="model",
+                   help="features: the model's pooled output (default), [CLS], or patch mean")  # fmt: skip
     p.add_argument("--mean", type=float, nargs="+", help="normalisation mean (default: 0.5)")
     p.add_argument("--std", type=float, nargs="+", help="normalisation std (default: 0.5)")
     p.set_defaults(func=run)
@@ -85,6 +91,8 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     resolved = resolve(args.model, device=device)
     model, processor = resolved.model, resolved.processor
+    if args.knn is not None or args.linear_probe:
+        return _frozen(args, model, processor, device)
     if not model.config.num_classes:
         raise VitkitError(
             f"{args.model} has no classification head (num_classes=0): nothing to evaluate"
@@ -103,6 +111,29 @@ def run(args: argparse.Namespace) -> int:
         write_report(result, args.out, model=str(args.model), data=str(args.data),
                      split=args.split, skipped=skipped)  # fmt: skip
         print(f"wrote {args.out / 'metrics.json'} and {args.out / 'confusion.png'}")
+    return 0
+
+
+def _frozen(args: argparse.Namespace, model: Any, processor: Any, device: Any) -> int:
+    import json
+
+    from vitkit.eval import evaluate_frozen
+
+    result = evaluate_frozen(model, processor, args.data, args.split, knn=args.knn,
+                             linear_probe=args.linear_probe, pool=args.pool,
+                             batch_size=args.batch_size, num_workers=args.num_workers,
+                             device=device)  # fmt: skip
+    print(f"model  {args.model}\ndata   {args.data} ({args.split}, {result['images']} images; "
+          f"{result['train_images']} training images as reference)")  # fmt: skip
+    if "knn_top1" in result:
+        print(f"k-NN (k={args.knn}) top-1  {100 * result['knn_top1']:.2f}%")
+    if "linear_test_acc" in result:
+        print(f"linear probe top-1  {100 * result['linear_test_acc']:.2f}% "
+              f"(validation {100 * result['linear_val_acc']:.2f}%, l2 {result['linear_l2']:g})")  # fmt: skip
+    if args.out is not None:
+        from vitkit._io import atomic_write_text
+
+        atomic_write_text(args.out / "metrics.json", json.dumps(result, indent=2) + "\n")
     return 0
 
 

@@ -83,6 +83,9 @@ class TrainData:
     mean: tuple[float, ...] = (0.5,)
     std: tuple[float, ...] = (0.5,)
     eval_transform: Any = None  # PIL image -> normalised (C, S, S): the run's processor
+    # self-supervised runs on labelled data: k-NN memory (training part) and queries (validation)
+    knn_memory: Any = None
+    knn_queries: Any = None
 
     def __post_init__(self) -> None:
         micro = self.batch_size // self.accum_steps
@@ -177,9 +180,13 @@ class TrainData:
             micros = [next(it) for _ in range(self.accum_steps)]
             yield step, [(self.normalize(x), y) for x, y in micros]
 
-    def eval_batches(self, split: str = "val", batch_size: int = 256) -> Iterator[Micro]:
-        """A whole split ("val" or "test") in order, normalised, no augmentation."""
-        data = self.val if split == "val" else self.test
+    def eval_batches(self, split: str | Any = "val", batch_size: int = 256) -> Iterator[Micro]:
+        """A whole split ("val", "test", or a dataset) in order, normalised, no augmentation."""
+        data = (
+            {"val": self.val, "test": self.test}.get(split, split)
+            if isinstance(split, str)
+            else split
+        )
         if isinstance(data, TensorData):
             for i in range(0, len(data), batch_size):
                 x = self._resize(data.images[i : i + batch_size])
@@ -365,18 +372,23 @@ def build_data(
 ) -> TrainData:
     """The `TrainData` of a recipe: its splits (`open_splits`), batching and augmentation.
 
-    Self-supervised objectives train on the training part (plus validation and test with
-    `recipe.all_data`) and need no labels."""
+    Self-supervised objectives train on the whole training part (validation included; test too
+    with `recipe.all_data`) without labels; where the source has labels, the validation part
+    also serves as k-NN queries against the rest, to watch the features form."""
     labelled = recipe.objective == "classify"
     splits = open_splits(
         recipe.data,
         val_data=recipe.val_data,
         test_data=recipe.test_data,
-        val_fraction=recipe.val_fraction if labelled else 0.0,
+        val_fraction=recipe.val_fraction,
         mode="L" if in_chans == 1 else "RGB",
         labelled=labelled,
     )
     train = splits.train
+    memory = queries = None
+    if not labelled:  # pre-training sees every training image; labels serve k-NN monitoring
+        memory, queries = (train, splits.val) if splits.classes else (None, None)
+        train = _concat([train, splits.val, *([splits.test] if recipe.all_data else [])])
     if isinstance(train, TensorData) and train.images.shape[1] != in_chans:
         raise ConfigError(
             f"--data {recipe.data} has {train.images.shape[1]} channel(s) but "
@@ -389,8 +401,6 @@ def build_data(
             f"val_fraction={recipe.val_fraction} of each class); give --val-data or raise "
             "--set val_fraction=..."
         )
-    if not labelled and recipe.all_data:
-        train = _concat([train, splits.val, splits.test])
     return TrainData(
         train=train,
         val=splits.val,
@@ -411,6 +421,8 @@ def build_data(
         mean=tuple(mean),
         std=tuple(std),
         eval_transform=eval_transform,
+        knn_memory=memory,
+        knn_queries=queries,
     )
 
 

@@ -47,6 +47,26 @@ _PIL_CODES: dict[str, int] = {
 }  # fmt: skip
 _PIL_NAMES = {code: name for name, code in _PIL_CODES.items()}
 
+# Defaults of the transformers processors the encoder families ship with, for keys a file omits.
+# CLIP and BiT (DINOv2) read an integer `size` as the shortest edge (default_to_square=False).
+_OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+_OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+_HF_DEFAULTS: dict[str, dict[str, Any]] = {
+    "CLIPImageProcessor": dict(
+        size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224},
+        do_center_crop=True, resample=3, image_mean=_OPENAI_CLIP_MEAN, image_std=_OPENAI_CLIP_STD,
+    ),
+    "BitImageProcessor": dict(
+        size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224},
+        do_center_crop=True, resample=3, image_mean=_OPENAI_CLIP_MEAN, image_std=_OPENAI_CLIP_STD,
+    ),
+    "SiglipImageProcessor": dict(
+        size={"height": 224, "width": 224}, resample=3,
+        image_mean=IMAGENET_STANDARD_MEAN, image_std=IMAGENET_STANDARD_STD,
+    ),
+}  # fmt: skip
+_SHORTEST_EDGE_INT = ("CLIPImageProcessor", "BitImageProcessor")
+
 
 @dataclasses.dataclass
 class ImageProcessor:
@@ -208,11 +228,17 @@ class ImageProcessor:
 
     @classmethod
     def from_hf_dict(cls, data: dict[str, Any], **overrides: Any) -> ImageProcessor:
-        """From the dict of a transformers image processor config (ViTImageProcessor keys;
-        missing keys take ViTImageProcessor's defaults)."""
+        """From the dict of a transformers image processor config. Keys a file omits take the
+        defaults of its `image_processor_type` (CLIPImageProcessor, BitImageProcessor for
+        DINOv2, SiglipImageProcessor, their Fast/Pil variants) or else ViTImageProcessor's."""
+        kind = str(data.get("image_processor_type", "")).removesuffix("Fast").removesuffix("Pil")
+        data = {**_HF_DEFAULTS.get(kind, {}), **data}
         fields: dict[str, Any] = {}
         if data.get("do_resize", True):
-            fields["resize"] = _hf_size(data.get("size", {"height": 224, "width": 224}), "size")
+            size = data.get("size", {"height": 224, "width": 224})
+            if isinstance(size, int) and kind in _SHORTEST_EDGE_INT:
+                size = {"shortest_edge": size}
+            fields["resize"] = _hf_size(size, "size")
         else:
             fields["resize"] = None
         if data.get("do_center_crop", False) and data.get("crop_size") is not None:
@@ -298,6 +324,18 @@ class ImageProcessor:
         if isinstance(self.resize, tuple):
             return self.resize
         return None
+
+    def crop_box(self, width: int, height: int) -> tuple[int, int, int, int]:
+        """(left, top, right, bottom) of the part of a `width` x `height` image that the output
+        shows, in that image's pixels: the centre crop mapped back through the resize, or the
+        whole image. Heat maps over the patch grid are drawn over this region."""
+        if self.crop_size is None:
+            return (0, 0, width, height)
+        h, w = self._resized_hw(height, width)
+        top, left = self._crop_offsets(h, w)
+        ch, cw = self.crop_size
+        sx, sy = width / w, height / h
+        return (round(left * sx), round(top * sy), round((left + cw) * sx), round((top + ch) * sy))
 
     def __call__(self, images: Any, *, device: torch.device | str | None = None) -> torch.Tensor:
         """Preprocess one image or a list of them into a (B, C, H, W) float32 tensor.

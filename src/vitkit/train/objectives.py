@@ -231,7 +231,9 @@ class DINOObjective(Objective):
     uses_labels = False
 
     def __init__(self, config: ViTConfig, *, out_dim: int = 1024, local_crops: int = 4,
-                 hflip: bool = False, momentum_teacher: float = 0.996,
+                 hflip: bool = False, head_bn: bool = True, momentum_teacher: float = 0.996,
+                 global_scale: tuple[float, float] = (0.4, 1.0),
+                 local_scale: tuple[float, float] = (0.05, 0.4),
                  teacher_temp: float = 0.07, warmup_teacher_temp: float = 0.04):  # fmt: skip
         from vitkit.models.dino import DINO, MultiCrop
 
@@ -241,15 +243,16 @@ class DINOObjective(Objective):
             out_dim=out_dim,
             hidden_dim=max(256, 4 * config.embed_dim),
             bottleneck_dim=min(256, max(64, config.embed_dim)),
+            use_bn=head_bn,
             n_local_crops=local_crops,
             teacher_temp=teacher_temp,
             warmup_teacher_temp=warmup_teacher_temp,
         )
-        self.crops = MultiCrop(
-            config.image_hw[0], patch_size=config.patch_size, n_local=local_crops, hflip=hflip
-        )
+        self.crops = MultiCrop(config.image_hw[0], patch_size=config.patch_size, n_local=local_crops,
+                               hflip=hflip, global_scale=global_scale, local_scale=local_scale)  # fmt: skip
         self.momentum_teacher = momentum_teacher
         self.progress = 0.0
+        self._sums: dict[str, float] = {}
 
     def no_weight_decay(self) -> set[str]:
         student = self.dino.student.backbone.no_weight_decay()
@@ -263,7 +266,18 @@ class DINOObjective(Objective):
 
     def forward(self, images: Tensor, labels: Tensor, rng: torch.Generator) -> Tensor:
         views = [v.to(images.device) for v in self.crops.batch(images.cpu())]
-        return self.dino(views, progress=self.progress)
+        loss = self.dino(views, progress=self.progress)
+        for k, v in self.dino.loss.stats.items():
+            self._sums[k] = self._sums.get(k, 0.0) + v
+        self._sums["n"] = self._sums.get("n", 0.0) + 1
+        return loss
+
+    def logs(self) -> dict[str, float]:
+        """The epoch's mean teacher entropies (collapse shows here first)."""
+        n = self._sums.pop("n", 0.0)
+        out = {k: v / n for k, v in self._sums.items()} if n else {}
+        self._sums = {}
+        return out
 
     def after_step(self, step: int, total_steps: int) -> None:
         from vitkit.models.dino import teacher_momentum
@@ -328,6 +342,9 @@ def build_objective(recipe: Any, model_or_config: VisionTransformer | ViTConfig,
         out_dim=recipe.out_dim,
         local_crops=recipe.local_crops,
         hflip=recipe.hflip,
+        head_bn=recipe.head_bn,
+        global_scale=recipe.global_crop_scale,
+        local_scale=recipe.local_crop_scale,
         momentum_teacher=recipe.momentum_teacher,
         teacher_temp=recipe.teacher_temp,
         warmup_teacher_temp=recipe.warmup_teacher_temp,

@@ -386,6 +386,8 @@ def end_epoch(run: Run, train_loss: float, elapsed: float) -> None:
             if run.best_acc is None or acc > run.best_acc:
                 run.best_acc = acc
                 export_model(run.run_dir / "best", weights, run.processor)
+        elif _knn_due(run):
+            row["knn_acc"] = _knn(run)
         run.log.add(row)
         if r.progress:
             _tqdm_write(_epoch_line(r, row))
@@ -402,6 +404,25 @@ def _validate(run: Run, row: dict[str, Any]) -> tuple[float, nn.Module]:
         if ema_acc > acc:
             acc, weights = ema_acc, run.ema.module
     return acc, weights
+
+
+def _knn_due(run: Run) -> bool:
+    every = run.recipe.knn_every_epochs
+    return bool(every and run.data.knn_queries is not None) and (
+        run.epoch % every == 0 or run.epoch == run.recipe.epochs
+    )
+
+
+def _knn(run: Run) -> float:
+    """Weighted k-NN top-1 (k = 20) of the encoder's features: validation images against the
+    rest of the training part; labels are used by the vote only."""
+    from vitkit.features import extract, knn_accuracy
+
+    def feats(data: Any):
+        batches = run.data.eval_batches(data)
+        return extract(run.objective.encoder, batches, device=run.info.device)
+
+    return knn_accuracy(*feats(run.data.knn_memory), *feats(run.data.knn_queries), k=20)
 
 
 def _score(run: Run, model: nn.Module, split: str, row: dict[str, Any], prefix: str) -> float:
@@ -570,6 +591,8 @@ def _epoch_line(r: Recipe, row: dict[str, Any]) -> str:
         msg += f"  val_loss {row['val_loss']:.4f}  val_acc {row['val_acc']:.4f}"
     if "ema_val_acc" in row:
         msg += f"  ema_val_acc {row['ema_val_acc']:.4f}"
+    if "knn_acc" in row:
+        msg += f"  knn_acc {row['knn_acc']:.4f}"
     return msg
 
 
