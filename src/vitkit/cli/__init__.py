@@ -18,8 +18,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="vitkit",
-        description="Vision Transformers: build, load, predict, explain, serve, train, pre-train, "
-        "evaluate.",
+        description="Vision Transformers: build, load, predict, export, explain, serve, train, "
+        "pre-train, evaluate.",
     )
     parser.add_argument("--version", action="version", version=f"vitkit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
