@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import sys
 import time
 from collections.abc import Callable
@@ -315,6 +316,187 @@ def results_table(rows: list[Row]) -> str:
     return common.format_table(headers, lines)
 
 
+# ------------------------------------------------------------------------------ deployment paths
+def photo_batch(n: int, size: int, processor: vitkit.ImageProcessor) -> torch.Tensor:
+    """`n` of scikit-image's bundled photos (repeated if needed) preprocessed: (n, 3, S, S)."""
+    import numpy as np
+    import skimage.data
+
+    names = ["astronaut", "chelsea", "coffee", "rocket", "camera", "immunohistochemistry",
+             "hubble_deep_field", "grass", "retina", "page", "brick", "clock", "coins",
+             "colorwheel", "logo", "text"]  # fmt: skip
+    images = []
+    for i in range(n):
+        a = getattr(skimage.data, names[i % len(names)])()
+        a = np.stack([a] * 3, -1) if a.ndim == 2 else a[..., :3]
+        images.append(np.ascontiguousarray(a if i < len(names) else a[:, ::-1]))
+    return processor(images)
+
+
+def peer_paths(timm_model: nn.Module, x: torch.Tensor, log: Callable[[str], None]) -> dict:
+    """The runtimes people deploy with, on timm's model: name -> no-argument call -> logits."""
+    import tempfile
+
+    from vitkit.infer import _graph
+
+    fns: dict[str, Callable[[], torch.Tensor]] = {}
+    threads = torch.get_num_threads()
+    module = timm_model  # returns logits: no wrapper needed
+    try:
+        import onnxruntime  # noqa: F401
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        tmp = tempfile.mkdtemp(prefix="vitkit-bench-")
+        fp32 = Path(tmp) / "timm.onnx"
+        start = time.perf_counter()
+        with _graph.quiet(), torch.no_grad():
+            torch.onnx.export(module, (x[:1],), dynamo=True, opset_version=18,
+                              input_names=["x"],
+                              dynamic_shapes={"x": {0: torch.export.Dim("b", max=64)}}).save(
+                str(fp32))  # fmt: skip
+            quantize_dynamic(str(fp32), str(Path(tmp) / "int8.onnx"), weight_type=QuantType.QInt8)
+        log(
+            f"onnxruntime: torch.onnx export + quantize_dynamic {time.perf_counter() - start:.0f} s"
+        )
+        for name, file in (("ort fp32", fp32), ("ort int8", Path(tmp) / "int8.onnx")):
+            session = _graph.onnx_session(file, threads)
+            fns[name] = functools.partial(
+                lambda s: torch.from_numpy(s.run(None, {"x": x.numpy()})[0]), session
+            )
+    except ImportError:
+        log("onnxruntime not installed: its rows are skipped")
+    try:
+        import nncf  # noqa: F401
+        import openvino  # noqa: F401
+
+        start = time.perf_counter()
+        ov_model = _graph.to_openvino(module, x[:1])
+        quantized = _graph.quantize_openvino(ov_model, x)
+        log(f"OpenVINO: convert + NNCF quantize {time.perf_counter() - start:.0f} s")
+        for name, m, precision in (("OV f32", ov_model, "fp32"), ("OV bf16", ov_model, "bf16"),
+                                   ("OV int8 (NNCF)", quantized, "int8")):  # fmt: skip
+            compiled = _graph.compile_openvino(m, precision, threads)
+            fns[name] = functools.partial(
+                lambda c: torch.from_numpy(c(x.numpy())[c.output(0)].copy()), compiled
+            )
+    except ImportError:
+        log("openvino / nncf not installed: their rows are skipped")
+    return fns
+
+
+VITKIT_PATHS = [("fp32", "torch"), ("bf16", "torch"), ("bf16", "openvino"), ("int8", "torch"),
+                ("int8", "onnxruntime"), ("int8", "openvino")]  # fmt: skip
+
+
+def digits_agreement(log: Callable[[str], None], epochs: int = 15) -> str:
+    """Accuracy cost of each vitkit path on a trained model: a digits ViT fitted for `epochs`
+    on the built-in digits (80/20 split, seed 0), its 360 test images, against fp32."""
+    from vitkit.data.builtin import load_digits
+    from vitkit.infer import prepare
+    from vitkit.infer.precision import machine
+
+    train, test = load_digits()
+    torch.manual_seed(0)
+    model = vitkit.create_model("vit_digits_patch2_8")
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.05)
+    x_train, x_test = (train.images - 0.5) / 0.5, (test.images - 0.5) / 0.5
+    start = time.perf_counter()
+    for _ in range(epochs):
+        model.train()
+        for idx in torch.randperm(len(x_train)).split(64):
+            loss = nn.functional.cross_entropy(model(x_train[idx]).logits, train.labels[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    with torch.inference_mode():
+        ref = model(x_test).logits
+    accuracy = (ref.argmax(-1) == test.labels).float().mean().item()
+    log(
+        f"digits ViT: {epochs} epochs in {time.perf_counter() - start:.0f} s, fp32 test {accuracy:.2%}"
+    )
+    info = machine()
+    lines = []
+    for precision, backend in VITKIT_PATHS:
+        if backend in ("onnxruntime", "openvino") and not info[backend]:
+            continue
+        runner = prepare(model, precision, backend=backend, calibration=x_train[:64], log=log)
+        out = runner(x_test)
+        agree = (out.argmax(-1) == ref.argmax(-1)).float().mean().item()
+        acc = (out.argmax(-1) == test.labels).float().mean().item()
+        lines.append([f"vitkit {precision} {backend}", f"{agree:.2%}",
+                      f"{(out - ref).abs().max().item():.4f}", f"{acc:.2%}"])  # fmt: skip
+    headers = ["path", "top-1 = fp32 (360 test images)", "max |logit diff|", "test accuracy"]
+    return common.format_table(headers, lines)
+
+
+def run_paths(args: argparse.Namespace, log: Callable[[str], None] = print) -> str:
+    """One alternating run of every vitkit precision path against timm, transformers,
+    onnxruntime and OpenVINO on ViT-B/16 (or --models), real photos as input."""
+    from vitkit.infer import prepare
+    from vitkit.infer.precision import choose, describe_machine, machine
+
+    log(describe_machine())
+    name = args.models.split(",")[0]
+    batch = int(args.batch_sizes.split(",")[0])
+    models = build_contenders(name, image_size=args.image_size, device=torch.device("cpu"),
+                              libraries={"timm", "transformers"}, compile_models=False,
+                              bf16_weights=True)  # fmt: skip
+    ours = models["vitkit"]
+    config = ours.config
+    x = photo_batch(batch, config.image_size, vitkit.ImageProcessor.hf_vit(config.image_hw))
+    fns: dict[str, Callable[[], torch.Tensor]] = {
+        "timm fp32": forward_fn(models["timm"], x, None),
+        "timm bf16 weights": forward_fn(models["timm" + BF16_WEIGHTS], x.bfloat16(), None),
+        "transformers fp32": forward_fn(models["HF sdpa"], x, None),
+    }
+    fns.update(peer_paths(models["timm"], x, log))
+    info = machine()
+    notes = {}
+    for precision, backend in VITKIT_PATHS:
+        if backend in ("onnxruntime", "openvino") and not info[backend]:
+            continue
+        start = time.perf_counter()
+        runner = prepare(ours, precision, backend=backend, calibration=x, log=log)
+        key = f"vitkit {precision}" + (f" {backend}" if backend else "")
+        fns[key] = functools.partial(runner, x)
+        notes[key] = runner.note
+        log(f"{key}: {runner.describe()} (set up in {time.perf_counter() - start:.0f} s)")
+    auto = choose("cpu")[0]
+    log(f"auto on this machine: {auto[0]} on {auto[1]} ({auto[2]}), the row 'vitkit {auto[0]} "
+        f"{auto[1]}' when its top-1 matches fp32 on the first batch")  # fmt: skip
+    # the bf16 matmul limit at the MLP's shape: (batch * tokens, D) @ (D, 4D)
+    tokens = batch * (config.grid_size[0] * config.grid_size[1] + 1)
+    a = torch.randn(tokens, config.embed_dim).bfloat16()
+    w = torch.randn(config.mlp_hidden_dim, config.embed_dim).bfloat16()
+    fns["bf16 matmul limit"] = lambda: torch.nn.functional.linear(a, w)
+    mlp_flops = 2.0 * tokens * config.embed_dim * config.mlp_hidden_dim
+    model_flops = 2.0 * ours.flops() * batch
+
+    with torch.inference_mode():
+        reference = fns["timm fp32"]().float()
+        outputs = {k: fn().float() for k, fn in fns.items() if k != "bf16 matmul limit"}
+    times = common.round_robin(fns, repeats=args.repeats or 5, warmup=0)
+    base = times["timm fp32"]
+    lines = []
+    for key, t in times.items():
+        ratio = common.median([b / s for b, s in zip(base, t)])
+        if key == "bf16 matmul limit":
+            seconds = common.median(t) * model_flops / mlp_flops  # a whole model at that rate
+            ratio = common.median(base) / seconds
+            lines.append([key, f"{batch / seconds:.2f}", f"{ratio:.2f}", "", "", ""])
+            continue
+        out = outputs[key]
+        agree = f"{(out.argmax(-1) == reference.argmax(-1)).float().mean().item():.0%}"
+        diff = f"{(out - reference).abs().max().item():.3f}"
+        if key.startswith("transformers"):
+            agree = diff = "(own weights)"
+        lines.append([key, f"{batch / common.median(t):.2f}", f"{ratio:.2f}", agree, diff,
+                      notes.get(key, "")])  # fmt: skip
+    headers = ["path", "img/s", "x timm fp32", "top-1 = fp32", "max |logit diff|", "what runs"]
+    return common.format_table(headers, lines)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", default=DEFAULT_MODELS, help="comma-separated vitkit presets")
@@ -348,6 +530,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="in bf16 rows, also time vitkit and timm converted to bf16 (no autocast)",
     )
     p.add_argument(
+        "--paths",
+        action="store_true",
+        help="time every vitkit precision path against timm fp32/bf16, transformers, "
+        "onnxruntime fp32/int8 and OpenVINO f32/bf16/int8 (first model and batch size only)",
+    )
+    p.add_argument(
         "--quick",
         action="store_true",
         help="ViT-S/16, batch 1, fp32, 3 repeats: a one-minute sanity run",
@@ -368,6 +556,11 @@ def main(argv: list[str] | None = None) -> int:
         args.dtypes = args.dtypes or "fp32"
     info = common.machine_info(args.device)
     print(common.machine_line(info), flush=True)
+    if args.paths:
+        log = lambda s: print(s, flush=True)  # noqa: E731
+        print(run_paths(args, log=log), flush=True)
+        print(digits_agreement(log), flush=True)
+        return 0
     dtypes = (args.dtypes or "fp32,bf16").split(",")
     sizes = {d: common.matmul_size(common.DTYPES[d], device=args.device) for d in dtypes}
     peaks = {

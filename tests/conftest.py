@@ -65,3 +65,21 @@ def cifar10(tmp_path):
         {b"label_names": names, b"num_vis": 3072, b"num_cases_per_batch": 3}, d / "batches.meta"
     )
     return tmp_path, batches
+
+
+# scikit-image's bundled photos (no download), as 8-bit RGB arrays (H, W, 3) of varied sizes
+PHOTO_NAMES = ("astronaut", "chelsea", "coffee", "rocket", "camera", "immunohistochemistry",
+               "hubble_deep_field", "grass", "retina", "page", "brick", "clock", "coins",
+               "colorwheel", "logo", "text")  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def photos() -> list[np.ndarray]:
+    import skimage.data
+
+    out = []
+    for name in PHOTO_NAMES:
+        a = getattr(skimage.data, name)()
+        a = np.stack([a] * 3, -1) if a.ndim == 2 else a[..., :3]
+        out.append(np.ascontiguousarray(a))
+    return out

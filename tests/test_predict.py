@@ -16,9 +16,9 @@ from PIL import Image
 import vitkit
 from vitkit.checkpoints.resolve import processor_for
 from vitkit.cli import main
-from vitkit.cli.predict import expand_inputs
 from vitkit.data.labels import id2label_for, imagenet_labels
 from vitkit.data.processor import ImageProcessor
+from vitkit.infer.predictor import expand_inputs
 
 TINY = dict(embed_dim=32, depth=1, num_heads=2)  # keeps every forward pass in milliseconds
 

@@ -10,7 +10,7 @@ import sys
 from vitkit.errors import VitkitError
 
 # subcommand modules, in the order `vitkit --help` lists them
-COMMANDS = ("models", "info", "predict", "explain", "serve", "train", "pretrain", "eval")
+COMMANDS = ("models", "info", "predict", "export", "explain", "serve", "train", "pretrain", "eval")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,8 +18,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="vitkit",
-        description="Vision Transformers: build, load, predict, explain, serve, train, pre-train, "
-        "evaluate.",
+        description="Vision Transformers: build, load, predict, export, explain, serve, train, "
+        "pre-train, evaluate.",
     )
     parser.add_argument("--version", action="version", version=f"vitkit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-from pathlib import Path
-from typing import Any
 
 _PROGRESS_MIN_IMAGES = 32  # fewer than this finish too fast for a progress bar to help
 
@@ -53,15 +50,38 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="N",
         help="refuse images with more pixels than this (decompression bombs; default ~89M)",
     )
+    p.add_argument(
+        "--processor-backend",
+        choices=("pil", "tensor"),
+        default=None,
+        help="resize with PIL or with torchvision on uint8 tensors; default: what the "
+        "checkpoint's library does (transformers: tensor, timm: pil)",
+    )
+    p.add_argument(
+        "--precision",
+        choices=("fp32", "bf16", "fp16", "int8", "auto"),
+        default="fp32",
+        help="fp32 (exact), bf16, fp16 (GPU), int8 (CPU; calibrated on the first batch), or auto: "
+        "the fastest path this machine offers that keeps fp32's top-1 on the first batch "
+        "(docs/inference.md)",
+    )
+    p.add_argument(
+        "--backend",
+        choices=("torch", "onnxruntime", "openvino"),
+        default=None,
+        help="runtime for --precision (default: the fastest installed)",
+    )
+    p.add_argument(
+        "--workers", type=int, default=None, help="decoding threads (default: CPU count, <= 8)"
+    )
     p.add_argument("--no-progress", action="store_true", help="never show a progress bar")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from vitkit.checkpoints.resolve import resolve
     from vitkit.errors import VitkitError
+    from vitkit.infer.predictor import Predictor, checkpoint_backend, expand_inputs
 
     if args.top_k < 1:
         raise VitkitError(f"--top-k must be at least 1, got {args.top_k}")
@@ -90,65 +110,27 @@ def run(args: argparse.Namespace) -> int:
         raise VitkitError(
             f"{args.model} has no classification head (num_classes=0); use a classifier checkpoint"
         )
+    processor.backend = args.processor_backend or checkpoint_backend(
+        resolved.folder, args.processor
+    )
     if args.max_pixels is not None:
         processor.max_pixels = args.max_pixels
-
-    from vitkit.data.labels import id2label_for
-
-    labels = id2label_for(config)
-    top_k = min(args.top_k, config.num_classes)
+    predictor = Predictor(
+        model, processor, precision=args.precision, backend=args.backend, device=device,
+        batch_size=args.batch_size, workers=args.workers, top_k=args.top_k,
+        log=lambda s: print(f"vitkit predict: {s}", file=sys.stderr, flush=True),
+    )  # fmt: skip
     failed = len(failures)
     show_bar = not args.no_progress and len(paths) >= _PROGRESS_MIN_IMAGES
     with _progress(len(paths), enabled=show_bar) as bar:
-        for start in range(0, len(paths), args.batch_size):
-            chunk = paths[start : start + args.batch_size]
-            pixels, errors = _load_batch(chunk, processor)
-            probs = None
-            if pixels:
-                batch = torch.stack(list(pixels.values())).to(device)  # (B, C, H, W)
-                with torch.inference_mode():
-                    logits = model(batch).logits.float()
-                probs = logits.softmax(-1).cpu()
-            row = {i: r for r, i in enumerate(pixels)}
-            for i, path in enumerate(chunk):
-                if i in errors:
-                    failed += 1
-                    _report_failure(path, errors[i], as_json=args.json, bar=bar)
-                    continue
-                p, idx = probs[row[i]].topk(top_k)  # type: ignore[index]
-                top = [(int(c), labels.get(int(c), str(int(c))), float(q)) for q, c in zip(p, idx)]
-                _print_result(path, top, as_json=args.json, bar=bar)
-            bar.update(len(chunk))
-    return 1 if failed else 0
-
-
-def expand_inputs(inputs: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
-    """Arguments -> (image paths in order, [(argument, reason)] for the ones that failed).
-
-    Folders expand to the image files under them, sorted; a folder with none is a failure.
-    Files are kept whatever their extension (the decoder decides); missing paths fail here.
-    """
-    from vitkit.data.images import is_image_file
-
-    paths: list[str] = []
-    failures: list[tuple[str, str]] = []
-    for arg in inputs:
-        path = Path(arg)
-        if path.is_dir():
-            found = sorted(
-                str(p)
-                for p in path.rglob("*")
-                if p.is_file() and is_image_file(p) and not _hidden(p.relative_to(path))
-            )
-            if found:
-                paths.extend(found)
+        for result in predictor.predict(paths):
+            if result.error is not None:
+                failed += 1
+                _report_failure(result.source, result.error, as_json=args.json, bar=bar)
             else:
-                failures.append((arg, "directory contains no image files"))
-        elif path.exists():
-            paths.append(arg)
-        else:
-            failures.append((arg, "no such file or directory"))
-    return paths, failures
+                _print_result(result.source, result.top_k, as_json=args.json, bar=bar)
+            bar.update(1)
+    return 1 if failed else 0
 
 
 def _resolve_device(name: str):
@@ -165,28 +147,6 @@ def _resolve_device(name: str):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise VitkitError("--device cuda was asked for but no CUDA device is available")
     return device
-
-
-def _load_batch(paths: list[str], processor) -> tuple[dict[int, Any], dict[int, str]]:
-    """Decode and preprocess `paths` in threads -> ({index: (C, H, W)}, {index: reason})."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from vitkit.errors import VitkitError
-
-    def one(path: str):
-        try:
-            return processor.preprocess_pil(path), None
-        except VitkitError as exc:
-            message = str(exc)
-            prefix = f"{path}: "
-            return None, message[len(prefix) :] if message.startswith(prefix) else message
-
-    workers = max(1, min(len(paths), os.cpu_count() or 1, 8))
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = list(pool.map(one, paths))
-    pixels = {i: t for i, (t, _) in enumerate(results) if t is not None}
-    errors = {i: e for i, (_, e) in enumerate(results) if e is not None}
-    return pixels, errors
 
 
 def _print_result(path: str, top: list[tuple[int, str, float]], *, as_json: bool, bar) -> None:
@@ -213,10 +173,6 @@ def _out(text: str, bar, stream) -> None:
         bar.write(text, file=stream)  # clears the bar, prints, redraws it
     else:
         print(text, file=stream, flush=stream is sys.stderr)
-
-
-def _hidden(relative: Path) -> bool:
-    return any(part.startswith(".") for part in relative.parts)
 
 
 class _NoBar:

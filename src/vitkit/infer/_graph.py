@@ -1,0 +1,213 @@
+"""The plain-tensor modules that runtimes and exporters see, and the converters into each runtime.
+
+`LogitsModule` turns a `VisionTransformer` (which returns a `ViTOutput`) into a module with one
+tensor in and one tensor out. `PreprocessedModule` puts the checkpoint's preprocessing and a
+softmax around it, so an exported graph takes uint8 images of any size. The converters
+(`to_onnx`, `to_openvino`, `quantize_openvino`, `quantize_onnx`) are shared by the precision
+paths (`vitkit.infer.precision`) and the exporter (`vitkit.infer.export`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vitkit.errors import ConfigError, VitkitError
+
+MAX_SIDE = 8192  # largest image side an exported graph accepts (a bound torch.export needs)
+
+
+class LogitsModule(nn.Module):
+    """(B, C, H, W) float32 -> (B, K) float32 logits (pooled features for a model without a
+    head); a bf16/fp16 model gets its input cast inside."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.dtype = next(model.parameters()).dtype
+
+    def forward(self, pixel_values: Tensor) -> Tensor:
+        return self.model(pixel_values.to(self.dtype)).logits.float()
+
+
+class PreprocessedModule(nn.Module):
+    """uint8 images (B, H, W, 3) or (B, 3, H, W) of any size -> (probabilities (B, K),
+    top-k class indices (B, k)).
+
+    Does what `vitkit.data.processor.ImageProcessor` does on its tensor path (transformers'
+    torchvision backend): resize with antialiasing, rounded back to 8-bit levels, centre crop,
+    then rescale and normalize in one affine step.
+    """
+
+    def __init__(self, model: nn.Module, processor: Any, *, channels_last: bool, top_k: int):
+        super().__init__()
+        if not isinstance(processor.resize, tuple):
+            raise ConfigError(
+                "--with-preprocessing supports processors that resize to a fixed (height, width) "
+                f"(transformers' ViT style), not resize={processor.resize!r}"
+            )
+        crop = processor.crop_size
+        if crop is not None and (crop[0] > processor.resize[0] or crop[1] > processor.resize[1]):
+            raise ConfigError(f"crop_size {crop} is larger than resize {processor.resize}")
+        if processor.interpolation not in ("bilinear", "bicubic", "nearest"):
+            raise ConfigError(
+                f"--with-preprocessing cannot bake interpolation={processor.interpolation!r}; "
+                "use bilinear, bicubic or nearest"
+            )
+        if processor.num_channels != 3:
+            raise ConfigError("--with-preprocessing needs a 3-channel (RGB) model")
+        self.model = model
+        self.dtype = next(model.parameters()).dtype
+        self.processor = processor
+        self.channels_last = channels_last
+        self.top_k = top_k
+        weight, bias = (torch.from_numpy(v).view(1, -1, 1, 1) for v in processor._affine())
+        self.register_buffer("weight", weight, persistent=False)
+        self.register_buffer("bias", bias, persistent=False)
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        x = images.permute(0, 3, 1, 2) if self.channels_last else images  # (B, 3, H, W)
+        x = x.float()
+        p = self.processor
+        smooth = p.interpolation != "nearest"
+        x = F.interpolate(x, size=p.resize, mode=p.interpolation, antialias=smooth,
+                          align_corners=False if smooth else None)  # fmt: skip
+        x = x.round().clamp(0, 255)  # torchvision resizes uint8 to uint8
+        if p.crop_size is not None:
+            top, left = p._crop_offsets(*p.resize)
+            x = x[..., top : top + p.crop_size[0], left : left + p.crop_size[1]]
+        x = x * self.weight + self.bias
+        probs = self.model(x.to(self.dtype)).logits.float().softmax(-1)
+        top = probs.topk(self.top_k, dim=-1)
+        return probs, top.indices
+
+
+def input_name(preprocessing: bool, channels_last: bool) -> str:
+    """The graph's input name; it states the layout an exported file expects."""
+    if not preprocessing:
+        return "pixel_values_nchw_float32"
+    return "images_uint8_nhwc" if channels_last else "images_uint8_nchw"
+
+
+def dynamic_shapes(module: nn.Module, example: Tensor, *, patch: int, preprocessing: bool,
+                   channels_last: bool) -> dict[str, dict[int, Any]]:  # fmt: skip
+    """torch.export dynamic shapes: batch, height and width (multiples of the patch for a bare
+    model, since the patch embedding needs them; any size with preprocessing)."""
+    from torch.export import Dim
+
+    batch = Dim("batch", min=1, max=4096)
+    name = next(iter(_forward_args(module)))
+    if preprocessing:
+        h, w = Dim("height", min=2, max=MAX_SIDE), Dim("width", min=2, max=MAX_SIDE)
+        axes = {0: batch, 1: h, 2: w} if channels_last else {0: batch, 2: h, 3: w}
+        return {name: axes}
+    gh = Dim("grid_h", min=1, max=MAX_SIDE // patch)
+    gw = Dim("grid_w", min=1, max=MAX_SIDE // patch)
+    return {name: {0: batch, 2: patch * gh, 3: patch * gw}}
+
+
+def _forward_args(module: nn.Module) -> list[str]:
+    import inspect
+
+    return list(inspect.signature(module.forward).parameters)
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Keep the exporters' and quantizers' chatter (progress bars, tracer warnings) off stdout,
+    which `vitkit predict --json` reserves for results."""
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loggers = [logging.getLogger(n) for n in ("nncf", "torch.onnx", "torch.export")]
+        levels = [lg.level for lg in loggers]
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for lg, level in zip(loggers, levels):
+                lg.setLevel(level)
+
+
+def need(module: str, extra: str) -> Any:
+    """Import an optional dependency or say which extra brings it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise VitkitError(
+            f"this needs {module.split('.')[0]}, which is not installed; "
+            f"pip install 'vitkit[{extra}]'"
+        ) from None
+
+
+def to_onnx(module: nn.Module, example: Tensor, path: Path, *, dynamic: dict | None,
+            opset: int = 18, input_name: str, output_names: list[str]) -> None:  # fmt: skip
+    """torch.onnx (dynamo) export of `module` to `path`."""
+    need("onnx", "export")
+    need("onnxscript", "export")
+    with quiet(), torch.no_grad():
+        program = torch.onnx.export(
+            module, (example,), dynamic_shapes=dynamic, dynamo=True, opset_version=opset,
+            input_names=[input_name], output_names=output_names, verbose=False,
+        )  # fmt: skip
+        program.save(str(path))
+
+
+def quantize_onnx(src: Path, dst: Path) -> None:
+    """onnxruntime dynamic quantization: int8 weights, int8 activations quantized per call."""
+    need("onnxruntime", "export")
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with quiet():
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
+
+
+def onnx_session(path: Path | bytes, threads: int | None = None) -> Any:
+    ort = need("onnxruntime", "export")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    source = path if isinstance(path, bytes) else str(path)
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+def to_openvino(module: nn.Module, example: Tensor) -> Any:
+    """An OpenVINO model of `module` with dynamic batch, height and width."""
+    ov = need("openvino", "openvino")
+    with quiet(), torch.no_grad():
+        return ov.convert_model(module, example_input=example)
+
+
+def quantize_openvino(ov_model: Any, calibration: Tensor, chunk: int = 4) -> Any:
+    """NNCF post-training static quantization (transformer preset) on `calibration` images."""
+    nncf = need("nncf", "openvino")
+    items = [calibration[i : i + chunk].numpy() for i in range(0, len(calibration), chunk)]
+    with quiet():
+        return nncf.quantize(
+            ov_model, nncf.Dataset(items), model_type=nncf.ModelType.TRANSFORMER,
+            subset_size=len(calibration),
+        )  # fmt: skip
+
+
+def compile_openvino(ov_model: Any, precision: str, threads: int | None = None) -> Any:
+    ov = need("openvino", "openvino")
+    config: dict[str, Any] = {
+        "INFERENCE_NUM_THREADS": threads or torch.get_num_threads(),
+        "NUM_STREAMS": 1,
+        "PERFORMANCE_HINT": "LATENCY",
+    }
+    if precision in ("fp32", "bf16"):
+        config["INFERENCE_PRECISION_HINT"] = {"fp32": "f32", "bf16": "bf16"}[precision]
+    return ov.Core().compile_model(ov_model, "CPU", config)

@@ -1,0 +1,318 @@
+"""Export a model to a file another runtime loads: ONNX, torch.export (.pt2) or OpenVINO IR.
+
+    export(model, "vit.onnx", dynamic_size=True)                     # (B, 3, H, W) float32
+    export(model, "vit.onnx", processor=proc, precision="int8")      # uint8 images, any size
+
+Every export checks itself before it returns: the written file runs (onnxruntime for ONNX,
+`torch.export.load` for .pt2, OpenVINO for IR) on a test input of another batch size (and
+another image size when sizes are dynamic) against vitkit's PyTorch model; the max difference
+is printed, and a file that does not match is deleted (it is written under a temporary name and
+renamed only once it passed). Class names travel in the file: ONNX `metadata_props`
+(`id2label`, `vitkit_preprocessing`), .pt2 extra files, OpenVINO `rt_info`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import io
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from vitkit._io import atomic_path
+from vitkit.errors import ConfigError, VitkitError
+from vitkit.infer import _graph
+
+FORMATS = ("onnx", "pt2", "openvino")
+SUFFIXES = {"onnx": ".onnx", "pt2": ".pt2", "openvino": ".xml"}
+# max |file - vitkit| allowed, relative to max |vitkit output| (probabilities: to 1)
+TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 5e-2, "int8": 0.15}
+PRECISIONS = {
+    "onnx": ("fp32", "fp16", "int8"),
+    "pt2": ("fp32", "bf16", "fp16"),
+    "openvino": ("fp32", "fp16", "int8"),
+}
+
+
+@dataclasses.dataclass
+class ExportResult:
+    path: Path
+    format: str
+    precision: str
+    input_name: str
+    max_diff: float
+    tolerance: float
+    checked_shapes: list[tuple[int, ...]]
+
+    def summary(self) -> str:
+        shapes = ", ".join("x".join(map(str, s)) for s in self.checked_shapes)
+        return (
+            f"wrote {self.path} ({self.format}, {self.precision}, input {self.input_name!r}); "
+            f"checked against vitkit on {shapes}: max |difference| {self.max_diff:.2e} "
+            f"(allowed {self.tolerance:.0e})"
+        )
+
+
+def export(
+    model: nn.Module,
+    output: str | os.PathLike[str],
+    *,
+    format: str | None = None,
+    precision: str = "fp32",
+    dynamic_size: bool = False,
+    processor: Any = None,
+    channels_last: bool = True,
+    top_k: int = 5,
+    opset: int = 18,
+    calibration: Tensor | None = None,
+    labels: dict[int, str] | None = None,
+    log: Callable[[str], None] | None = print,
+) -> ExportResult:
+    """Write `model` (a VisionTransformer) to `output` and check the file; see the module doc.
+
+    format: onnx | pt2 | openvino (default: from the suffix of `output`).
+    precision: fp32; fp16 (onnx, pt2, openvino: fp16 weights); bf16 (pt2); int8 (onnx:
+        onnxruntime dynamic quantization; openvino: NNCF static, needs `calibration`).
+    dynamic_size: batch, height and width dynamic (the position table is resampled inside the
+        graph); otherwise only the batch is.
+    processor: an `ImageProcessor` to bake in (--with-preprocessing): the file then takes uint8
+        images (B, H, W, 3) (`channels_last`) or (B, 3, H, W) of any size, and returns
+        (probabilities (B, K), top-k class indices (B, top_k)).
+    calibration: preprocessed (B, C, H, W) real images for static int8.
+    """
+    output = Path(output)
+    format = format or _format_from_suffix(output)
+    if format not in FORMATS:
+        raise ConfigError(f"format={format!r} is not one of {', '.join(FORMATS)}")
+    if precision not in PRECISIONS[format]:
+        raise ConfigError(
+            f"{precision} is not offered for {format}; use one of {', '.join(PRECISIONS[format])}"
+        )
+    if format == "openvino" and precision == "int8" and calibration is None:
+        raise ConfigError("static int8 for OpenVINO needs calibration images (--calibration DIR)")
+    config = model.config  # type: ignore[attr-defined]
+    model = model.eval().float().cpu()
+    net = model
+    if precision in ("bf16", "fp16") and format != "openvino":
+        net = copy.deepcopy(model).to(torch.bfloat16 if precision == "bf16" else torch.float16)
+    preprocessing = processor is not None
+    module: nn.Module
+    if preprocessing:
+        top_k = min(top_k, config.num_classes or 1)
+        module = _graph.PreprocessedModule(net, processor, channels_last=channels_last,
+                                           top_k=top_k).eval()  # fmt: skip
+        if not config.num_classes:
+            raise ConfigError("--with-preprocessing needs a classifier (num_classes > 0)")
+    else:
+        module = _graph.LogitsModule(net).eval()
+    name = _graph.input_name(preprocessing, channels_last)
+    outputs = ["probabilities", "top_indices"] if preprocessing else ["logits"]
+    example, tests = _inputs(config, processor, channels_last, dynamic_size or preprocessing)
+    dyn = _graph.dynamic_shapes(module, example, patch=config.patch_size,
+                                preprocessing=preprocessing, channels_last=channels_last)  # fmt: skip
+    if not (dynamic_size or preprocessing):
+        arg = next(iter(dyn))
+        dyn = {arg: {0: dyn[arg][0]}}  # the batch only
+    meta = {
+        "id2label": json.dumps({str(k): v for k, v in (labels or _labels(config)).items()}),
+        "vitkit_config": config.to_json() if hasattr(config, "to_json") else "",
+        "vitkit_precision": precision,
+        "vitkit_input": name,
+    }
+    if preprocessing:
+        meta["vitkit_preprocessing"] = json.dumps(processor.to_hf_dict())
+    reference = _reference(model, processor, channels_last, top_k)
+
+    if format == "openvino":
+        return _export_openvino(module, output, example, tests, reference, precision,
+                                calibration, meta, name, log)  # fmt: skip
+    with atomic_path(output) as tmp:
+        if format == "onnx":
+            _write_onnx(module, tmp, example, dyn, opset, name, outputs, precision, meta)
+            run = _onnx_runner(tmp, name)
+        else:
+            _write_pt2(module, tmp, example, dyn, meta)
+            run = _pt2_runner(tmp)
+        result = _verify(run, tests, reference, precision, output, format, name, log)
+    return result
+
+
+def _format_from_suffix(output: Path) -> str:
+    for format, suffix in SUFFIXES.items():
+        if output.suffix.lower() == suffix:
+            return format
+    raise ConfigError(
+        f"cannot tell the format from {output.name!r}; pass --format onnx|pt2|openvino"
+    )
+
+
+def _labels(config: Any) -> dict[int, str]:
+    from vitkit.data.labels import id2label_for
+
+    return id2label_for(config) if config.num_classes else {}
+
+
+def _inputs(config: Any, processor: Any, channels_last: bool, dynamic: bool) -> tuple[
+    Tensor, list[Tensor]
+]:  # fmt: skip
+    """(the example the graph is traced with, the test inputs it is checked on)."""
+    gen = torch.Generator().manual_seed(0)
+    if processor is not None:
+
+        def images(b: int, h: int, w: int) -> Tensor:
+            # smooth images: noise at full resolution is not what cameras produce, and makes
+            # 8-bit rounding after the resize flip on ties
+            small = torch.randint(0, 256, (b, 3, max(2, h // 8), max(2, w // 8)), generator=gen)
+            x = torch.nn.functional.interpolate(small.float(), size=(h, w), mode="bilinear")
+            x = x.round().clamp(0, 255).to(torch.uint8)
+            return x.permute(0, 2, 3, 1).contiguous() if channels_last else x
+
+        return images(2, 180, 260), [images(3, 317, 205), images(1, 64, 96)]
+    h, w = config.image_hw
+    p = config.patch_size
+    example = torch.randn(2, config.in_chans, h, w, generator=gen)
+    tests = [torch.randn(3, config.in_chans, h, w, generator=gen)]
+    if dynamic:
+        tests.append(torch.randn(1, config.in_chans, h + 2 * p, max(p, w - p), generator=gen))
+    return example, tests
+
+
+def _reference(model: nn.Module, processor: Any, channels_last: bool, top_k: int) -> Callable:
+    """vitkit's own answer for a test input: logits, or (probabilities, top indices) after
+    the processor's tensor path (transformers' torchvision backend)."""
+
+    def run(x: Tensor) -> list[np.ndarray]:
+        with torch.inference_mode():
+            if processor is None:
+                return [model(x).logits.float().numpy()]
+            images = x.permute(0, 3, 1, 2) if channels_last else x
+            pixels = dataclasses.replace(processor, backend="tensor")(images)
+            probs = model(pixels).logits.float().softmax(-1)
+            return [probs.numpy(), probs.topk(top_k).indices.numpy()]
+
+    return run
+
+
+def _verify(run: Callable, tests: list[Tensor], reference: Callable, precision: str,
+            output: Path, format: str, name: str, log: Callable | None) -> ExportResult:  # fmt: skip
+    worst, tolerance = 0.0, TOLERANCE[precision]
+    top_ok = True
+    for x in tests:
+        got, want = run(x), reference(x)
+        scale = max(1.0, float(np.abs(want[0]).max())) if len(want) == 1 else 1.0
+        diff = float(np.abs(np.asarray(got[0], dtype=np.float64) - want[0]).max())
+        worst = max(worst, diff / scale)
+        if len(want) == 2 and precision == "fp32":  # the top classes, where not tied
+            probs = np.sort(want[0], axis=-1)[:, ::-1]
+            clear = (probs[:, 0] - probs[:, 1]) > 2 * tolerance
+            top_ok &= np.array_equal(np.asarray(got[1])[clear, 0], want[1][clear, 0])
+    result = ExportResult(output, format, precision, name, worst, tolerance,
+                          [tuple(t.shape) for t in tests])  # fmt: skip
+    if not (worst <= tolerance and top_ok):
+        what = (
+            f"by {worst:.2e} (allowed {tolerance:.0e} for {precision})"
+            if top_ok
+            else ("in its top class")
+        )
+        raise VitkitError(
+            f"{output}: the exported {format} file differs from vitkit's model {what}; "
+            "the file was not written"
+        )
+    if log is not None:
+        log(result.summary())
+    return result
+
+
+# ------------------------------------------------------------------------------ ONNX
+def _write_onnx(module: nn.Module, path: Path, example: Tensor, dyn: dict, opset: int,
+                name: str, outputs: list[str], precision: str, meta: dict[str, str]) -> None:  # fmt: skip
+    onnx = _graph.need("onnx", "export")
+    if opset < 18 and isinstance(module, _graph.PreprocessedModule):
+        raise ConfigError("--with-preprocessing needs --opset 18 or later (antialiased Resize)")
+    if precision == "int8":
+        with tempfile.TemporaryDirectory(dir=path.parent, prefix=".vitkit-") as tmp:
+            fp32 = Path(tmp) / "fp32.onnx"
+            _graph.to_onnx(module, example, fp32, dynamic=dyn, opset=opset, input_name=name,
+                           output_names=outputs)  # fmt: skip
+            _graph.quantize_onnx(fp32, Path(tmp) / "int8.onnx")
+            proto = onnx.load(str(Path(tmp) / "int8.onnx"))
+    else:
+        _graph.to_onnx(module, example, path, dynamic=dyn, opset=opset, input_name=name,
+                       output_names=outputs)  # fmt: skip
+        proto = onnx.load(str(path))
+    del proto.metadata_props[:]
+    for key, value in meta.items():
+        proto.metadata_props.add(key=key, value=value)
+    proto.doc_string = f"vitkit export: input {name!r}; " + (
+        "uint8 images of any size" if name.startswith("images") else "float32 pixels"
+    )
+    onnx.save(proto, str(path))
+
+
+def _onnx_runner(path: Path, name: str) -> Callable:
+    session = _graph.onnx_session(path)
+
+    def run(x: Tensor) -> list[np.ndarray]:
+        return session.run(None, {name: x.numpy()})
+
+    return run
+
+
+# ------------------------------------------------------------------------------ torch.export
+def _write_pt2(module: nn.Module, path: Path, example: Tensor, dyn: dict,
+               meta: dict[str, str]) -> None:  # fmt: skip
+    with _graph.quiet(), torch.no_grad():
+        program = torch.export.export(module, (example,), dynamic_shapes=dyn)
+    buffer = io.BytesIO()  # torch.export.save wants a .pt2 name or a buffer; `path` is a temp name
+    torch.export.save(program, buffer, extra_files=meta)
+    path.write_bytes(buffer.getvalue())
+
+
+def _pt2_runner(path: Path) -> Callable:
+    loaded = torch.export.load(io.BytesIO(path.read_bytes())).module()
+
+    def run(x: Tensor) -> list[np.ndarray]:
+        with torch.no_grad():
+            out = loaded(x)
+        outs = out if isinstance(out, tuple) else (out,)
+        return [o.float().numpy() if o.is_floating_point() else o.numpy() for o in outs]
+
+    return run
+
+
+# ------------------------------------------------------------------------------ OpenVINO
+def _export_openvino(module: nn.Module, output: Path, example: Tensor, tests: list[Tensor],
+                     reference: Callable, precision: str, calibration: Tensor | None,
+                     meta: dict[str, str], name: str, log: Callable | None) -> ExportResult:  # fmt: skip
+    ov = _graph.need("openvino", "openvino")
+    if output.suffix.lower() != ".xml":
+        raise ConfigError(f"OpenVINO IR is written as NAME.xml + NAME.bin; got {output.name!r}")
+    ov_model = _graph.to_openvino(module, example)
+    if precision == "int8":
+        ov_model = _graph.quantize_openvino(ov_model, calibration.float().cpu())  # type: ignore[union-attr]
+    for key, value in meta.items():
+        ov_model.set_rt_info(value, ["vitkit", key])
+    ov_model.inputs[0].get_tensor().set_names({name})
+    with tempfile.TemporaryDirectory(dir=output.parent, prefix=".vitkit-") as tmp:
+        xml = Path(tmp) / "model.xml"
+        ov.save_model(ov_model, str(xml), compress_to_fp16=precision == "fp16")
+        compiled = _graph.compile_openvino(ov.Core().read_model(str(xml)), "fp32")
+
+        def run(x: Tensor) -> list[np.ndarray]:
+            result = compiled(x.numpy())
+            return [result[o] for o in compiled.outputs]
+
+        result = _verify(run, tests, reference, precision, output, "openvino", name, log)
+        with atomic_path(output) as tmp_xml, atomic_path(output.with_suffix(".bin")) as tmp_bin:
+            shutil.copyfile(xml, tmp_xml)
+            shutil.copyfile(xml.with_suffix(".bin"), tmp_bin)
+    return result

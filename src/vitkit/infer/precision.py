@@ -1,0 +1,423 @@
+"""Precision paths: run a loaded `VisionTransformer` in fp32, bf16, fp16 or int8, on the
+runtime that is fastest for that precision on this machine.
+
+    runner = prepare(model, "int8")        # -> Runner; runner(pixels) -> (B, K) float32 logits
+    print(runner.describe())               # "int8 on openvino (NNCF static, ...)"
+
+| precision | backend (default first)         | what runs                                          |
+|-----------|---------------------------------|----------------------------------------------------|
+| fp32      | torch                           | the model as it is (exact)                         |
+|           | onnxruntime, openvino           | the torch.onnx / OpenVINO conversion, fp32         |
+| bf16      | openvino (CPU), torch           | OpenVINO's bf16 inference hint; torch: bf16 weights|
+| fp16      | torch                           | fp16 weights (meant for CUDA)                      |
+| int8      | openvino, onnxruntime, torch    | NNCF static quantization (transformer preset);     |
+|           |                                 | onnxruntime / torch.ao dynamic int8 Linear layers  |
+
+Static int8 needs calibration images: pass `calibration=` (a (B, C, H, W) batch, 16-64 real
+images) or the first batch the runner sees is used. `auto` picks by the CPU's flags and
+installed runtimes (see `choose`), checks the pick's top-1 against fp32 on that first batch, and
+falls back to the next candidate when they disagree.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import os
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from vitkit.errors import ConfigError, VitkitError
+from vitkit.infer import _graph
+
+PRECISIONS = ("fp32", "bf16", "fp16", "int8", "auto")
+BACKENDS = ("torch", "onnxruntime", "openvino")
+AUTO_MIN_AGREEMENT = 0.99  # top-1 agreement with fp32 `auto` demands on the calibration batch
+
+Fn = Callable[[Tensor], Tensor]
+
+
+# ------------------------------------------------------------------------------ the machine
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where it does not exist)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def machine() -> dict[str, Any]:
+    """What the precision choice depends on: ISA level, bf16/int8 instructions, CUDA, runtimes."""
+    flags = cpu_flags()
+    return {
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "avx2": "avx2" in flags,
+        "avx512": "avx512f" in flags,
+        "avx512_bf16": "avx512_bf16" in flags,
+        "vnni": bool({"avx512_vnni", "avx_vnni"} & flags),
+        "amx": bool({"amx_bf16", "amx_int8"} & flags),
+        "cuda": torch.cuda.is_available(),
+        "openvino": _installed("openvino") and _installed("nncf"),
+        "onnxruntime": _installed("onnxruntime") and _installed("onnxscript"),
+    }
+
+
+def _installed(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+def native_bf16(info: dict[str, Any] | None = None) -> bool:
+    info = info or machine()
+    return bool(info["avx512_bf16"] or info["amx"])
+
+
+def choose(device: torch.device | str = "cpu", info: dict[str, Any] | None = None) -> list[
+    tuple[str, str, str]
+]:  # fmt: skip
+    """`auto`'s candidates, fastest first: [(precision, backend, why)]; fp32 torch is last.
+
+    Measured on ViT-B/16 (benchmarks/RESULTS.md): on a CPU, static int8 in OpenVINO is the
+    fastest path on every ISA (VNNI / AMX make it more so), then onnxruntime's dynamic int8;
+    bf16 pays only with native bf16 instructions (AVX-512 BF16, AMX), where it is about 2x fp32
+    and is emulated (slower than fp32) elsewhere. On CUDA, bf16 (fp16 before Ampere).
+    """
+    info = info or machine()
+    device = torch.device(device)
+    if device.type == "cuda":
+        half = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return [(half, "torch", f"CUDA: {half} weights"), ("fp32", "torch", "fallback")]
+    isa = "AMX" if info["amx"] else "AVX-512" if info["avx512"] else "AVX2" if info["avx2"] else ""
+    vnni = " with VNNI" if info["vnni"] else ""
+    out = []
+    if info["openvino"]:
+        out.append(("int8", "openvino", f"{isa}{vnni}: OpenVINO static int8 is fastest"))
+    if native_bf16(info):
+        bf16_backend = "openvino" if info["openvino"] else "torch"
+        out.append(("bf16", bf16_backend, f"{isa} has native bf16"))
+    if info["onnxruntime"]:
+        out.append(("int8", "onnxruntime", f"{isa}{vnni}: onnxruntime dynamic int8"))
+    out.append(("fp32", "torch", "fallback: exact"))
+    return out
+
+
+def default_backend(precision: str, device: torch.device | str = "cpu") -> str:
+    """The backend `prepare` uses for `precision` when none is named."""
+    device = torch.device(device)
+    info = machine()
+    if device.type == "cuda" or precision in ("fp32", "fp16"):
+        return "torch"
+    if precision == "bf16":
+        return "openvino" if info["openvino"] and native_bf16(info) else "torch"
+    if precision == "int8":
+        if info["openvino"]:
+            return "openvino"
+        return "onnxruntime" if info["onnxruntime"] else "torch"
+    raise ConfigError(f"precision={precision!r} is not one of {PRECISIONS}")
+
+
+# ------------------------------------------------------------------------------ the runner
+@dataclass
+class Runner:
+    """A model at one precision on one backend: `runner(pixels)` -> (B, K) float32 logits
+    (pooled features for a model without a head), on `device`.
+
+    Built lazily when calibration is needed and was not given: the first call's batch
+    calibrates (and, for `auto`, checks) the path.
+    """
+
+    model: nn.Module
+    precision: str
+    backend: str
+    device: torch.device
+    note: str = ""
+    candidates: list[tuple[str, str, str]] = field(default_factory=list)
+    log: Callable[[str], None] | None = None
+    processor: Any = None  # the checkpoint's ImageProcessor, when built by `load`
+    _fn: Fn | None = None
+    _agreement: float | None = None
+
+    def __call__(self, pixels: Tensor) -> Tensor:
+        if self._fn is None:
+            self._build(pixels)
+        with torch.inference_mode():
+            return self._fn(pixels)  # type: ignore[misc]
+
+    @property
+    def ready(self) -> bool:
+        return self._fn is not None
+
+    def calibrate(self, pixels: Tensor) -> None:
+        """Build the path now, calibrating (and for `auto` checking) on `pixels`."""
+        if self._fn is None:
+            self._build(pixels)
+
+    def describe(self) -> str:
+        text = f"{self.precision} on {self.backend}"
+        if self.note:
+            text += f" ({self.note})"
+        if self._agreement is not None:
+            text += f"; top-1 agreement with fp32 on the calibration batch {self._agreement:.0%}"
+        return text
+
+    def _build(self, calibration: Tensor | None) -> None:
+        checked = bool(self.candidates)  # `auto`: check each pick against fp32
+        candidates = self.candidates or [(self.precision, self.backend, "")]
+        fp32 = _torch_fn(self.model, "fp32", self.device) if checked else None
+        reference = None
+        for i, (precision, backend, why) in enumerate(candidates):
+            last = i == len(candidates) - 1
+            try:
+                fn, note = _build(self.model, precision, backend, self.device, calibration)
+            except Exception as exc:  # a runtime that cannot take this model: `auto` moves on
+                if not checked or last:
+                    raise
+                self._say(f"auto: {precision} on {backend} failed ({exc}); trying the next path")
+                continue
+            if fp32 is not None and precision != "fp32" and not last:
+                with torch.inference_mode():
+                    if reference is None:
+                        reference = fp32(calibration).argmax(-1)  # type: ignore[arg-type]
+                    agree = (fn(calibration).argmax(-1) == reference).float().mean().item()  # type: ignore[arg-type]
+                if agree < AUTO_MIN_AGREEMENT:
+                    self._say(
+                        f"auto: {precision} on {backend} keeps fp32's top-1 on only {agree:.0%} "
+                        "of the calibration batch; trying the next path"
+                    )
+                    continue
+                self._agreement = agree
+            self.precision, self.backend, self._fn = precision, backend, fn
+            self.note = f"auto: {why}; {note}" if checked else note
+            if checked:
+                self._say(f"auto picked {self.describe()}")
+            return
+
+    def _say(self, text: str) -> None:
+        (self.log or (lambda s: print(f"vitkit: {s}", file=sys.stderr)))(text)
+
+
+def prepare(
+    model: nn.Module,
+    precision: str = "fp32",
+    *,
+    backend: str | None = None,
+    device: torch.device | str | None = None,
+    calibration: Tensor | None = None,
+    log: Callable[[str], None] | None = None,
+) -> Runner:
+    """Make a `Runner` for `model` (a VisionTransformer in eval mode) at `precision`.
+
+    precision: fp32 | bf16 | fp16 | int8 | auto (see the module docstring).
+    backend: torch | onnxruntime | openvino, or None for the fastest one installed.
+    device: where inputs and outputs live; non-torch backends and int8 run on the CPU.
+    calibration: (B, C, H, W) preprocessed real images for static int8 and `auto`'s check; when
+        None, the first batch the runner is called with is used.
+    log: where `auto` reports its pick (default: stderr).
+    """
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision={precision!r} is not one of {', '.join(PRECISIONS)}")
+    if backend is not None and backend not in BACKENDS:
+        raise ConfigError(f"backend={backend!r} is not one of {', '.join(BACKENDS)}")
+    device = torch.device(device) if device is not None else _model_device(model)
+    model = model.eval()
+    if precision == "auto":
+        candidates = choose(device)
+        if backend is not None:
+            candidates = [c for c in candidates if c[1] == backend]
+        candidates = candidates or [("fp32", "torch", "fallback: exact")]
+        if len(candidates) == 1 or candidates[0][0] == "fp32":
+            precision, backend, why = candidates[0]
+            runner = Runner(model, precision, backend, device, note=f"auto: {why}", log=log)
+            runner._fn = _build(model, precision, backend, device, calibration)[0]
+            runner._say(f"auto picked {runner.describe()}")
+            return runner
+        runner = Runner(model, "auto", "auto", device, candidates=candidates, log=log)
+    else:
+        backend = backend or default_backend(precision, device)
+        _check_supported(precision, backend, device)
+        runner = Runner(model, precision, backend, device, log=log)
+    if calibration is not None or not _needs_calibration(runner):
+        runner._build(calibration)
+    return runner
+
+
+def load(
+    source: str | os.PathLike[str],
+    precision: str = "fp32",
+    *,
+    backend: str | None = None,
+    device: torch.device | str | None = None,
+    calibration: Tensor | None = None,
+    log: Callable[[str], None] | None = None,
+    **resolve_kwargs: Any,
+) -> Runner:
+    """`prepare(resolve(source).model, precision, ...)`, with `runner.processor` set to the
+    checkpoint's preprocessing: what `vitkit.from_pretrained(src, precision=...)` can return.
+
+        runner = load("google/vit-base-patch16-224", "auto")
+        probs = runner(runner.processor(["cat.jpg"])).softmax(-1)
+    """
+    from vitkit.checkpoints.resolve import resolve
+
+    resolved = resolve(source, device=device, **resolve_kwargs)
+    runner = prepare(resolved.model, precision, backend=backend, device=device,
+                     calibration=calibration, log=log)  # fmt: skip
+    runner.processor = resolved.processor
+    return runner
+
+
+def _needs_calibration(runner: Runner) -> bool:
+    """Static int8 needs real images, and `auto` checks its pick on them; the other paths
+    convert from the model's input shape alone."""
+    return bool(runner.candidates) or (runner.precision == "int8" and runner.backend != "torch")
+
+
+def _check_supported(precision: str, backend: str, device: torch.device) -> None:
+    if device.type != "cpu" and backend != "torch":
+        raise ConfigError(f"backend={backend!r} runs on the CPU; use device='cpu' or torch")
+    if device.type != "cpu" and precision == "int8":
+        raise ConfigError("int8 runs on the CPU only; use bf16 or fp16 on a GPU")
+    if backend == "openvino" and precision == "fp16":
+        raise ConfigError("fp16 on openvino is not offered; use bf16 or int8")
+    if backend == "onnxruntime" and precision in ("bf16", "fp16"):
+        raise ConfigError(
+            f"{precision} on onnxruntime's CPU provider is not faster than fp32; use "
+            "backend='openvino' or 'torch'"
+        )
+    if backend in ("openvino", "onnxruntime"):
+        extra = "openvino" if backend == "openvino" else "export"
+        module = "nncf" if backend == "openvino" and precision == "int8" else backend
+        _graph.need(module, extra)
+        if backend == "onnxruntime":
+            _graph.need("onnxscript", extra)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+# ------------------------------------------------------------------------------ the paths
+def _build(
+    model: nn.Module, precision: str, backend: str, device: torch.device, example: Tensor | None
+) -> tuple[Fn, str]:
+    """-> (fn: pixels -> float32 logits on `device`, a note saying what runs)."""
+    if backend == "torch":
+        return _torch_fn(model, precision, device), _TORCH_NOTES[precision]
+    if example is None:
+        if precision == "int8":
+            raise VitkitError(f"static int8 on {backend} needs calibration images")
+        config = model.config  # type: ignore[attr-defined]
+        example = torch.zeros(1, config.in_chans, *config.image_hw)
+    module = _graph.LogitsModule(copy.deepcopy(model).float().cpu()).eval()
+    example = example.detach().float().cpu()
+    if backend == "onnxruntime":
+        return _onnxruntime_fn(module, precision, example, device)
+    return _openvino_fn(module, precision, example, device)
+
+
+_TORCH_NOTES = {
+    "fp32": "PyTorch, exact",
+    "bf16": "PyTorch, bf16 weights",
+    "fp16": "PyTorch, fp16 weights",
+    "int8": "PyTorch torch.ao dynamic int8 Linear layers",
+}
+
+
+def _torch_fn(model: nn.Module, precision: str, device: torch.device) -> Fn:
+    if precision == "fp32":
+        net = model.to(device)
+        dtype = torch.float32
+    elif precision in ("bf16", "fp16"):
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        net = copy.deepcopy(model).to(device=device, dtype=dtype)
+    else:  # int8: dynamic quantization of every Linear, CPU only
+        from torch.ao.quantization import quantize_dynamic
+
+        with _graph.quiet():
+            net = quantize_dynamic(copy.deepcopy(model).cpu().float(), {nn.Linear}, torch.qint8)
+        dtype = torch.float32
+    net.eval()
+
+    def fn(pixels: Tensor) -> Tensor:
+        return net(pixels.to(device=device, dtype=dtype)).logits.float()
+
+    fn.module = net  # type: ignore[attr-defined]
+    return fn
+
+
+def _onnxruntime_fn(
+    module: nn.Module, precision: str, example: Tensor, device: torch.device
+) -> tuple[Fn, str]:
+    name = _graph.input_name(False, False)
+    with tempfile.TemporaryDirectory(prefix="vitkit-ort-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        dyn = _graph.dynamic_shapes(module, example, patch=_patch(module), preprocessing=False,
+                                    channels_last=False)  # fmt: skip
+        _graph.to_onnx(module, example[:1], path, dynamic=dyn, input_name=name,
+                       output_names=["logits"])  # fmt: skip
+        if precision == "int8":
+            quantized = Path(tmp) / "model.int8.onnx"
+            _graph.quantize_onnx(path, quantized)
+            path = quantized
+        session = _graph.onnx_session(path.read_bytes())
+
+    def fn(pixels: Tensor) -> Tensor:
+        x = pixels.detach().float().cpu().contiguous().numpy()
+        return torch.from_numpy(session.run(None, {name: x})[0]).to(device)
+
+    fn.session = session  # type: ignore[attr-defined]
+    note = "dynamic int8 (quantize_dynamic)" if precision == "int8" else "fp32"
+    return fn, f"onnxruntime {note}, {session.get_session_options().intra_op_num_threads} threads"
+
+
+def _openvino_fn(
+    module: nn.Module, precision: str, example: Tensor, device: torch.device
+) -> tuple[Fn, str]:
+    ov_model = _graph.to_openvino(module, example[:1])
+    note = {"fp32": "f32", "bf16": "bf16 inference hint"}.get(precision, "")
+    if precision == "int8":
+        ov_model = _graph.quantize_openvino(ov_model, example)
+        note = f"NNCF static int8, transformer preset, calibrated on {len(example)} images"
+    compiled = _graph.compile_openvino(ov_model, precision)
+    output = compiled.output(0)
+
+    def fn(pixels: Tensor) -> Tensor:
+        x = pixels.detach().float().cpu().contiguous().numpy()
+        return torch.from_numpy(compiled(x)[output].copy()).to(device)
+
+    fn.compiled = compiled  # type: ignore[attr-defined]
+    threads = compiled.get_property("INFERENCE_NUM_THREADS")
+    return fn, f"OpenVINO {note}, {threads} threads".replace("  ", " ")
+
+
+def _patch(module: nn.Module) -> int:
+    config = getattr(getattr(module, "model", module), "config", None)
+    return int(getattr(config, "patch_size", 16))
+
+
+def describe_machine() -> str:
+    """One line: the flags `auto` looks at."""
+    info = machine()
+    flags = [k for k in ("avx2", "avx512", "avx512_bf16", "vnni", "amx", "cuda") if info[k]]
+    runtimes = [k for k in ("onnxruntime", "openvino") if info[k]]
+    return (
+        f"cpu capability {info['cpu_capability']}, flags: {' '.join(flags) or 'none'}; "
+        f"runtimes: {' '.join(runtimes) or 'torch only'}; {os.cpu_count()} CPUs, "
+        f"torch threads {torch.get_num_threads()}"
+    )

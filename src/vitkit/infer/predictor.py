@@ -1,0 +1,286 @@
+"""The batched, pipelined predictor behind `vitkit predict` (and `vitkit serve`).
+
+    predictor = Predictor(model, processor, precision="auto", batch_size=16)
+    for p in predictor.predict(["a.jpg", "b.png"]):       # results in input order
+        print(p.source, p.error or p.top_k)
+    probs = predictor.predict_tensors(pixels)             # (B, K) from preprocessed pixels
+
+Worker threads decode and resize the next batches while the model runs on the current one.
+Each image is decoded to a uint8 tensor (torchvision's libjpeg-turbo for plain JPEGs, PIL for
+everything else: transparency, palettes, CMYK, 16-bit, EXIF rotation all as
+`vitkit.data.images.load_image` does) and resized on that tensor with torchvision, as
+transformers' default (torchvision) image-processor backend does. A processor with
+`backend="pil"` (timm checkpoints, or `--processor-backend pil`) resizes with PIL instead.
+A file that cannot be read becomes a `Prediction` with `error` set; it never stops the run.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+import warnings
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from vitkit.data.processor import ImageProcessor
+from vitkit.errors import ImageError, VitkitError
+from vitkit.infer.precision import prepare
+
+
+@dataclasses.dataclass
+class Prediction:
+    """One input's result: `top_k` [(class index, label, probability)], or `error` (a reason)."""
+
+    source: Any
+    top_k: list[tuple[int, str, float]] | None = None
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        name = os.fspath(self.source) if isinstance(self.source, (str, os.PathLike)) else None
+        if self.error is not None:
+            return {"path": name, "error": self.error}
+        top = [{"index": c, "label": n, "probability": p} for c, n, p in self.top_k or []]
+        return {"path": name, "top_k": top}
+
+
+class Predictor:
+    """A classifier with its preprocessing, at a precision, batched and pipelined.
+
+    model: a VisionTransformer with a head. processor: its `ImageProcessor`.
+    precision, backend, calibration: as `vitkit.infer.precision.prepare` (static int8 and
+        `auto` calibrate on the first batch when no calibration is given).
+    batch_size: images per forward pass. workers: decoding threads (default: CPU count, <= 8).
+    top_k: classes per result. labels: {index: name} (default: the model's id2label).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        processor: ImageProcessor,
+        *,
+        precision: str = "fp32",
+        backend: str | None = None,
+        device: torch.device | str | None = None,
+        calibration: Tensor | None = None,
+        batch_size: int = 16,
+        workers: int | None = None,
+        top_k: int = 5,
+        labels: dict[int, str] | None = None,
+        log: Any = None,
+    ) -> None:
+        from vitkit.data.labels import id2label_for
+
+        config = model.config  # type: ignore[attr-defined]
+        if not config.num_classes:
+            raise VitkitError("the model has no classification head (num_classes=0)")
+        if batch_size < 1:
+            raise VitkitError(f"batch_size must be at least 1, got {batch_size}")
+        if top_k < 1:
+            raise VitkitError(f"top_k must be at least 1, got {top_k}")
+        if workers is not None and workers < 1:
+            raise VitkitError(f"workers must be at least 1, got {workers}")
+        self.processor = processor
+        self.runner = prepare(model, precision, backend=backend, device=device,
+                              calibration=calibration, log=log)  # fmt: skip
+        self.batch_size = batch_size
+        self.workers = workers or max(1, min(os.cpu_count() or 1, 8))
+        self.top_k = min(top_k, config.num_classes)
+        self.labels = labels if labels is not None else id2label_for(config)
+
+    # ---- tensors -------------------------------------------------------------------------
+    def predict_tensors(self, pixels: Tensor) -> Tensor:
+        """Preprocessed (B, C, H, W) pixels -> (B, K) probabilities (float32)."""
+        return self.runner(pixels).float().softmax(-1).cpu()
+
+    def top(self, probs: Tensor) -> list[list[tuple[int, str, float]]]:
+        """(B, K) probabilities -> per row [(index, label, probability)] of the top k."""
+        values, indices = probs.topk(self.top_k, dim=-1)
+        return [
+            [(int(c), self.labels.get(int(c), str(int(c))), float(p)) for p, c in zip(vs, cs)]
+            for vs, cs in zip(values, indices)
+        ]
+
+    # ---- files and images ----------------------------------------------------------------
+    def load(self, source: Any) -> Tensor:
+        """Decode and preprocess one image (path, bytes, PIL image, array) -> (C, H, W)."""
+        return preprocess(source, self.processor)
+
+    def predict(self, sources: Iterable[Any]) -> Iterator[Prediction]:
+        """Predictions for `sources` (paths, bytes, PIL images, arrays), in input order.
+
+        Decoding runs up to a few batches ahead of the model in `workers` threads.
+        """
+        window = self.batch_size * 2 + self.workers
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="vitkit-decode") as pool:
+            pending: collections.deque[tuple[Any, Future]] = collections.deque()
+            items = iter(sources)
+            batch: list[tuple[Any, Tensor | str]] = []
+            exhausted = False
+            while True:
+                while not exhausted and len(pending) < window:
+                    source = next(items, _END)
+                    if source is _END:
+                        exhausted = True
+                    else:
+                        pending.append((source, pool.submit(self._load_or_reason, source)))
+                if not pending:
+                    break
+                source, future = pending.popleft()
+                batch.append((source, future.result()))
+                if len(batch) == self.batch_size or (exhausted and not pending):
+                    yield from self._run(batch)
+                    batch = []
+            if batch:
+                yield from self._run(batch)
+
+    predict_paths = predict
+
+    def _load_or_reason(self, source: Any) -> Tensor | str:
+        try:
+            return self.load(source)
+        except ImageError as exc:
+            message = str(exc)
+            prefix = f"{os.fspath(source)}: " if isinstance(source, (str, os.PathLike)) else ""
+            return message[len(prefix) :] if prefix and message.startswith(prefix) else message
+
+    def _run(self, batch: list[tuple[Any, Tensor | str]]) -> Iterator[Prediction]:
+        good = [i for i, (_, x) in enumerate(batch) if isinstance(x, Tensor)]
+        tops: dict[int, list[tuple[int, str, float]]] = {}
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i in good:  # one forward pass per output size (one, unless the processor keeps sizes)
+            groups.setdefault(tuple(batch[i][1].shape), []).append(i)  # type: ignore[union-attr]
+        for indices in groups.values():
+            pixels = torch.stack([batch[i][1] for i in indices])  # type: ignore[misc]
+            for i, row in zip(indices, self.top(self.predict_tensors(pixels))):
+                tops[i] = row
+        for i, (source, x) in enumerate(batch):
+            if i in tops:
+                yield Prediction(source, top_k=tops[i])
+            else:
+                yield Prediction(source, error=x)  # type: ignore[arg-type]
+
+
+_END = object()
+
+
+def checkpoint_backend(folder: str | os.PathLike[str] | None, choice: str = "auto") -> str:
+    """The resizing backend the checkpoint's own library uses: "pil" for timm (a timm
+    `pretrained_cfg` in config.json and no preprocessor_config.json, or `--processor timm`),
+    else "tensor", transformers' default (its torchvision backend)."""
+    import json
+
+    from vitkit.data.processor import CONFIG_NAME
+
+    if choice == "timm":
+        return "pil"
+    if folder is None or choice == "hf" or (Path(folder) / CONFIG_NAME).is_file():
+        return "tensor"
+    try:
+        data = json.loads((Path(folder) / "config.json").read_text("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return "tensor"
+    return "pil" if isinstance(data, dict) and "pretrained_cfg" in data else "tensor"
+
+
+def preprocess(source: Any, processor: ImageProcessor) -> Tensor:
+    """One image (path, bytes, PIL image, array) -> (C, H, W) float32, as the predictor does."""
+    if processor.backend == "pil":
+        return processor.preprocess_pil(source)
+    return processor(decode(source, processor))[0]
+
+
+def load_folder(folder: str, processor: ImageProcessor, limit: int = 64) -> Tensor:
+    """Up to `limit` readable images of a folder -> (B, C, H, W): calibration data."""
+    paths, _ = expand_inputs([folder])
+    pixels = []
+    for path in paths:
+        try:
+            pixels.append(preprocess(path, processor))
+        except ImageError:
+            continue
+        if len(pixels) == limit:
+            break
+    if not pixels:
+        raise VitkitError(f"{folder}: no readable images")
+    return torch.stack(pixels)
+
+
+def decode(source: Any, processor: ImageProcessor) -> Tensor:
+    """One image -> (C, H, W) uint8 tensor, upright, RGB (or what the processor converts).
+
+    Plain JPEG files (RGB or grayscale) decode with torchvision; everything else, and anything
+    torchvision refuses, goes through `load_image` (PIL), which names the reason on failure.
+    """
+    import numpy as np
+    from PIL import Image
+
+    from vitkit.data.images import load_image
+
+    if isinstance(source, (str, os.PathLike)):
+        fast = _decode_jpeg(source, processor.max_pixels)
+        if fast is not None:
+            return fast
+    if isinstance(source, (np.ndarray, Tensor)):
+        return source  # type: ignore[return-value]  # the processor takes arrays as they are
+    image = load_image(source, background=processor.background, max_pixels=processor.max_pixels)
+    if not isinstance(image, Image.Image):  # pragma: no cover
+        raise ImageError(f"{source}: could not be decoded")
+    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)  # (3, H, W)
+
+
+def _decode_jpeg(path: str | os.PathLike[str], max_pixels: int | None) -> Tensor | None:
+    from PIL import Image
+    from torchvision.io import ImageReadMode, decode_jpeg, read_file
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked below
+            with Image.open(path) as im:  # reads the header only
+                ok = im.format == "JPEG" and im.mode in ("RGB", "L")
+                ok = ok and (max_pixels is None or im.width * im.height <= max_pixels)
+        if not ok:
+            return None
+        data = read_file(os.fspath(path))
+        return decode_jpeg(data, mode=ImageReadMode.RGB, apply_exif_orientation=True)
+    except Exception:  # let load_image find and name what is wrong
+        return None
+
+
+# ------------------------------------------------------------------------------ inputs
+def expand_inputs(inputs: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """Arguments -> (image paths in order, [(argument, reason)] for the ones that failed).
+
+    Folders expand to the image files under them, sorted; a folder with none is a failure.
+    Files are kept whatever their extension (the decoder decides); missing paths fail here.
+    """
+    from vitkit.data.images import is_image_file
+
+    paths: list[str] = []
+    failures: list[tuple[str, str]] = []
+    for arg in inputs:
+        path = Path(arg)
+        if path.is_dir():
+            found = sorted(
+                str(p)
+                for p in path.rglob("*")
+                if p.is_file() and is_image_file(p) and not _hidden(p.relative_to(path))
+            )
+            if found:
+                paths.extend(found)
+            else:
+                failures.append((arg, "directory contains no image files"))
+        elif path.exists():
+            paths.append(arg)
+        else:
+            failures.append((arg, "no such file or directory"))
+    return paths, failures
+
+
+def _hidden(relative: Path) -> bool:
+    return any(part.startswith(".") for part in relative.parts)

@@ -1,0 +1,173 @@
+"""`vitkit export`: round trips through onnxruntime, torch.export.load and OpenVINO, baked-in
+preprocessing on uint8 photos, self-checks that delete a bad file."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import vitkit
+from vitkit.cli import main
+from vitkit.errors import VitkitError
+from vitkit.infer import export as E
+from vitkit.infer.precision import machine
+
+onnxruntime = pytest.importorskip("onnxruntime")
+LABELS = {0: "cat", 1: "dog", 2: "rocket", 3: "coffee", 4: "face"}
+SIZES = [(1, 32, 32), (4, 48, 40)]  # (batch, height, width): two batches, two image sizes
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = vitkit.create_model("vit_tiny_patch4_32", num_classes=5, embed_dim=32, depth=2,
+                            num_heads=2, id2label=LABELS)  # fmt: skip
+    with torch.no_grad():
+        m.head.weight.mul_(20)  # spread the probabilities
+    return m.eval()
+
+
+def _logits(model, x):
+    with torch.inference_mode():
+        return model(x).logits.numpy()
+
+
+def test_onnx_round_trip_dynamic_sizes(model, tmp_path):
+    path = tmp_path / "vit.onnx"
+    result = E.export(model, path, dynamic_size=True, log=None)
+    assert result.max_diff < 1e-5 and path.is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vit.onnx"]  # no temp files left
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (inp,) = session.get_inputs()
+    assert inp.name == "pixel_values_nchw_float32" and inp.shape[1] == 3
+    assert all(isinstance(d, str) for d in (inp.shape[0], inp.shape[2], inp.shape[3]))
+    for b, h, w in SIZES:
+        x = torch.randn(b, 3, h, w)
+        (out,) = session.run(None, {inp.name: x.numpy()})
+        assert out.shape == (b, 5) and np.abs(out - _logits(model, x)).max() < 1e-4
+    meta = session.get_modelmeta().custom_metadata_map
+    assert json.loads(meta["id2label"]) == {str(k): v for k, v in LABELS.items()}
+    assert vitkit.ViTConfig.from_dict(json.loads(meta["vitkit_config"])) == model.config
+
+
+def test_pt2_round_trip_dynamic_sizes(model, tmp_path):
+    path = tmp_path / "vit.pt2"
+    E.export(model, path, dynamic_size=True, log=None)
+    extra = {"id2label": ""}
+    program = torch.export.load(str(path), extra_files=extra)
+    assert json.loads(extra["id2label"])["2"] == "rocket"
+    loaded = program.module()
+    for b, h, w in SIZES:
+        x = torch.randn(b, 3, h, w)
+        assert np.abs(loaded(x).detach().numpy() - _logits(model, x)).max() < 1e-5
+
+
+def test_static_size_keeps_batch_dynamic(model, tmp_path):
+    path = tmp_path / "vit.onnx"
+    E.export(model, path, log=None)
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape[1:] == [3, 32, 32]
+    x = torch.randn(5, 3, 32, 32)
+    assert np.abs(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+                  - _logits(model, x)).max() < 1e-4  # fmt: skip
+
+
+@pytest.mark.parametrize("format", ["onnx", "pt2"])
+def test_with_preprocessing_equals_processor_and_model(model, photos, tmp_path, format):
+    processor = vitkit.ImageProcessor.hf_vit(32, mean=(0.4, 0.5, 0.6), std=(0.2, 0.25, 0.3))
+    path = tmp_path / f"vit.{format}"
+    channels_last = format == "onnx"  # one layout each
+    E.export(model, path, processor=processor, channels_last=channels_last, top_k=3, log=None)
+    if format == "onnx":
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        assert session.get_inputs()[0].name == "images_uint8_nhwc"
+        assert [o.name for o in session.get_outputs()] == ["probabilities", "top_indices"]
+        meta = session.get_modelmeta().custom_metadata_map
+        assert json.loads(meta["vitkit_preprocessing"])["image_mean"] == [0.4, 0.5, 0.6]
+
+        def run(images):
+            return session.run(None, {"images_uint8_nhwc": images.numpy()})
+    else:
+        loaded = torch.export.load(str(path)).module()
+
+        def run(images):
+            return [t.detach().numpy() for t in loaded(images.permute(0, 3, 1, 2))]
+
+    worst = 0.0
+    for batch in (photos[:1], photos[1:3]):  # photos of different sizes, one file each
+        for photo in batch:
+            images = torch.from_numpy(photo)[None]  # (1, H, W, 3) uint8
+            probs, top = run(images)
+            want = model(processor(photo)).logits.softmax(-1).detach()  # vitkit's own path
+            worst = max(worst, float(np.abs(probs - want.numpy()).max()))
+            assert top.tolist() == want.topk(3).indices.tolist()
+    assert worst < 1e-4
+
+
+def test_int8_onnx_is_quantized_and_close(model, tmp_path):
+    onnx = pytest.importorskip("onnx")
+    path = tmp_path / "vit.int8.onnx"
+    result = E.export(model, path, precision="int8", dynamic_size=True, log=None)
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert {"DynamicQuantizeLinear", "MatMulInteger"} <= ops
+    assert 0 < result.max_diff <= E.TOLERANCE["int8"]
+
+
+def test_a_file_that_does_not_match_is_not_left_behind(model, tmp_path, monkeypatch):
+    real = E._reference
+
+    def off_by_one(*args):
+        ref = real(*args)
+        return lambda x: [a + 1 for a in ref(x)]
+
+    monkeypatch.setattr(E, "_reference", off_by_one)
+    path = tmp_path / "vit.onnx"
+    with pytest.raises(VitkitError, match=r"differs from vitkit's model by .*not written"):
+        E.export(model, path, log=None)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_export_folder_with_preprocessing(tmp_path, capsys, photos):
+    folder = tmp_path / "model"
+    model = vitkit.create_model("vit_tiny_patch4_32", num_classes=5, embed_dim=32, depth=1,
+                                num_heads=2, id2label=LABELS)  # fmt: skip
+    vitkit.save_pretrained(model, folder)
+    vitkit.ImageProcessor.hf_vit(32).save_pretrained(folder)
+    out = tmp_path / "vit.onnx"
+    code = main(["export", str(folder), "--output", str(out), "--with-preprocessing", "--top-k",
+                 "2"])  # fmt: skip
+    assert code == 0 and out.is_file()
+    printed = capsys.readouterr().out
+    assert "images_uint8_nhwc" in printed and "max |difference|" in printed
+    if machine()["openvino"]:
+        calib = tmp_path / "calib"
+        calib.mkdir()
+        for i, photo in enumerate(photos[:8]):
+            Image.fromarray(photo).save(calib / f"{i}.png")
+        xml = tmp_path / "vit.xml"
+        code = main(["export", str(folder), "-o", str(xml), "--precision", "int8",
+                     "--calibration", str(calib), "--dynamic-size"])  # fmt: skip
+        assert code == 0 and xml.is_file() and xml.with_suffix(".bin").is_file()
+        assert "openvino, int8" in capsys.readouterr().out
+    code = main(["export", str(folder), "-o", str(tmp_path / "x.pt2"), "--precision", "int8"])
+    assert code == 1 and "int8 is not offered for pt2" in capsys.readouterr().err
+
+
+def test_missing_runtime_says_what_to_install(model, tmp_path, monkeypatch):
+    import importlib
+
+    real = importlib.import_module
+
+    def no_onnx(name, *a, **k):
+        if name.split(".")[0] in ("onnx", "onnxscript"):
+            raise ImportError(name)
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(importlib, "import_module", no_onnx)
+    with pytest.raises(VitkitError, match=r"pip install 'vitkit\[export\]'"):
+        E.export(model, tmp_path / "vit.onnx", log=None)
+    assert list(tmp_path.iterdir()) == []
