@@ -113,12 +113,13 @@ def test_cli_precision_flags(capsys, hf_folder, jpeg_dir):
 
 
 def test_backend_follows_the_checkpoints_library(tmp_path):
-    from vitkit.infer.predictor import checkpoint_backend
+    from vitkit.checkpoints.resolve import processor_for
 
-    assert checkpoint_backend(None) == "tensor"  # a preset: transformers' defaults
+    config = vitkit.get_config("vit_tiny_patch4_32")
+    assert processor_for(config).backend == "tensor"  # a preset: transformers' defaults
     (tmp_path / "config.json").write_text(json.dumps({"pretrained_cfg": {"crop_pct": 0.9}}))
-    assert checkpoint_backend(tmp_path) == "pil"  # timm resizes with PIL
-    assert checkpoint_backend(tmp_path, "hf") == "tensor"
+    assert processor_for(config, tmp_path).backend == "pil"  # timm resizes with PIL
+    assert processor_for(config, tmp_path, "hf").backend == "tensor"
     vitkit.ImageProcessor.hf_vit(32).save_pretrained(tmp_path)
-    assert checkpoint_backend(tmp_path) == "tensor"  # a transformers processor config
-    assert checkpoint_backend(tmp_path, "timm") == "pil"
+    assert processor_for(config, tmp_path).backend == "tensor"  # a transformers processor config
+    assert processor_for(config, tmp_path, "timm").backend == "pil"

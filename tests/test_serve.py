@@ -234,7 +234,7 @@ def test_healthz_metrics_page_and_openapi(server):
     assert status == 200
     assert json.loads(body) == {
         "status": "ok", "model": server.app.state.service.settings.model, "precision": "fp32",
-        "device": "cpu",
+        "runtime": "fp32 on torch (PyTorch, exact)", "device": "cpu",
     }  # fmt: skip
 
     status, headers, body = http(server.port, "GET", "/")
@@ -514,3 +514,22 @@ def test_deploy_files_agree_with_the_server(server):
     assert pod["terminationGracePeriodSeconds"] >= pre_stop + DRAIN_SECONDS + 1
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+
+
+def test_precision_runs_the_predict_runner(model_dir, photos):
+    """--precision goes through vitkit.infer.precision, the runner `vitkit predict` uses."""
+    from vitkit.infer.predictor import preprocess
+    from vitkit.serve.app import Service
+
+    exact, half = Service(Settings(model=str(model_dir))), Service(
+        Settings(model=str(model_dir), precision="fp16", device="cpu")
+    )
+    exact.load()
+    half.load()
+    pixels = torch.stack([preprocess(photos[n], exact.processor) for n in ("coffee", "rocket")])
+    p32, p16 = torch.stack(exact.classify_rows(pixels)), torch.stack(half.classify_rows(pixels))
+    assert half.runner.precision == "fp16" and half.describe()["precision"] == "fp16"
+    assert torch.equal(p32.argmax(1), p16.argmax(1)) and not torch.equal(p32, p16)
+    assert (p32 - p16).abs().max() < 1e-2
+    with pytest.raises(vitkit.ConfigError):
+        Settings(model=str(model_dir), precision="int4")

@@ -121,7 +121,7 @@ def explain_image(
 
     picture = load_image(image, background=processor.background, max_pixels=processor.max_pixels)
     device = next(model.parameters()).device
-    pixels = processor.preprocess_pil(picture)[None].to(device)  # (1, C, H, W)
+    pixels = processor([picture]).to(device)  # (1, C, H, W), as `vitkit predict` prepares it
     result = explain(
         model, pixels, method, label=label, head_fusion=head_fusion, discard_ratio=discard_ratio
     )

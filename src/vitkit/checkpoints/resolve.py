@@ -221,7 +221,7 @@ def _processor_from_files(files: dict[str, Path]) -> ImageProcessor | None:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
     if isinstance(data, dict) and isinstance(data.get("pretrained_cfg"), dict):
-        return ImageProcessor.from_timm_cfg(data["pretrained_cfg"])
+        return ImageProcessor.from_timm_cfg(data["pretrained_cfg"], backend="pil")  # as timm
     return None
 
 
@@ -252,6 +252,12 @@ def _processor(
         )
     else:
         processor = base
+    # resize the way the checkpoint's own library does: timm with PIL, transformers (and
+    # vitkit) with torchvision on uint8 tensors, transformers' default backend
+    timm_style = choice == "timm" or (
+        choice == "auto" and found is not None and found.backend == "pil"
+    )
+    processor = dataclasses.replace(processor, backend="pil" if timm_style else "tensor")
     if processor.num_channels != config.in_chans and config.in_chans in (1, 3):
         mean, std = processor.mean, processor.std
         if config.in_chans == 1 and mean is not None and std is not None:

@@ -81,7 +81,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from vitkit.checkpoints.resolve import resolve
     from vitkit.errors import VitkitError
-    from vitkit.infer.predictor import Predictor, checkpoint_backend, expand_inputs
+    from vitkit.infer.predictor import Predictor, expand_inputs
 
     if args.top_k < 1:
         raise VitkitError(f"--top-k must be at least 1, got {args.top_k}")
@@ -110,9 +110,8 @@ def run(args: argparse.Namespace) -> int:
         raise VitkitError(
             f"{args.model} has no classification head (num_classes=0); use a classifier checkpoint"
         )
-    processor.backend = args.processor_backend or checkpoint_backend(
-        resolved.folder, args.processor
-    )
+    if args.processor_backend:
+        processor.backend = args.processor_backend
     if args.max_pixels is not None:
         processor.max_pixels = args.max_pixels
     predictor = Predictor(

@@ -30,7 +30,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (8000)")
-    p.add_argument("--precision", default="fp32", help="fp32 (the only one yet)")
+    p.add_argument(
+        "--precision",
+        default="fp32",
+        choices=("fp32", "bf16", "fp16", "int8", "auto"),
+        help="of /v1/classify, as `vitkit predict --precision` (fp32); embeddings stay fp32",
+    )
+    p.add_argument(
+        "--calibration",
+        metavar="DIR",
+        help="images to calibrate static int8 / auto on (default: the first batch served)",
+    )
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     p.add_argument("--max-batch", type=int, default=8, help="images per forward pass at most (8)")
     p.add_argument(
@@ -77,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
         max_wait_ms=args.max_wait_ms,
         max_body_mb=args.max_body_mb,
         threads=args.threads,
+        calibration=args.calibration,
     )
     common = dict(
         host=args.host,

@@ -357,6 +357,8 @@ class ImageProcessor:
             if self._use_pil(item):
                 outputs[i] = self._pil_one(item)
             else:
+                if not isinstance(item, (np.ndarray, torch.Tensor)):  # a file or PIL image:
+                    item = self._decode(item)  # decoded as for PIL, resized as a tensor
                 t = _to_chw_tensor(item, index=i)
                 if device is not None:
                     t = t.to(device)
@@ -380,6 +382,13 @@ class ImageProcessor:
     def preprocess_pil(self, image: Any) -> torch.Tensor:
         """One image (path, PIL image, ...) through the PIL path -> (C, H, W) float32."""
         return torch.from_numpy(self._pil_one(image))
+
+    def _decode(self, item: Any) -> np.ndarray:
+        """A path, bytes or PIL image -> (H, W, C) uint8, upright, RGB (L for one channel)."""
+        image = load_image(item, background=self.background, max_pixels=self.max_pixels)
+        if self.num_channels == 1:
+            image = image.convert("L")
+        return np.asarray(image)
 
     # -- PIL path: resample 8-bit RGB with PIL, like transformers' PIL backend and timm
 

@@ -169,25 +169,6 @@ class Predictor:
 _END = object()
 
 
-def checkpoint_backend(folder: str | os.PathLike[str] | None, choice: str = "auto") -> str:
-    """The resizing backend the checkpoint's own library uses: "pil" for timm (a timm
-    `pretrained_cfg` in config.json and no preprocessor_config.json, or `--processor timm`),
-    else "tensor", transformers' default (its torchvision backend)."""
-    import json
-
-    from vitkit.data.processor import CONFIG_NAME
-
-    if choice == "timm":
-        return "pil"
-    if folder is None or choice == "hf" or (Path(folder) / CONFIG_NAME).is_file():
-        return "tensor"
-    try:
-        data = json.loads((Path(folder) / "config.json").read_text("utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
-        return "tensor"
-    return "pil" if isinstance(data, dict) and "pretrained_cfg" in data else "tensor"
-
-
 def preprocess(source: Any, processor: ImageProcessor) -> Tensor:
     """One image (path, bytes, PIL image, array) -> (C, H, W) float32, as the predictor does."""
     if processor.backend == "pil":

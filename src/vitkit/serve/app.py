@@ -31,13 +31,13 @@ import torch
 from torch import Tensor
 
 from vitkit.errors import ConfigError, VitkitError
+from vitkit.infer.precision import PRECISIONS
 from vitkit.serve.batcher import Batcher
 from vitkit.serve.metrics import CONTENT_TYPE, Metrics
 
 ENV_SETTINGS = "VITKIT_SERVE_SETTINGS"
 """Environment variable carrying `Settings` as JSON to each worker process (`--workers N`)."""
 
-PRECISIONS = ("fp32",)
 EXPLAIN_MAX_SIDE = 512  # pixels: the longer side of the PNG /v1/explain returns
 
 
@@ -53,6 +53,7 @@ class Settings:
     max_body_mb: float = 10.0
     threads: int | None = None
     allow_preset: bool = True
+    calibration: str | None = None  # a folder of images for static int8 / auto
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -69,12 +70,6 @@ class Settings:
         return int(self.max_body_mb * 1024 * 1024)
 
 
-def _with_precision(model: Any, precision: str) -> Any:
-    """The one place serve applies --precision. Only fp32 exists yet (`Settings` checks the
-    name); the precision paths of vitkit.infer.precision (bf16, int8) plug in here."""
-    return model
-
-
 class Service:
     """The loaded model and what every route shares: processor, labels, pools, batcher, metrics."""
 
@@ -85,13 +80,11 @@ class Service:
         self.decode_pool = ThreadPoolExecutor(
             max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="vitkit-decode"
         )
-        self.batcher = Batcher(
-            self.forward_rows,
-            self.model_pool,
-            max_batch=settings.max_batch,
-            max_wait_ms=settings.max_wait_ms,
-            on_batch=self.metrics.observe_batch,
-        )
+        batching = dict(max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms,
+                        on_batch=self.metrics.observe_batch)  # fmt: skip
+        self.batcher = Batcher(self.classify_rows, self.model_pool, **batching)
+        self.embed_batcher = Batcher(self.embed_rows, self.model_pool, **batching)
+        self.runner: Any = None
         self.state = "loading"  # -> "ready" | "failed"
         self.error: str | None = None
         self.model: Any = None
@@ -115,27 +108,38 @@ class Service:
         resolved = resolve(s.model, device=self.device, allow_preset=s.allow_preset)
         if resolved.random_weights:
             _log(f"warning: {s.model!r} is a preset name: RANDOM weights, meaningless answers")
-        self.model = _with_precision(resolved.model.eval(), s.precision)
+        self.model = resolved.model.eval()
         self.processor = resolved.processor
         self.labels = id2label_for(self.model.config)
+        if self.model.config.num_classes:  # --precision: the same runner as `vitkit predict`
+            from vitkit.infer.precision import prepare
+            from vitkit.infer.predictor import load_folder
+
+            calibration = load_folder(s.calibration, self.processor) if s.calibration else None
+            self.runner = prepare(self.model, s.precision, device=self.device,
+                                  calibration=calibration, log=_log)  # fmt: skip
         h, w = self.processor.output_hw or self.model.config.image_hw
         for batch in sorted({1, s.max_batch}):  # the first calls allocate and pick kernels
-            self.forward(torch.zeros(batch, self.processor.num_channels, h, w))
+            pixels = torch.zeros(batch, self.processor.num_channels, h, w)
+            self.embed_rows(pixels)
+            if self.runner is not None and self.runner.ready:  # (static int8 / auto calibrate
+                self.classify_rows(pixels)  # on the first real batch without --calibration)
         self.state = "ready"
 
-    def forward(self, pixels: Tensor) -> tuple[Tensor | None, Tensor]:
-        """(B, C, H, W) -> (probabilities (B, K) or None without a head, pooled (B, D)), float32
-        on the CPU. The server's one model call: the same as `vitkit predict`'s."""
-        with torch.inference_mode():
-            out = self.model(pixels.to(self.device))
-            probs = None
-            if out.logits is not None and self.model.config.num_classes:
-                probs = out.logits.float().softmax(-1).cpu()
-            return probs, out.pooler_output.float().cpu()
+    def classify_rows(self, pixels: Tensor) -> list[Tensor]:
+        """(B, C, H, W) -> a (K,) probability row per image, float32 on the CPU: the runner of
+        `vitkit predict --precision P`, the same call."""
+        probs = self.runner(pixels.to(self.device)).float().softmax(-1).cpu()
+        return list(probs)
 
-    def forward_rows(self, pixels: Tensor) -> list[tuple[Tensor | None, Tensor]]:
-        probs, pooled = self.forward(pixels)
-        return [(None if probs is None else probs[i], pooled[i]) for i in range(len(pixels))]
+    def embed_rows(self, pixels: Tensor) -> list[Tensor]:
+        """(B, C, H, W) -> the model's pooled output per image (its image embedding when it
+        has a projection, e.g. CLIP), as `vitkit embed` computes it; float32 on the CPU."""
+        from vitkit.features import pool_output
+
+        with torch.inference_mode():
+            out = self.model.forward_features(pixels.to(self.device))
+            return list(pool_output(out, self.model.config, "model").float().cpu())
 
     def explain(self, data: bytes, method: str, label: int | None, options: dict) -> tuple:
         from vitkit.explain import explain_image
@@ -157,12 +161,15 @@ class Service:
     # ---------------------------------------------------------------------- decode pool
     def preprocess(self, data: bytes) -> Tensor:
         """Encoded image bytes -> (C, H, W), exactly as `vitkit predict` preprocesses a file."""
-        return self.processor.preprocess_pil(data)
+        from vitkit.infer.predictor import preprocess
+
+        return preprocess(data, self.processor)
 
     def describe(self) -> dict[str, Any]:
         return {
             "model": self.settings.model,
-            "precision": self.settings.precision,
+            "precision": _model_fields(self)["precision"],
+            "runtime": self.runner.describe() if self.runner is not None else "fp32 on torch",
             "device": str(self.device),
         }
 
@@ -180,12 +187,15 @@ def create_app(settings: Settings, *, on_fatal: Callable[[], None] | None = None
     @contextlib.asynccontextmanager
     async def lifespan(app):
         service.batcher.start()
+        service.embed_batcher.start()
         loop = asyncio.get_running_loop()
 
         def load() -> None:
             try:
                 service.load()
-                _log(f"ready: {settings.model} on {service.device} ({settings.precision})")
+                _log(
+                    f"ready: {settings.model} on {service.device} ({service.describe()['precision']})"
+                )
             except Exception as exc:  # report any failure: the probe shows it, the CLI exits 1
                 service.state, service.error = "failed", _reason(exc)
                 _log(f"error: cannot load {settings.model}: {service.error}")
@@ -197,6 +207,7 @@ def create_app(settings: Settings, *, on_fatal: Callable[[], None] | None = None
             yield
         finally:
             await service.batcher.stop()
+            await service.embed_batcher.stop()
             if not loader.done():
                 loader.cancel()
             service.model_pool.shutdown(wait=False, cancel_futures=True)
@@ -252,7 +263,7 @@ async def _classify(request):
     if not service.model.config.num_classes:
         _fail(400, "this model has no classification head (num_classes=0); use /v1/embed")
     pixels = await _decode(service, await _image_bytes(request, service))
-    probs, _ = await service.batcher.submit(pixels)
+    probs = await service.batcher.submit(pixels)
     p, idx = probs.topk(min(top_k, probs.shape[0]))
     top = [
         {"label": service.labels.get(int(c), str(int(c))), "index": int(c), "probability": float(q)}
@@ -274,7 +285,7 @@ async def _embed(request):
     """
     service = _ready(request)
     pixels = await _decode(service, await _image_bytes(request, service))
-    _, pooled = await service.batcher.submit(pixels)
+    pooled = await service.embed_batcher.submit(pixels)
     return _json(
         {"embedding": pooled.tolist(), "dim": int(pooled.shape[0]), **_model_fields(service)}
     )
@@ -469,7 +480,9 @@ def _json(body: dict, status: int = 200):
 
 
 def _model_fields(service: Service) -> dict[str, str]:
-    return {"model": service.settings.model, "precision": service.settings.precision}
+    runner = service.runner
+    precision = runner.precision if runner is not None and runner.ready else "fp32"
+    return {"model": service.settings.model, "precision": precision}
 
 
 def _reason(exc: BaseException) -> str:
