@@ -24,7 +24,8 @@ from typing import IO
 STALE_SECONDS = 10 * 60
 """A temporary file without a recorded pid is stale after this long without a write."""
 
-_TEMP = re.compile(r"^\..+\.(?:(\d+)\.)?[a-z0-9_]{8}\.tmp$")
+_TEMP = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")  # .NAME[.PID].RANDOM.tmp (mkstemp: 8 chars)
+_TEMP_PID = re.compile(r"^\..+\.(\d+)\.[a-z0-9_]{8}\.tmp$")
 
 
 @contextlib.contextmanager
@@ -118,12 +119,12 @@ def clean_stale_temps(folder: str | os.PathLike[str]) -> list[Path]:
     now = time.time()
     with contextlib.suppress(OSError), os.scandir(folder) as entries:
         for entry in entries:
-            m = _TEMP.match(entry.name)
-            if not m or not entry.is_file(follow_symlinks=False):
+            if not _TEMP.match(entry.name) or not entry.is_file(follow_symlinks=False):
                 continue
             with contextlib.suppress(OSError):
                 age = now - entry.stat(follow_symlinks=False).st_mtime
-                pid = int(m.group(1)) if m.group(1) else None
+                m = _TEMP_PID.match(entry.name)
+                pid = int(m.group(1)) if m else None
                 if pid == os.getpid():
                     continue  # ours, maybe being written by another thread
                 if pid is not None:

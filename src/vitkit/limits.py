@@ -5,7 +5,8 @@ Every size a file states is checked against these limits *before* anything is al
 decompressed, and a refusal names the file, the field and the limit. The defaults sit well above
 the largest real ViT checkpoints and images (ViT-22B: width 6144, depth 48, 48 heads, MLP 24576;
 DINOv2 at 518 px; GLDv2's 203,094 classes); raise one with an environment variable
-`VITKIT_MAX_<NAME>` (e.g. `VITKIT_MAX_DEPTH=512`), read when a check runs.
+`VITKIT_MAX_<NAME>` (e.g. `VITKIT_MAX_DEPTH=512`), read when a check runs. A lower value makes
+vitkit stricter, but the built-in presets must still fit (they are checked at import).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import sys
 from typing import Any
 
 from vitkit.errors import ConfigError
@@ -50,13 +52,21 @@ def limit(name: str) -> int:
         return default
     try:
         value = int(float(text)) if "e" in text.lower() else int(text.replace("_", ""))
-    except ValueError:
-        raise ConfigError(
-            f"VITKIT_MAX_{name}={text!r} is not an integer; unset it or give e.g. {default}"
-        ) from None
-    if value <= 0:
-        raise ConfigError(f"VITKIT_MAX_{name}={text!r} must be positive")
+    except (ValueError, OverflowError):
+        value = 0
+    if value <= 0:  # read at import too (presets): a warning, never a crash
+        if name not in _WARNED:
+            _WARNED.add(name)
+            print(
+                f"vitkit: warning: VITKIT_MAX_{name}={text!r} is not a positive integer; "
+                f"using the default {default}",
+                file=sys.stderr,
+            )
+        return default
     return value
+
+
+_WARNED: set[str] = set()
 
 
 def check(value: int, name: str, what: str, source: str = "") -> None:
