@@ -80,8 +80,12 @@ def pickle_ndarray_call() -> bytes:
     return _pickle_dict_data(b"cnumpy\nndarray\n\x8a\x06" + GIANT + b"\x85\x85R")
 
 
-def pickle_code_execution() -> bytes:
-    return _pickle_dict_data(b"cos\nsystem\nX\x0e\x00\x00\x00touch /tmp/pwn\x85R")
+def pickle_code_execution(marker: Path) -> bytes:
+    """A pickle that would run `touch MARKER` through os.system."""
+    command = f"touch {marker}".encode()
+    return _pickle_dict_data(
+        b"cos\nsystem\nX" + struct.pack("<I", len(command)) + command + b"\x85R"
+    )
 
 
 def write_cifar(root: Path, batch_1: bytes | None = None, labels_1=None) -> Path:

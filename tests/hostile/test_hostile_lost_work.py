@@ -13,9 +13,9 @@ import sys
 import time
 
 import pytest
-from conftest import SRC, _env, assert_user_error, run_cli, run_code
 
-from vitkit._io import STALE_SECONDS, atomic_path, atomic_write_text, clean_stale_temps
+from conftest import SRC, _env, assert_user_error, run_cli, run_code
+from vitkit._io import atomic_path, atomic_write_text
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o027, 0o077])
@@ -90,6 +90,8 @@ def test_a_live_writers_temp_file_is_left_alone(tmp_path):
 
 
 def test_old_temp_files_without_a_pid_are_swept_young_ones_kept(tmp_path):
+    from vitkit._io import STALE_SECONDS, clean_stale_temps
+
     old, young = tmp_path / ".model.bin.abcd1234.tmp", tmp_path / ".model.bin.wxyz5678.tmp"
     other = tmp_path / ".notes.tmp"  # not our naming: never touched
     for f in (old, young, other):

@@ -9,10 +9,9 @@ import os
 import shutil
 
 import pytest
-from conftest import assert_user_error, run_cli, write_image, write_model_folder
 
+from conftest import assert_user_error, run_cli, write_image, write_model_folder
 from vitkit.checkpoints._safety import check_relative_name, confine
-from vitkit.checkpoints.hub import check_hub_id
 from vitkit.errors import CheckpointError
 
 
@@ -90,4 +89,6 @@ def test_confine_follows_symlinks_and_accepts_a_plain_name(tmp_path):
 
 @pytest.mark.parametrize("repo_id", ["google/vit-base-patch16-224", "bert-base-uncased"])
 def test_real_hub_ids_pass(repo_id):
+    from vitkit.checkpoints.hub import check_hub_id
+
     assert check_hub_id(repo_id) == repo_id

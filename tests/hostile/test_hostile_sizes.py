@@ -17,6 +17,7 @@ from _files import (
     small_npz,
     write_cifar,
 )
+
 from conftest import assert_user_error, run_cli, run_code, write_image, write_model_folder
 
 CONFIG_BOMBS = [
@@ -109,9 +110,7 @@ def test_npz_whose_zip_directory_claims_gigabytes_is_refused(tmp_path):
 def test_npy_header_lying_about_its_shape_is_refused(tmp_path):
     liar = npz_lying_header(tmp_path / "liar.npz")
     image = write_image(tmp_path / "a.png")
-    assert_user_error(
-        run_cli(["predict", str(image), "--model", str(liar)]), "liar.npz", "header"
-    )
+    assert_user_error(run_cli(["predict", str(image), "--model", str(liar)]), "liar.npz", "header")
 
 
 def test_npz_over_the_checkpoint_limit_is_refused(tmp_path):

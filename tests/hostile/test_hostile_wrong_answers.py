@@ -9,8 +9,8 @@ import math
 
 import pytest
 import torch
-from conftest import TINY, assert_user_error, run_cli, write_image, write_model_folder
 
+from conftest import TINY, assert_user_error, run_cli, write_image, write_model_folder
 from vitkit import ViTConfig
 from vitkit.checkpoints._safety import check_finite, check_float_dtypes
 from vitkit.data.folders import ImageFolderDataset
@@ -133,9 +133,7 @@ def test_hf_config_with_fractional_layer_count_is_refused(tmp_path):
 
 
 @pytest.mark.xfail(strict=True, reason="lead: Recipe.validate must refuse non-finite numbers")
-@pytest.mark.parametrize(
-    "pair", ["lr=.nan", "lr=.inf", "weight_decay=.nan", "warmup_epochs=.inf"]
-)
+@pytest.mark.parametrize("pair", ["lr=.nan", "lr=.inf", "weight_decay=.nan", "warmup_epochs=.inf"])
 def test_recipe_override_nan_is_refused(tmp_path, pair):
     r = run_cli(["train", "--set", pair, "--print-recipe"], cwd=tmp_path)
     assert_user_error(r, pair.split("=")[0])
@@ -188,3 +186,18 @@ def test_nan_is_never_a_valid_config_number():
         with pytest.raises(Exception, match=field) as info:
             ViTConfig(**{**TINY, field: math.nan})
         assert type(info.value).__name__ == "ConfigError"
+
+
+def test_npz_with_an_integer_array_is_refused(tmp_path):
+    import numpy as np
+
+    from vitkit.checkpoints.jax import npz_from_state_dict
+
+    model = create_model(ViTConfig(**TINY))
+    arrays = npz_from_state_dict(model.state_dict(), model.config)
+    arrays["head/kernel"] = (arrays["head/kernel"] * 100).astype(np.int64)
+    np.savez(tmp_path / "w.npz", **arrays)
+    image = write_image(tmp_path / "a.png")
+    assert_user_error(
+        run_cli(["predict", str(image), "--model", str(tmp_path / "w.npz")]), "head/kernel", "int64"
+    )

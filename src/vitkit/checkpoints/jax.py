@@ -144,6 +144,19 @@ def config_from_npz(
     weights: Mapping[str, np.ndarray], *, act: str = "gelu_tanh", source: str = "checkpoint"
 ) -> ViTConfig:
     """The `ViTConfig` a JAX ViT checkpoint describes (see the module docstring)."""
+    try:
+        return _config_from_npz(weights, act, source)
+    except (KeyError, ValueError, IndexError, TypeError, AttributeError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        missing = f"no array {exc}" if isinstance(exc, KeyError) else str(exc)
+        raise CheckpointError(
+            f"{source} does not have the arrays of a ViT .npz ({missing}); is it a "
+            f"vision_transformer or big_vision ViT checkpoint?"
+        ) from None
+
+
+def _config_from_npz(weights: Mapping[str, np.ndarray], act: str, source: str) -> ViTConfig:
     w = _strip_prefix(weights, source)
     names, stacked = _layout(w)
     if any(k.startswith("MAPHead_0/") for k in w):
@@ -233,6 +246,14 @@ def state_dict_from_npz(
             f"{source} has {q.shape[-2]} attention heads but the config says "
             f"num_heads={config.num_heads}"
         )
+
+    for key in sorted(required):
+        kind = w[key].dtype.kind
+        if kind != "f":  # an integer array would be cast silently
+            raise CheckpointError(
+                f"{source}: array {key!r} is {w[key].dtype}, not floating point; vitkit does "
+                f"not cast integer weights (the file is not a ViT checkpoint or is corrupt)"
+            )
 
     def get(key: str, i: int | None = None) -> Tensor:
         value = w[key] if i is None or not stacked else w[key][i]

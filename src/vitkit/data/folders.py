@@ -279,19 +279,26 @@ def _read_list(path: Path) -> list[tuple[str, Any]]:
     """[(path, label)] from a CSV / JSON / JSON-lines list file."""
     if not path.is_file():
         raise VitkitError(f"{path}: no such list file")
-    text = path.read_text(encoding="utf-8-sig")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise VitkitError(f"{path}: cannot read the list as UTF-8 text ({exc})") from None
     entries: list[Any]
     if path.suffix.lower() == ".csv":
-        reader = csv.DictReader(io.StringIO(text))
-        fields = [f.strip().lower() for f in reader.fieldnames or []]
-        if "path" not in fields or "label" not in fields:
-            raise VitkitError(
-                f"{path}: a CSV list needs a header row with 'path' and 'label' "
-                f"columns, got {reader.fieldnames}"
-            )
-        entries = [
-            {k.strip().lower(): (v or "").strip() for k, v in row.items() if k} for row in reader
-        ]
+        try:
+            reader = csv.DictReader(io.StringIO(text))
+            fields = [f.strip().lower() for f in reader.fieldnames or []]
+            if "path" not in fields or "label" not in fields:
+                raise VitkitError(
+                    f"{path}: a CSV list needs a header row with 'path' and 'label' "
+                    f"columns, got {reader.fieldnames}"
+                )
+            entries = [
+                {k.strip().lower(): (v or "").strip() for k, v in row.items() if isinstance(k, str)}
+                for row in reader
+            ]
+        except csv.Error as exc:
+            raise VitkitError(f"{path}: not a valid CSV list ({exc})") from None
     else:
         stripped = text.strip()
         try:
@@ -299,8 +306,10 @@ def _read_list(path: Path) -> list[tuple[str, Any]]:
                 entries = json.loads(stripped)
             else:
                 entries = [json.loads(line) for line in stripped.splitlines() if line.strip()]
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, RecursionError) as exc:
             raise VitkitError(f"{path}: not valid JSON or JSON lines ({exc})") from None
+        if not isinstance(entries, list):
+            raise VitkitError(f"{path}: a JSON list must be a list of {{path, label}} objects")
     rows = []
     for n, entry in enumerate(entries):
         if not isinstance(entry, dict) or "path" not in entry or "label" not in entry:
@@ -345,7 +354,9 @@ def _no_size(kind: type) -> Callable[..., Any]:
 
     def make(*args: Any) -> Any:
         if args and not isinstance(args[0], (bytes, bytearray, str, list)):
-            raise pickle.UnpicklingError(f"{kind.__name__}({type(args[0]).__name__}) is not allowed")
+            raise pickle.UnpicklingError(
+                f"{kind.__name__}({type(args[0]).__name__}) is not allowed"
+            )
         return kind(*args)
 
     return make
