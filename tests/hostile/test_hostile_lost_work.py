@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from conftest import SRC, _env, assert_user_error, run_cli, run_code
+from conftest import _env, assert_user_error, run_cli, run_code
 from vitkit._io import atomic_path, atomic_write_text
 
 
@@ -135,7 +135,3 @@ def test_default_output_twice_keeps_both_runs(tmp_path):
         assert r.returncode == 0, r.stderr[-2000:]
     runs = sorted(p for p in (tmp_path / "runs").iterdir() if p.is_dir())
     assert len(runs) == 2
-
-
-def test_cli_helper_runs_against_this_checkout():
-    assert (SRC / "vitkit" / "_io.py").is_file()

@@ -57,8 +57,8 @@ def test_hub_cache_index_naming_a_file_outside_is_refused(tmp_path):
 def test_local_index_naming_a_file_outside_is_refused(tmp_path, where):
     model = write_model_folder(tmp_path / "m")
     outside = tmp_path / "secret.safetensors"
-    shutil.move(model / "model.safetensors", outside)
     _sharded(model, "../secret.safetensors" if where == "relative" else str(outside))
+    shutil.move(model / "model.safetensors", outside)
     image = write_image(tmp_path / "a.png")
     r = run_cli(["predict", str(image), "--model", str(model)])
     assert_user_error(r, "secret.safetensors")

@@ -89,7 +89,7 @@ def _user_error(exc: BaseException) -> str | None:
             errno.ENOTDIR: "; a file stands where a folder is needed",
         }.get(exc.errno, "")
         return f"{where + ': ' if where else ''}{exc.strerror}{hint}"
-    if isinstance(exc, MemoryError):
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":  # torch.cuda
         return (
             "out of memory; use a smaller batch size, model or image size "
             "(see docs/security.md for vitkit's limits)"

@@ -301,8 +301,14 @@ class ImageProcessor:
                 raise ConfigError(f"image_std={list(fields['std'])} must be positive")
         else:
             fields["mean"] = fields["std"] = None
-        extra = data.get("vitkit", {})
-        if isinstance(extra, dict) and extra.get("crop_rounding") in ("floor", "round"):
+        extra = data.get("vitkit") or {}
+        if not isinstance(extra, dict):
+            raise ConfigError(f"vitkit={extra!r} must be an object like {{'crop_rounding': ...}}")
+        if extra.get("crop_rounding") is not None:
+            if extra["crop_rounding"] not in ("floor", "round"):
+                raise ConfigError(
+                    f"vitkit.crop_rounding={extra['crop_rounding']!r} must be 'floor' or 'round'"
+                )
             fields["crop_rounding"] = extra["crop_rounding"]
         return cls(**{**fields, **overrides})
 
