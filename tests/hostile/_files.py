@@ -12,11 +12,11 @@ import numpy as np
 
 
 def npy_header(shape: tuple[int, ...], dtype: str = "<f4") -> bytes:
-    buf = io.BytesIO()
+    buf = io.BytesIO()  # the magic string, the version and the padded header dict
     np.lib.format.write_array_header_1_0(
         buf, {"descr": dtype, "fortran_order": False, "shape": shape}
     )
-    return np.lib.format.magic(1, 0) + buf.getvalue()
+    return buf.getvalue()
 
 
 def npz_lying_header(path: Path, shape: tuple[int, ...] = (100_000, 100_000)) -> Path:

@@ -314,6 +314,8 @@ def _read_list(path: Path) -> list[tuple[str, Any]]:
     for n, entry in enumerate(entries):
         if not isinstance(entry, dict) or "path" not in entry or "label" not in entry:
             raise VitkitError(f"{path}: entry {n} must have 'path' and 'label', got {entry!r}")
+        if entry["path"] in ("", None) or entry["label"] in ("", None):
+            raise VitkitError(f"{path}: entry {n} has an empty path or label: {entry!r}")
         rows.append((str(entry["path"]), entry["label"]))
     if not rows:
         raise VitkitError(f"{path}: the list is empty")
