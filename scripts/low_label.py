@@ -2,7 +2,7 @@
 
 1. Split scikit-learn's digits 80/20 (stratified, seed 0); keep 10% of the training labels
    (stratified, seed 0): 144 labelled images.
-2. Pre-train an encoder on all 1437 training images without labels (`vitkit.train.pretrain`).
+2. Pre-train an encoder on all 1437 training images without labels (`vitkit pretrain`'s recipe).
 3. Fine-tune it on the 144 labelled images, and train the same architecture from random
    weights on the same 144 images with the same budget (identical `finetune` call).
 4. Report test accuracy (360 images) of both arms, for a few fine-tuning seeds.
@@ -19,7 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from vitkit import VisionTransformer, from_pretrained
-from vitkit.train.pretrain import PretrainConfig, load_builtin, pretrain, stratified_split
+from vitkit.data.builtin import load_builtin
+from vitkit.data.datasets import carve
+from vitkit.train import PRETRAIN_DEFAULTS, Recipe, train
 
 
 def finetune(
@@ -70,19 +72,17 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
 
-    x_train, y_train, x_test, y_test = load_builtin("digits")  # the `vitkit train` split
-    few, _ = stratified_split(y_train, 1 - args.label_fraction, seed=0)
+    train_part, test_part = load_builtin("digits")  # the `vitkit train` split
+    _, few = carve(train_part, args.label_fraction)  # stratified, seed 0
+    x_train, x_test, y_test = train_part.images, test_part.images, test_part.labels
+    x_few, y_few = (few.images - 0.5) / 0.5, few.labels
+    x_test = (x_test - 0.5) / 0.5
     enc_dir = f"{args.out}/encoder_{args.method}"
     if not args.skip_pretrain:
-        pretrain(
-            PretrainConfig(
-                method=args.method,
-                data="digits",
-                out=enc_dir,
-                epochs=args.pretrain_epochs,
-                progress_bar=False,
-            )
-        )
+        recipe = {**Recipe().to_dict(), **PRETRAIN_DEFAULTS, "objective": args.method,
+                  "data": "digits", "output": enc_dir, "epochs": args.pretrain_epochs,
+                  "progress": False, "overwrite": True}  # fmt: skip
+        train(Recipe.from_dict(recipe))
     results = {"pretrained": [], "scratch": []}
     for seed in range(args.seeds):
         torch.manual_seed(seed)
@@ -90,12 +90,12 @@ def main() -> None:
         torch.manual_seed(seed)
         scratch = VisionTransformer(pre.config)  # same architecture, random weights
         for name, model in (("pretrained", pre), ("scratch", scratch)):
-            finetune(model, x_train[few], y_train[few], epochs=args.finetune_epochs, seed=seed)
+            finetune(model, x_few, y_few, epochs=args.finetune_epochs, seed=seed)
             results[name].append(accuracy(model, x_test, y_test))
     summary = {k: {"mean": sum(v) / len(v), "runs": v} for k, v in results.items()}
     summary.update(
         method=args.method,
-        labelled=len(few),
+        labelled=len(y_few),
         unlabelled=len(x_train),
         test=len(x_test),
         pretrain_epochs=args.pretrain_epochs,

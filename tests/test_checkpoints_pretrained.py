@@ -40,7 +40,7 @@ def _random(config: ViTConfig = TINY) -> VisionTransformer:
 def test_round_trip_through_transformers(tmp_path):
     """vitkit -> save_pretrained -> transformers -> save_pretrained -> vitkit, same logits."""
     ours = _random(TINY.replace(num_classes=3, id2label={0: "a", 1: "b", 2: "c"}))
-    ours.save_pretrained(tmp_path / "ours")
+    vitkit.save_pretrained(ours, tmp_path / "ours")
     assert sorted(os.listdir(tmp_path / "ours")) == ["config.json", "model.safetensors"]
     theirs = transformers.ViTForImageClassification.from_pretrained(tmp_path / "ours").eval()
     assert theirs.config.id2label == {0: "a", 1: "b", 2: "c"}
@@ -82,7 +82,7 @@ def test_vit_model_folder_with_and_without_pooler(tmp_path):
         assert _diff(a.last_hidden_state, b.last_hidden_state) <= 1e-5
         if pooler:
             assert _diff(a.pooler_output, b.pooler_output) <= 1e-5
-            ours.save_pretrained(tmp_path / "again")
+            vitkit.save_pretrained(ours, tmp_path / "again")
             again = transformers.ViTModel.from_pretrained(tmp_path / "again").eval()
             with torch.no_grad():
                 assert _diff(again(x).pooler_output, b.pooler_output) <= 1e-5
@@ -90,7 +90,7 @@ def test_vit_model_folder_with_and_without_pooler(tmp_path):
 
 def test_deit_distilled_saves_as_deit_with_teacher(tmp_path):
     ours = _random(TINY.replace(distilled=True))
-    ours.save_pretrained(tmp_path)
+    vitkit.save_pretrained(ours, tmp_path)
     meta = json.loads((tmp_path / "config.json").read_text())
     assert meta["model_type"] == "deit"
     assert meta["architectures"] == ["DeiTForImageClassificationWithTeacher"]
@@ -121,7 +121,7 @@ def test_384_against_transformers_interpolate_pos_encoding(tmp_path):
 
 
 def test_new_head_is_zero_initialised(tmp_path):
-    _random().save_pretrained(tmp_path)
+    vitkit.save_pretrained(_random(), tmp_path)
     model = vitkit.from_pretrained(tmp_path, num_classes=10, drop_path_rate=0.1)
     assert model.head.out_features == 10 and model.config.drop_path_rate == 0.1
     assert torch.count_nonzero(model.head.weight) == 0
@@ -131,16 +131,16 @@ def test_new_head_is_zero_initialised(tmp_path):
 def test_vitkit_format_for_variants_transformers_cannot_express(tmp_path):
     config = TINY.replace(num_register_tokens=2, global_pool="avg", pos_embed="sincos2d")
     ours = _random(config)
-    ours.save_pretrained(tmp_path)  # auto -> vitkit
+    vitkit.save_pretrained(ours, tmp_path)  # auto -> vitkit
     meta = json.loads((tmp_path / "config.json").read_text())
     assert meta["model_type"] == "vitkit"
-    back = vitkit.VisionTransformer.from_pretrained(str(tmp_path))
+    back = vitkit.from_pretrained(str(tmp_path))
     assert back.config == config
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(back(x).logits, ours(x).logits)
     with pytest.raises(CheckpointError, match="register"):
-        ours.save_pretrained(tmp_path / "hf", format="hf")
+        vitkit.save_pretrained(ours, tmp_path / "hf", format="hf")
     assert not (tmp_path / "hf" / "config.json").exists()
 
 
@@ -152,7 +152,7 @@ def test_failed_save_leaves_no_files(tmp_path, monkeypatch):
 
     monkeypatch.setattr(safetensors.torch, "save_file", boom)
     with pytest.raises(OSError, match="disk full"):
-        _random().save_pretrained(tmp_path)
+        vitkit.save_pretrained(_random(), tmp_path)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -173,7 +173,7 @@ def test_hub_id_offline_from_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     src = tmp_path / "src"
     ours = _random()
-    ours.save_pretrained(src, format="hf")
+    vitkit.save_pretrained(ours, src, format="hf")
     cache = tmp_path / "cache"
     _fake_hub_cache(
         cache,
@@ -239,7 +239,7 @@ def test_weights_only_pickle_training_checkpoint_is_read(tmp_path):
 
 
 def test_corrupt_files(tmp_path):
-    _random().save_pretrained(tmp_path)
+    vitkit.save_pretrained(_random(), tmp_path)
     data = (tmp_path / "model.safetensors").read_bytes()
     (tmp_path / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match=r"model\.safetensors"):
@@ -252,7 +252,7 @@ def test_corrupt_files(tmp_path):
 
 def test_mismatch_is_one_error_listing_everything(tmp_path):
     ours = _random(TINY.replace(pos_embed="learned"))
-    ours.save_pretrained(tmp_path, format="vitkit")
+    vitkit.save_pretrained(ours, tmp_path, format="vitkit")
     sd = load_file(tmp_path / "model.safetensors")
     sd["blocks.0.extra"] = torch.zeros(1)
     del sd["norm.bias"]
@@ -272,7 +272,7 @@ def test_mismatch_is_one_error_listing_everything(tmp_path):
 
 def test_non_strict_loads_what_matches(tmp_path):
     ours = _random()
-    ours.save_pretrained(tmp_path, format="vitkit")
+    vitkit.save_pretrained(ours, tmp_path, format="vitkit")
     sd = load_file(tmp_path / "model.safetensors")
     del sd["norm.bias"]
     sd["extra"] = torch.zeros(1)

@@ -96,16 +96,17 @@ def test_export_to_timm_round_trip(tmp_path):
         assert _max_diff(back(x).logits, ours(x).logits) <= 1e-5
 
 
-def test_layer_scale_is_refused_by_name():
+def test_qk_norm_is_refused_by_name():
+    """Layer scale became a switch (tests/test_families.py); q/k normalisation is not one."""
     theirs = timm.create_model(
         "vit_tiny_patch16_224",
         pretrained=False,
         img_size=32,
         patch_size=8,
         depth=1,
-        init_values=1e-5,
+        qk_norm=True,
     )
-    with pytest.raises(CheckpointError, match="layer scale"):
+    with pytest.raises(CheckpointError, match="q/k normalisation"):
         config_from_timm(theirs.state_dict(), model_name="vit_tiny_patch16_224")
 
 

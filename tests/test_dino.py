@@ -1,5 +1,5 @@
 """DINO: loss decreases on a tiny batch, the teacher gets no gradients, exact EMA and center
-updates, schedules, multi-crop shapes, attention-map PNG."""
+updates, schedules, multi-crop shapes."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from vitkit.models.dino import (
     DINOLoss,
     MultiCrop,
     ema_update,
-    save_attention_maps,
     teacher_momentum,
 )
 
@@ -88,15 +87,6 @@ def test_head_last_layer_has_unit_norm_and_crops_have_patch_multiple_sizes():
     assert torch.allclose(w.norm(dim=1), torch.ones(64), atol=1e-5)
     crops = MultiCrop(28, patch_size=4, n_local=3).batch(torch.rand(2, 1, 28, 28))
     assert [tuple(c.shape) for c in crops] == [(2, 1, 28, 28)] * 2 + [(2, 1, 12, 12)] * 3
-
-
-def test_attention_png(tmp_path):
-    from PIL import Image
-
-    model = _model()
-    out = tmp_path / "attn.png"
-    save_attention_maps(model.teacher.backbone, torch.rand(3, 1, 8, 8), str(out), scale=2)
-    assert Image.open(out).size == ((1 + 2) * 16, 3 * 16)  # image + 2 heads per row
 
 
 def test_batched_crops_are_per_image_and_keep_values():

@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import vitkit
 from vitkit import ConfigError, VisionTransformer, ViTConfig, create_model
-from vitkit.models.distill import DistillationLoss, load_teacher
+from vitkit.models.distill import DistillationLoss
 
 STUDENT = ViTConfig(
     image_size=8,
@@ -55,9 +56,9 @@ def test_hard_and_soft_losses_equal_hand_computation():
 
 
 def test_teacher_is_frozen_and_gets_no_gradient():
-    teacher = load_teacher(_FixedTeacher(torch.randn(2, 3)).train())
-    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    teacher = _FixedTeacher(torch.randn(2, 3)).train()
     loss_fn = DistillationLoss(teacher, nn.CrossEntropyLoss(), "hard").train()
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
     assert not loss_fn.teacher.training
     assert not list(loss_fn.parameters())  # the teacher stays out of the student's optimizer
     student = VisionTransformer(STUDENT)
@@ -68,12 +69,13 @@ def test_teacher_is_frozen_and_gets_no_gradient():
 
 def test_vitkit_teacher_from_preset_and_folder(tmp_path):
     teacher = VisionTransformer(STUDENT.replace(distilled=False))
-    teacher.save_pretrained(str(tmp_path), format="vitkit")
-    loaded = load_teacher(str(tmp_path))
+    vitkit.save_pretrained(teacher, str(tmp_path), format="vitkit")
+    loaded = vitkit.resolve(str(tmp_path)).model
     x = torch.randn(2, 1, 8, 8)
     with torch.no_grad():
         assert torch.allclose(loaded(x).logits, teacher.eval()(x).logits, atol=1e-6)
-    assert isinstance(load_teacher("vit_digits_patch2_8"), VisionTransformer)
+    preset = vitkit.resolve("vit_digits_patch2_8", allow_preset=True)
+    assert isinstance(preset.model, VisionTransformer) and preset.random_weights
 
 
 def test_bad_settings_are_refused():

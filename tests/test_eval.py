@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+import vitkit
 from vitkit import VisionTransformer, ViTConfig
 from vitkit.errors import VitkitError
 from vitkit.eval import evaluate
@@ -141,22 +142,19 @@ def _image_tree(root, n_per_class=4, in_chans=3):
 
 
 def _direct(model, root, classes_to_model, gray=False):
-    """Reference: decode, scale, resize, normalise by hand and run the model."""
+    """Reference: decode, resize with PIL (bilinear on 8-bit, as transformers' ViTImageProcessor
+    does: the checkpoint's default preprocessing), scale, normalise by hand, run the model."""
     from PIL import Image
 
     xs, ys = [], []
     for name in sorted(COLORS):
         for path in sorted((root / name).glob("[0-9].png")):
-            img = Image.open(path).convert("L" if gray else "RGB")
+            img = Image.open(path).convert("RGB")
+            img = img.convert("L") if gray else img
+            h, w = model.config.image_hw
+            img = img.resize((w, h), resample=Image.BILINEAR)
             t = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)
             t = t[None] if gray else t.permute(2, 0, 1)
-            t = nn.functional.interpolate(
-                t[None],
-                size=model.config.image_hw,
-                mode="bilinear",
-                align_corners=False,
-                antialias=True,
-            )[0]
             xs.append((t - 0.5) / 0.5)
             ys.append(classes_to_model[name])
     with torch.no_grad():
@@ -266,9 +264,7 @@ def test_cli_eval_errors(tmp_path, capsys):
 
 def test_cli_eval_uses_the_checkpoints_preprocessor_config(tmp_path):
     processor_mod = pytest.importorskip("vitkit.data.processor")
-    from vitkit import from_pretrained
     from vitkit.cli import main
-    from vitkit.cli.eval import eval_transform
 
     cfg = ViTConfig(
         image_size=16, patch_size=8, in_chans=3, num_classes=3, embed_dim=32, depth=1, num_heads=2
@@ -277,7 +273,7 @@ def test_cli_eval_uses_the_checkpoints_preprocessor_config(tmp_path):
     _save_native(VisionTransformer(cfg).eval(), ckpt)
     processor = processor_mod.ImageProcessor.hf_vit(16, mean=(0.2, 0.3, 0.4), std=(0.5, 0.6, 0.7))
     processor.save_pretrained(ckpt)
-    transform = eval_transform(from_pretrained(ckpt).config, ckpt)
+    transform = vitkit.resolve(ckpt).processor.preprocess_pil
     from PIL import Image
 
     img = Image.new("RGB", (20, 20), (255, 0, 128))
@@ -291,57 +287,26 @@ def test_cli_eval_uses_the_checkpoints_preprocessor_config(tmp_path):
     assert main(["eval", "--model", str(ckpt), "--data", str(tmp_path / "data")]) == 0
 
 
-def _fake_builtin(monkeypatch):
-    import sys
-    import types
-    from dataclasses import dataclass
-
-    @dataclass
-    class TensorData:
-        images: torch.Tensor
-        labels: torch.Tensor
-        classes: list
-
-    g = torch.Generator().manual_seed(0)
-    parts = [
-        TensorData(torch.rand(n, 1, 8, 8, generator=g), torch.arange(n) % 3, ["a", "b", "c"])
-        for n in (9, 7)
-    ]
-    mod = types.ModuleType("vitkit.data.builtin")
-    mod.load_builtin = lambda name: tuple(parts) if name == "tiny" else 1 / 0
-    monkeypatch.setitem(sys.modules, "vitkit.data.builtin", mod)
-    return parts
-
-
-def test_cli_eval_builtin_tensor_dataset(tmp_path, monkeypatch):
+def test_cli_eval_builtin_tensor_dataset(tmp_path):
+    """Built-in sets are [0, 1] tensors: resized bilinearly, normalised with the checkpoint's
+    mean / std; --split picks the same parts training uses."""
+    pytest.importorskip("sklearn")
     from vitkit.cli import main
+    from vitkit.data.datasets import open_splits
 
-    train, test = _fake_builtin(monkeypatch)
+    splits = open_splits("digits")
     cfg = ViTConfig(
-        image_size=16, patch_size=4, in_chans=1, num_classes=3, embed_dim=32, depth=1, num_heads=2
+        image_size=16, patch_size=4, in_chans=1, num_classes=10, embed_dim=32, depth=1, num_heads=2
     )
     model = VisionTransformer(cfg).eval()
     torch.nn.init.normal_(model.head.weight, std=0.5)
     ckpt = tmp_path / "ckpt"
     _save_native(model, ckpt)
-    for split, part in (("test", test), ("train", train)):
+    for split in ("test", "val"):
+        part = splits.get(split)
         out = tmp_path / split
-        assert (
-            main(
-                [
-                    "eval",
-                    "--model",
-                    str(ckpt),
-                    "--data",
-                    "tiny",
-                    "--split",
-                    split,
-                    "--out",
-                    str(out),
-                ]
-            )
-            == 0
-        )
+        args = ["eval", "--model", str(ckpt), "--data", "digits", "--split", split]
+        assert main([*args, "--output", str(out)]) == 0
         metrics = json.loads((out / "metrics.json").read_text())
         x = nn.functional.interpolate(
             part.images, size=(16, 16), mode="bilinear", align_corners=False, antialias=True
@@ -353,7 +318,8 @@ def test_cli_eval_builtin_tensor_dataset(tmp_path, monkeypatch):
         assert metrics["loss"] == pytest.approx(
             float(nn.functional.cross_entropy(logits, part.labels)), rel=1e-4
         )
-        assert metrics["class_names"] == ["a", "b", "c"]
+        assert metrics["class_names"] == [str(i) for i in range(10)]
+    assert len(splits.val) + len(splits.train) == 1437 and len(splits.test) == 360
 
 
 def test_cli_eval_real_digits(tmp_path):
@@ -387,7 +353,7 @@ def test_evaluate_on_cuda_with_bf16_autocast_matches_cpu():
 
 
 def test_match_classes():
-    from vitkit.cli.eval import _match_classes
+    from vitkit.eval import match_classes as _match_classes
 
     cfg = ViTConfig(
         image_size=16,

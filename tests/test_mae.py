@@ -17,9 +17,9 @@ from vitkit.models.mae import (
     MaskedAutoencoder,
     patchify,
     random_masking,
-    save_reconstruction,
     unpatchify,
 )
+from vitkit.viz import save_reconstruction
 
 transformers = pytest.importorskip("transformers")
 

@@ -51,7 +51,7 @@ def test_every_preset_builds_and_has_the_right_shapes(name):
         out = model(torch.empty(2, config.in_chans, h, w))
     tokens = config.num_patches + config.num_prefix_tokens
     assert out.last_hidden_state.shape == (2, tokens, config.embed_dim)
-    assert out.logits.shape == (2, config.num_classes)
+    assert out.logits.shape == (2, config.num_classes or model.num_features)  # headless: pooled
     if config.pos_embed == "learned":
         table = (1, config.num_pos_prefix_tokens + config.num_patches, config.embed_dim)
         assert model.pos_embed.shape == table

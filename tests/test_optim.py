@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import vitkit
-from vitkit.train.optim import build_optimizer, layer_id, lr_at, param_groups, set_lr
+from vitkit.train.optim import build_optimizer, lr_at, param_groups, set_lr
 from vitkit.train.recipe import Recipe
 
 
@@ -50,7 +50,7 @@ def test_layer_decay_scales():
     assert scale["blocks.1.mlp.fc1.weight"] == 0.5
     assert scale["blocks.0.mlp.fc1.weight"] == 0.25
     assert scale["pos_embed"] == scale["patch_embed.proj.weight"] == 0.125
-    assert layer_id("blocks.7.attn.qkv.weight", 12) == 8
+    assert model.layer_id("blocks.1.attn.qkv.weight") == 2 and model.num_layers == 4
 
 
 def test_schedule_warmup_then_cosine():

@@ -14,8 +14,9 @@ import torch
 from PIL import Image
 
 import vitkit
+from vitkit.checkpoints.resolve import processor_for
 from vitkit.cli import main
-from vitkit.cli.predict import expand_inputs, resolve_processor
+from vitkit.cli.predict import expand_inputs
 from vitkit.data.labels import id2label_for, imagenet_labels
 from vitkit.data.processor import ImageProcessor
 
@@ -62,18 +63,12 @@ def image_dir(tmp_path_factory):
 
 
 @pytest.fixture
-def fake_from_pretrained(monkeypatch, tmp_path):
-    """A checkpoint folder and a stand-in for `vitkit.from_pretrained` (built by another branch):
-    returns a tiny 32x32 3-class model with labels."""
+def fake_from_pretrained(tmp_path):
+    """A checkpoint folder holding a tiny 32x32 3-class model with labels."""
     folder = tmp_path / "tiny-model"
-    folder.mkdir()
     labels = {0: "cat", 1: "dog", 2: "rocket"}
-
-    def from_pretrained(source):
-        assert str(source) == str(folder)
-        return vitkit.create_model("vit_tiny_patch4_32", num_classes=3, id2label=labels, **TINY)
-
-    monkeypatch.setattr(vitkit, "from_pretrained", from_pretrained, raising=False)
+    model = vitkit.create_model("vit_tiny_patch4_32", num_classes=3, id2label=labels, **TINY)
+    vitkit.save_pretrained(model, folder)
     return folder
 
 
@@ -156,13 +151,12 @@ def test_preset_name_warns_about_random_weights(capsys, image_dir):
     assert top["label"] == str(top["index"])  # no id2label, not 1000 classes: indices
 
 
-def test_unlabelled_1000_class_checkpoint_prints_imagenet_names(capsys, image_dir, monkeypatch):
-    def from_pretrained(source):  # a timm-converted ImageNet model carries no id2label
-        return vitkit.create_model("vit_tiny_patch4_32", num_classes=1000, **TINY)
-
-    monkeypatch.setattr(vitkit, "from_pretrained", from_pretrained, raising=False)
+def test_unlabelled_1000_class_checkpoint_prints_imagenet_names(capsys, image_dir, tmp_path):
+    # a timm state dict of an ImageNet model carries no id2label
+    model = vitkit.create_model("vit_tiny_patch4_32", num_classes=1000, **TINY)
+    vitkit.save_pretrained(model, tmp_path / "in1k", format="vitkit")
     photo = image_dir / "good" / "camera.png"
-    code, out, _ = _run(capsys, photo, "--model", "some-org/some-vit", "--json", "-k", "3")
+    code, out, _ = _run(capsys, photo, "--model", tmp_path / "in1k", "--json", "-k", "3")
     assert code == 0
     (record,) = [json.loads(line) for line in out.splitlines()]
     names = imagenet_labels()
@@ -197,15 +191,13 @@ def test_only_failures_exit_one_and_usage_errors(capsys, tmp_path):
 
 def test_processor_comes_from_the_model_folder(tmp_path):
     config = vitkit.get_config("vit_tiny_patch4_32")
-    assert resolve_processor(str(tmp_path), config) == ImageProcessor.hf_vit(32)
+    assert processor_for(config, tmp_path) == ImageProcessor.hf_vit(32)
     saved = ImageProcessor.timm_eval(32, crop_pct=0.875, mean=(0.1, 0.2, 0.3), std=(1, 1, 1))
     saved.save_pretrained(tmp_path)
-    assert resolve_processor(str(tmp_path), config) == saved
-    hf = resolve_processor(str(tmp_path), config, "hf")
+    assert processor_for(config, tmp_path) == saved
+    hf = processor_for(config, tmp_path, "hf")
     assert hf.resize == (32, 32) and hf.crop_size is None and hf.mean == (0.1, 0.2, 0.3)
-    timm_style = resolve_processor(
-        "deit_tiny_patch16_224", vitkit.get_config("deit_tiny_patch16_224"), "timm"
-    )
+    timm_style = processor_for(vitkit.get_config("deit_tiny_distilled_patch16_224"), None, "timm")
     assert timm_style.resize == 256 and timm_style.crop_size == (224, 224)
 
     timm_folder = tmp_path / "timm"
@@ -213,11 +205,11 @@ def test_processor_comes_from_the_model_folder(tmp_path):
     pretrained_cfg = {"input_size": [3, 32, 32], "crop_pct": 1.0, "interpolation": "bilinear",
                       "mean": [0.5] * 3, "std": [0.5] * 3}  # fmt: skip
     (timm_folder / "config.json").write_text(json.dumps({"pretrained_cfg": pretrained_cfg}))
-    from_timm = resolve_processor(str(timm_folder), config)
+    from_timm = processor_for(config, timm_folder)
     assert from_timm.resize == 32 and from_timm.crop_size == (32, 32)
     assert from_timm.interpolation == "bilinear"
 
-    mono = resolve_processor(str(tmp_path), vitkit.get_config("vit_digits_patch2_8"))
+    mono = processor_for(vitkit.get_config("vit_digits_patch2_8"), tmp_path)
     assert mono.num_channels == 1 and mono.mean == pytest.approx((0.2,))
 
 

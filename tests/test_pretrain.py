@@ -1,139 +1,181 @@
-"""Pre-training loop: each method runs and exports a fine-tunable encoder, resume equals an
-uninterrupted run, schedules, the CLI."""
+"""Self-supervised objectives in the one trainer: each method runs and exports a fine-tunable
+encoder, kill -9 + resume equals an uninterrupted run, two processes equal one, the CLI."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from vitkit import from_pretrained
 from vitkit.cli import main
-from vitkit.train.optim import lr_at
-from vitkit.train.pretrain import PretrainConfig, pretrain
+from vitkit.train import PRETRAIN_DEFAULTS, Recipe, train
+from vitkit.train.state import load_state
 
 SMALL = dict(embed_dim=32, depth=2, num_heads=2)
+SRC = str(Path(__file__).parents[1] / "src")
 
 
-def _cfg(method, out, **kw):
-    return PretrainConfig(
-        method=method,
-        out=str(out),
-        model="vit_digits_patch2_8",
-        model_overrides=SMALL,
-        epochs=kw.pop("epochs", 1),
-        batch_size=16,
-        warmup_epochs=0.5,
-        decoder_dim=16,
-        decoder_depth=1,
-        decoder_heads=2,
-        out_dim=32,
-        local_crops=2,
-        progress_bar=False,
-        **kw,
+@pytest.fixture
+def image_folder(tmp_path):
+    """32 random 8x8 grayscale PNGs in nested folders (no labels)."""
+    g = torch.Generator().manual_seed(0)
+    for i in range(32):
+        path = tmp_path / "imgs" / f"sub{i % 2}" / f"{i}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((torch.rand(8, 8, generator=g) * 255).byte().numpy()).save(path)
+    return tmp_path / "imgs"
+
+
+def _recipe(method: str, data: str, out: Path, **changes) -> Recipe:
+    base = {**Recipe().to_dict(), **PRETRAIN_DEFAULTS}
+    return Recipe.from_dict(
+        {
+            **base,
+            "objective": method,
+            "data": data,
+            "output": str(out),
+            "model": "vit_digits_patch2_8",
+            "model_overrides": SMALL,
+            "epochs": 1,
+            "batch_size": 16,
+            "warmup_epochs": 0.5,
+            "decoder_dim": 16,
+            "decoder_depth": 1,
+            "decoder_heads": 2,
+            "out_dim": 32,
+            "local_crops": 2,
+            "progress": False,
+            "plot": False,
+            "threads": 1,
+            **changes,
+        }
     )
 
 
 @pytest.mark.parametrize("method", ["simmim", "mae", "dino"])
-def test_each_method_exports_an_encoder_that_fine_tunes(method, tmp_path):
-    images = torch.rand(32, 1, 8, 8) * 2 - 1
-    metrics = pretrain(_cfg(method, tmp_path), images=images)
-    assert metrics["epoch"] == 1 and metrics["loss"] == metrics["loss"]  # finite, not NaN
-    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
-    assert json.loads(lines[-1])["step"] == 2
+def test_each_method_exports_an_encoder_that_fine_tunes(method, image_folder, tmp_path):
+    result = train(_recipe(method, str(image_folder), tmp_path / "run"))
+    assert result.steps == 2 and result.best_dir is None and result.test_acc is None
+    rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 2 and rows[-1]["train_loss"] == rows[-1]["train_loss"]  # not NaN
     picture = "attention.png" if method == "dino" else "reconstruction.png"
-    assert (tmp_path / picture).is_file()
-    model = from_pretrained(tmp_path, num_classes=10)
+    assert (tmp_path / "run" / picture).is_file()
+    model = from_pretrained(tmp_path / "run", num_classes=10)  # the run's last/ folder
     assert model.config.num_classes == 10 and not model.config.use_mask_token
-    assert model(images[:2]).logits.shape == (2, 10)
+    x = torch.rand(2, 1, 8, 8)
+    assert model(x).logits.shape == (2, 10)
     assert torch.count_nonzero(model.head.weight) == 0  # fresh zero head, encoder kept
 
 
-def test_encoder_weights_are_the_trained_ones(tmp_path):
-    images = torch.rand(16, 1, 8, 8)
-    pretrain(_cfg("mae", tmp_path), images=images)
-    state = torch.load(tmp_path / "pretrain_state.pt", weights_only=True)["model"]
-    model = from_pretrained(tmp_path)
+def test_exported_encoder_holds_the_trained_weights(image_folder, tmp_path):
+    train(_recipe("mae", str(image_folder), tmp_path / "run"))
+    state = load_state(tmp_path / "run")
+    assert {k.split(".")[0] for k in state["objective"]} == {"mae"}  # the decoder, apart
+    model = from_pretrained(tmp_path / "run")
     assert model.config.global_pool == "avg"  # MAE fine-tunes on the patch mean
     renamed = {"fc_norm.weight": "norm.weight", "fc_norm.bias": "norm.bias"}
     for k, v in model.state_dict().items():
-        assert torch.equal(v, state[f"encoder.{renamed.get(k, k)}"])
+        assert torch.equal(v, state["model"][renamed.get(k, k)]), k
 
 
-def test_resume_equals_uninterrupted_run(tmp_path):
-    method = "simmim"
-    images = torch.rand(32, 1, 8, 8)
-    pretrain(_cfg(method, tmp_path / "a", epochs=2), images=images)
-    pretrain(_cfg(method, tmp_path / "b", epochs=1), images=images)
-    pretrain(_cfg(method, tmp_path / "b", epochs=2), images=images, resume=True)
-    a = torch.load(tmp_path / "a/pretrain_state.pt", weights_only=True)["model"]
-    b = torch.load(tmp_path / "b/pretrain_state.pt", weights_only=True)["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert len((tmp_path / "b/metrics.jsonl").read_text().splitlines()) == 2
+KILLED = """
+import json, sys, time
+from vitkit.train import Recipe, train
+train(Recipe.from_dict(json.loads(sys.argv[1])), on_step=lambda s: time.sleep(0.2))
+"""
 
 
-def test_warmup_then_cosine():
-    assert lr_at(0, total_steps=100, warmup_steps=10, base_lr=1.0, min_lr=0.0) == pytest.approx(0.1)
-    assert lr_at(9, total_steps=100, warmup_steps=10, base_lr=1.0, min_lr=0.0) == pytest.approx(1.0)
-    assert lr_at(55, total_steps=100, warmup_steps=10, base_lr=1.0, min_lr=0.0) == pytest.approx(
-        0.5
-    )
-    assert lr_at(100, total_steps=100, warmup_steps=10, base_lr=1.0, min_lr=0.1) == pytest.approx(
-        0.1
-    )
+def test_mae_kill_and_resume_is_bit_exact(tmp_path):
+    recipe = _recipe("mae", "digits", tmp_path / "ref", epochs=2, batch_size=128,
+                     save_every_steps=3)  # fmt: skip
+    n = torch.get_num_threads()
+    try:
+        ref = train(recipe)
+        run = tmp_path / "killed"
+        env = {**os.environ, "PYTHONPATH": SRC}
+        spec = json.dumps(recipe.replace(output=str(run)).to_dict())
+        proc = subprocess.Popen([sys.executable, "-c", KILLED, spec], env=env)
+        state_file = run / "last" / "state.pt"
+        deadline = time.time() + 240
+        while not state_file.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        saved = load_state(run)
+        assert saved["epoch"] == 0 and 0 < saved["step"] < 11  # mid-epoch
+        res = train(None, resume=run)
+        assert res.steps == ref.steps == 2 * (1437 // 128)
+    finally:
+        torch.set_num_threads(n)
+    a, b = load_state(tmp_path / "ref"), load_state(run)
+    for part in ("model", "objective"):
+        for key, value in a[part].items():
+            assert torch.equal(value, b[part][key]), key
+    assert a["metrics"][-1]["train_loss"] == b["metrics"][-1]["train_loss"]
 
 
-def test_cli_pretrains_a_folder_of_images(tmp_path, capsys):
-    from PIL import Image
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
-    for i in range(6):
-        pixels = (torch.rand(12, 12) * 255).byte().numpy()
-        Image.fromarray(pixels).save(tmp_path / f"img{i}.png")
-    rc = main(
-        [
-            "pretrain",
-            "--method",
-            "mae",
-            "--data",
-            str(tmp_path),
-            "--model",
-            "vit_digits_patch2_8",
-            "--epochs",
-            "1",
-            "--out",
-            str(tmp_path / "out"),
-        ]
-    )
-    tmp_path = tmp_path / "out"
-    assert rc == 0 and "vitkit train --init" in capsys.readouterr().out
-    config = json.loads((tmp_path / "config.json").read_text())
-    assert config["num_classes"] == 0 and config["image_size"] == 8  # resized to the model's
+
+def test_mae_two_processes_match_one(tmp_path):
+    """torchrun with 2 processes draws the same masks and averages the same gradients as one
+    process with the same global batch."""
+    sets = ["--set=model_overrides={embed_dim: 32, depth: 1, num_heads: 2}", "--set=plot=false",
+            "--set=threads=1", "--set=optimizer=sgd", "--set=lr=0.05", "--set=weight_decay=0",
+            "--decoder-dim=16", "--decoder-depth=1", "--decoder-heads=2", "--epochs=1",
+            "--batch-size=64", "--no-progress"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": SRC}
+    one = [sys.executable, "-m", "vitkit", "pretrain", "--method", "mae"]
+    two = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+           "-m", "vitkit", "pretrain", "--method", "mae"]  # fmt: skip
+    for cmd, out in ((one, "one"), (two, "two")):
+        subprocess.run([*cmd, "--output", str(tmp_path / out), *sets], env=env, check=True,
+                       timeout=300)  # fmt: skip
+    a, b = load_state(tmp_path / "one"), load_state(tmp_path / "two")
+    assert a["global_step"] == b["global_step"] == 1437 // 64
+    for part in ("model", "objective"):
+        for key, value in a[part].items():
+            torch.testing.assert_close(b[part][key], value, rtol=1e-4, atol=1e-5, msg=key)
+    assert abs(a["metrics"][-1]["train_loss"] - b["metrics"][-1]["train_loss"]) < 1e-4
+
+
+def test_cli_pretrains_a_folder_of_images(image_folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["pretrain", "--method", "mae", "--data", str(image_folder), "--model",
+            "vit_digits_patch2_8", "--epochs", "1", "--batch-size", "16", "--output", str(out)]  # fmt: skip
+    assert main([*args, "--no-progress"]) == 0
+    assert "vitkit train --init" in capsys.readouterr().out
+    config = json.loads((out / "last" / "config.json").read_text())
+    assert config["num_classes"] == 0 and config["image_size"] == 8
+    assert main([*args, "--no-progress"]) == 1  # never overwrites a finished run
+    assert "--overwrite" in capsys.readouterr().err
 
 
 def test_cli_rejects_unknown_data(tmp_path, capsys):
-    assert main(["pretrain", "--data", str(tmp_path / "nope"), "--out", str(tmp_path)]) == 1
-    assert "neither" in capsys.readouterr().err
+    assert main(["pretrain", "--data", str(tmp_path / "nope"), "--model", "vit_digits_patch2_8",
+                 "--output", str(tmp_path / "o")]) == 1  # fmt: skip
+    assert "no such file or folder" in capsys.readouterr().err
 
 
-def test_vitkit_train_init_fine_tunes_the_pretrained_encoder(tmp_path, capsys):
-    pretrain(_cfg("mae", tmp_path / "pre"), images=torch.rand(16, 1, 8, 8) * 2 - 1)
-    rc = main(
-        [
-            "train",
-            "--init",
-            str(tmp_path / "pre"),
-            "--data",
-            "digits",
-            "--epochs",
-            "1",
-            "--output",
-            str(tmp_path / "ft"),
-            "--threads",
-            "1",
-            "--no-progress",
-        ]
-    )
-    assert rc == 0 and "test accuracy" in capsys.readouterr().out
+def test_vitkit_train_init_fine_tunes_the_pretrained_encoder(image_folder, tmp_path, capsys):
+    train(_recipe("mae", str(image_folder), tmp_path / "pre"))
+    rc = main(["train", "--init", str(tmp_path / "pre"), "--data", "digits", "--epochs", "1",
+               "--output", str(tmp_path / "ft"), "--threads", "1", "--no-progress"])  # fmt: skip
+    text = capsys.readouterr().out
+    assert rc == 0 and "validation accuracy" in text and "test accuracy" in text
     tuned = from_pretrained(tmp_path / "ft" / "best")
     assert tuned.config.num_classes == 10 and tuned.config.embed_dim == SMALL["embed_dim"]

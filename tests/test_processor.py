@@ -224,3 +224,9 @@ def test_box_interpolation_falls_back_to_pil_for_tensors(photos):
     p = ImageProcessor.hf_vit(20, interpolation="box")
     image = photos["rocket"]
     torch.testing.assert_close(p(_chw(image)), p(image))
+
+
+def test_crop_box_maps_the_centre_crop_back_to_the_input():
+    # timm: shorter side 300 -> 256 (400 -> 341), crop 224 at (top 16, left 58), scaled back
+    assert ImageProcessor.timm_eval(224, crop_pct=0.875).crop_box(400, 300) == (68, 19, 331, 281)
+    assert ImageProcessor.hf_vit(224).crop_box(400, 300) == (0, 0, 400, 300)

@@ -57,7 +57,7 @@ def test_cifar10_recipe(cifar10, tmp_path):
 def test_finetune_384_recipe_from_a_pretrained_checkpoint(tmp_path):
     # stand-in for a 224 checkpoint: a tiny 32px model, fine-tuned at 48px with a new head
     source = vitkit.create_model("vit_tiny_patch16_224", image_size=32, patch_size=8, **TINY_MODEL)
-    source.save_pretrained(tmp_path / "pretrained")
+    vitkit.save_pretrained(source, tmp_path / "pretrained")
     data = _image_folder(tmp_path / "imgs")
     recipe = Recipe.from_yaml(CONFIGS / "finetune_384.yaml").replace(
         **SMOKE,

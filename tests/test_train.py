@@ -4,10 +4,11 @@ import math
 import pytest
 import torch
 
+import vitkit
 from vitkit.cli import main
 from vitkit.errors import ConfigError
 from vitkit.train import Recipe, TrainingDiverged, train
-from vitkit.train.state import load_native_weights, load_state
+from vitkit.train.state import load_state
 
 TINY = dict(
     model_overrides={
@@ -31,6 +32,9 @@ def _threads():
     n = torch.get_num_threads()
     yield
     torch.set_num_threads(n)
+
+
+TRAIN_IMAGES = 1295  # digits: the 80% training part less the carved validation (142)
 
 
 def test_recipe_validation_messages():
@@ -89,8 +93,12 @@ def test_cli_trains_digits_and_writes_everything(tmp_path, capsys):
     assert {"train_loss", "lr", "img_per_s"} <= set(rows[0]) and "ema_val_acc" in evals[-1]
     assert (out / "metrics.csv").read_text().startswith("epoch,step,train_loss")
     state = load_state(out)
-    assert state["epoch"] == 2 and state["step"] == 0 and state["global_step"] == 2 * 89
-    config, weights = load_native_weights(out / "best")
+    assert (
+        state["epoch"] == 2
+        and state["step"] == 0
+        and state["global_step"] == 2 * (TRAIN_IMAGES // 16)
+    )
+    config, weights = _weights(out / "best")
     assert config.embed_dim == 32 and config.id2label[3] == "3"
     assert set(weights) == set(state["model"])
 
@@ -104,15 +112,16 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
         train(bad)
     # injected NaN: a model whose head emits NaN from the first step
     recipe3 = recipe.replace(output=str(tmp_path / "nan"))
-    import vitkit.train.trainer as T
 
-    orig = T._Logits.forward
-    T._Logits.forward = lambda self, x: orig(self, x) * math.nan
+    from vitkit.train.objectives import Classify
+
+    orig = Classify.forward
+    Classify.forward = lambda self, x, y, rng: orig(self, x, y, rng) * math.nan
     try:
         with pytest.raises(TrainingDiverged, match=r"loss is nan at epoch 1, step 1"):
             train(recipe3)
     finally:
-        T._Logits.forward = orig
+        Classify.forward = orig
     assert not (tmp_path / "nan" / "last").exists()
     assert torch.equal(load_state(tmp_path)["model"]["head.weight"], good["model"]["head.weight"])
 
@@ -134,7 +143,7 @@ def test_init_from_run_new_head_and_size(tmp_path):
         }
     )
     res = train(r)
-    config, weights = load_native_weights(res.run_dir / "last")
+    config, weights = _weights(res.run_dir / "last")
     assert config.image_size in (16, (16, 16)) and weights["pos_embed"].shape == (1, 65, 32)
 
 
@@ -170,7 +179,7 @@ def test_folder_data_with_mixup_randaugment_and_plot(tmp_path):
     )
     res = train(r)
     assert res.steps == 2 * 3 and res.val_acc is not None
-    config, _ = load_native_weights(res.run_dir / "best")
+    config, _ = _weights(res.run_dir / "best")
     assert config.num_classes == 2 and config.id2label == {0: "cat", 1: "dog"}
     assert (res.run_dir / "curves.png").stat().st_size > 1000
 
@@ -192,3 +201,42 @@ def test_autocast_accumulation_and_clipping_run(tmp_path, dtype):
     assert res.steps == 1437 // 256 and math.isfinite(res.val_loss)
     assert bool(state["scaler"]) == (dtype == "fp16")
     assert all(v.dtype == torch.float32 for v in state["model"].values())
+
+
+def _weights(folder):
+    """(config, state dict) of a saved model folder."""
+    import vitkit
+
+    model = vitkit.from_pretrained(folder)
+    return model.config, model.state_dict()
+
+
+def test_fine_tuning_keeps_the_checkpoints_preprocessing(tmp_path, capsys):
+    """--init from a transformers folder whose processor uses ImageNet statistics: training and
+    evaluation normalise with them, and best/ carries that preprocessor_config.json."""
+    transformers = pytest.importorskip("transformers")
+    hf_cfg = transformers.ViTConfig(
+        image_size=8, patch_size=2, num_channels=1, hidden_size=32, num_hidden_layers=1,
+        num_attention_heads=2, intermediate_size=64, num_labels=3,
+    )  # fmt: skip
+    folder = tmp_path / "hf"
+    transformers.ViTForImageClassification(hf_cfg).save_pretrained(folder)
+    transformers.ViTImageProcessor(
+        size={"height": 8, "width": 8}, image_mean=[0.485], image_std=[0.229]
+    ).save_pretrained(folder)
+    rc = main(["train", "--init", str(folder), "--epochs", "1", "--output", str(tmp_path / "ft"),
+               "--no-progress", "--set", "plot=false"])  # fmt: skip
+    text = capsys.readouterr().out
+    assert rc == 0 and "validation accuracy" in text and "test accuracy" in text
+    state = load_state(tmp_path / "ft")
+    assert state["preprocessor"]["image_mean"] == [0.485]
+    saved = json.loads((tmp_path / "ft" / "best" / "preprocessor_config.json").read_text())
+    assert saved["image_mean"] == [0.485] and saved["image_std"] == [0.229]
+    from vitkit.data.datasets import open_splits
+    from vitkit.eval import evaluate
+
+    best = vitkit.from_pretrained(tmp_path / "ft" / "best")
+    test = open_splits("digits").test
+    x = (test.images - 0.485) / 0.229
+    expected = evaluate(best, [(x, test.labels)]).top1
+    assert json.loads((tmp_path / "ft" / "results.json").read_text())["test_acc"] == expected

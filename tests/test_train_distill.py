@@ -2,7 +2,6 @@
 
 from vitkit.cli import main
 from vitkit.train.recipe import Recipe
-from vitkit.train.state import load_native_weights
 from vitkit.train.trainer import train
 
 TINY = {"embed_dim": 32, "depth": 1, "num_heads": 2, "global_pool": "token", "pos_embed": "learned"}
@@ -24,7 +23,7 @@ def _recipe(tmp_path, **changes) -> Recipe:
 def test_teacher_trains_a_distilled_student(tmp_path):
     teacher = train(_recipe(tmp_path / "t"))
     result = train(_recipe(tmp_path / "s", teacher=str(teacher.run_dir / "best")))
-    config, weights = load_native_weights(result.run_dir / "best")
+    config, weights = _weights(result.run_dir / "best")
     assert config.distilled and "head_dist.weight" in weights and "dist_token" in weights
     assert (result.run_dir / "best" / "config.json").read_text().count('"model_type": "deit"') == 1
 
@@ -60,3 +59,11 @@ def test_cli_rejects_a_bad_distillation_type(tmp_path, capsys):
     )
     assert code == 1
     assert "distillation='medium'" in capsys.readouterr().err
+
+
+def _weights(folder):
+    """(config, state dict) of a saved model folder."""
+    import vitkit
+
+    model = vitkit.from_pretrained(folder)
+    return model.config, model.state_dict()

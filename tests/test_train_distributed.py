@@ -62,7 +62,9 @@ def test_two_processes_match_one(tmp_path):
     _run(tmp_path / "one", 1)
     _run(tmp_path / "two", 2, accum_steps=2)  # 2 procs x 2 micro-batches x 8 = 32 per step
     a, b = load_state(tmp_path / "one"), load_state(tmp_path / "two")
-    assert a["global_step"] == b["global_step"] == 1437 // 32
+    assert (
+        a["global_step"] == b["global_step"] == 1295 // 32
+    )  # the training part less the carved validation
     for key, value in a["model"].items():
         torch.testing.assert_close(b["model"][key], value, rtol=1e-4, atol=1e-5, msg=key)
     assert abs(a["metrics"][-1]["val_loss"] - b["metrics"][-1]["val_loss"]) < 1e-4

@@ -52,9 +52,9 @@ def test_kill_and_resume_is_bit_exact(tmp_path):
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         saved = load_state(run)
-        assert saved["epoch"] == 0 and 0 < saved["step"] < 22  # a mid-epoch checkpoint
+        assert saved["epoch"] == 0 and 0 < saved["step"] < 20  # a mid-epoch checkpoint
         res = train(None, resume=run)
-        assert res.steps == ref.steps == 44
+        assert res.steps == ref.steps == 40
     finally:
         torch.set_num_threads(n)
     a, b = load_state(tmp_path / "ref"), load_state(run)

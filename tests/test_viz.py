@@ -115,3 +115,21 @@ def test_step_rows_are_placed_by_steps_per_epoch():
     assert xs == [0.5, 1.0, 1.5, 2.0]
     assert _series(rows, xs, "train_loss") == ([0.5, 1.5], [1.0, 0.5])
     assert _x_values([{"step": 3}, {"step": 7}]) == [3.0, 7.0]
+
+
+def test_heatmap_overlay_places_the_map_over_the_image():
+    from vitkit.viz import colorize, heatmap_overlay
+
+    assert colorize(0.0).tolist() == [0, 0, 4] and colorize(1.0).tolist() == [252, 255, 164]
+    image = Image.new("RGB", (80, 40), (0, 0, 0))
+    heat = np.zeros((2, 4), dtype=np.float32)
+    heat[1, 2] = 5.0  # bottom row, third column: pixels x 40..59, y 20..39
+    out = np.asarray(heatmap_overlay(image, heat, alpha=1.0, smooth=False))
+    assert out.shape == (40, 80, 3)
+    bright = np.argwhere(out.sum(-1) == out.sum(-1).max())
+    assert bright[:, 0].min() == 20 and bright[:, 1].min() == 40 and bright[:, 1].max() == 59
+    assert out[0, 0].tolist() == [0, 0, 4]  # the lowest value: the darkest colour
+    panels = heatmap_overlay(image, np.stack([heat, heat, heat]), with_image=True, max_side=40)
+    assert panels.size == (4 * 40 + 3 * 4, 20)  # shrunk to 40 x 20, four panels, 4 px gaps
+    with pytest.raises(VitkitError, match="heat map must be"):
+        heatmap_overlay(image, np.zeros(5))

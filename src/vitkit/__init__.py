@@ -5,7 +5,8 @@
 >>> out = model(images)            # ViTOutput(logits, last_hidden_state, pooler_output, ...)
 """
 
-from vitkit.checkpoints.pretrained import from_pretrained
+from vitkit.checkpoints.pretrained import save_pretrained
+from vitkit.checkpoints.resolve import Resolved, from_pretrained, resolve
 from vitkit.config import ViTConfig
 from vitkit.data.processor import ImageProcessor
 from vitkit.errors import CheckpointError, ConfigError, ImageError, VitkitError
@@ -19,6 +20,7 @@ __all__ = [
     "ConfigError",
     "ImageError",
     "ImageProcessor",
+    "Resolved",
     "ViTConfig",
     "ViTOutput",
     "VisionTransformer",
@@ -29,4 +31,6 @@ __all__ = [
     "get_config",
     "list_models",
     "register_preset",
+    "resolve",
+    "save_pretrained",
 ]

@@ -19,11 +19,12 @@ from vitkit import limits
 from vitkit.errors import ConfigError
 from vitkit.limits import is_finite, is_int
 
-GlobalPool = Literal["token", "avg"]
+GlobalPool = Literal["token", "avg", "map"]
 PosEmbed = Literal["learned", "sincos2d", "none"]
 Head = Literal["linear", "mlp"]
 AttnImpl = Literal["sdpa", "eager"]
-Activation = Literal["gelu", "gelu_tanh"]
+Activation = Literal["gelu", "gelu_tanh", "quick_gelu"]
+MlpLayer = Literal["mlp", "swiglu"]
 
 
 def _pair(value: int | tuple[int, int] | list[int]) -> tuple[int, int]:
@@ -66,10 +67,12 @@ def _id2label(value: Any) -> dict[int, str]:
 
 _INTS = ("patch_size", "in_chans", "num_classes", "embed_dim", "depth", "num_heads",
          "num_register_tokens")  # fmt: skip
-_OPTIONAL_INTS = ("head_hidden_dim",)
+_OPTIONAL_INTS = ("head_hidden_dim", "projection_dim")
 _FLOATS = ("mlp_ratio", "layer_norm_eps", "drop_rate", "attn_drop_rate", "drop_path_rate")
+_OPTIONAL_FLOATS = ("layer_scale_init",)
 _BOOLS = ("qkv_bias", "class_token", "distilled", "dynamic_img_pad", "use_mask_token",
-          "head_init_zero")  # fmt: skip
+          "head_init_zero", "pre_norm", "patch_bias", "pos_embed_antialias",
+          "no_embed_class")  # fmt: skip
 _OPTIONAL_BOOLS = ("fc_norm",)
 
 
@@ -84,8 +87,10 @@ def _check_types(c: ViTConfig) -> None:
             errors.append(f"{name} must be an integer, got {value!r}")
         else:
             setattr(c, name, int(value))
-    for name in _FLOATS:
+    for name in _FLOATS + _OPTIONAL_FLOATS:
         value = getattr(c, name)
+        if value is None and name in _OPTIONAL_FLOATS:
+            continue
         if not is_finite(value):
             errors.append(f"{name} must be a finite number, got {value!r}")
         else:
@@ -95,7 +100,7 @@ def _check_types(c: ViTConfig) -> None:
         if not (isinstance(value, bool) or (value is None and name in _OPTIONAL_BOOLS)):
             errors.append(f"{name} must be true or false, got {value!r}")
     for name in ("global_pool", "pos_embed", "head", "attn_implementation", "act",
-                 "pos_embed_interpolation"):  # fmt: skip
+                 "pos_embed_interpolation", "mlp_layer"):  # fmt: skip
         if not isinstance(getattr(c, name), str):
             errors.append(f"{name} must be a string, got {getattr(c, name)!r}")
     try:
@@ -123,6 +128,7 @@ def _check_limits(c: ViTConfig) -> None:
         (c.num_register_tokens, "REGISTER_TOKENS", "num_register_tokens"),
         (c.num_classes, "CLASSES", "num_classes"),
         (c.head_hidden_dim or 0, "MLP_DIM", "head_hidden_dim"),
+        (c.projection_dim or 0, "MLP_DIM", "projection_dim"),
     ):
         limits.check(value, name, what)
     limits.check(c.mlp_hidden_dim, "MLP_DIM", f"MLP size (embed_dim x mlp_ratio {c.mlp_ratio})")
@@ -138,6 +144,15 @@ class ViTConfig:
     separate model classes: DeiT's distillation token (`distilled`), mean pooling
     (`global_pool="avg"`), register tokens, fixed 2D sin-cos positions, the paper's
     pre-training head with a tanh hidden layer (`head="mlp"`).
+
+    The encoders people start from today are switches too (docs/families.md):
+    LayerScale (`layer_scale_init`, DINOv2 and DeiT III), positions on the patches only
+    (`no_embed_class`, DeiT III), a LayerNorm before the encoder and no patch bias
+    (`pre_norm`, `patch_bias=False`, CLIP), quick-GELU / tanh-GELU (`act`), a SwiGLU MLP
+    (`mlp_layer="swiglu"`, DINOv2 giant; `mlp_ratio` then counts both packed halves, as timm's
+    SwiGLUPacked), no [CLS] with an attention-pooling head (`class_token=False`,
+    `global_pool="map"`, SigLIP), a bias-free projection to a joint image-text space
+    (`projection_dim`, CLIP), and the DINOv2 mask token (`use_mask_token`).
     """
 
     image_size: int | tuple[int, int] = 224
@@ -151,6 +166,10 @@ class ViTConfig:
     qkv_bias: bool = True
     layer_norm_eps: float = 1e-6
     act: Activation = "gelu"
+    mlp_layer: MlpLayer = "mlp"
+    layer_scale_init: float | None = None
+    pre_norm: bool = False
+    patch_bias: bool = True
     drop_rate: float = 0.0
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.0
@@ -161,11 +180,14 @@ class ViTConfig:
     num_register_tokens: int = 0
     pos_embed: PosEmbed = "learned"
     pos_embed_interpolation: Literal["bicubic", "bilinear"] = "bicubic"
+    pos_embed_antialias: bool = False
+    no_embed_class: bool = False
     dynamic_img_pad: bool = False
     use_mask_token: bool = False
     head: Head = "linear"
     head_hidden_dim: int | None = None
     head_init_zero: bool = False
+    projection_dim: int | None = None
     attn_implementation: AttnImpl = "sdpa"
     id2label: dict[int, str] | None = field(default=None)
 
@@ -202,7 +224,10 @@ class ViTConfig:
 
     @property
     def num_pos_prefix_tokens(self) -> int:
-        """Prefix tokens that carry a position embedding ([CLS] and [DIST]; registers do not)."""
+        """Prefix tokens that carry a position embedding ([CLS] and [DIST]; registers do not,
+        and none do with `no_embed_class`)."""
+        if self.no_embed_class:
+            return 0
         return int(self.class_token) + int(self.distilled)
 
     @property
@@ -211,7 +236,9 @@ class ViTConfig:
 
     @property
     def mlp_hidden_dim(self) -> int:
-        return int(self.embed_dim * self.mlp_ratio)
+        """Width of the MLP's first layer (both packed halves for SwiGLU). Rounded to 6 places
+        first so that a ratio like 4096 / 1536 gives 4096, not 4095."""
+        return int(round(self.embed_dim * self.mlp_ratio, 6))
 
     @property
     def use_fc_norm(self) -> bool:
@@ -275,11 +302,12 @@ class ViTConfig:
             if not 0.0 <= value < 1.0:
                 errors.append(f"{name} must be in [0, 1), got {value}")
         choices = {
-            "global_pool": ("token", "avg"),
+            "global_pool": ("token", "avg", "map"),
+            "mlp_layer": ("mlp", "swiglu"),
             "pos_embed": ("learned", "sincos2d", "none"),
             "head": ("linear", "mlp"),
             "attn_implementation": ("sdpa", "eager"),
-            "act": ("gelu", "gelu_tanh"),
+            "act": ("gelu", "gelu_tanh", "quick_gelu"),
             "pos_embed_interpolation": ("bicubic", "bilinear"),
         }
         for name, allowed in choices.items():
@@ -290,6 +318,17 @@ class ViTConfig:
                 "global_pool='token' needs class_token=True; use global_pool='avg' "
                 "for a model without a [CLS] token"
             )
+        if self.mlp_layer == "swiglu" and self.mlp_hidden_dim % 2:
+            errors.append(
+                f"mlp_layer='swiglu' packs two halves into mlp_ratio * embed_dim = "
+                f"{self.mlp_hidden_dim}, which must be even"
+            )
+        if self.layer_scale_init is not None and self.layer_scale_init <= 0:
+            errors.append(f"layer_scale_init must be positive or None, got {self.layer_scale_init}")
+        if self.projection_dim is not None and self.projection_dim <= 0:
+            errors.append(f"projection_dim must be positive or None, got {self.projection_dim}")
+        if self.global_pool == "map" and self.head == "mlp":
+            errors.append("global_pool='map' has its own MLP; use head='linear'")
         if self.distilled and not self.class_token:
             errors.append("distilled=True (DeiT) needs class_token=True")
         if (
@@ -305,14 +344,17 @@ class ViTConfig:
             raise ConfigError("invalid ViTConfig: " + "; ".join(errors))
 
     def estimated_params(self) -> int:
-        """Parameters of the model this config describes, within a few per cent, without
+        """Parameters of the model this config describes, within 3 per cent, without
         building it (what the limit on parameters is checked against)."""
         d, m, k = self.embed_dim, self.mlp_hidden_dim, self.num_classes
         c, p = self.in_chans, self.patch_size
-        block = 4 * d * d + 2 * d * m + m + 9 * d  # qkv + proj, two MLP layers, two norms
+        mlp = d * m + m + (m // 2 if self.mlp_layer == "swiglu" else m) * d  # SwiGLU: halves
+        block = 4 * d * d + mlp + 9 * d  # qkv + proj, the MLP, two norms
         tokens = self.num_patches + self.num_prefix_tokens
         head = k * (self.head_hidden_dim or d) + k + (self.head_hidden_dim or 0) * (d + 1)
         head += k * (d + 1) if self.distilled else 0  # DeiT's second head
+        head += block + d if self.global_pool == "map" else 0  # attention pool: about a block
+        head += (self.projection_dim or 0) * d
         return self.depth * block + d * c * p * p + d + tokens * d + 2 * d + head
 
     # ----------------------------------------------------------------------------- io

@@ -12,9 +12,12 @@ mean of its two heads) or plain logits. The loader yields `(images, labels)` or 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,7 +26,15 @@ from torch import Tensor, nn
 
 from vitkit.errors import VitkitError
 
-__all__ = ["EvalResult", "evaluate"]
+__all__ = [
+    "EvalResult",
+    "evaluate",
+    "evaluate_frozen",
+    "evaluate_on",
+    "match_classes",
+    "open_eval_data",
+    "write_report",
+]
 
 
 @dataclass
@@ -182,3 +193,202 @@ def evaluate(
         topk=acc,
         class_names=names,
     )
+
+
+# ---------------------------------------------------------------------------------- data
+def open_eval_data(spec: str, split: str = "test", *, mode: str = "RGB") -> tuple[Any, list[str]]:
+    """(dataset, class names) to score: one split of a data source (`open_splits`, the same
+    splits training uses), or all of a plain class-folder tree or list file. Items are
+    (PIL image or [0, 1] tensor, label)."""
+    from vitkit.data import folders
+    from vitkit.data.builtin import TensorData
+    from vitkit.data.datasets import open_splits
+
+    path = Path(spec).expanduser()
+    if path.is_file():
+        ds = folders.ImageListDataset(path, mode=mode)
+        return ds, list(ds.classes)
+    if path.is_dir() and not (path / "train").is_dir() and not folders.is_cifar_dir(path):
+        names = {"test": ("test",), "val": ("val", "validation", "valid"), "train": ()}[split]
+        root = next((path / n for n in names if (path / n).is_dir()), path)
+        ds = folders.ImageFolderDataset(root, mode=mode)  # the whole tree is the split
+        return ds, list(ds.classes)
+    splits = open_splits(spec, mode=mode)
+    ds = splits.get(split)
+    if ds is None:
+        raise VitkitError(f"--data {spec} has no {split} split; pick another --split")
+    if isinstance(ds, TensorData):
+        ds = _TensorItems(ds.images, ds.labels)
+    return ds, splits.classes
+
+
+class _TensorItems:
+    """(image tensor, label) items of an in-memory set (built-in datasets)."""
+
+    def __init__(self, images: Tensor, labels: Tensor):
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        return self.images[i], int(self.labels[i])
+
+
+def match_classes(
+    classes: list[str] | None, config: Any
+) -> tuple[list[str], dict[int, int] | None]:
+    """Class names for the report, and a dataset-index -> model-index map when names differ.
+
+    When every dataset class name is one of the model's id2label names, labels are translated to
+    the model's indices; otherwise dataset index i is model class i.
+    """
+    k = config.num_classes
+    id2label = config.id2label or {}
+    model_names = [id2label.get(i, str(i)) for i in range(k)]
+    if classes is None:
+        return model_names, None
+    label2id = {name: i for i, name in id2label.items()}
+    if id2label and all(name in label2id for name in classes):
+        remap = {i: label2id[name] for i, name in enumerate(classes)}
+        return model_names, (None if all(i == j for i, j in remap.items()) else remap)
+    if len(classes) > k:
+        raise VitkitError(
+            f"the data has {len(classes)} classes but the model only {k}, and the data's "
+            f"class names are not all in the model's id2label"
+        )
+    generic = [str(i) for i in range(k)]
+    if id2label and model_names != generic and list(classes) != model_names[: len(classes)]:
+        print(
+            "note: the data's class names do not match the model's id2label; dataset class i "
+            "is scored as model class i",
+            file=sys.stderr,
+        )
+    return list(classes) + model_names[len(classes) :], None
+
+
+class _Collate:
+    """(PIL image | [0, 1] tensor, label) items -> a batch the model expects: PIL images go
+    through the checkpoint's processor; tensors are resized (bilinear, antialiased) and
+    normalised with the processor's mean / std."""
+
+    def __init__(self, processor: Any, size: tuple[int, int], remap: dict[int, int] | None):
+        self.processor, self.size, self.remap = processor, tuple(size), remap
+
+    def _tensor(self, x: Tensor) -> Tensor:
+        x = x.float()
+        if tuple(x.shape[-2:]) != self.size:
+            x = nn.functional.interpolate(
+                x[None], size=self.size, mode="bilinear", align_corners=False, antialias=True
+            )[0]
+        p = self.processor
+        if p.mean is None:
+            return x
+        return (x - torch.tensor(p.mean).view(-1, 1, 1)) / torch.tensor(p.std).view(-1, 1, 1)
+
+    def __call__(self, items: list[tuple[Any, int]]) -> tuple[Tensor, Tensor]:
+        images = [
+            self._tensor(im) if isinstance(im, Tensor) else self.processor.preprocess_pil(im)
+            for im, _ in items
+        ]
+        labels = [int(label) for _, label in items]
+        if self.remap is not None:
+            labels = [self.remap[label] for label in labels]
+        return torch.stack(images), torch.tensor(labels, dtype=torch.long)
+
+
+def evaluate_on(
+    model: nn.Module,
+    processor: Any,
+    data: str,
+    split: str = "test",
+    *,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    device: str | torch.device = "cpu",
+    amp_dtype: torch.dtype | None = None,
+) -> tuple[EvalResult, list[tuple[Any, str]]]:
+    """Score a classifier on one split of a data source with its own preprocessing; returns
+    the metrics and the images skipped as unreadable."""
+    config = model.config
+    if not config.num_classes:
+        raise VitkitError("the model has no classification head (num_classes=0)")
+    dataset, classes = open_eval_data(data, split, mode="L" if config.in_chans == 1 else "RGB")
+    names, remap = match_classes(classes, config)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=_Collate(processor, config.image_hw, remap),
+    )
+    result = evaluate(model, loader, device=device, amp_dtype=amp_dtype,
+                      num_classes=config.num_classes, class_names=names)  # fmt: skip
+    return result, list(getattr(dataset, "skipped", []))
+
+
+def evaluate_frozen(
+    model: nn.Module,
+    processor: Any,
+    data: str,
+    split: str = "test",
+    *,
+    knn: int | None = None,
+    linear_probe: bool = False,
+    pool: str = "model",
+    batch_size: int = 64,
+    num_workers: int = 0,
+    device: str | torch.device = "cpu",
+) -> dict[str, Any]:
+    """Judge a frozen encoder (a headless one too) on a labelled source with training and
+    `split` parts: weighted k-NN top-1 with the training part as memory, and/or a linear probe
+    fitted on the training part with its L2 chosen on the validation part."""
+    from vitkit import features
+    from vitkit.data.builtin import TensorData
+    from vitkit.data.datasets import open_splits
+
+    splits = open_splits(data, mode="L" if model.config.in_chans == 1 else "RGB")
+    if splits.get(split) is None:
+        raise VitkitError(f"--data {data} has no {split} split to score")
+
+    def feats(part: Any) -> tuple[Tensor, Tensor]:
+        if isinstance(part, TensorData):
+            part = _TensorItems(part.images, part.labels)
+        loader = torch.utils.data.DataLoader(
+            part, batch_size=batch_size, num_workers=num_workers,
+            collate_fn=_Collate(processor, model.config.image_hw, None),
+        )  # fmt: skip
+        return features.extract(model, loader, pool=pool, device=device)
+
+    train, query = feats(splits.train), feats(splits.get(split))
+    out: dict[str, Any] = {"data": data, "split": split, "pool": pool,
+                           "train_images": len(train[0]), "images": len(query[0])}  # fmt: skip
+    if knn is not None:
+        out["knn_k"] = knn
+        out["knn_top1"] = features.knn_accuracy(*train, *query, k=knn)
+    if linear_probe:
+        if splits.val is None:
+            raise VitkitError(f"--data {data} has no validation part to choose the probe's L2")
+        probe = features.linear_probe(*train, *feats(splits.val), *query)
+        out.update({f"linear_{k}": v for k, v in probe.items()})
+    return out
+
+
+def write_report(result: EvalResult, out: Path, **meta: Any) -> None:
+    """metrics.json (every number, the confusion matrix) and confusion.png under `out`."""
+    from vitkit._io import atomic_write_text
+
+    skipped = meta.pop("skipped", [])
+    data = {
+        **meta,
+        **result.to_dict(),
+        "num_skipped": len(skipped),
+        "skipped": [[str(p), r] for p, r in skipped[:1000]],
+    }
+    atomic_write_text(Path(out) / "metrics.json", json.dumps(data, indent=2) + "\n")
+    try:
+        from vitkit.viz import plot_confusion_matrix
+
+        plot_confusion_matrix(result.confusion, result.class_names, Path(out) / "confusion.png")
+    except VitkitError as exc:  # matplotlib missing: the numbers are already written
+        print(f"note: confusion.png not written ({exc})", file=sys.stderr)

@@ -2,6 +2,9 @@
 
 Names follow timm: `vit_{size}_patch{P}_{resolution}` for the paper's sizes, `deit_*` for DeiT,
 and small-image presets for 8x8 digits, 28x28 MNIST and 32x32 CIFAR used by the shipped recipes.
+The encoders people start from today have their public sizes under their family's name:
+`dinov2_{size}[_reg4]_patch14_518`, `clip_vit_{size}_patch{P}_224`, `siglip_base_patch16_{res}`,
+`deit3_{size}_patch16_{res}` (docs/families.md).
 """
 
 from __future__ import annotations
@@ -19,6 +22,23 @@ SIZES: dict[str, tuple[int, int, int]] = {
     "base": (768, 12, 12),
     "large": (1024, 24, 16),
     "huge": (1280, 32, 16),
+}
+GIANT = (1536, 40, 24)  # DINOv2's ViT-g/14
+
+# What each family switches on (docs/families.md); sizes and resolutions are added below.
+FAMILIES: dict[str, dict[str, Any]] = {
+    # DINOv2 (Oquab et al. 2023): LayerScale, a mask token, a 37x37 position grid (518 px).
+    "dinov2": dict(
+        image_size=518, patch_size=14, num_classes=0, layer_scale_init=1e-5, use_mask_token=True
+    ),
+    # CLIP (Radford et al. 2021), OpenAI weights: pre-norm, no patch bias, quick-GELU, eps 1e-5.
+    "clip": dict(
+        num_classes=0, pre_norm=True, patch_bias=False, act="quick_gelu", layer_norm_eps=1e-5
+    ),
+    # SigLIP (Zhai et al. 2023): no [CLS], attention-pool head, tanh-GELU.
+    "siglip": dict(num_classes=0, class_token=False, global_pool="map", act="gelu_tanh"),
+    # DeiT III (Touvron et al. 2022): LayerScale, positions on the patches only.
+    "deit3": dict(layer_scale_init=1e-6, no_embed_class=True),
 }
 
 _PRESETS: dict[str, dict[str, Any]] = {}
@@ -65,6 +85,7 @@ def _register_defaults() -> None:
         num_heads=12,
         distilled=True,
     )
+    _register_families()
     # Small images. 8x8 digits (scikit-learn), 28x28 MNIST, 32x32 CIFAR (Lee et al. 2021 use a
     # depth-9, width-192 ViT with patch 4 on CIFAR; "lite" follows Compact Transformers' ViT-Lite).
     # Mean pooling and fixed 2D sin-cos positions learn faster than [CLS] + a learned table on
@@ -122,6 +143,45 @@ def _register_defaults() -> None:
         num_heads=4,
         mlp_ratio=2.0,
     )
+
+
+def _register_families() -> None:
+    def sized(size: str) -> dict[str, int]:
+        dim, depth, heads = GIANT if size == "giant" else SIZES[size]
+        return dict(embed_dim=dim, depth=depth, num_heads=heads)
+
+    for size in ("small", "base", "large", "giant"):
+        # giant: SwiGLU with 2 x 4096 packed hidden units (transformers' rounding of 4 x 2/3)
+        mlp = dict(mlp_layer="swiglu", mlp_ratio=8192 / 1536) if size == "giant" else {}
+        for reg in (0, 4):
+            name = f"dinov2_{size}{'_reg4' if reg else ''}_patch14_518"
+            # the models with registers resample positions with antialias (their transformers
+            # class and the original code do), the first ones without
+            register_preset(
+                name,
+                **FAMILIES["dinov2"],
+                **sized(size),
+                **mlp,
+                num_register_tokens=reg,
+                pos_embed_antialias=bool(reg),
+            )
+    for size, patch, proj in (("base", 32, 512), ("base", 16, 512), ("large", 14, 768)):
+        register_preset(
+            f"clip_vit_{size}_patch{patch}_224",
+            **FAMILIES["clip"],
+            **sized(size),
+            patch_size=patch,
+            projection_dim=proj,
+        )
+    for res in (224, 256, 384, 512):
+        register_preset(
+            f"siglip_base_patch16_{res}", **FAMILIES["siglip"], **sized("base"), image_size=res
+        )
+    for size in ("small", "base", "large"):
+        for res in (224, 384):
+            register_preset(
+                f"deit3_{size}_patch16_{res}", **FAMILIES["deit3"], **sized(size), image_size=res
+            )
 
 
 _register_defaults()

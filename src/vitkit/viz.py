@@ -1,8 +1,11 @@
-"""Figures: training curves, confusion matrices and attention maps, written as PNG files.
+"""Every picture vitkit draws: training curves, confusion matrices, attention and relevance maps,
+masked-image reconstructions; written as PNG files.
 
-matplotlib is an optional dependency (`pip install vitkit[plot]`), imported on use. Figures are
-built with matplotlib's object API (no pyplot), so they work on headless machines and leave a
-notebook's backend alone. Every PNG is written atomically.
+Curves and confusion matrices need matplotlib, an optional dependency (`pip install
+vitkit[plot]`) imported on use and driven through its object API (no pyplot), so they work on
+headless machines and leave a notebook's backend alone. Heat maps over images
+(`heatmap_overlay`, used by `vitkit explain`, `vitkit serve` and `save_attention_maps`) need
+only PIL and numpy. Every PNG is written atomically.
 """
 
 from __future__ import annotations
@@ -19,7 +22,18 @@ import numpy as np
 from vitkit._io import atomic_path
 from vitkit.errors import VitkitError
 
-__all__ = ["plot_confusion_matrix", "plot_curves", "read_metrics", "save_attention_maps"]
+__all__ = [
+    "cls_attention_map",
+    "colorize",
+    "heatmap_overlay",
+    "plot_confusion_matrix",
+    "plot_curves",
+    "png_bytes",
+    "read_metrics",
+    "save_attention_maps",
+    "save_png",
+    "save_reconstruction",
+]
 
 PathLike = str | os.PathLike[str]
 
@@ -258,18 +272,124 @@ def cls_attention_map(
         a = a.mean(axis=0)
     if a.ndim != 2:
         raise VitkitError(f"attention must be (heads, T, T) or (T, T), got shape {a.shape}")
-    row = a[0, num_prefix_tokens:]
+    return _patch_grid(a[0, num_prefix_tokens:], grid, num_prefix_tokens)
+
+
+def _patch_grid(row: np.ndarray, grid: tuple[int, int] | None, num_prefix_tokens: int):
+    """(..., N) per-patch values -> (..., gh, gw); a square grid unless `grid` is given."""
+    n = row.shape[-1]
     if grid is None:
-        side = math.isqrt(row.shape[0])
-        if side * side != row.shape[0]:
-            raise VitkitError(f"{row.shape[0]} patch tokens are not a square grid: pass grid=")
+        side = math.isqrt(n)
+        if side * side != n:
+            raise VitkitError(f"{n} patch tokens are not a square grid: pass grid=")
         grid = (side, side)
-    if grid[0] * grid[1] != row.shape[0]:
+    if grid[0] * grid[1] != n:
         raise VitkitError(
-            f"grid {grid} does not match {row.shape[0]} patch tokens "
-            f"(with {num_prefix_tokens} prefix tokens)"
+            f"grid {grid} does not match {n} patch tokens (with {num_prefix_tokens} prefix tokens)"
         )
-    return row.reshape(grid)
+    return row.reshape(*row.shape[:-1], *grid)
+
+
+# The "inferno" colour map of matplotlib, sampled at 9 evenly spaced stops (dark -> bright).
+_INFERNO = np.array(
+    [
+        (0, 0, 4), (33, 12, 74), (87, 16, 110), (138, 34, 106), (188, 55, 84),
+        (228, 90, 49), (249, 142, 9), (249, 203, 53), (252, 255, 164),
+    ],
+    dtype=np.float32,
+)  # fmt: skip
+_PANEL_GAP = 4  # white pixels between panels
+
+
+def colorize(values: Any) -> np.ndarray:
+    """Values in [0, 1] of any shape -> uint8 RGB (..., 3) on the inferno colour map."""
+    v = np.clip(np.nan_to_num(np.asarray(values, dtype=np.float32)), 0.0, 1.0)
+    pos = v * (len(_INFERNO) - 1)
+    lo = np.minimum(pos.astype(np.int64), len(_INFERNO) - 2)
+    frac = (pos - lo)[..., None]
+    rgb = _INFERNO[lo] * (1.0 - frac) + _INFERNO[lo + 1] * frac
+    return np.rint(rgb).astype(np.uint8)
+
+
+def heatmap_overlay(
+    image: Any,
+    heatmap: Any,
+    *,
+    alpha: float = 0.5,
+    smooth: bool = True,
+    max_side: int | None = None,
+    with_image: bool = False,
+) -> Any:
+    """Draw relevance map(s) over an image: every heat map vitkit shows comes from here.
+
+    image: a PIL image, or a (C, H, W) / (H, W, C) array or tensor.
+    heatmap: (gh, gw) for one panel, or (n, gh, gw) for n panels side by side; each map is
+        min-max scaled, upsampled to the image (bilinear when `smooth`, else nearest, which
+        keeps the patch grid visible), coloured with inferno and blended with weight `alpha`.
+    max_side: shrink the image first so its longer side is at most this many pixels.
+    with_image: put the plain image before the panels.
+    Returns an RGB PIL image (save it with `save_png`, or `png_bytes` for HTTP).
+    """
+    from PIL import Image
+
+    base = image.convert("RGB") if hasattr(image, "convert") else _pil_from_hwc(_to_hwc(image))
+    if max_side and max(base.size) > max_side:
+        scale = max_side / max(base.size)
+        size = (max(1, round(base.width * scale)), max(1, round(base.height * scale)))
+        base = base.resize(size, Image.Resampling.BILINEAR)
+    maps = np.asarray(
+        heatmap.detach().float().cpu() if hasattr(heatmap, "detach") else heatmap,
+        dtype=np.float32,
+    )
+    if maps.ndim == 2:
+        maps = maps[None]
+    if maps.ndim != 3 or 0 in maps.shape:
+        raise VitkitError(f"heat map must be (gh, gw) or (n, gh, gw), got shape {maps.shape}")
+    pixels = np.asarray(base, dtype=np.float32)
+    resample = Image.Resampling.BILINEAR if smooth else Image.Resampling.NEAREST
+    panels = [base] if with_image else []
+    for m in maps:
+        lo, hi = float(np.nanmin(m)), float(np.nanmax(m))
+        m = (m - lo) / (hi - lo) if hi > lo else np.zeros_like(m)
+        up = np.asarray(
+            Image.fromarray(np.ascontiguousarray(m, dtype=np.float32)).resize(base.size, resample)
+        )
+        blend = (1.0 - alpha) * pixels + alpha * colorize(up).astype(np.float32)
+        panels.append(Image.fromarray(np.rint(blend).astype(np.uint8)))
+    if len(panels) == 1:
+        return panels[0]
+    width = sum(p.width for p in panels) + _PANEL_GAP * (len(panels) - 1)
+    canvas = Image.new("RGB", (width, base.height), (255, 255, 255))
+    x = 0
+    for p in panels:
+        canvas.paste(p, (x, 0))
+        x += p.width + _PANEL_GAP
+    return canvas
+
+
+def _pil_from_hwc(a: np.ndarray) -> Any:
+    from PIL import Image
+
+    return Image.fromarray(np.rint(a * 255.0).astype(np.uint8))
+
+
+def save_png(image: Any, out_png: PathLike) -> Path:
+    """Write a PIL image as PNG atomically; returns the path."""
+    from vitkit._io import atomic_open
+
+    out = Path(out_png)
+    with atomic_open(out, "wb") as f:
+        image.save(f, format="PNG")
+    return out
+
+
+def png_bytes(image: Any) -> bytes:
+    """A PIL image encoded as PNG."""
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def save_attention_maps(
@@ -282,41 +402,88 @@ def save_attention_maps(
     titles: Sequence[str] | None = None,
     max_images: int = 8,
     alpha: float = 0.55,
+    per_head: bool = False,
+    max_side: int | None = 224,
 ) -> Path:
-    """Overlay each image's [CLS]->patch attention (averaged over heads) on the image, in a grid.
+    """One row per image: the image, its [CLS]->patch attention averaged over heads drawn over
+    it, and with `per_head` each head's map after that.
 
     `images`: a batch (B, C, H, W) tensor/array or a list of PIL images / arrays.
     `attentions`: the last layer's probabilities, (B, heads, T, T) (e.g. `out.attentions[-1]`
     from `model(x, output_attentions=[-1])`). Use `num_prefix_tokens=model.config.num_prefix_tokens`
-    for DeiT or register models. Each row shows the image and the overlaid map.
+    for DeiT or register models. Maps are drawn with nearest upsampling (one block per patch).
     """
+    from PIL import Image, ImageDraw
+
     n = min(len(images), len(attentions), max_images)
     if n == 0:
         raise VitkitError("save_attention_maps: no images given")
-    cols = min(n, 4)
-    rows = math.ceil(n / cols)
-    fig = _figure(figsize=(2.6 * cols, 5.2 * rows))
-    axes = fig.subplots(2 * rows, cols, squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
+    rows = []
     for i in range(n):
-        img = _to_hwc(images[i])
-        amap = cls_attention_map(attentions[i], grid, num_prefix_tokens)
-        amap = (amap - amap.min()) / (np.ptp(amap) or 1.0)
-        r, c = 2 * (i // cols), i % cols
-        axes[r, c].imshow(img)
-        if titles is not None and i < len(titles):
-            axes[r, c].set_title(str(titles[i]), fontsize=8)
-        axes[r + 1, c].imshow(img)
-        h, w = img.shape[:2]
-        # nearest upsampling keeps the patch structure visible; extent stretches the map over the image
-        axes[r + 1, c].imshow(
-            amap,
-            cmap="inferno",
-            alpha=alpha,
-            interpolation="nearest",
-            extent=(-0.5, w - 0.5, h - 0.5, -0.5),
+        a = np.asarray(
+            attentions[i].detach().float().cpu()
+            if hasattr(attentions[i], "detach")
+            else attentions[i],
+            dtype=np.float32,
         )
-    fig.suptitle("[CLS] attention, last layer, mean over heads", fontsize=9)
-    fig.tight_layout()
-    return _save(fig, out_png)
+        if a.ndim == 2:
+            a = a[None]
+        maps = [cls_attention_map(a, grid, num_prefix_tokens)]
+        if per_head:
+            maps += [cls_attention_map(h, grid, num_prefix_tokens) for h in a]
+        image = images[i] if hasattr(images[i], "convert") else _to_hwc(images[i])
+        row = heatmap_overlay(
+            image, np.stack(maps), alpha=alpha, smooth=False, max_side=max_side, with_image=True
+        )
+        if max_side and max(row.height, 1) < 96:  # tiny images: enlarge so the maps are visible
+            k = -(-96 // row.height)
+            row = row.resize((row.width * k, row.height * k), Image.Resampling.NEAREST)
+        if titles is not None and i < len(titles):
+            band = Image.new("RGB", (row.width, row.height + 14), (255, 255, 255))
+            band.paste(row, (0, 14))
+            ImageDraw.Draw(band).text((2, 1), str(titles[i]), fill=(0, 0, 0))
+            row = band
+        rows.append(row)
+    width = max(r.width for r in rows)
+    sheet = Image.new(
+        "RGB", (width, sum(r.height for r in rows) + _PANEL_GAP * (n - 1)), (255, 255, 255)
+    )
+    y = 0
+    for r in rows:
+        sheet.paste(r, (0, y))
+        y += r.height + _PANEL_GAP
+    return save_png(sheet, out_png)
+
+
+def save_reconstruction(
+    images: Any,
+    masked: Any,
+    recon: Any,
+    out_png: PathLike,
+    *,
+    max_images: int = 8,
+    scale: int = 8,
+) -> Path:
+    """One row per image: original | masked | reconstructed (SimMIM, MAE), without matplotlib.
+
+    Each image is min-max scaled (from the original's range) to 0..255 and enlarged by `scale`
+    (nearest neighbour) so that 8x8 digits stay visible.
+    """
+    from PIL import Image
+
+    rows = []
+    for i in range(min(max_images, images.shape[0])):
+        lo, hi = images[i].min(), images[i].max()
+        cells = []
+        for t in (images[i], masked[i], recon[i]):
+            a = ((t - lo) / (hi - lo + 1e-8)).clamp(0, 1).mul(255).byte().cpu()
+            a = a.permute(1, 2, 0).numpy()
+            a = np.repeat(np.repeat(a, scale, 0), scale, 1)
+            if a.shape[2] == 1:
+                a = np.repeat(a, 3, 2)
+            cells += [a, np.full((a.shape[0], 2, 3), 128, np.uint8)]
+        rows.append(np.concatenate(cells[:-1], axis=1))
+    out = Path(out_png)
+    with atomic_path(out) as tmp:
+        Image.fromarray(np.concatenate(rows, axis=0)).save(tmp, format="PNG")
+    return out

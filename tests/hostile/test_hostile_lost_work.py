@@ -13,8 +13,8 @@ import sys
 import time
 
 import pytest
+from _hostile import _env, assert_user_error, run_cli, run_code
 
-from conftest import _env, assert_user_error, run_cli, run_code
 from vitkit._io import atomic_path, atomic_write_text
 
 

@@ -9,8 +9,8 @@ import os
 import shutil
 
 import pytest
+from _hostile import assert_user_error, run_cli, write_image, write_model_folder
 
-from conftest import assert_user_error, run_cli, write_image, write_model_folder
 from vitkit.checkpoints._safety import check_relative_name, confine
 from vitkit.errors import CheckpointError
 

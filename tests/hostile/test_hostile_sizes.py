@@ -17,8 +17,7 @@ from _files import (
     small_npz,
     write_cifar,
 )
-
-from conftest import assert_user_error, run_cli, run_code, write_image, write_model_folder
+from _hostile import assert_user_error, run_cli, run_code, write_image, write_model_folder
 
 CONFIG_BOMBS = [
     ({"depth": 10**6}, "depth"),

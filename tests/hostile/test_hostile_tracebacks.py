@@ -11,8 +11,8 @@ import sys
 import pytest
 import torch
 from _files import pickle_code_execution, write_cifar
+from _hostile import _env, assert_user_error, run_cli, write_image, write_model_folder
 
-from conftest import _env, assert_user_error, run_cli, write_image, write_model_folder
 from vitkit.errors import CheckpointError
 
 

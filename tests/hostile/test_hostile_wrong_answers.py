@@ -9,8 +9,8 @@ import math
 
 import pytest
 import torch
+from _hostile import TINY, assert_user_error, run_cli, write_image, write_model_folder
 
-from conftest import TINY, assert_user_error, run_cli, write_image, write_model_folder
 from vitkit import ViTConfig
 from vitkit.checkpoints._safety import check_finite, check_float_dtypes
 from vitkit.data.folders import ImageFolderDataset

@@ -1,8 +1,11 @@
-"""Shared checks for the checkpoint mappings: one `CheckpointError` that lists every problem."""
+"""Shared pieces of the checkpoint mappings: one `CheckpointError` that lists every problem, and
+rule-driven renaming for the formats that translate name by name (transformers' families)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -73,3 +76,178 @@ def check_state_dict(
         raise mismatch_error(
             source, missing=missing, unexpected=unexpected, conflicts=conflicts, hint=hint
         )
+
+
+# A renaming rule between vitkit and a foreign format: vitkit names <- foreign (name, shape)s.
+# The tensors of one side are flattened, concatenated in order and split into the other side's
+# shapes, which covers renames, reshapes ((D,) -> (1, 1, D)), fused q/k/v (three -> one) and
+# split ones (transformers' in_proj -> q + kv).
+Rule = tuple[tuple[str, ...], tuple[tuple[str, tuple[int, ...]], ...]]
+
+
+def rename_from(
+    sd: Mapping[str, Tensor],
+    rules: Iterable[Rule],
+    config: ViTConfig,
+    *,
+    prefix: str = "",
+    ignore: Iterable[str] = (),
+    source: str,
+) -> dict[str, Tensor]:
+    """vitkit state dict from a foreign one by `rules` (foreign names get `prefix`). Keys
+    starting with an entry of `ignore` are skipped on purpose; anything else that does not map,
+    a missing key or a size conflict raises one `CheckpointError`."""
+    expected = expected_shapes(config)
+    ignore = tuple(ignore)
+    out: dict[str, Tensor] = {}
+    used: set[str] = set()
+    missing: list[str] = []
+    conflicts: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+    for ours, theirs in rules:
+        names = [prefix + name for name, _ in theirs]
+        absent = [n for n in names if n not in sd]
+        if absent:
+            missing += absent
+            continue
+        used.update(names)
+        sizes = [math.prod(expected[k]) for k in ours]
+        if sum(sd[n].numel() for n in names) != sum(sizes):
+            got = tuple(sd[names[0]].shape) if len(names) == 1 else (len(names),)
+            conflicts[names[0]] = (tuple(expected[ours[0]]), got)
+            continue
+        if len(names) == len(ours) == 1:  # a rename (perhaps a reshape): no copy
+            out[ours[0]] = sd[names[0]].reshape(expected[ours[0]])
+            continue
+        flat = torch.cat([sd[n].reshape(-1) for n in names])
+        for key, part in zip(ours, flat.split(sizes), strict=True):
+            out[key] = part.reshape(expected[key]).clone()
+    unexpected = [k for k in sd if k not in used and not k.startswith(ignore)]
+    if missing or unexpected or conflicts:
+        raise mismatch_error(source, missing=missing, unexpected=unexpected, conflicts=conflicts)
+    return out
+
+
+def rename_to(sd: Mapping[str, Tensor], rules: Iterable[Rule], *, prefix: str = "") -> dict:
+    """A foreign state dict from a vitkit one by `rules` (the inverse of `rename_from`).
+    Raises `CheckpointError` naming the vitkit parameters no rule covers."""
+    rules = list(rules)
+    covered = {k for ours, _ in rules for k in ours}
+    unmapped = sorted(k for k in sd if k not in covered)
+    if unmapped:
+        raise CheckpointError(
+            f"these vitkit parameters have no equivalent in the target format: "
+            f"{_listing(unmapped)}; save with format='vitkit'"
+        )
+    out: dict[str, Tensor] = {}
+    for ours, theirs in rules:
+        if len(ours) == len(theirs) == 1:
+            out[prefix + theirs[0][0]] = sd[ours[0]].reshape(theirs[0][1]).contiguous()
+            continue
+        flat = torch.cat([sd[k].reshape(-1) for k in ours])
+        sizes = [math.prod(shape) for _, shape in theirs]
+        for (name, shape), part in zip(theirs, flat.split(sizes), strict=True):
+            out[prefix + name] = part.reshape(shape).clone()
+    return out
+
+
+def same(ours: str, theirs: str, shape: tuple[int, ...]) -> Rule:
+    """One tensor under another name (and perhaps another shape with the same elements)."""
+    return ((ours,), ((theirs, shape),))
+
+
+def linear(ours: str, theirs: str, out_dim: int, in_dim: int, bias: bool = True) -> list[Rule]:
+    """The weight (and bias) of a Linear layer (or a LayerNorm with in_dim=0)."""
+    weight = (out_dim, in_dim) if in_dim else (out_dim,)
+    rules = [same(f"{ours}.weight", f"{theirs}.weight", weight)]
+    if bias:
+        rules.append(same(f"{ours}.bias", f"{theirs}.bias", (out_dim,)))
+    return rules
+
+
+def norm(ours: str, theirs: str, dim: int) -> list[Rule]:
+    return linear(ours, theirs, dim, 0)
+
+
+def fused_qkv(ours: str, theirs: Iterable[str], dim: int, bias: bool = True) -> list[Rule]:
+    """vitkit's one q/k/v projection from three separate ones (q, k, v in that order)."""
+    theirs = list(theirs)
+    rules: list[Rule] = [((f"{ours}.weight",), tuple((f"{t}.weight", (dim, dim)) for t in theirs))]
+    if bias:
+        rules.append(((f"{ours}.bias",), tuple((f"{t}.bias", (dim,)) for t in theirs)))
+    return rules
+
+
+def find_prefix(sd: Mapping[str, Tensor], anchor: str, *, source: str, what: str) -> str:
+    """The prefix before `anchor` in the state dict's keys (e.g. "vision_model.")."""
+    found = sorted({k[: -len(anchor)] for k in sd if k.endswith(anchor)})
+    if len(found) != 1:
+        raise CheckpointError(
+            f"{source}: cannot find one '...{anchor}' among the weights; is this a {what} "
+            f"checkpoint? (first keys: {sorted(sd)[:5]})"
+        )
+    return found[0]
+
+
+# transformers' `hidden_act` names <-> vitkit's `act`
+HF_ACT_FROM = {
+    "gelu": "gelu",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_new": "gelu_tanh",
+    "quick_gelu": "quick_gelu",
+}
+HF_ACT_TO = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "quick_gelu": "quick_gelu"}
+
+
+def hf_act(name: str, *, source: str) -> str:
+    if name not in HF_ACT_FROM:
+        raise CheckpointError(
+            f"{source}: hidden_act={name!r} is not supported; vitkit has exact GELU ('gelu'), "
+            f"its tanh approximation ('gelu_pytorch_tanh') and 'quick_gelu'"
+        )
+    return HF_ACT_FROM[name]
+
+
+def mlp_ratio(hidden: int, intermediate: int) -> float:
+    """A ratio that gives back exactly `intermediate` units (see `ViTConfig.mlp_hidden_dim`)."""
+    return intermediate / hidden
+
+
+def differences(config: ViTConfig, family: str, required: Mapping[str, Any]) -> list[str]:
+    """Reasons `family`'s transformers classes cannot hold `config`: each field that differs
+    from `required` (a value, or a tuple of allowed values), plus a non-square image size."""
+    reasons = []
+    for name, want in required.items():
+        have = getattr(config, name)
+        allowed = want if isinstance(want, tuple) else (want,)
+        if have not in allowed:
+            reasons.append(f"{name}={have!r} ({family} has {' or '.join(map(repr, allowed))})")
+    h, w = config.image_hw
+    if h != w:
+        reasons.append(f"image_size={config.image_hw} ({family} configs are square)")
+    if config.mlp_hidden_dim != round(config.embed_dim * config.mlp_ratio, 6):
+        reasons.append(f"mlp_ratio={config.mlp_ratio} gives a fractional hidden size")
+    return reasons
+
+
+# what every transformers family below needs (each adds or overrides its own switches)
+HF_BASE = dict(
+    pos_embed="learned",
+    dynamic_img_pad=False,
+    pos_embed_interpolation="bicubic",
+    pos_embed_antialias=False,
+    use_fc_norm=False,
+    head="linear",
+    distilled=False,
+    num_classes=0,
+    num_register_tokens=0,
+    use_mask_token=False,
+    layer_scale_init=None,
+    mlp_layer="mlp",
+    no_embed_class=False,
+    pre_norm=False,
+    patch_bias=True,
+    class_token=True,
+    global_pool="token",
+    projection_dim=None,
+    qkv_bias=True,
+)

@@ -1,4 +1,5 @@
-"""Hugging Face transformers ViT / DeiT checkpoints <-> vitkit.
+"""Hugging Face transformers checkpoints <-> vitkit: ViT / DeiT here, and the entry points
+`load_hf` / `save_hf` that dispatch to the families (hf_dinov2, hf_clip, hf_siglip).
 
 Files on disk keep the transformers v4 key names (transformers 5 renames them at load and back
 at save), e.g. `vit.encoder.layer.3.attention.attention.query.weight`; the transformers 5
@@ -26,12 +27,75 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from vitkit.checkpoints import hf_clip, hf_dinov2, hf_siglip
+from vitkit.checkpoints._common import HF_ACT_FROM as _ACT_FROM_HF
+from vitkit.checkpoints._common import HF_ACT_TO as _ACT_TO_HF
 from vitkit.checkpoints._common import check_state_dict, mismatch_error
 from vitkit.config import ViTConfig
 from vitkit.errors import CheckpointError, ConfigError
 
-_ACT_FROM_HF = {"gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
-_ACT_TO_HF = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}
+# model_type -> the module that maps that family (ViT / DeiT are this module)
+_FAMILIES: dict[str, Any] = {
+    "dinov2": hf_dinov2,
+    "dinov2_with_registers": hf_dinov2,
+    "clip_vision_model": hf_clip,
+    "clip": hf_clip,
+    "siglip_vision_model": hf_siglip,
+    "siglip": hf_siglip,
+}
+MODEL_TYPES = ("vit", "deit", *_FAMILIES)
+
+
+def load_hf(
+    data: dict[str, Any],
+    raw: Mapping[str, Tensor],
+    source: str,
+    *,
+    config: ViTConfig | None = None,
+) -> tuple[ViTConfig, dict[str, Tensor]]:
+    """(config, vitkit state dict) of a transformers folder's config.json and weights.
+
+    Dispatches on `model_type`: vit, deit, dinov2, dinov2_with_registers, clip_vision_model,
+    clip (the vision tower of CLIPModel), siglip_vision_model, siglip (SiglipModel's vision
+    tower). `config` replaces what config.json implies.
+    """
+    model_type = data.get("model_type")
+    if model_type in ("vit", "deit"):
+        cfg = config or config_from_hf(data)
+        if config is None and cfg.head == "mlp" and not any("pooler." in k for k in raw):
+            cfg = cfg.replace(head="linear", head_hidden_dim=None)  # saved without its pooler
+        ignore = ("decoder.",) if cfg.use_mask_token else ()
+        return cfg, state_dict_from_hf(raw, cfg, ignore=ignore, source=source)
+    if model_type not in _FAMILIES:
+        raise CheckpointError(
+            f"{source}: transformers model_type {model_type!r} is not one vitkit reads "
+            f"({', '.join(MODEL_TYPES)})"
+        )
+    family = _FAMILIES[model_type]
+    cfg = config or family.config_from_hf(data, source=source)
+    return cfg, family.state_dict_from_hf(raw, cfg, source=source)
+
+
+def _family_for(config: ViTConfig) -> Any:
+    """The mapping module whose classes hold `config`: the one its switches point to."""
+    if config.pre_norm or config.projection_dim is not None:
+        return hf_clip
+    if config.global_pool == "map":
+        return hf_siglip
+    if config.layer_scale_init is not None:
+        return hf_dinov2
+    return None
+
+
+def save_hf(config: ViTConfig, sd: Mapping[str, Tensor]) -> tuple[dict[str, Any], dict]:
+    """(config.json dict, weights) in transformers' format for the class that fits `config`,
+    or `CheckpointError` saying what no class can express."""
+    hf_architecture(config)  # raises, naming what no class can express
+    family = _family_for(config)
+    if family is None:
+        return config_to_hf(config), state_dict_to_hf(sd, config)
+    return family.config_to_hf(config), family.state_dict_to_hf(sd, config)
+
 
 # architecture -> (distilled, head, has classes, mask token)
 _ARCHITECTURES: dict[str, tuple[bool, str, bool, bool]] = {
@@ -171,6 +235,9 @@ def hf_architecture(config: ViTConfig) -> str:
             + "; ".join(reasons)
             + "); save it with format='vitkit'"
         )
+    family = _family_for(config)
+    if family is not None:
+        return family.config_to_hf(config)["architectures"][0]
     base = "DeiT" if config.distilled else "ViT"
     if config.use_mask_token:
         return f"{base}ForMaskedImageModeling"
@@ -182,9 +249,23 @@ def hf_architecture(config: ViTConfig) -> str:
 
 
 def hf_unsupported(config: ViTConfig) -> list[str]:
-    """Reasons transformers' ViT/DeiT classes cannot reproduce this config (empty if they can)."""
+    """Reasons no transformers class vitkit writes can reproduce this config (empty if one can):
+    ViT/DeiT, or the DINOv2 / CLIP / SigLIP class its switches point to."""
+    family = _family_for(config)
+    if family is not None:
+        return family.unsupported(config)
     c = config
     reasons = []
+    for name, what in (
+        ("no_embed_class", "positions on the patches only (DeiT III)"),
+        ("pos_embed_antialias", "antialiased position resampling (timm's rule)"),
+    ):
+        if getattr(c, name):
+            reasons.append(f"{what} is not in transformers ViT")
+    if c.mlp_layer != "mlp":
+        reasons.append("a SwiGLU MLP without LayerScale has no transformers class")
+    if not c.patch_bias:
+        reasons.append("transformers ViT has a patch bias")
     if not c.class_token or c.global_pool != "token":
         reasons.append("transformers pools the [CLS] token only")
     if c.use_fc_norm:

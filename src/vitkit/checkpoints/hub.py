@@ -105,6 +105,9 @@ def resolve_hub(
         mode = f"HF_HUB_OFFLINE is set and {where} has" if offline else "the repository has"
         raise CheckpointError(f"{mode} no config.json for {repo_id!r}; {_how_to_get(repo_id)}")
     files = {"config.json": config}
+    processor = fetch("preprocessor_config.json")
+    if processor is not None:
+        files["preprocessor_config.json"] = processor
     for name in WEIGHT_FILES:
         path = fetch(name)
         if path is None:

@@ -1,6 +1,6 @@
-"""`from_pretrained` / `save_pretrained`: checkpoints in the wild -> vitkit and back.
+"""Reading checkpoint files into vitkit's names, and `save_pretrained` writing them back.
 
-Sources `from_pretrained` understands:
+`vitkit.checkpoints.resolve` decides what a source is; this module reads what it finds:
 
     folder with config.json + model.safetensors (or pytorch_model.bin, or a sharded index):
         model_type "vit"/"deit" (transformers), "vitkit" (ours), or a timm hub config
@@ -109,67 +109,58 @@ def _folder_files(folder: Path) -> dict[str, Path]:
     return {p.name: p for p in folder.iterdir() if p.is_file()}
 
 
-# ------------------------------------------------------------------------------ from_pretrained
-def from_pretrained(
-    source: str | os.PathLike[str],
-    *,
-    num_classes: int | None = None,
-    image_size: int | tuple[int, int] | None = None,
-    dtype: torch.dtype | None = None,
-    device: str | torch.device | None = None,
+# ------------------------------------------------------------------------------ loading
+STATE_FILE = "state.pt"  # a `vitkit train` checkpoint: {model, model_config, optimizer, ...}
+
+
+def read_training_state(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A `state.pt` written by `vitkit train` / `pretrain` (a run directory, its last/ or best/
+    folder, or the file itself), read with `torch.load(weights_only=True)`."""
+    path = Path(path)
+    if path.is_dir():
+        for candidate in (path / STATE_FILE, path / "last" / STATE_FILE):
+            if candidate.is_file():
+                path = candidate
+                break
+        else:
+            raise CheckpointError(
+                f"{path}: no {STATE_FILE} here or in {path}/last; pass a run "
+                "directory written by `vitkit train`"
+            )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"cannot read training state {path}: {exc}") from exc
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: not a vitkit training state")
+    missing = {"model", "model_config", "optimizer", "epoch", "step", "recipe"} - set(state)
+    if missing:
+        raise CheckpointError(f"{path}: not a vitkit training state (missing {sorted(missing)})")
+    return state
+
+
+def load_folder(
+    folder: Path | Mapping[str, Path],
     model_name: str | None = None,
     config: ViTConfig | None = None,
-    strict: bool = True,
-    revision: str | None = None,
-    cache_dir: str | os.PathLike[str] | None = None,
-    resample_antialias: bool = False,
-    **overrides: Any,
-) -> VisionTransformer:
-    """Load a `VisionTransformer` from a folder, hub id, timm state dict file or JAX `.npz`.
-
-    num_classes: a new head of this size, zero-initialised (the paper's fine-tuning recipe);
-        None keeps the checkpoint's head.
-    image_size: resample the position table to this size at load (bicubic, align_corners=False;
-        `resample_antialias=True` gives timm's load-time resampling).
-    model_name / config: the architecture, needed for timm state dicts (heads are not stored in
-        the weights); `config` also overrides what a folder's config.json or an npz implies
-        (e.g. `act="gelu"`).
-    overrides: `ViTConfig` fields that do not change parameter shapes (drop_path_rate,
-        attn_implementation, ...).
-    strict: with False, missing and unexpected keys are warned about instead of raised;
-        shape conflicts are always errors.
-    Returns the model in eval mode.
-    """
-    from vitkit.checkpoints.hub import looks_like_hub_id, resolve_hub
-
-    path = Path(source).expanduser()
-    if path.is_dir():
-        config, sd, name = _load_folder(_folder_files(path), path, model_name, config)
-    elif path.is_file():
-        config, sd, name = _load_file(path, model_name, config)
-    elif looks_like_hub_id(str(source)):
-        try:
-            files = resolve_hub(str(source), revision=revision, cache_dir=cache_dir)
-        except CheckpointError as exc:
-            raise CheckpointError(
-                f"{source!r} is not a local file or folder, so it was read as "
-                f"a Hugging Face Hub id: {exc}"
-            ) from exc
-        config, sd, name = _load_folder(files, Path(str(source)), model_name, config)
+    *,
+    where: Path | None = None,
+) -> tuple[ViTConfig, dict[str, Tensor], str, dict[str, Path]]:
+    """(config, vitkit state dict, weights file name, the folder's files) of a checkpoint folder
+    (or of the files a hub snapshot resolved to)."""
+    if isinstance(folder, Path):
+        where, files = folder, _folder_files(folder)
     else:
-        raise CheckpointError(f"{source} is neither a file, a folder nor a hub id (org/name)")
-    return _build(
-        config,
-        sd,
-        source=name,
-        num_classes=num_classes,
-        image_size=image_size,
-        dtype=dtype,
-        device=device,
-        strict=strict,
-        overrides=overrides,
-        antialias=resample_antialias,
-    )
+        files = dict(folder)
+    cfg, sd, name = _load_folder(files, where or Path("."), model_name, config)
+    return cfg, sd, name, files
+
+
+def load_path(
+    path: Path, model_name: str | None = None, config: ViTConfig | None = None
+) -> tuple[ViTConfig, dict[str, Tensor], str]:
+    """(config, vitkit state dict, file name) of a single weights file."""
+    return _load_file(path, model_name, config)
 
 
 def _load_folder(
@@ -193,12 +184,8 @@ def _load_folder(
     except CheckpointError as exc:
         raise CheckpointError(f"{where}: {exc}") from exc
     model_type = data.get("model_type")
-    if model_type in ("vit", "deit"):
-        cfg = config or hf.config_from_hf(data)
-        if config is None and cfg.head == "mlp" and not any("pooler." in k for k in raw):
-            cfg = cfg.replace(head="linear", head_hidden_dim=None)  # saved without its pooler
-        ignore = ("decoder.",) if cfg.use_mask_token else ()
-        return cfg, hf.state_dict_from_hf(raw, cfg, ignore=ignore, source=name), name
+    if model_type in hf.MODEL_TYPES:
+        return (*hf.load_hf(data, raw, name, config=config), name)
     if model_type == "vitkit":
         try:
             cfg = config or ViTConfig.from_dict(data)
@@ -215,7 +202,7 @@ def _load_folder(
         return cfg, timm.state_dict_from_timm(sd, cfg, source=name), name
     raise CheckpointError(
         f"{files['config.json']}: model_type {model_type!r} is not one vitkit "
-        f"reads ('vit', 'deit', 'vitkit', or a timm config with 'architecture')"
+        f"reads ({', '.join(hf.MODEL_TYPES)}, 'vitkit', or a timm config with 'architecture')"
     )
 
 
@@ -243,19 +230,21 @@ def _load_file(
     return cfg, timm.state_dict_from_timm(raw, cfg, source=name), name
 
 
-def _build(
+def build_model(
     config: ViTConfig,
     sd: dict[str, Tensor],
     *,
     source: str,
-    num_classes: int | None,
-    image_size: int | tuple[int, int] | None,
-    dtype: torch.dtype | None,
-    device: str | torch.device | None,
-    strict: bool,
-    overrides: Mapping[str, Any],
-    antialias: bool,
+    num_classes: int | None = None,
+    image_size: int | tuple[int, int] | None = None,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    strict: bool = True,
+    overrides: Mapping[str, Any] | None = None,
+    antialias: bool = False,
 ) -> VisionTransformer:
+    """A `VisionTransformer(config)` holding `sd` (vitkit names), with an optional new head
+    and resampled positions; every key and shape is checked first. In eval mode."""
     from vitkit.layers.pos_embed import resample_pos_embed
     from vitkit.models.vit import VisionTransformer
 
@@ -322,8 +311,10 @@ def _build(
 def save_pretrained(model: Any, directory: str | os.PathLike[str], format: str = "auto") -> Path:
     """Write `model` into `directory` as config.json + model.safetensors.
 
-    format "hf": transformers ViT/DeiT names and config (`ViTForImageClassification`,
-    `ViTModel` for a headless model with pooler, `DeiTForImageClassificationWithTeacher`);
+    format "hf": transformers names and config of the class that holds the model
+    (`ViTForImageClassification`, `ViTModel` for a headless model with pooler,
+    `DeiTForImageClassificationWithTeacher`, `Dinov2Model`, `Dinov2WithRegistersModel`,
+    `CLIPVisionModel[WithProjection]`, `SiglipVisionModel`; see `hf.save_hf`);
     "vitkit": our config (model_type "vitkit") and parameter names, for every variant;
     "auto": "hf" when transformers can express the model, else "vitkit".
     Each file is written atomically, weights first, so config.json appears only when the
@@ -331,8 +322,8 @@ def save_pretrained(model: Any, directory: str | os.PathLike[str], format: str =
     """
     from safetensors.torch import save_file
 
-    from vitkit.checkpoints import hf
     from vitkit._io import atomic_path, atomic_write_text
+    from vitkit.checkpoints import hf
 
     config: ViTConfig = model.config
     if format not in ("auto", "hf", "vitkit"):
@@ -342,9 +333,8 @@ def save_pretrained(model: Any, directory: str | os.PathLike[str], format: str =
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     dtype = next(iter(sd.values())).dtype
     if format == "hf":
-        meta = hf.config_to_hf(config)
+        meta, weights = hf.save_hf(config, sd)
         meta["dtype"] = str(dtype).removeprefix("torch.")
-        weights = hf.state_dict_to_hf(sd, config)
     else:
         meta = json.loads(config.to_json())
         weights = sd

@@ -15,7 +15,7 @@ import threading
 from vitkit.errors import VitkitError
 
 # subcommand modules, in the order `vitkit --help` lists them
-COMMANDS = ("models", "info", "predict", "train", "pretrain", "eval")
+COMMANDS = ("models", "info", "predict", "explain", "serve", "train", "pretrain", "eval")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="vitkit",
-        description="Vision Transformers: build, load, predict, train, pre-train, evaluate.",
+        description="Vision Transformers: build, load, predict, explain, serve, train, pre-train, "
+        "evaluate.",
     )
     parser.add_argument("--version", action="version", version=f"vitkit {__version__}")
     parser.add_argument(

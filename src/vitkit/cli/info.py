@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+_POOLING = {"token": "[CLS] token", "avg": "mean of patch tokens", "map": "attention pool"}
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -56,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
             f"{c.embed_dim}->{c.mlp_hidden_dim}->{c.embed_dim}",
         ),
         ("attention map", f"(B, {c.num_heads}, {tokens}, {tokens}) per layer"),
-        ("pooling", "[CLS] token" if c.global_pool == "token" else "mean of patch tokens"),
+        ("pooling", _POOLING[c.global_pool]),
         (
             "output",
             f"(B, {c.num_classes}) logits"

@@ -60,6 +60,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from vitkit.checkpoints.resolve import resolve
     from vitkit.errors import VitkitError
 
     if args.top_k < 1:
@@ -76,13 +77,19 @@ def run(args: argparse.Namespace) -> int:
         return 1
 
     device = _resolve_device(args.device)
-    model = _load_model(args.model).to(device).eval()
+    resolved = resolve(args.model, device=device, processor=args.processor, allow_preset=True)
+    if resolved.random_weights:
+        print(
+            f"vitkit predict: warning: {args.model!r} is a preset name, not a checkpoint: the "
+            "model has RANDOM weights and its predictions are meaningless",
+            file=sys.stderr,
+        )
+    model, processor = resolved.model, resolved.processor
     config = model.config
     if not config.num_classes:
         raise VitkitError(
             f"{args.model} has no classification head (num_classes=0); use a classifier checkpoint"
         )
-    processor = resolve_processor(args.model, config, args.processor)
     if args.max_pixels is not None:
         processor.max_pixels = args.max_pixels
 
@@ -142,87 +149,6 @@ def expand_inputs(inputs: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
         else:
             failures.append((arg, "no such file or directory"))
     return paths, failures
-
-
-def resolve_processor(source: str, config: Any, choice: str = "auto"):
-    """The ImageProcessor for a model: its folder's preprocessor_config.json, else a timm
-    pretrained_cfg in its config.json, else transformers' defaults at the model's image size.
-    `choice` "hf" or "timm" overrides the geometry (mean/std still come from the folder)."""
-    import dataclasses
-
-    from vitkit.data.processor import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, ImageProcessor
-
-    found = _processor_from_source(source)
-    base = found or ImageProcessor.for_model(config)
-    if choice == "hf":
-        processor = ImageProcessor.hf_vit(config.image_hw, mean=base.mean, std=base.std)
-    elif choice == "timm":
-        deit = config.distilled or "deit" in os.path.basename(os.path.normpath(source)).lower()
-        mean, std = (
-            (base.mean, base.std) if found else (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
-        )
-        processor = ImageProcessor.timm_eval(
-            config.image_hw, crop_pct=0.875 if deit else 0.9, mean=mean, std=std
-        )
-    else:
-        processor = base
-    if processor.num_channels != config.in_chans:
-        mean, std = processor.mean, processor.std
-        if config.in_chans == 1 and mean is not None and std is not None:
-            mean, std = (sum(mean) / len(mean),), (sum(std) / len(std),)
-        processor = dataclasses.replace(processor, num_channels=config.in_chans, mean=mean, std=std)
-    return processor
-
-
-def _processor_from_source(source: str):
-    from vitkit.data.processor import CONFIG_NAME, ImageProcessor
-
-    folder = Path(source)
-    if not folder.is_dir():
-        folder = _hub_cache_folder(source)
-        if folder is None:
-            return None
-    if (folder / CONFIG_NAME).is_file():
-        return ImageProcessor.from_pretrained(folder)
-    config_file = folder / "config.json"
-    if config_file.is_file():
-        try:
-            data = json.loads(config_file.read_text("utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            return None
-        if isinstance(data, dict) and isinstance(data.get("pretrained_cfg"), dict):
-            return ImageProcessor.from_timm_cfg(data["pretrained_cfg"])
-    return None
-
-
-def _hub_cache_folder(source: str) -> Path | None:
-    """The local snapshot folder of a hub id already in the cache (never downloads)."""
-    if source.count("/") != 1 or source.startswith((".", "/")):
-        return None
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:
-        return None
-    for name in ("preprocessor_config.json", "config.json"):
-        hit = try_to_load_from_cache(source.removeprefix("hf-hub:"), name)
-        if isinstance(hit, str):
-            return Path(hit).parent
-    return None
-
-
-def _load_model(source: str):
-    from vitkit.presets import create_model, list_models
-
-    if not Path(source).exists() and source in list_models():
-        print(
-            f"vitkit predict: warning: {source!r} is a preset name, not a checkpoint: the model "
-            "has RANDOM weights and its predictions are meaningless",
-            file=sys.stderr,
-        )
-        return create_model(source)
-    from vitkit import from_pretrained
-
-    return from_pretrained(source)
 
 
 def _resolve_device(name: str):

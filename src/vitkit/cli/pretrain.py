@@ -1,91 +1,103 @@
-"""`vitkit pretrain`: self-supervised pre-training (SimMIM, MAE, DINO) of a ViT encoder."""
+"""`vitkit pretrain`: self-supervised pre-training (SimMIM, MAE, DINO) of a ViT encoder.
+
+The same trainer as `vitkit train` with another objective: every flag of a recipe works
+(`--set key=value`), and so do `--resume` and `torchrun --nproc_per_node N -m vitkit pretrain`.
+"""
 
 from __future__ import annotations
 
 import argparse
+
+# flag -> recipe key, type, help (defaults: vitkit.train.PRETRAIN_DEFAULTS)
+_FLAGS: tuple[tuple[str, str, type, str], ...] = (
+    ("--data", "data", str, "digits | mnist | a folder of images (default digits)"),
+    ("--model", "model", str, "preset (default: vit_digits_patch2_8 / vit_mnist_patch4_28)"),
+    ("--image-size", "image_size", int, "resize folder images to this size"),
+    ("--epochs", "epochs", int, "number of epochs (100)"),
+    ("--batch-size", "batch_size", int, "global batch size (128)"),
+    ("--lr", "lr", float, "peak learning rate (1.5e-3)"),
+    ("--min-lr", "min_lr", float, "final learning rate (1e-5)"),
+    ("--weight-decay", "weight_decay", float, "decoupled weight decay (0.05)"),
+    ("--warmup-epochs", "warmup_epochs", float, "linear warmup (5)"),
+    ("--clip-grad", "clip_grad", float, "max gradient norm (3.0)"),
+    ("--seed", "seed", int, "random seed"),
+    ("--threads", "threads", int, "torch CPU threads"),
+    ("--mask-ratio", "mask_ratio", float, "SimMIM 0.6, MAE 0.75"),
+    ("--mask-patch-size", "mask_patch_size", int, "SimMIM mask block in pixels"),
+    ("--decoder-dim", "decoder_dim", int, "MAE decoder width (64)"),
+    ("--decoder-depth", "decoder_depth", int, "MAE decoder depth (2)"),
+    ("--decoder-heads", "decoder_heads", int, "MAE decoder heads (4)"),
+    ("--out-dim", "out_dim", int, "DINO prototypes (1024)"),
+    ("--local-crops", "local_crops", int, "DINO local crops (4)"),
+    ("--momentum-teacher", "momentum_teacher", float, "DINO teacher EMA start (0.996)"),
+    ("--teacher-temp", "teacher_temp", float, "DINO teacher temperature (0.07)"),
+    ("--warmup-teacher-temp", "warmup_teacher_temp", float, "DINO initial temperature (0.04)"),
+)
+DEFAULT_MODELS = {"digits": "vit_digits_patch2_8", "mnist": "vit_mnist_patch4_28"}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "pretrain",
         help="pre-train a ViT encoder without labels (SimMIM, MAE, DINO)",
-        description="Pre-train a ViT encoder on images without labels and save it as a vitkit "
-        "folder (config.json + model.safetensors, no head) that `vitkit train --init OUT` "
-        "fine-tunes. Built-in data sets use their stratified 80%% train split (seed 0) "
-        "unless --all-data.",
+        description="Pre-train a ViT encoder on images without labels with the same trainer as "
+        "`vitkit train`. The run directory holds last/ (the encoder as a model folder, no head) "
+        "that `vitkit train --init DIR` fine-tunes. Built-in data sets use their training part "
+        "(never the test part) unless --all-data.",
     )
     p.add_argument("--method", choices=("simmim", "mae", "dino"), default="mae")
-    p.add_argument("--data", default="digits", help="digits | mnist | a folder of images")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--model", help="preset (default: vit_digits_patch2_8 / vit_mnist_patch4_28)")
-    p.add_argument("--image-size", type=int, help="resize folder images to this size")
-    p.add_argument("--all-data", action="store_true", help="also use the test split")
-    p.add_argument("--epochs", type=int, default=100)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1.5e-3)
-    p.add_argument("--min-lr", type=float, default=1e-5)
-    p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--warmup-epochs", type=float, default=5.0)
-    p.add_argument("--clip-grad", type=float, default=3.0, help="0 disables clipping")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/pretrain_state.pt")
-    g = p.add_argument_group("masking (SimMIM, MAE)")
-    g.add_argument("--mask-ratio", type=float, help="default 0.6 (SimMIM), 0.75 (MAE)")
-    g.add_argument("--mask-patch-size", type=int, help="SimMIM mask block in pixels")
-    g.add_argument("--decoder-dim", type=int, default=64, help="MAE decoder width")
-    g.add_argument("--decoder-depth", type=int, default=2)
-    g.add_argument("--decoder-heads", type=int, default=4)
-    g.add_argument("--no-norm-pix-loss", dest="norm_pix_loss", action="store_false")
-    g = p.add_argument_group("DINO")
-    g.add_argument("--out-dim", type=int, default=1024, help="prototypes of the DINO head")
-    g.add_argument("--local-crops", type=int, default=4)
-    g.add_argument(
+    p.add_argument("--output", "--out", dest="output", help="run directory")
+    for flag, _key, typ, text in _FLAGS:
+        p.add_argument(flag, type=typ, help=text)
+    p.add_argument("--all-data", action="store_true", help="also use the validation/test images")
+    p.add_argument("--no-norm-pix-loss", dest="norm_pix_loss", action="store_false")
+    p.add_argument(
         "--hflip",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="flip crops (default: off for digits/mnist, on for folders)",
+        help="flip images (default: off for digits/mnist, on for folders)",
     )
-    g.add_argument("--momentum-teacher", type=float, default=0.996)
-    g.add_argument("--teacher-temp", type=float, default=0.07)
-    g.add_argument("--warmup-teacher-temp", type=float, default=0.04)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="any recipe field, value parsed as YAML (repeatable)")  # fmt: skip
+    p.add_argument("--overwrite", action="store_true", help="write into --output even if used")
+    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda if available)")
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    import json
+def build_recipe(args: argparse.Namespace):
+    from vitkit.train import PRETRAIN_DEFAULTS, Recipe
 
-    from vitkit.train.pretrain import PretrainConfig, pretrain
+    changes = {k: getattr(args, k) for _f, k, _t, _h in _FLAGS if getattr(args, k) is not None}
+    data = changes.get("data", "digits")
+    changes.setdefault("model", DEFAULT_MODELS.get(data))
+    if changes["model"] is None:
+        from vitkit.errors import ConfigError
 
-    cfg = PretrainConfig(
-        method=args.method,
-        data=args.data,
-        out=args.out,
-        model=args.model,
-        image_size=args.image_size,
+        raise ConfigError("pass --model PRESET for a folder of images (see `vitkit models`)")
+    builtin = data in DEFAULT_MODELS
+    changes.update(
+        objective=args.method,
+        output=args.output,
         all_data=args.all_data,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        min_lr=args.min_lr,
-        weight_decay=args.weight_decay,
-        warmup_epochs=args.warmup_epochs,
-        clip_grad=args.clip_grad,
-        seed=args.seed,
-        device=args.device,
-        mask_ratio=args.mask_ratio,
-        mask_patch_size=args.mask_patch_size,
-        decoder_dim=args.decoder_dim,
-        decoder_depth=args.decoder_depth,
-        decoder_heads=args.decoder_heads,
         norm_pix_loss=args.norm_pix_loss,
-        out_dim=args.out_dim,
-        local_crops=args.local_crops,
-        momentum_teacher=args.momentum_teacher,
-        teacher_temp=args.teacher_temp,
-        warmup_teacher_temp=args.warmup_teacher_temp,
+        hflip=args.hflip if args.hflip is not None else not builtin,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
     )
-    metrics = pretrain(cfg, resume=args.resume)
-    print(json.dumps(metrics))
-    print(f"encoder saved to {cfg.out} (fine-tune: vitkit train --init {cfg.out})")
+    recipe = Recipe.from_dict({**Recipe().to_dict(), **PRETRAIN_DEFAULTS, **changes})
+    return recipe.with_overrides(args.overrides) if args.overrides else recipe
+
+
+def run(args: argparse.Namespace) -> int:
+    from vitkit.train import train
+
+    if args.resume:
+        result = train(None, resume=args.resume, device=args.device)
+    else:
+        result = train(build_recipe(args), device=args.device)
+    from vitkit.cli.train import report
+
+    report(result)
     return 0

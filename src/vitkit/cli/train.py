@@ -15,7 +15,8 @@ import argparse
 _FLAGS: tuple[tuple[str, str, type, str], ...] = (
     ("--model", "model", str, "preset name (`vitkit models`)"),
     ("--data", "data", str, "digits | mnist | a folder with train/ and val/ | a CIFAR-10 dir"),
-    ("--val-data", "val_data", str, "validation folder or list file"),
+    ("--val-data", "val_data", str, "validation folder or list (default: val/ or carved)"),
+    ("--test-data", "test_data", str, "test folder or list file (default: test/ inside --data)"),
     ("--init", "init", str, "start from pretrained weights (vitkit dir, hub id, .npz, ...)"),
     ("--epochs", "epochs", int, "number of epochs"),
     ("--batch-size", "batch_size", int, "global batch size"),
@@ -27,7 +28,7 @@ _FLAGS: tuple[tuple[str, str, type, str], ...] = (
     ("--image-size", "image_size", int, "training resolution (positions are resampled)"),
     ("--dtype", "dtype", str, "fp32 | bf16 | fp16 autocast"),
     ("--seed", "seed", int, "random seed"),
-    ("--output", "output", str, "run directory (default runs/<data>-<model>)"),
+    ("--output", "output", str, "run directory (default: a fresh runs/<data>-<model>[-N])"),
     ("--threads", "threads", int, "torch CPU threads"),
     ("--teacher", "teacher", str, "DeiT distillation from this classifier (vitkit dir, hub id...)"),
     ("--distillation", "distillation", str, "hard | soft | none (with --teacher)"),
@@ -60,6 +61,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="DIR",
         help="continue the run in DIR from its last checkpoint (its saved recipe is used)",
     )
+    p.add_argument(
+        "--overwrite", action="store_true", help="write into --output even if it holds a run"
+    )
     p.add_argument("--tensorboard", action="store_true", help="also log to DIR/tensorboard")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument(
@@ -79,6 +83,8 @@ def build_recipe(args: argparse.Namespace):
     }
     if args.tensorboard:
         changes["tensorboard"] = True
+    if args.overwrite:
+        changes["overwrite"] = True
     if args.no_progress:
         changes["progress"] = False
     if "model" in changes and changes["model"] != recipe.model:
@@ -90,12 +96,10 @@ def build_recipe(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    import os
-
     from vitkit.train import train
 
     if args.resume:
-        result = train(None, resume=args.resume)  # type: ignore[arg-type]
+        result = train(None, resume=args.resume)
     else:
         recipe = build_recipe(args)
         if args.print_recipe:
@@ -104,23 +108,28 @@ def run(args: argparse.Namespace) -> int:
             print(yaml.safe_dump(recipe.to_dict(), sort_keys=False), end="")
             return 0
         result = train(recipe)
-    if int(os.environ.get("RANK", "0")) != 0:
-        return 0
-    parts = [f"finished {result.steps} steps in {result.seconds:.1f} s"]
-    if result.val_acc is not None:
-        parts.append(
-            f"test accuracy {100 * result.val_acc:.2f}% (top-5 {100 * result.val_top5:.2f}%)"
-        )
-    if result.ema_val_acc is not None:
-        parts.append(f"EMA {100 * result.ema_val_acc:.2f}%")
-    print("; ".join(parts))
-    if result.best_dir is not None:
-        print(
-            f"best weights ({100 * (result.best_acc or 0):.2f}%): {result.best_dir} "
-            "(model.safetensors + config.json)"
-        )
-    print(
-        f"last checkpoint: {result.run_dir / 'last'}  (resume: vitkit train --resume "
-        f"{result.run_dir})"
-    )
+    report(result)
     return 0
+
+
+def report(result) -> None:
+    """What a finished run prints (rank 0 only): accuracies, the folders to use next."""
+    import os
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    print(f"finished {result.steps} steps in {result.seconds:.1f} s")
+    if result.best_acc is not None:
+        line = (
+            f"validation accuracy {100 * result.best_acc:.2f}% (best epoch, chosen on validation)"
+        )
+        if result.test_acc is not None:
+            line += (
+                f"; test accuracy {100 * result.test_acc:.2f}% "
+                f"(top-5 {100 * result.test_top5:.2f}%, measured once)"
+            )
+        print(line)
+    if result.model_dir is not None:
+        print(f"model: {result.model_dir} (fine-tune: vitkit train --init {result.run_dir})")
+    print(f"last checkpoint: {result.run_dir / 'last'}  (resume: vitkit train --resume "
+          f"{result.run_dir})")  # fmt: skip

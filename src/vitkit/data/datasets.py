@@ -1,8 +1,12 @@
-"""Where training data comes from, and how it is cut into batches.
+"""Where data comes from (`open_splits`, the one data resolver of training and evaluation),
+and how training cuts it into batches (`TrainData`).
 
-`build_data(recipe, in_chans, image_size, rank, world)` accepts a built-in name (`digits`,
-`mnist`), a folder with `train/` and `val/` (or `test/`) class subfolders, a CIFAR-10 python
-directory, or a list file, and returns `TrainData`.
+A data source is a built-in name (`digits`, `mnist`), a folder with `train/` and optionally
+`val/` (`validation/`, `valid/`) and `test/` class subfolders, a CIFAR-10/100 python directory, a
+list file (.csv / .json / .jsonl), or, for self-supervised objectives, any folder of images.
+Every run has three splits: where a source has no validation part it is carved, stratified by
+class, from the training part (`val_fraction`, seed 0), so the test part is touched only once,
+at the end, on the checkpoint chosen on validation.
 
 Batches are reproducible and resumable: epoch `e` shuffles with a generator seeded by
 `(seed, e)`, each global batch of `batch_size` images is cut into `accum_steps` micro-batches and
@@ -22,8 +26,11 @@ import torch
 from torch import Tensor
 
 from vitkit.data.builtin import BUILTIN, TensorData, load_builtin
-from vitkit.data.transforms import augment_batch, normalize, sample_transform
+from vitkit.data.transforms import augment_batch, sample_transform
 from vitkit.errors import ConfigError
+
+SPLITS = ("train", "val", "test")
+_VAL_NAMES = ("val", "validation", "valid")
 
 Micro = tuple[Tensor, Tensor]  # (images (b, C, S, S) normalised, labels (b,))
 
@@ -58,7 +65,8 @@ class TrainData:
     """Training batches and evaluation batches of one run."""
 
     train: Any  # TensorData or a map-style dataset of (image, label)
-    val: Any
+    val: Any  # None when the objective needs no validation (self-supervised)
+    test: Any
     classes: list[str]
     image_size: int
     in_chans: int
@@ -72,6 +80,12 @@ class TrainData:
     rrc_scale: tuple[float, float] | None = None
     auto_augment: str | None = None
     num_workers: int = 0
+    mean: tuple[float, ...] = (0.5,)
+    std: tuple[float, ...] = (0.5,)
+    eval_transform: Any = None  # PIL image -> normalised (C, S, S): the run's processor
+    # self-supervised runs on labelled data: k-NN memory (training part) and queries (validation)
+    knn_memory: Any = None
+    knn_queries: Any = None
 
     def __post_init__(self) -> None:
         micro = self.batch_size // self.accum_steps
@@ -94,6 +108,12 @@ class TrainData:
     @property
     def steps_per_epoch(self) -> int:
         return len(self.train) // self.batch_size  # the last partial batch is dropped
+
+    def normalize(self, x: Tensor) -> Tensor:
+        """[0, 1] pixels -> the run's normalisation (the init checkpoint's mean / std)."""
+        mean = torch.tensor(self.mean, dtype=x.dtype).view(-1, 1, 1)
+        std = torch.tensor(self.std, dtype=x.dtype).view(-1, 1, 1)
+        return (x - mean) / std
 
     def _resize(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
@@ -130,7 +150,7 @@ class TrainData:
                 hflip=self.hflip,
                 rrc_scale=self.rrc_scale,
             )
-            x, y = normalize(x), data.labels[idx]
+            x, y = self.normalize(x), data.labels[idx]
             los = [a * micro + self.rank * share for a in range(self.accum_steps)]
             yield step, [(x[lo : lo + share], y[lo : lo + share]) for lo in los]
 
@@ -157,24 +177,28 @@ class TrainData:
         )
         it = iter(loader)
         for step in range(start, self.steps_per_epoch):
-            yield step, [(normalize(x), y) for x, y in (next(it) for _ in range(self.accum_steps))]
+            micros = [next(it) for _ in range(self.accum_steps)]
+            yield step, [(self.normalize(x), y) for x, y in micros]
 
-    def eval_batches(self, batch_size: int = 256) -> Iterator[Micro]:
-        """The whole validation set in order, normalised, no augmentation."""
-        if isinstance(self.val, TensorData):
-            for i in range(0, len(self.val), batch_size):
-                yield (
-                    normalize(self._resize(self.val.images[i : i + batch_size])),
-                    self.val.labels[i : i + batch_size],
-                )
+    def eval_batches(self, split: str | Any = "val", batch_size: int = 256) -> Iterator[Micro]:
+        """A whole split ("val", "test", or a dataset) in order, normalised, no augmentation."""
+        data = (
+            {"val": self.val, "test": self.test}.get(split, split)
+            if isinstance(split, str)
+            else split
+        )
+        if isinstance(data, TensorData):
+            for i in range(0, len(data), batch_size):
+                x = self._resize(data.images[i : i + batch_size])
+                yield self.normalize(x), data.labels[i : i + batch_size]
             return
-        tf = sample_transform(self.image_size, self.in_chans, train=False)
-        ds = _SeededDataset(self.val, tf, 0)
+        tf = self.eval_transform or sample_transform(self.image_size, self.in_chans, train=False)
+        ds = _SeededDataset(data, tf, 0)
         loader = torch.utils.data.DataLoader(
             ds, batch_size=batch_size, num_workers=self.num_workers
         )
         for x, y in loader:
-            yield normalize(x), y
+            yield (x if self.eval_transform is not None else self.normalize(x)), y
 
 
 class _SeededDataset(torch.utils.data.Dataset):
@@ -198,58 +222,190 @@ class _SeededDataset(torch.utils.data.Dataset):
         return x, int(label)
 
 
-def _file_datasets(data: str, val_data: str | None) -> tuple[Any, Any]:
-    """(train, val) datasets of a path, using vitkit.data.folders."""
+@dataclass
+class Splits:
+    """The three parts of a data source; `val` / `test` are None where a source has none."""
+
+    train: Any
+    val: Any
+    test: Any
+    classes: list[str]
+
+    def get(self, split: str) -> Any:
+        if split not in SPLITS:
+            raise ConfigError(f"split {split!r}; choose one of {SPLITS}")
+        return getattr(self, split)
+
+
+def open_splits(
+    data: str,
+    *,
+    val_data: str | None = None,
+    test_data: str | None = None,
+    val_fraction: float = 0.1,
+    mode: str = "RGB",
+    labelled: bool = True,
+) -> Splits:
+    """The train / validation / test parts of a data source (see the module docstring).
+
+    With `labelled=False` a folder without train/ is read as one unlabelled split of every image
+    under it (self-supervised pre-training).
+    """
     from vitkit.data import folders
 
-    root = Path(data)
+    if data in BUILTIN:
+        train, test = load_builtin(data)
+        train, val = carve(train, val_fraction)
+        return Splits(train, val, test, list(train.classes))
+    root = Path(data).expanduser()
     if not root.exists():
         raise ConfigError(
             f"--data {data}: no such file or folder (built-in datasets: {', '.join(BUILTIN)})"
         )
+    extra = {"mode": mode}
     if root.is_file():
-        if not val_data:
-            raise ConfigError(f"--data {data}: a list file needs --val-data with a second list")
-        train = folders.ImageListDataset(root)
-        return train, folders.ImageListDataset(Path(val_data), classes=train.classes)
-    cifar = root / "cifar-10-batches-py"
-    if (root / "data_batch_1").exists() or cifar.exists():
-        croot = cifar if cifar.exists() else root
-        return folders.CIFARDataset(croot, train=True), folders.CIFARDataset(croot, train=False)
+        train = folders.ImageListDataset(root, **extra)
+        val = test = None
+    elif folders.is_cifar_dir(root):
+        train = folders.CIFARDataset(root, train=True, **extra)
+        val, test = None, folders.CIFARDataset(root, train=False, **extra)
+    elif (root / "train").is_dir():
+        train = folders.ImageFolderDataset(root / "train", **extra)
+        val_dir = next((root / n for n in _VAL_NAMES if (root / n).is_dir()), None)
+        val = (
+            folders.ImageFolderDataset(val_dir, classes=train.classes, **extra) if val_dir else None
+        )
+        test_dir = root / "test"
+        test = (
+            folders.ImageFolderDataset(test_dir, classes=train.classes, **extra)
+            if test_dir.is_dir()
+            else None
+        )
+    elif not labelled:
+        return Splits(folders.ImageFilesDataset(root, **extra), None, None, [])
+    elif val_data:
+        train, val, test = folders.ImageFolderDataset(root, **extra), None, None
+    else:
+        raise ConfigError(
+            f"--data {data}: expected train/ (and val/, test/) class folders inside, a CIFAR "
+            "python directory, a .csv/.json list, or --val-data with a validation folder"
+        )
+    classes = list(train.classes)
     if val_data:
-        return folders.ImageFolderDataset(root), folders.ImageFolderDataset(Path(val_data))
-    for name in ("val", "test", "validation"):
-        if (root / "train").is_dir() and (root / name).is_dir():
-            return (
-                folders.ImageFolderDataset(root / "train"),
-                folders.ImageFolderDataset(root / name),
-            )
-    raise ConfigError(
-        f"--data {data}: expected train/ and val/ (or test/) class folders inside, "
-        "a CIFAR-10 python directory, or --val-data with a validation folder"
-    )
+        val = _open_part(val_data, classes, mode)
+    if test_data:
+        test = _open_part(test_data, classes, mode)
+    if val is None:
+        train, val = carve(train, val_fraction)
+    return Splits(train, val, test, classes)
+
+
+def _open_part(spec: str, classes: list[str], mode: str) -> Any:
+    from vitkit.data import folders
+
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return folders.ImageListDataset(path, classes=classes, mode=mode)
+    if path.is_dir():
+        return folders.ImageFolderDataset(path, classes=classes, mode=mode)
+    raise ConfigError(f"{spec}: no such file or folder")
+
+
+def carve(data: Any, fraction: float, seed: int = 0) -> tuple[Any, Any]:
+    """(rest, held-out) of a labelled dataset: round(`fraction` x n) images of each class,
+    chosen by `seed` (where every class rounds to nothing: that fraction of all images, at
+    random); the held-out part is None for a single image."""
+    if fraction <= 0:
+        return data, None
+    labels = torch.as_tensor(data.labels if isinstance(data, TensorData) else data.targets)
+    gen = torch.Generator().manual_seed(seed)
+    out = torch.zeros(len(labels), dtype=torch.bool)
+    for c in labels.unique().tolist():
+        idx = (labels == c).nonzero().flatten()
+        idx = idx[torch.randperm(len(idx), generator=gen)]
+        out[idx[: round(fraction * len(idx))]] = True
+    if not out.any() and len(labels) > 1:  # too few per class: hold out some at random
+        out[torch.randperm(len(labels), generator=gen)[: max(1, round(fraction * len(labels)))]] = (
+            True
+        )
+    keep, hold = (~out).nonzero().flatten(), out.nonzero().flatten()
+    if len(hold) == 0:
+        return data, None
+    return _subset(data, keep), _subset(data, hold)
+
+
+def _subset(data: Any, idx: Tensor) -> Any:
+    if isinstance(data, TensorData):
+        return TensorData(data.images[idx], data.labels[idx], data.classes)
+    return _Subset(data, idx.tolist())
+
+
+class _Subset:
+    """Some items of a file dataset, keeping its classes and targets."""
+
+    def __init__(self, base: Any, indices: list[int]):
+        self.base, self.indices = base, indices
+        self.classes = base.classes
+        self.targets = [base.targets[i] for i in indices]
+
+    @property
+    def skipped(self) -> list:
+        return getattr(self.base, "skipped", [])
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        return self.base[self.indices[i]]
 
 
 def build_data(
-    recipe: Any, *, in_chans: int, image_size: int, rank: int = 0, world: int = 1
+    recipe: Any,
+    *,
+    in_chans: int,
+    image_size: int,
+    rank: int = 0,
+    world: int = 1,
+    mean: tuple[float, ...] = (0.5,),
+    std: tuple[float, ...] = (0.5,),
+    eval_transform: Any = None,
 ) -> TrainData:
-    """The `TrainData` of a recipe (see the module docstring for accepted sources)."""
-    if recipe.data in BUILTIN:
-        train, val = load_builtin(recipe.data)
-        classes = train.classes
-        if train.images.shape[1] != in_chans:
-            raise ConfigError(
-                f"--data {recipe.data} has {train.images.shape[1]} channel(s) but "
-                f"the model expects in_chans={in_chans}; pick a 1-channel model "
-                "or --set model_overrides.in_chans=1"
-            )
-    else:
-        train, val = _file_datasets(recipe.data, recipe.val_data)
-        classes = list(getattr(train, "classes", None) or [])
+    """The `TrainData` of a recipe: its splits (`open_splits`), batching and augmentation.
+
+    Self-supervised objectives train on the whole training part (validation included; test too
+    with `recipe.all_data`) without labels; where the source has labels, the validation part
+    also serves as k-NN queries against the rest, to watch the features form."""
+    labelled = recipe.objective == "classify"
+    splits = open_splits(
+        recipe.data,
+        val_data=recipe.val_data,
+        test_data=recipe.test_data,
+        val_fraction=recipe.val_fraction,
+        mode="L" if in_chans == 1 else "RGB",
+        labelled=labelled,
+    )
+    train = splits.train
+    memory = queries = None
+    if not labelled:  # pre-training sees every training image; labels serve k-NN monitoring
+        memory, queries = (train, splits.val) if splits.classes else (None, None)
+        train = _concat([train, splits.val, *([splits.test] if recipe.all_data else [])])
+    if isinstance(train, TensorData) and train.images.shape[1] != in_chans:
+        raise ConfigError(
+            f"--data {recipe.data} has {train.images.shape[1]} channel(s) but "
+            f"the model expects in_chans={in_chans}; pick a {train.images.shape[1]}-channel "
+            f"model or --set model_overrides.in_chans={train.images.shape[1]}"
+        )
+    if labelled and splits.val is None:
+        raise ConfigError(
+            f"--data {recipe.data}: no validation images (too few to carve "
+            f"val_fraction={recipe.val_fraction} of each class); give --val-data or raise "
+            "--set val_fraction=..."
+        )
     return TrainData(
         train=train,
-        val=val,
-        classes=classes,
+        val=splits.val,
+        test=splits.test,
+        classes=splits.classes,
         image_size=image_size,
         in_chans=in_chans,
         batch_size=recipe.batch_size,
@@ -262,4 +418,19 @@ def build_data(
         rrc_scale=recipe.rrc_scale,
         auto_augment=recipe.auto_augment,
         num_workers=recipe.num_workers,
+        mean=tuple(mean),
+        std=tuple(std),
+        eval_transform=eval_transform,
+        knn_memory=memory,
+        knn_queries=queries,
     )
+
+
+def _concat(parts: list[Any]) -> Any:
+    parts = [p for p in parts if p is not None]
+    if all(isinstance(p, TensorData) for p in parts):
+        return TensorData(
+            torch.cat([p.images for p in parts]), torch.cat([p.labels for p in parts]),
+            parts[0].classes,
+        )  # fmt: skip
+    return torch.utils.data.ConcatDataset(parts)

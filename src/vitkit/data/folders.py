@@ -37,13 +37,14 @@ import numpy as np
 from PIL import Image
 
 from vitkit import limits
-from vitkit.data.images import load_image
+from vitkit.data.images import IMAGE_EXTENSIONS, load_image
 from vitkit.errors import VitkitError
 from vitkit.limits import is_int
 
 __all__ = [
     "IMAGE_EXTENSIONS",
     "CIFARDataset",
+    "ImageFilesDataset",
     "ImageFolderDataset",
     "ImageListDataset",
     "read_cifar_pickle",
@@ -52,10 +53,6 @@ __all__ = [
 PathLike = str | os.PathLike[str]
 Transform = Callable[[Image.Image], Any]
 
-IMAGE_EXTENSIONS = (
-    ".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm",
-    ".pnm", ".jfif",
-)  # fmt: skip
 _VERIFY = ("none", "header", "full")
 
 
@@ -212,6 +209,27 @@ class ImageFolderDataset(_FileDataset):
                 f"{self.root}: no image files with extensions {exts} in the class folders"
             )
         super().__init__(samples, transform, mode, verify, skipped, on_error)
+
+
+class ImageFilesDataset(_FileDataset):
+    """Every image under `root` (recursively, sorted), unlabelled (label 0): pre-training data."""
+
+    def __init__(
+        self,
+        root: PathLike,
+        transform: Transform | None = None,
+        *,
+        extensions: Sequence[str] = IMAGE_EXTENSIONS,
+        mode: str = "RGB",
+        verify: str = "header",
+    ):
+        self.root = Path(root)
+        exts = tuple(e.lower() for e in extensions)
+        files = sorted(p for p in self.root.rglob("*") if p.is_file() and _is_image(p, exts))
+        if not files:
+            raise VitkitError(f"{self.root}: no image files ({', '.join(exts)}) under it")
+        self.classes = []
+        super().__init__([(p, 0) for p in files], transform, mode, verify)
 
 
 class ImageListDataset(_FileDataset):
@@ -452,6 +470,15 @@ def read_cifar_pickle(path: PathLike) -> dict[bytes, Any]:
     if not isinstance(data, dict):
         raise VitkitError(f"{path}: expected a dict in a CIFAR pickle, got {type(data).__name__}")
     return data
+
+
+def is_cifar_dir(root: Path) -> bool:
+    """Whether `root` (or its cifar-10-batches-py / cifar-100-python child) holds CIFAR batches."""
+    try:
+        _find_cifar_dir(root)
+    except VitkitError:
+        return False
+    return True
 
 
 def _find_cifar_dir(root: Path) -> tuple[Path, int]:

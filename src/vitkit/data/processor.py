@@ -50,6 +50,26 @@ _PIL_CODES: dict[str, int] = {
 }  # fmt: skip
 _PIL_NAMES = {code: name for name, code in _PIL_CODES.items()}
 
+# Defaults of the transformers processors the encoder families ship with, for keys a file omits.
+# CLIP and BiT (DINOv2) read an integer `size` as the shortest edge (default_to_square=False).
+_OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+_OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+_HF_DEFAULTS: dict[str, dict[str, Any]] = {
+    "CLIPImageProcessor": dict(
+        size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224},
+        do_center_crop=True, resample=3, image_mean=_OPENAI_CLIP_MEAN, image_std=_OPENAI_CLIP_STD,
+    ),
+    "BitImageProcessor": dict(
+        size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224},
+        do_center_crop=True, resample=3, image_mean=_OPENAI_CLIP_MEAN, image_std=_OPENAI_CLIP_STD,
+    ),
+    "SiglipImageProcessor": dict(
+        size={"height": 224, "width": 224}, resample=3,
+        image_mean=IMAGENET_STANDARD_MEAN, image_std=IMAGENET_STANDARD_STD,
+    ),
+}  # fmt: skip
+_SHORTEST_EDGE_INT = ("CLIPImageProcessor", "BitImageProcessor")
+
 
 @dataclasses.dataclass
 class ImageProcessor:
@@ -257,10 +277,14 @@ class ImageProcessor:
 
     @classmethod
     def from_hf_dict(cls, data: dict[str, Any], **overrides: Any) -> ImageProcessor:
-        """From the dict of a transformers image processor config (ViTImageProcessor keys;
-        missing keys take ViTImageProcessor's defaults)."""
+        """From the dict of a transformers image processor config. Keys a file omits take the
+        defaults of its `image_processor_type` (CLIPImageProcessor, BitImageProcessor for
+        DINOv2, SiglipImageProcessor, their Fast/Pil variants) or else ViTImageProcessor's.
+        Every value is type-checked and bounded (docs/security.md)."""
         if not isinstance(data, dict):
             raise ConfigError(f"expected a mapping of preprocessor keys, got {type(data).__name__}")
+        kind = str(data.get("image_processor_type", "")).removesuffix("Fast").removesuffix("Pil")
+        data = {**_HF_DEFAULTS.get(kind, {}), **data}
 
         def flag(key: str, default: bool) -> bool:
             value = data.get(key)
@@ -272,7 +296,11 @@ class ImageProcessor:
 
         fields: dict[str, Any] = {}
         if flag("do_resize", True):
-            fields["resize"] = _hf_size(data.get("size") or {"height": 224, "width": 224}, "size")
+            size = data.get("size")
+            size = {"height": 224, "width": 224} if size is None else size
+            if is_int(size) and kind in _SHORTEST_EDGE_INT:
+                size = {"shortest_edge": size}
+            fields["resize"] = _hf_size(size, "size")
         else:
             fields["resize"] = None
         if flag("do_center_crop", False) and data.get("crop_size") is not None:
@@ -345,6 +373,23 @@ class ImageProcessor:
         atomic_write_text(file, json.dumps(self.to_hf_dict(), indent=2) + "\n")
         return file
 
+    def at_size(self, hw: tuple[int, int]) -> ImageProcessor:
+        """The same rule producing (H, W) outputs: a crop becomes `hw` with the resize scaled
+        alike (timm's crop_pct is kept); a squash-resize becomes `hw`."""
+        hw = _pair(hw, "hw")
+        if self.output_hw == hw:
+            return self
+        if self.crop_size is not None:
+            scale = min(hw) / min(self.crop_size)
+            if isinstance(self.resize, int):
+                resize: int | tuple[int, int] | None = math.floor(self.resize * scale)
+            elif self.resize is not None:
+                resize = (math.floor(self.resize[0] * scale), math.floor(self.resize[1] * scale))
+            else:
+                resize = None
+            return dataclasses.replace(self, resize=resize, crop_size=hw)
+        return dataclasses.replace(self, resize=hw)
+
     # ---- processing --------------------------------------------------------------------------
 
     @property
@@ -355,6 +400,18 @@ class ImageProcessor:
         if isinstance(self.resize, tuple):
             return self.resize
         return None
+
+    def crop_box(self, width: int, height: int) -> tuple[int, int, int, int]:
+        """(left, top, right, bottom) of the part of a `width` x `height` image that the output
+        shows, in that image's pixels: the centre crop mapped back through the resize, or the
+        whole image. Heat maps over the patch grid are drawn over this region."""
+        if self.crop_size is None:
+            return (0, 0, width, height)
+        h, w = self._resized_hw(height, width)
+        top, left = self._crop_offsets(h, w)
+        ch, cw = self.crop_size
+        sx, sy = width / w, height / h
+        return (round(left * sx), round(top * sy), round((left + cw) * sx), round((top + ch) * sy))
 
     def __call__(self, images: Any, *, device: torch.device | str | None = None) -> torch.Tensor:
         """Preprocess one image or a list of them into a (B, C, H, W) float32 tensor.

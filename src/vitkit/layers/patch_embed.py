@@ -16,11 +16,21 @@ class PatchEmbed(nn.Module):
     With `pad=True`, H and W are zero-padded on the bottom/right up to a multiple of P.
     """
 
-    def __init__(self, *, patch_size: int, in_chans: int, embed_dim: int, pad: bool = False):
+    def __init__(
+        self,
+        *,
+        patch_size: int,
+        in_chans: int,
+        embed_dim: int,
+        pad: bool = False,
+        bias: bool = True,
+    ):
         super().__init__()
         self.patch_size = patch_size
         self.pad = pad
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.proj = nn.Conv2d(
+            in_chans, embed_dim, kernel_size=patch_size, stride=patch_size, bias=bias
+        )
 
     def grid_size(self, height: int, width: int) -> tuple[int, int]:
         p = self.patch_size

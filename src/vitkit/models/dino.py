@@ -25,7 +25,13 @@ from vitkit.models.vit import VisionTransformer
 
 class DINOHead(nn.Module):
     """MLP (3 layers, GELU) -> bottleneck -> L2 normalisation -> weight-normalised linear layer
-    to `out_dim` prototypes (its norm fixed to 1 when `norm_last_layer`)."""
+    to `out_dim` prototypes (its norm fixed to 1 when `norm_last_layer`).
+
+    `use_bn` puts a BatchNorm after each hidden layer (DINO's option, used there for ResNets):
+    it removes what all images of a batch share, which on tiny images (8x8 digits) is nearly
+    all of a freshly initialised encoder's output, and would otherwise leave the centred
+    teacher uniform from the first steps.
+    """
 
     def __init__(
         self,
@@ -36,6 +42,7 @@ class DINOHead(nn.Module):
         bottleneck_dim: int = 256,
         nlayers: int = 3,
         norm_last_layer: bool = True,
+        use_bn: bool = False,
     ):
         super().__init__()
         layers: list[nn.Module] = []
@@ -43,6 +50,8 @@ class DINOHead(nn.Module):
         for i in range(nlayers):
             layers.append(nn.Linear(dims[i], dims[i + 1]))
             if i < nlayers - 1:
+                if use_bn:
+                    layers.append(nn.BatchNorm1d(dims[i + 1]))
                 layers.append(nn.GELU())
         self.mlp = nn.Sequential(*layers)
         for m in self.mlp:
@@ -104,6 +113,7 @@ class DINOLoss(nn.Module):
         self.warmup_fraction = warmup_fraction
         self.center_momentum = center_momentum
         self.register_buffer("center", torch.zeros(1, out_dim))
+        self.stats: dict[str, float] = {}
 
     def teacher_temperature(self, progress: float) -> float:
         """Linear warm-up from warmup_teacher_temp to teacher_temp over the first
@@ -119,7 +129,9 @@ class DINOLoss(nn.Module):
         """student_out (n_crops*B, K), teacher_out (2*B, K) -> scalar loss."""
         student = (student_out / self.student_temp).chunk(n_crops)
         temp = self.teacher_temperature(progress)
-        teacher = F.softmax((teacher_out - self.center) / temp, dim=-1).detach().chunk(2)
+        probs = F.softmax((teacher_out - self.center) / temp, dim=-1).detach()
+        self._watch(probs)
+        teacher = probs.chunk(2)
         total, terms = student_out.new_zeros(()), 0
         for iq, q in enumerate(teacher):
             for v in range(n_crops):
@@ -129,6 +141,15 @@ class DINOLoss(nn.Module):
                 terms += 1
         self.update_center(teacher_out)
         return total / terms
+
+    @torch.no_grad()
+    def _watch(self, probs: Tensor) -> None:
+        """Collapse shows in two entropies of the teacher's outputs (Caron et al. 2021, fig. 7):
+        per image near log K means uniform outputs; of the batch mean near 0, one prototype."""
+        per_image = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()
+        mean = probs.mean(0)
+        batch = -(mean * mean.clamp_min(1e-12).log()).sum()
+        self.stats = {"teacher_entropy": float(per_image), "teacher_batch_entropy": float(batch)}
 
     @torch.no_grad()
     def update_center(self, teacher_out: Tensor) -> None:
@@ -165,6 +186,7 @@ class DINO(nn.Module):
         hidden_dim: int = 2048,
         bottleneck_dim: int = 256,
         norm_last_layer: bool = True,
+        use_bn: bool = False,
         n_local_crops: int = 6,
         **loss_kwargs: float,
     ):
@@ -176,6 +198,7 @@ class DINO(nn.Module):
             hidden_dim=hidden_dim,
             bottleneck_dim=bottleneck_dim,
             norm_last_layer=norm_last_layer,
+            use_bn=use_bn,
         )
         self.student = MultiCropWrapper(backbone, head)
         self.teacher = copy.deepcopy(self.student).requires_grad_(False)
@@ -189,6 +212,9 @@ class DINO(nn.Module):
     def train(self, mode: bool = True) -> DINO:
         super().train(mode)
         self.teacher.eval()  # no dropout / drop-path in the teacher
+        for m in self.teacher.modules():  # but batch statistics, as in DINO's code
+            if isinstance(m, nn.BatchNorm1d):
+                m.train(mode)
         return self
 
     def forward(self, crops: Sequence[Tensor], progress: float = 1.0) -> Tensor:
@@ -280,46 +306,3 @@ def _random_resized_crops(
     flip = torch.rand(B, device=images.device) < (0.5 if hflip else 0.0)
     crops = torch.where(flip[:, None, None, None], crops.flip(-1), crops)
     return crops.to(images.dtype)
-
-
-@torch.no_grad()
-def save_attention_maps(
-    model: VisionTransformer, images: Tensor, out_png: str, *, scale: int = 8
-) -> None:
-    """Write a PNG: one row per image, the image then the last layer's [CLS] -> patch attention
-    of each head (computed with output_attentions=[-1]), each upsampled to the image size."""
-    import numpy as np
-
-    was_training = model.training
-    model.eval()
-    out = model.forward_features(images, output_attentions=[-1])
-    model.train(was_training)
-    attn = out.attentions[-1]  # (B, H, T, T)
-    n_prefix = model.config.num_prefix_tokens
-    gh, gw = model.patch_embed.grid_size(*images.shape[-2:])
-    cls_attn = attn[:, :, 0, n_prefix:].reshape(images.shape[0], attn.shape[1], gh, gw)
-    p = model.config.patch_size
-    maps = cls_attn.repeat_interleave(p, -2).repeat_interleave(p, -1)  # (B, H, h, w)
-    rows = []
-    for i in range(images.shape[0]):
-        cells = [_to_rgb(images[i])] + [_to_rgb(m[None]) for m in maps[i]]
-        rows.append(
-            np.concatenate([np.repeat(np.repeat(c, scale, 0), scale, 1) for c in cells], axis=1)
-        )
-    _write_png(np.concatenate(rows, axis=0), out_png)
-
-
-def _to_rgb(t: Tensor):
-    """(C, h, w) -> uint8 (h, w, 3), min-max scaled."""
-    t = t.float().cpu()
-    t = ((t - t.min()) / (t.max() - t.min() + 1e-8)).mul(255).byte().permute(1, 2, 0).numpy()
-    return t.repeat(3, axis=2) if t.shape[2] == 1 else t[:, :, :3]
-
-
-def _write_png(array, out_png: str) -> None:
-    from PIL import Image
-
-    from vitkit._io import atomic_open
-
-    with atomic_open(out_png, "wb") as f:
-        Image.fromarray(array).save(f, format="PNG")

@@ -108,24 +108,3 @@ class DistillationLoss(nn.Module):
                 / dist_logits.numel()
             )
         return base * (1 - self.alpha) + dist * self.alpha
-
-
-def load_teacher(source: str | nn.Module, *, device: str | torch.device | None = None) -> nn.Module:
-    """A frozen teacher in eval mode from a torch module, a vitkit checkpoint folder / file / hub
-    id (via `vitkit.from_pretrained`), or a preset name (random weights: only for tests)."""
-    if isinstance(source, nn.Module):
-        teacher = source
-    else:
-        from pathlib import Path
-
-        from vitkit import create_model, list_models
-
-        if not Path(source).exists() and source in list_models():
-            teacher = create_model(source)
-        else:
-            from vitkit.checkpoints.pretrained import from_pretrained
-
-            teacher = from_pretrained(source)
-    if device is not None:
-        teacher = teacher.to(device)
-    return teacher.eval().requires_grad_(False)

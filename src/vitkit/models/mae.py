@@ -215,39 +215,3 @@ class MaskedAutoencoder(nn.Module):
         masked = unpatchify(true * (1 - m), p, grid, C)
         recon = unpatchify(true * (1 - m) + pred * m, p, grid, C)
         return masked, recon
-
-
-def save_reconstruction(
-    images: Tensor,
-    masked: Tensor,
-    recon: Tensor,
-    out_png: str,
-    *,
-    max_images: int = 8,
-    scale: int = 8,
-) -> None:
-    """Write a PNG with one row per image: original | masked | reconstructed.
-
-    Each image is min-max scaled (from the original's range) to 0..255 and enlarged by `scale`
-    (nearest neighbour) so that 8x8 digits stay visible.
-    """
-    import numpy as np
-    from PIL import Image
-
-    from vitkit._io import atomic_open
-
-    rows = []
-    for i in range(min(max_images, images.shape[0])):
-        lo, hi = images[i].min(), images[i].max()
-        cells = []
-        for t in (images[i], masked[i], recon[i]):
-            a = ((t - lo) / (hi - lo + 1e-8)).clamp(0, 1).mul(255).byte().cpu()
-            a = a.permute(1, 2, 0).numpy()
-            a = np.repeat(np.repeat(a, scale, 0), scale, 1)
-            if a.shape[2] == 1:
-                a = np.repeat(a, 3, 2)
-            cells += [a, np.full((a.shape[0], 2, 3), 128, np.uint8)]
-        rows.append(np.concatenate(cells[:-1], axis=1))
-    grid = np.concatenate(rows, axis=0)
-    with atomic_open(out_png, "wb") as f:
-        Image.fromarray(grid).save(f, format="PNG")

@@ -70,20 +70,6 @@ class SimMIM(nn.Module):
             loss = (l1 * mask).sum() / (mask.sum() + 1e-5) / C
         return MIMOutput(loss=loss, reconstruction=recon, mask=bool_masked_pos)
 
-    # ------------------------------------------------------------------------- checkpoints
-    def save_pretrained(self, directory: str) -> None:
-        """Write a transformers `ViTForMaskedImageModeling` folder (config.json + safetensors)."""
-        from vitkit.checkpoints.hf_mim import save_simmim
-
-        save_simmim(self, directory)
-
-    @classmethod
-    def from_pretrained(cls, directory: str) -> SimMIM:
-        """Read a transformers `ViTForMaskedImageModeling` folder."""
-        from vitkit.checkpoints.hf_mim import load_simmim
-
-        return load_simmim(directory)
-
 
 ViTForMaskedImageModeling = SimMIM
 

@@ -9,7 +9,10 @@ Read top to bottom, `VisionTransformer` follows section 3.1 of the paper:
     logits = head(y)                                              forward_head()
 
 Variants are `ViTConfig` switches: a DeiT distillation token with its own head, register tokens,
-mean pooling of the patch tokens, fixed sin-cos positions, a mask token for masked image modeling.
+mean pooling of the patch tokens, fixed sin-cos positions, a mask token for masked image modeling,
+and the families built on this encoder (docs/families.md): LayerScale (DINOv2, DeiT III), a norm
+before the encoder and a projection to a joint space (CLIP), attention pooling without [CLS]
+(SigLIP), a SwiGLU MLP (DINOv2 giant).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from vitkit.config import ViTConfig
 from vitkit.errors import ConfigError
 from vitkit.layers.block import Block
 from vitkit.layers.patch_embed import PatchEmbed
+from vitkit.layers.pool import AttentionPool
 from vitkit.layers.pos_embed import resample_pos_embed, sincos_2d_pos_embed
 
 
@@ -36,8 +40,10 @@ class ViTOutput:
 
     logits: (B, K) class scores; for a distilled (DeiT) model the mean of both heads.
     last_hidden_state: (B, T, D) every token after the final norm.
-    pooler_output: (B, D') the pooled representation the head reads ([CLS] or patch mean, after
-        fc_norm and the optional tanh pre-logits layer).
+    pooler_output: (B, D') the pooled representation the head reads ([CLS], patch mean or
+        attention pool, after fc_norm and the optional tanh pre-logits layer).
+    image_embeds: (B, P) pooler_output projected to a joint image-text space (CLIP's
+        `visual_projection`); None for a model without `projection_dim`.
     hidden_states: input of each block and the output of the last one (depth + 1 tensors).
     attentions: (B, H, T, T) probabilities of the layers in `attention_layers`.
     cls_logits / distillation_logits: the two heads of a distilled model, separately.
@@ -51,6 +57,7 @@ class ViTOutput:
     attention_layers: tuple[int, ...] | None = None
     cls_logits: Tensor | None = None
     distillation_logits: Tensor | None = None
+    image_embeds: Tensor | None = None
 
 
 class VisionTransformer(nn.Module):
@@ -61,7 +68,11 @@ class VisionTransformer(nn.Module):
         self.config = c = config
         D = c.embed_dim
         self.patch_embed = PatchEmbed(
-            patch_size=c.patch_size, in_chans=c.in_chans, embed_dim=D, pad=c.dynamic_img_pad
+            patch_size=c.patch_size,
+            in_chans=c.in_chans,
+            embed_dim=D,
+            pad=c.dynamic_img_pad,
+            bias=c.patch_bias,
         )
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D)) if c.class_token else None
         self.dist_token = nn.Parameter(torch.zeros(1, 1, D)) if c.distilled else None
@@ -77,6 +88,7 @@ class VisionTransformer(nn.Module):
             else None
         )
         self.pos_drop = nn.Dropout(c.drop_rate) if c.drop_rate > 0 else nn.Identity()
+        self.norm_pre = nn.LayerNorm(D, eps=c.layer_norm_eps) if c.pre_norm else nn.Identity()
 
         rates = [c.drop_path_rate * i / max(c.depth - 1, 1) for i in range(c.depth)]  # linear rule
         self.blocks = nn.ModuleList(
@@ -91,11 +103,24 @@ class VisionTransformer(nn.Module):
                 attn_drop=c.attn_drop_rate,
                 drop_path=rates[i],
                 attn_implementation=c.attn_implementation,
+                mlp_layer=c.mlp_layer,
+                layer_scale_init=c.layer_scale_init,
             )
             for i in range(c.depth)
         )
         self.norm = nn.LayerNorm(D, eps=c.layer_norm_eps) if not c.use_fc_norm else nn.Identity()
         self.fc_norm = nn.LayerNorm(D, eps=c.layer_norm_eps) if c.use_fc_norm else nn.Identity()
+        self.attn_pool = (
+            AttentionPool(
+                dim=D,
+                num_heads=c.num_heads,
+                mlp_hidden_dim=c.mlp_hidden_dim,
+                act=c.act,
+                eps=c.layer_norm_eps,
+            )
+            if c.global_pool == "map"
+            else None
+        )
 
         self.num_features = D
         if c.head == "mlp":  # the paper's pre-training head: one hidden layer with tanh
@@ -111,6 +136,9 @@ class VisionTransformer(nn.Module):
         self.head_dist = (
             nn.Linear(self.num_features, c.num_classes) if c.distilled and c.num_classes else None
         )
+        self.projection = (
+            nn.Linear(D, c.projection_dim, bias=False) if c.projection_dim is not None else None
+        )
         self.grad_checkpointing = False
         self.init_weights()
 
@@ -120,12 +148,15 @@ class VisionTransformer(nn.Module):
         """The paper's initialisation: truncated normal (std 0.02) for tokens, positions and
         linear layers, Xavier for the patch projection (viewed as a linear map), zero biases;
         a zero head when `config.head_init_zero` (as when fine-tuning)."""
-        for t in (self.cls_token, self.dist_token, self.reg_token, self.mask_token, self.pos_embed):
+        latent = self.attn_pool.latent if self.attn_pool is not None else None
+        tokens = (self.cls_token, self.dist_token, self.reg_token, self.mask_token, self.pos_embed)
+        for t in (*tokens, latent):
             if t is not None:
                 nn.init.trunc_normal_(t, std=0.02)
         w = self.patch_embed.proj.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.patch_embed.proj.bias)
+        if self.patch_embed.proj.bias is not None:
+            nn.init.zeros_(self.patch_embed.proj.bias)
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
@@ -164,12 +195,27 @@ class VisionTransformer(nn.Module):
         self.grad_checkpointing = enable
 
     def no_weight_decay(self) -> set[str]:
-        """Parameter names that AdamW should not decay (tokens and positions)."""
-        return {
-            n
-            for n in ("cls_token", "dist_token", "reg_token", "mask_token", "pos_embed")
-            if getattr(self, n) is not None
-        }
+        """Parameter names that weight decay must skip: tokens, positions, and every norm
+        weight and bias (1-D tensors)."""
+        tokens = ("cls_token", "dist_token", "reg_token", "mask_token", "pos_embed")
+        named = {n for n in tokens if getattr(self, n) is not None}
+        return named | {n for n, p in self.named_parameters() if p.ndim <= 1}
+
+    @property
+    def num_layers(self) -> int:
+        """Layer groups for layer-wise lr decay: embeddings, each block, the final norm + head."""
+        return len(self.blocks) + 2
+
+    def layer_id(self, name: str) -> int:
+        """The layer group of parameter `name`: 0 for the embeddings (and CLIP's pre-norm),
+        i + 1 for `blocks.i.*`, `num_layers - 1` for the final norm, pooling, projection and
+        head(s) (BEiT / MAE fine-tuning)."""
+        if name.startswith(("patch_embed", "cls_token", "dist_token", "reg_token", "mask_token",
+                            "pos_embed", "norm_pre")):  # fmt: skip
+            return 0
+        if name.startswith("blocks."):
+            return int(name.split(".")[1]) + 1
+        return self.num_layers - 1
 
     # ------------------------------------------------------------------------------ eq. 1
     def position_table(
@@ -192,6 +238,7 @@ class VisionTransformer(nn.Module):
                 old_grid=c.grid_size,
                 num_prefix_tokens=c.num_pos_prefix_tokens,
                 mode=c.pos_embed_interpolation,
+                antialias=c.pos_embed_antialias,
             )
         if c.pos_embed == "sincos2d":
             table = sincos_2d_pos_embed(grid, c.embed_dim, device=device, dtype=dtype)
@@ -200,7 +247,9 @@ class VisionTransformer(nn.Module):
         return None
 
     def embed(self, pixel_values: Tensor, bool_masked_pos: Tensor | None = None) -> Tensor:
-        """Images (B, C, H, W) -> tokens (B, prefix + N, D): patches, masking, prefix, positions."""
+        """Images (B, C, H, W) -> tokens (B, prefix + N, D) entering the first block: patches,
+        masking, prefix, positions (on the patches only with `no_embed_class`), registers,
+        then the pre-encoder norm (CLIP)."""
         B, _, H, W = pixel_values.shape
         x = self.patch_embed(pixel_values)  # (B, N, D)
         if bool_masked_pos is not None:
@@ -209,14 +258,16 @@ class VisionTransformer(nn.Module):
             mask = bool_masked_pos.reshape(B, -1, 1).to(x.dtype)
             x = x * (1.0 - mask) + self.mask_token.to(x.dtype) * mask
         prefix = [t.expand(B, -1, -1) for t in (self.cls_token, self.dist_token) if t is not None]
-        x = torch.cat([*prefix, x], dim=1)  # (B, 1 + N, D)
         pos = self.position_table(self.patch_embed.grid_size(H, W), x.device, x.dtype)
-        if pos is not None:
+        if pos is not None and self.config.no_embed_class:
+            x = x + pos
+        x = torch.cat([*prefix, x], dim=1)  # (B, 1 + N, D)
+        if pos is not None and not self.config.no_embed_class:
             x = x + pos
         if self.reg_token is not None:  # registers carry no position (Darcet et al. 2023)
             n = len(prefix)
             x = torch.cat([x[:, :n], self.reg_token.expand(B, -1, -1), x[:, n:]], dim=1)
-        return self.pos_drop(x)
+        return self.norm_pre(self.pos_drop(x))
 
     # ------------------------------------------------------------------------------ eq. 2-4
     def forward_features(
@@ -250,10 +301,12 @@ class VisionTransformer(nn.Module):
         x = self.norm(x)
         if output_hidden_states:
             hidden.append(x)
+        pooled = self.pool(x)
         return ViTOutput(
             logits=None,
             last_hidden_state=x,
-            pooler_output=self.pool(x),
+            pooler_output=pooled,
+            image_embeds=self.projection(pooled) if self.projection is not None else None,
             hidden_states=tuple(hidden) if output_hidden_states else None,
             attentions=tuple(attentions) if wanted else None,
             attention_layers=tuple(sorted(wanted)) if wanted else None,
@@ -273,9 +326,12 @@ class VisionTransformer(nn.Module):
         return layers
 
     def pool(self, tokens: Tensor) -> Tensor:
-        """(B, T, D) -> (B, D'): [CLS] token or mean of patch tokens, fc_norm, pre-logits."""
+        """(B, T, D) -> (B, D'): [CLS] token, mean of the patch tokens or attention pooling over
+        them, then fc_norm and pre-logits."""
         c = self.config
-        if c.global_pool == "avg":
+        if self.attn_pool is not None:
+            x = self.attn_pool(tokens[:, c.num_prefix_tokens :])
+        elif c.global_pool == "avg":
             x = tokens[:, c.num_prefix_tokens :].mean(dim=1)
         else:
             x = tokens[:, 0]
@@ -316,6 +372,64 @@ class VisionTransformer(nn.Module):
         )
         return self.forward_head(out)
 
+    # ------------------------------------------------------------------------------ dense
+    def forward_intermediates(
+        self,
+        pixel_values: Tensor,
+        indices: int | Sequence[int] | None = None,
+        *,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[Any] | tuple[Tensor, list[Any]]:
+        """Feature maps of chosen blocks for dense tasks, with timm's signature and outputs.
+
+        indices: an int n takes the last n blocks, a sequence takes those blocks (negative ones
+            count from the end), None takes every block.
+        Each map is (B, D, Hp, Wp) ("NCHW") or (B, Hp*Wp, D) ("NLC"), with the prefix tokens
+        ([CLS], registers) split off; `return_prefix_tokens=True` gives (map, prefix (B, P, D))
+        pairs. `norm=True` applies the final norm to each. Returns (final tokens after the
+        norm, maps), or only the maps with `intermediates_only`; `stop_early` skips the blocks
+        after the last one taken (the final tokens are then those of that block, as in timm).
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take = self._block_indices(indices)
+        B, _, H, W = pixel_values.shape
+        gh, gw = self.patch_embed.grid_size(H, W)
+        n = self.config.num_prefix_tokens
+        x = self.embed(pixel_values)
+        blocks = self.blocks[: max(take) + 1] if stop_early and take else self.blocks
+        maps: list[Any] = []
+        for i, block in enumerate(blocks):
+            x, _ = block(x)
+            if i in take:
+                y = self.norm(x) if norm else x
+                patches = y[:, n:]  # (B, Hp*Wp, D)
+                if output_fmt == "NCHW":
+                    patches = patches.reshape(B, gh, gw, -1).permute(0, 3, 1, 2).contiguous()
+                maps.append((patches, y[:, :n]) if return_prefix_tokens and n else patches)
+        if intermediates_only:
+            return maps
+        return self.norm(x), maps
+
+    def _block_indices(self, indices: int | Sequence[int] | None) -> list[int]:
+        depth = len(self.blocks)
+        if indices is None:
+            return list(range(depth))
+        if isinstance(indices, int):
+            if not 0 < indices <= depth:
+                raise IndexError(f"cannot take the last {indices} blocks of a {depth}-block model")
+            return list(range(depth - indices, depth))
+        out = []
+        for i in indices:
+            if not -depth <= i < depth:
+                raise IndexError(f"block {i} out of range for a {depth}-block model")
+            out.append(i % depth)
+        return sorted(set(out))
+
     # ------------------------------------------------------------------------------ misc
     def num_params(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
@@ -323,22 +437,6 @@ class VisionTransformer(nn.Module):
     def flops(self, image_size: tuple[int, int] | None = None) -> int:
         """Multiply-accumulates of one forward pass on one image (matmuls and convs only)."""
         return count_macs(self.config, image_size)
-
-    # ------------------------------------------------------------------------------ checkpoints
-    @classmethod
-    def from_pretrained(cls, source: str, **kwargs) -> VisionTransformer:
-        """Load a checkpoint (folder, hub id, timm file, JAX .npz); see
-        `vitkit.checkpoints.pretrained.from_pretrained` for the options."""
-        from vitkit.checkpoints.pretrained import from_pretrained
-
-        return from_pretrained(source, **kwargs)
-
-    def save_pretrained(self, directory: str, format: str = "auto"):
-        """Write config.json + model.safetensors: "hf" (transformers ViT/DeiT), "vitkit", or
-        "auto" (hf when transformers can express the model)."""
-        from vitkit.checkpoints.pretrained import save_pretrained
-
-        return save_pretrained(self, directory, format=format)
 
 
 def rebuild(model: VisionTransformer, **changes: Any) -> VisionTransformer:
@@ -370,18 +468,24 @@ def _is_tracing() -> bool:
 
 def count_macs(config: ViTConfig, image_size: tuple[int, int] | None = None) -> int:
     """Multiply-accumulates of one forward pass of one image: patch projection, attention
-    projections, attention itself (QK^T and AV), MLP and head(s). Norms and softmax are ignored."""
+    projections, attention itself (QK^T and AV), MLP (or SwiGLU), attention pooling, head(s)
+    and projection. Norms, LayerScale and softmax are ignored."""
     c = config
     h, w = image_size or c.image_hw
     n = math.ceil(h / c.patch_size) * math.ceil(w / c.patch_size)
     t = n + c.num_prefix_tokens
     d = c.embed_dim
     macs = n * c.patch_size**2 * c.in_chans * d
-    per_block = t * d * 3 * d + 2 * t * t * d + t * d * d + 2 * t * d * c.mlp_hidden_dim
+    hidden = c.mlp_hidden_dim
+    mlp = t * d * hidden + t * (hidden // 2 if c.mlp_layer == "swiglu" else hidden) * d
+    per_block = t * d * 3 * d + 2 * t * t * d + t * d * d + mlp
     macs += c.depth * per_block
+    if c.global_pool == "map":  # one query: q, k/v of the patches, attention, proj, MLP
+        macs += d * d + n * d * 2 * d + 2 * n * d + d * d + 2 * d * hidden
     feat = d
     if c.head == "mlp":
         feat = c.head_hidden_dim or d
         macs += d * feat
     macs += feat * c.num_classes * (2 if c.distilled else 1)
+    macs += d * (c.projection_dim or 0)
     return macs

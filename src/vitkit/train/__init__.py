@@ -1,6 +1,17 @@
-"""Training: `Recipe` (every knob), `train()` (the loop), checkpoints that resume bit for bit."""
+"""Training: `Recipe` (every knob), `train()` (the one loop), objectives that plug into it, and
+checkpoints that resume bit for bit."""
 
-from vitkit.train.recipe import Recipe
-from vitkit.train.trainer import TrainingDiverged, TrainResult, build_model, evaluate_model, train
+from vitkit.train.objectives import OBJECTIVES, Objective, build_objective
+from vitkit.train.recipe import PRETRAIN_DEFAULTS, Recipe
+from vitkit.train.trainer import TrainingDiverged, TrainResult, train
 
-__all__ = ["Recipe", "TrainResult", "TrainingDiverged", "build_model", "evaluate_model", "train"]
+__all__ = [
+    "OBJECTIVES",
+    "PRETRAIN_DEFAULTS",
+    "Objective",
+    "Recipe",
+    "TrainResult",
+    "TrainingDiverged",
+    "build_objective",
+    "train",
+]

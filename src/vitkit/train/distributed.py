@@ -50,6 +50,15 @@ def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return t
 
 
+def broadcast_str(text: str, info: DistInfo) -> str:
+    """Rank 0's `text` on every process (identity in one process)."""
+    if not info.enabled:
+        return text
+    box = [text]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()

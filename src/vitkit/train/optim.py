@@ -1,8 +1,7 @@
 """Optimizers and learning-rate schedules.
 
-- Decoupled weight decay (AdamW, or SGD with `weight_decay` as plain L2) applies only to matrices:
-  norms, biases, tokens and position tables (`model.no_weight_decay()` and every tensor with
-  ndim <= 1) are never decayed.
+- Decoupled weight decay (AdamW, or SGD with `weight_decay` as plain L2) skips what the model's
+  `no_weight_decay()` names: norms, biases, tokens and position tables.
 - Layer-wise lr decay for fine-tuning: the head gets `lr`, block i gets `lr * decay**(depth - i)`,
   embeddings `lr * decay**(depth + 1)` (BEiT / MAE recipe).
 - The schedule is per optimizer step: linear warmup from 0, then cosine (or linear) down to
@@ -19,33 +18,24 @@ from torch import nn
 
 from vitkit.errors import ConfigError
 
-_NO_DECAY_NAMES = {"cls_token", "dist_token", "reg_token", "mask_token", "pos_embed"}
-_EMBED_PREFIXES = ("patch_embed", "cls_token", "dist_token", "reg_token", "mask_token", "pos_embed")
-
-
-def layer_id(name: str, depth: int) -> int:
-    """0 for embeddings, i + 1 for `blocks.i.*`, depth + 1 for the final norm and head(s)."""
-    if name.startswith(_EMBED_PREFIXES):
-        return 0
-    if name.startswith("blocks."):
-        return int(name.split(".")[1]) + 1
-    return depth + 1
-
 
 def param_groups(
     model: nn.Module, *, weight_decay: float, layer_decay: float | None = None
 ) -> list[dict[str, Any]]:
-    """Parameter groups: (decay, no decay) x (one per layer when `layer_decay` is set)."""
-    # tokens and position tables, also inside wrappers (MAE's `encoder.cls_token`, ...)
-    skip = _NO_DECAY_NAMES | set(getattr(model, "no_weight_decay", set)())
-    depth = len(getattr(model, "blocks", ()))
+    """Parameter groups: (decay, no decay) x (one per layer when `layer_decay` is set).
+
+    The model states its own protocol (as timm's models do): `no_weight_decay()` names the
+    parameters never decayed, `layer_id(name)` and `num_layers` give the layer-wise lr groups.
+    """
+    skip = set(model.no_weight_decay())
+    last = model.num_layers - 1
     groups: dict[tuple[int, bool], dict[str, Any]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        no_decay = p.ndim <= 1 or name.rsplit(".", 1)[-1] in skip
-        lid = layer_id(name, depth) if layer_decay is not None else depth + 1
-        scale = layer_decay ** (depth + 1 - lid) if layer_decay is not None else 1.0
+        no_decay = name in skip
+        lid = model.layer_id(name) if layer_decay is not None else last
+        scale = layer_decay ** (last - lid) if layer_decay is not None else 1.0
         key = (lid, no_decay)
         if key not in groups:
             groups[key] = {

@@ -4,6 +4,7 @@ the command line (`--set key=value`). Validation lives here, with messages that 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,12 +16,29 @@ _DTYPES = ("fp32", "bf16", "fp16")
 _OPTIMIZERS = ("adamw", "sgd")
 _SCHEDULES = ("cosine", "linear", "constant")
 _AUTO_AUGMENT = (None, "randaugment", "trivialaugment")
+OBJECTIVES = ("classify", "simmim", "mae", "dino")
+
+# `vitkit pretrain` starts from these instead of the classification defaults
+PRETRAIN_DEFAULTS: dict[str, Any] = dict(
+    epochs=100,
+    batch_size=128,
+    lr=1.5e-3,
+    min_lr=1e-5,
+    betas=(0.9, 0.95),
+    clip_grad=3.0,
+    drop_path=0.0,
+    random_shift=0,
+    label_smoothing=0.0,
+    ema_decay=None,
+    knn_every_epochs=10,
+)
 
 
 @dataclass
 class Recipe:
     """A training run. Defaults are the digits recipe (`configs/digits.yaml`)."""
 
+    objective: str = "classify"  # classify | simmim | mae | dino (train/objectives.py)
     # model
     model: str = "vit_digits_patch2_8"  # preset name (`vitkit models`)
     # any ViTConfig field on top of the preset (or of the `init` checkpoint's config)
@@ -31,7 +49,12 @@ class Recipe:
     dropout: float | None = None  # dropout rate (None: the preset's)
     # data
     data: str = "digits"  # digits | mnist | a folder (train/ val/), a CIFAR dir or a list file
-    val_data: str | None = None  # validation source for folder/list data (None: built in split)
+    val_data: str | None = None  # validation folder or list (None: val/ inside data, or carved)
+    test_data: str | None = None  # test folder or list (None: test/ inside data, built-in test)
+    val_fraction: float = 0.1  # carved, stratified, from the training part when there is no val
+    all_data: bool = False  # self-supervised: also pre-train on validation and test images
+    mean: tuple[float, ...] | None = None  # normalisation (None: the init checkpoint's, else 0.5)
+    std: tuple[float, ...] | None = None
     image_size: int | None = None  # training resolution (None: the model's)
     num_workers: int = 0  # DataLoader workers for file datasets
     # schedule
@@ -62,11 +85,26 @@ class Recipe:
     distillation: str = "hard"  # hard | soft | none
     distillation_alpha: float = 0.5
     distillation_tau: float = 1.0
+    # self-supervised pre-training (objective simmim | mae | dino)
+    mask_ratio: float | None = None  # SimMIM 0.6, MAE 0.75
+    mask_patch_size: int | None = None  # SimMIM mask block in pixels
+    decoder_dim: int = 64  # MAE decoder
+    decoder_depth: int = 2
+    decoder_heads: int = 4
+    norm_pix_loss: bool = True
+    out_dim: int = 1024  # DINO prototypes
+    local_crops: int = 4
+    head_bn: bool = True  # DINO head with BatchNorm (keeps the teacher from a uniform start)
+    momentum_teacher: float = 0.996
+    teacher_temp: float = 0.07
+    warmup_teacher_temp: float = 0.04
+    knn_every_epochs: int = 0  # self-supervised on labelled data: log validation k-NN top-1
     # numerics and bookkeeping
     ema_decay: float | None = 0.999  # EMA of weights (evaluated too); null: off
     dtype: str = "fp32"  # fp32 | bf16 | fp16 autocast (fp32 is fastest for tiny CPU models)
     seed: int = 0
-    output: str | None = None  # run directory (None: runs/<data>-<model>)
+    output: str | None = None  # run directory (None: a fresh runs/<data>-<model>[-N])
+    overwrite: bool = False  # reuse an existing run directory (never done unless asked)
     save_every_steps: int = 0  # also checkpoint every N optimizer steps (0: epoch ends only)
     log_every_steps: int = 50
     eval_every_epochs: int = 1
@@ -86,7 +124,7 @@ class Recipe:
                 f"{source}: unknown recipe key(s) {unknown}; known keys: {', '.join(sorted(known))}"
             )
         values = dict(data)
-        for key in ("betas", "rrc_scale"):
+        for key in ("betas", "rrc_scale", "mean", "std"):
             if isinstance(values.get(key), list):
                 values[key] = tuple(float(v) for v in values[key])
         for f in dataclasses.fields(cls):  # YAML reads `1e-3` as a string
@@ -116,7 +154,7 @@ class Recipe:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        for key in ("betas", "rrc_scale"):
+        for key in ("betas", "rrc_scale", "mean", "std"):
             if d[key] is not None:
                 d[key] = list(d[key])
         return d
@@ -153,6 +191,7 @@ class Recipe:
             ("schedule", _SCHEDULES),
             ("auto_augment", _AUTO_AUGMENT),
             ("distillation", ("hard", "soft", "none")),
+            ("objective", OBJECTIVES),
         )
         for key, allowed in choices:
             if getattr(self, key) not in allowed:
@@ -178,6 +217,21 @@ class Recipe:
             value = getattr(self, key)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
                 raise bad(f"{key}={value!r} must be a number >= 0")
+        for key in ("lr", "min_lr", "weight_decay", "warmup_epochs", "momentum"):
+            if not math.isfinite(getattr(self, key)):
+                raise bad(f"{key}={getattr(self, key)} must be a finite number")
+        if not 0 <= self.val_fraction < 1:
+            raise bad(f"val_fraction={self.val_fraction} must be in [0, 1)")
+        if (self.mean is None) != (self.std is None):
+            raise bad("mean and std go together: set both or neither")
+        if self.std is not None and not all(math.isfinite(v) and v > 0 for v in self.std):
+            raise bad(f"std={list(self.std)} must be positive finite numbers")
+        if self.mean is not None and not all(math.isfinite(v) for v in self.mean):
+            raise bad(f"mean={list(self.mean)} must be finite numbers")
+        if self.mask_ratio is not None and not 0 < self.mask_ratio < 1:
+            raise bad(f"mask_ratio={self.mask_ratio} must be in (0, 1)")
+        if self.teacher and self.objective != "classify":
+            raise bad(f"teacher= distils a classifier; objective={self.objective!r} takes none")
         if self.lr <= 0:
             raise bad(f"lr={self.lr} must be > 0")
         if not 0 <= self.label_smoothing < 1:
@@ -206,13 +260,23 @@ class Recipe:
             raise bad(f"rrc_scale={self.rrc_scale} must be [low, high] with 0 < low <= high <= 1")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise bad(f"betas={self.betas} must be two numbers in [0, 1)")
+        if self.knn_every_epochs < 0:
+            raise bad(f"knn_every_epochs={self.knn_every_epochs} must be >= 0")
         if self.save_every_steps < 0:
             raise bad(f"save_every_steps={self.save_every_steps} must be >= 0")
         if not isinstance(self.model_overrides, dict):
             raise bad("model_overrides must be a mapping of ViTConfig fields")
 
     def run_dir(self) -> Path:
+        """`output`, or a fresh runs/<data>-<model>[-<objective>][-N] that does not exist yet."""
         if self.output:
             return Path(self.output)
         data = Path(self.data).name or "data"
-        return Path("runs") / f"{data}-{self.model}"
+        tag = "" if self.objective == "classify" else f"-{self.objective}"
+        base = Path("runs") / f"{data}-{self.model}{tag}"
+        n = 1
+        path = base
+        while path.exists():
+            n += 1
+            path = base.with_name(f"{base.name}-{n}")
+        return path

@@ -2,9 +2,12 @@
 
 Layout of a run directory:
 
-    last/state.pt        model, optimizer, scaler, EMA, RNG states, epoch/step, recipe, metrics
-    best/state.pt        the same, at the best validation accuracy
-    best/model.safetensors + best/config.json   the best weights in vitkit's native format
+    last/state.pt        model, objective (decoders, heads), optimizer, scaler, EMA, RNG states,
+                         epoch/step, recipe, metrics, the processor
+    best/                the weights with the best validation accuracy: config.json,
+                         model.safetensors, preprocessor_config.json (a model folder)
+    last/ (at the end)   the final weights as a model folder too
+    .lock                while a run owns the directory
 
 `state.pt` holds only tensors and plain containers, so it loads with
 `torch.load(weights_only=True)` (no pickled code runs when reading it).
@@ -12,6 +15,7 @@ Layout of a run directory:
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 from typing import Any
@@ -21,9 +25,11 @@ import torch
 from torch import nn
 
 from vitkit._io import atomic_open
-from vitkit.errors import CheckpointError
+from vitkit.checkpoints.pretrained import STATE_FILE, read_training_state, save_pretrained
+from vitkit.errors import ConfigError
 
-STATE_FILE = "state.pt"
+LOCK_FILE = ".lock"
+__all__ = ["STATE_FILE", "claim_run_dir", "export_model", "load_state", "save_state"]
 
 
 def capture_rng() -> dict[str, Any]:
@@ -64,46 +70,83 @@ def save_state(path: str | Path, state: dict[str, Any]) -> None:
 
 
 def load_state(path: str | Path) -> dict[str, Any]:
-    """Read a `state.pt` (a run directory, its last/ or best/ folder, or the file itself)."""
-    path = Path(path)
-    if path.is_dir():
-        for candidate in (path / STATE_FILE, path / "last" / STATE_FILE):
-            if candidate.is_file():
-                path = candidate
-                break
-        else:
-            raise CheckpointError(
-                f"{path}: no {STATE_FILE} here or in {path}/last; pass a run "
-                "directory written by `vitkit train`"
-            )
+    """Read a run's `state.pt` (see `vitkit.checkpoints.pretrained.read_training_state`)."""
+    return read_training_state(path)
+
+
+def export_model(directory: str | Path, model: nn.Module, processor: Any = None) -> Path:
+    """Write a model folder: config.json + model.safetensors (transformers' format when it can
+    express the model, vitkit's otherwise) and the preprocessor_config.json it was trained with;
+    each file atomically."""
+    save_pretrained(model, directory)
+    if processor is not None:
+        processor.save_pretrained(directory)
+    return Path(directory)
+
+
+class RunLock:
+    """A run directory owned by one run at a time: `.lock` holds the owner's pid. A lock whose
+    process is gone (killed) is taken over; a live one is refused."""
+
+    def __init__(self, run_dir: Path):
+        self.file = run_dir / LOCK_FILE
+        self.held = False
+
+    def acquire(self) -> RunLock:
+        self.file.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                pid = _read_pid(self.file)
+                if pid is not None and _alive(pid):
+                    raise ConfigError(
+                        f"{self.file.parent} is in use by another run (pid {pid}); wait for it "
+                        "or pass another --output"
+                    ) from None
+                self.file.unlink(missing_ok=True)  # left by a killed run
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(str(os.getpid()))
+            self.held = True
+            return self
+        raise ConfigError(f"could not lock {self.file.parent}")
+
+    def release(self) -> None:
+        if self.held:
+            self.file.unlink(missing_ok=True)
+            self.held = False
+
+
+def claim_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> RunLock:
+    """Refuse to write into a finished or running run unless resuming or told to overwrite,
+    then lock the directory for this run."""
+    used = run_dir.is_dir() and any(p.name != LOCK_FILE for p in run_dir.iterdir())
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--output {run_dir} is a file, not a directory")
+    if used and not (resume or overwrite):
+        raise ConfigError(
+            f"{run_dir} already holds a run; continue it with --resume {run_dir}, replace it "
+            "with --overwrite, or pass another --output"
+        )
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"cannot read training state {path}: {exc}") from exc
-    missing = {"model", "optimizer", "epoch", "step", "recipe"} - set(state)
-    if missing:
-        raise CheckpointError(f"{path}: not a vitkit training state (missing {sorted(missing)})")
-    return state
+        return RunLock(run_dir).acquire()
+    except OSError as exc:
+        raise ConfigError(f"cannot create the run directory {run_dir}: {exc.strerror}") from None
 
 
-def export_model(directory: str | Path, model: nn.Module) -> None:
-    """Write the model with `save_pretrained` (transformers' format when it can express the model,
-    vitkit's native one otherwise): config.json + model.safetensors, each atomically."""
-    model.save_pretrained(directory)
+def _read_pid(file: Path) -> int | None:
+    try:
+        return int(file.read_text().strip())
+    except (OSError, ValueError):
+        return None
 
 
-def load_native_weights(directory: str | Path) -> tuple[Any, dict[str, torch.Tensor]]:
-    """(ViTConfig, state dict) of a model folder (either format `export_model` writes) or a run
-    directory (its best/, else last/)."""
-    from vitkit.checkpoints.pretrained import from_pretrained
-    from vitkit.config import ViTConfig
-
-    directory = Path(directory)
-    for d in (directory, directory / "best", directory / "last"):
-        if (d / "model.safetensors").is_file() and (d / "config.json").is_file():
-            model = from_pretrained(d)
-            return model.config, model.state_dict()
-    if (directory / "last" / STATE_FILE).is_file() or (directory / STATE_FILE).is_file():
-        state = load_state(directory)
-        return ViTConfig.from_dict(state["model_config"]), state["model"]
-    raise CheckpointError(f"{directory}: no model.safetensors + config.json (or {STATE_FILE})")
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

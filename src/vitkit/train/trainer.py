@@ -1,14 +1,19 @@
-"""The training loop of `vitkit train`, top to bottom in `train()`.
+"""The one training loop of vitkit, for every objective (train/objectives.py).
 
-One optimizer step = `accum_steps` micro-batches per process; gradients are averaged over
-processes by DistributedDataParallel. Checkpoints (train/state.py) are written by rank 0 at every
-epoch end and every `save_every_steps` steps; `resume=` continues a run so that its final weights
-equal those of an uninterrupted run.
+`train(recipe)` = `setup` (data, model, objective, optimizer, checkpoint to resume from), then per
+epoch `train_one_epoch` (a short loop a newcomer can follow) and `end_epoch` (validation, best/,
+checkpoint), then `finish` (the test split, once, on the checkpoint chosen on validation).
+
+One optimizer step = `accum_steps` micro-batches per process; DistributedDataParallel averages
+gradients over processes. Rank 0 writes a checkpoint (train/state.py) at every epoch end and every
+`save_every_steps` steps; `resume=` continues a run so that its final weights equal those of an
+uninterrupted run.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import random
@@ -16,24 +21,29 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
+from vitkit._io import atomic_write_text
+from vitkit.data.datasets import TrainData, _mix, build_data
+from vitkit.data.processor import ImageProcessor
 from vitkit.errors import ConfigError, VitkitError
+from vitkit.eval import evaluate
+from vitkit.models.vit import VisionTransformer, rebuild
 from vitkit.train import distributed as D
 from vitkit.train.ema import ModelEMA
+from vitkit.train.objectives import Objective, build_objective
 from vitkit.train.optim import build_optimizer, lr_at, set_lr
 from vitkit.train.recipe import Recipe
 from vitkit.train.state import (
     STATE_FILE,
+    RunLock,
     capture_rng,
+    claim_run_dir,
     export_model,
-    load_native_weights,
     load_state,
     restore_rng,
     save_state,
@@ -48,7 +58,8 @@ class TrainingDiverged(VitkitError):
 
 @dataclass
 class TrainResult:
-    """What a finished run reports. Accuracies are fractions in [0, 1]."""
+    """What a finished run reports. Accuracies are fractions in [0, 1]; `val_*` are the last
+    epoch's, `best_acc` the validation accuracy of best/, `test_*` best/ on the test split."""
 
     run_dir: Path
     val_acc: float | None = None
@@ -57,95 +68,191 @@ class TrainResult:
     ema_val_acc: float | None = None
     best_acc: float | None = None
     best_dir: Path | None = None
+    test_acc: float | None = None
+    test_top5: float | None = None
+    model_dir: Path | None = None  # the folder to fine-tune or deploy (best/, else last/)
     seconds: float = 0.0
     steps: int = 0
     metrics: list[dict[str, Any]] = field(default_factory=list)
 
 
-class _Logits(nn.Module):
-    """Wraps a VisionTransformer so DDP sees a plain tensor output."""
+@dataclass
+class Run:
+    """Everything `setup` builds; the loop's state lives in the last five fields."""
 
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
+    recipe: Recipe
+    info: D.DistInfo
+    run_dir: Path
+    data: TrainData
+    objective: Objective
+    net: nn.Module  # the objective, wrapped in DDP across processes
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    ema: ModelEMA | None
+    processor: ImageProcessor
+    log: _Log
+    lock: RunLock | None
+    total_steps: int
+    warmup_steps: int
+    epoch: int = 0
+    start_step: int = 0
+    global_step: int = 0
+    best_acc: float | None = None
+    epoch_loss: tuple[float, int] = (0.0, 0)  # loss sum and steps of the epoch so far
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.model(x).logits
+    @property
+    def amp(self) -> torch.dtype | None:
+        return _AMP[self.recipe.dtype]
 
+    def lr(self, step: int) -> float:
+        r = self.recipe
+        return lr_at(step, total_steps=self.total_steps, warmup_steps=self.warmup_steps,
+                     base_lr=r.lr, min_lr=r.min_lr, schedule=r.schedule)  # fmt: skip
 
-class _Heads(nn.Module):
-    """A distilled student's two heads stacked, (2, B, K), so DDP sees one tensor."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = self.model(x)
-        return torch.stack([out.cls_logits, out.distillation_logits])
-
-
-def _distiller(recipe: Recipe, device: torch.device):
-    """DeiT's `DistillationLoss` around the recipe's teacher, or None without one."""
-    if not recipe.teacher:
-        return None
-    from vitkit.models.distill import DistillationLoss, load_teacher
-
-    teacher = load_teacher(recipe.teacher, device=device)
-    return DistillationLoss(
-        teacher,
-        _loss_fn(recipe),
-        recipe.distillation,
-        alpha=recipe.distillation_alpha,
-        tau=recipe.distillation_tau,
-    )
-
-
-# ---------------------------------------------------------------------------------- model
-def _resize_positions(model: nn.Module, image_size: int) -> nn.Module:
-    """Rebuild `model` for `image_size`, resampling a learned position table (bicubic)."""
-    from vitkit.layers import resample_pos_embed
-    from vitkit.models.vit import VisionTransformer
-
-    c = model.config
-    if c.image_hw == (image_size, image_size):
-        return model
-    new = VisionTransformer(c.replace(image_size=image_size))
-    state = model.state_dict()
-    if "pos_embed" in state:
-        state["pos_embed"] = resample_pos_embed(
-            state["pos_embed"],
-            new.config.grid_size,
-            old_grid=c.grid_size,
-            num_prefix_tokens=c.num_pos_prefix_tokens,
-            mode=c.pos_embed_interpolation,
+    def autocast(self):
+        return torch.autocast(
+            self.info.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None
         )
-    new.load_state_dict(state)
-    return new
 
 
-def _load_init(source: str) -> nn.Module:
-    """A pretrained model from a model folder, a `vitkit train` run directory (its best/, else
-    last/, or its training state) or anything else `vitkit.from_pretrained` accepts."""
-    from vitkit.checkpoints.pretrained import from_pretrained
-    from vitkit.models.vit import VisionTransformer
+def train(
+    recipe: Recipe | None,
+    *,
+    resume: str | Path | None = None,
+    on_step: Callable[[int], None] | None = None,
+    device: str | None = None,
+) -> TrainResult:
+    """Train as `recipe` says (or continue the run in `resume`, with its saved recipe); return
+    the final metrics. `on_step(global_step)` is called after every optimizer step."""
+    run = setup(recipe, resume=resume, device=device)
+    try:
+        t_start = time.perf_counter() - (run.log.rows[-1].get("time_s", 0.0) if run.log.rows else 0)
+        while run.epoch < run.recipe.epochs:
+            loss_sum, steps = train_one_epoch(run, on_step)
+            run.epoch, run.start_step = run.epoch + 1, 0
+            end_epoch(run, loss_sum / max(steps, 1), time.perf_counter() - t_start)
+            D.barrier(run.info)
+        return finish(run, time.perf_counter() - t_start)
+    finally:
+        if run.lock is not None:
+            run.lock.release()
+        if run.log.tb is not None:
+            run.log.tb.close()
+        D.cleanup(run.info)
 
-    path = Path(source)
-    if path.is_dir() and not (path / "config.json").is_file():
-        config, state = load_native_weights(path)  # a run directory
-        model = VisionTransformer(config)
-        model.load_state_dict(state)
-        return model
-    return from_pretrained(source)
+
+# ---------------------------------------------------------------------------------- setup
+def setup(recipe: Recipe | None, *, resume: str | Path | None = None, device=None) -> Run:
+    """Data, model, objective, optimizer and (with `resume`) the state to continue from."""
+    info = D.setup(device)
+    state = None
+    if resume is not None:
+        state = load_state(resume)
+        recipe = Recipe.from_dict(state["recipe"], source=f"{resume} (saved recipe)")
+        run_dir = Path(resume)
+        if run_dir.is_file() or run_dir.name in ("last", "best"):
+            run_dir = run_dir.parent if run_dir.is_dir() else run_dir.parent.parent
+    elif recipe is None:
+        raise ConfigError("train() needs a recipe or resume=")
+    else:
+        run_dir = Path(D.broadcast_str(str(recipe.run_dir()), info))
+    if recipe.threads:
+        torch.set_num_threads(recipe.threads)
+    lock = claim_run_dir(run_dir, resume=state is not None, overwrite=recipe.overwrite) if (
+        info.is_main
+    ) else None  # fmt: skip
+    try:
+        return _build(recipe, info, run_dir, state, lock)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
 
 
-def build_model(
-    recipe: Recipe, num_classes: int | None = None, *, pretrained: nn.Module | None = None
-) -> nn.Module:
-    """The recipe's model: a preset (random init) or `recipe.init` weights with a new head for
-    `num_classes` and positions resampled to `recipe.image_size`."""
-    from vitkit.presets import create_model
+def _build(recipe: Recipe, info: D.DistInfo, run_dir: Path, state, lock) -> Run:
+    _seed_everything(recipe.seed)
+    supervised = recipe.objective == "classify"
+    resolved = _resolve(recipe.init, recipe, info.device) if recipe.init else None
+    if resolved is not None:
+        cfg0 = resolved.model.config
+    else:
+        from vitkit.presets import get_config
 
+        cfg0 = get_config(recipe.model, **recipe.model_overrides)
+        if recipe.image_size is not None:
+            cfg0 = cfg0.replace(image_size=recipe.image_size)
+    processor = _run_processor(recipe, cfg0, resolved.processor if resolved else None)
+    image_size = cfg0.image_hw[0]
+    data = build_data(
+        recipe,
+        in_chans=cfg0.in_chans,
+        image_size=image_size,
+        rank=info.rank,
+        world=info.world,
+        mean=processor.mean or (0.0,),
+        std=processor.std or (1.0,),
+        eval_transform=processor.preprocess_pil,
+    )
+    _seed_everything(recipe.seed)
+    if supervised:
+        model = _classifier(recipe, len(data.classes) or cfg0.num_classes, resolved)
+        if data.classes:
+            model.config = model.config.replace(id2label=dict(enumerate(data.classes)))
+        teacher = _teacher(recipe, info.device) if recipe.teacher else None
+        if teacher is not None and not model.config.distilled:
+            raise ConfigError(
+                f"--teacher needs a student with a distillation token; {recipe.init} has none "
+                "(start from a preset, or a distilled checkpoint)"
+            )
+        objective = build_objective(recipe, model, teacher, mixer=_mixer(recipe, len(data.classes)))
+    else:
+        if resolved is not None:
+            raise ConfigError(
+                f"objective={recipe.objective} pre-trains from a preset (--model); --init "
+                "is for fine-tuning"
+            )
+        objective = build_objective(recipe, cfg0)
+    objective.shard.rank, objective.shard.world = info.rank, info.world
+    objective.to(info.device)
+    optimizer = build_optimizer(objective, recipe)
+    scaler = torch.amp.GradScaler(info.device.type, enabled=recipe.dtype == "fp16")
+    ema = ModelEMA(objective.encoder, recipe.ema_decay) if recipe.ema_decay else None
+    steps = data.steps_per_epoch
+    run = Run(
+        recipe=recipe,
+        info=info,
+        run_dir=run_dir,
+        data=data,
+        objective=objective,
+        net=objective,
+        optimizer=optimizer,
+        scaler=scaler,
+        ema=ema,
+        processor=processor,
+        log=_Log(run_dir, [], info.is_main, recipe.tensorboard),
+        lock=lock,
+        total_steps=steps * recipe.epochs,
+        warmup_steps=round(recipe.warmup_epochs * steps),
+    )
+    if state is not None:
+        _restore(run, state)
+    if info.enabled:
+        run.net = torch.nn.parallel.DistributedDataParallel(
+            objective, device_ids=[info.device.index] if info.device.type == "cuda" else None
+        )
+    if info.is_main:
+        atomic_write_text(run_dir / "recipe.json", json.dumps(recipe.to_dict(), indent=2) + "\n")
+    return run
+
+
+def _resolve(source: str, recipe: Recipe, device: torch.device):
+    from vitkit.checkpoints.resolve import resolve
+
+    return resolve(source, image_size=recipe.image_size, device=device)
+
+
+def _classifier(recipe: Recipe, num_classes: int, resolved) -> VisionTransformer:
+    """A preset (random init) or the init checkpoint with a new head for `num_classes`."""
     changes = dict(recipe.model_overrides)
     if recipe.teacher and not recipe.init:
         changes.setdefault("distilled", True)  # a [DIST] token for the teacher to train
@@ -153,49 +260,292 @@ def build_model(
         changes["drop_path_rate"] = recipe.drop_path
     if recipe.dropout is not None:
         changes["drop_rate"] = recipe.dropout
-    if not recipe.init:
-        if num_classes is not None:
-            changes["num_classes"] = num_classes
+    if resolved is None:
+        from vitkit.presets import create_model
+
         if recipe.image_size is not None:
             changes["image_size"] = recipe.image_size
-        return create_model(recipe.model, **changes)
-    from vitkit.models.vit import rebuild
-
-    pre = pretrained if pretrained is not None else _load_init(recipe.init)
+        return create_model(recipe.model, num_classes=num_classes, **changes)
+    model = resolved.model
     changes.pop("num_classes", None)
     if changes:  # regularisation knobs, pooling and the like; shapes must not change
-        pre = rebuild(pre, **changes)
-    if recipe.image_size is not None:
-        pre = _resize_positions(pre, recipe.image_size)
-    if num_classes is not None and num_classes != pre.config.num_classes:
-        pre.reset_classifier(num_classes, zero_init=recipe.head_init_zero)
-    return pre
+        model = rebuild(model, **changes)
+    if num_classes != model.config.num_classes:
+        model.reset_classifier(num_classes, zero_init=recipe.head_init_zero)
+    return model
 
 
-# ---------------------------------------------------------------------------------- eval
-@torch.no_grad()
-def evaluate_model(
-    model: nn.Module, batches, device: torch.device, amp: torch.dtype | None = None
-) -> dict[str, float]:
-    """Cross-entropy, top-1 and top-5 accuracy of `model` over (images, labels) batches."""
-    was_training = model.training
-    model.eval()
-    loss = correct1 = correct5 = n = 0.0
-    for x, y in batches:
-        x, y = x.to(device), y.to(device)
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            logits = model(x).logits.float()
-        loss += F.cross_entropy(logits, y, reduction="sum").item()
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices  # (B, k)
-        correct1 += (top[:, 0] == y).sum().item()
-        correct5 += (top == y[:, None]).any(1).sum().item()
-        n += len(y)
-    model.train(was_training)
-    n = max(n, 1)
-    return {"val_loss": loss / n, "val_acc": correct1 / n, "val_top5": correct5 / n}
+def _teacher(recipe: Recipe, device: torch.device) -> nn.Module:
+    from vitkit.checkpoints.resolve import resolve
+
+    teacher = resolve(recipe.teacher, allow_preset=True, device=device).model
+    return teacher.eval().requires_grad_(False)
+
+
+def _run_processor(recipe: Recipe, config, found: ImageProcessor | None) -> ImageProcessor:
+    """The preprocessing of the run: the init checkpoint's (mean / std and resize rule), else
+    transformers' defaults at the model's size; the recipe's mean / std win."""
+    base = found if found is not None else ImageProcessor.for_model(config)
+    base = base.at_size(config.image_hw)
+    if recipe.mean is not None:
+        base = dataclasses.replace(base, mean=tuple(recipe.mean), std=tuple(recipe.std))
+    if base.num_channels != config.in_chans:
+        mean, std = base.mean, base.std
+        if config.in_chans == 1 and mean is not None and std is not None:
+            mean, std = (sum(mean) / len(mean),), (sum(std) / len(std),)
+        base = dataclasses.replace(base, num_channels=config.in_chans, mean=mean, std=std)
+    return base
+
+
+def _mixer(recipe: Recipe, num_classes: int):
+    if recipe.mixup_alpha <= 0 and recipe.cutmix_alpha <= 0:
+        return None
+    from vitkit.data.augment import MixupCutmix
+
+    return MixupCutmix(
+        num_classes,
+        mixup_alpha=recipe.mixup_alpha,
+        cutmix_alpha=recipe.cutmix_alpha,
+        prob=recipe.mix_prob,
+        label_smoothing=recipe.label_smoothing,
+    )
+
+
+# ---------------------------------------------------------------------------------- the loop
+def train_one_epoch(run: Run, on_step: Callable[[int], None] | None = None) -> tuple[float, int]:
+    """One epoch from `run.start_step`: per optimizer step, the micro-batches' losses are
+    back-propagated (gradients synchronised on the last), clipped, applied, averaged into the
+    EMA. Returns (loss sum, steps) of the whole epoch, resumed part included."""
+    r, info, objective = run.recipe, run.info, run.objective
+    objective.train()
+    loss_sum, steps = run.epoch_loss
+    run.epoch_loss = (0.0, 0)
+    window = _Window()
+    bar = _bar(run)
+    for step, micros in run.data.batches(run.epoch, run.start_step):
+        lr = run.lr(run.global_step)
+        set_lr(run.optimizer, lr)
+        objective.begin_step(run.global_step, run.total_steps)
+        step_loss = torch.zeros((), device=info.device)
+        for a, (x, y) in enumerate(micros):
+            x, y = x.to(info.device, non_blocking=True), y.to(info.device, non_blocking=True)
+            rng = torch.Generator().manual_seed(_mix(r.seed, run.epoch, step, a))
+            sync = not info.enabled or a == len(micros) - 1
+            with contextlib.nullcontext() if sync else run.net.no_sync(), run.autocast():
+                loss = run.net(x, y, rng)
+            run.scaler.scale(loss / len(micros)).backward()
+            step_loss += loss.detach() / len(micros)
+            window.seen += len(x) * info.world
+        value = float(D.all_reduce_sum(step_loss, info)) / info.world
+        if not math.isfinite(value):
+            bar.close()
+            raise TrainingDiverged(
+                f"loss is {value} at epoch {run.epoch + 1}, step {step + 1} (global step "
+                f"{run.global_step + 1}); stopped without applying it. The last good checkpoint "
+                f"is {run.run_dir / 'last'}; lower --lr, add --set clip_grad=1.0 or use fp32"
+            )
+        if r.clip_grad:
+            run.scaler.unscale_(run.optimizer)
+            nn.utils.clip_grad_norm_(objective.parameters(), r.clip_grad)
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+        run.optimizer.zero_grad(set_to_none=True)
+        objective.after_step(run.global_step, run.total_steps)
+        if run.ema is not None:
+            run.ema.update(objective.encoder)
+        run.global_step += 1
+        loss_sum, steps = loss_sum + value, steps + 1
+        window.add(value)
+        if info.is_main and run.global_step % r.log_every_steps == 0:
+            row = {"epoch": run.epoch + 1, "step": run.global_step, **window.pop(), "lr": lr}
+            run.log.add(row)
+            bar.set_postfix(loss=f"{row['train_loss']:.4f}", lr=f"{lr:.2e}")
+        bar.update(1)
+        if r.save_every_steps and run.global_step % r.save_every_steps == 0:
+            run.epoch_loss = (loss_sum, steps)
+            checkpoint(run, next_step=step + 1)
+            run.epoch_loss = (0.0, 0)
+        if on_step is not None:
+            on_step(run.global_step)
+    bar.close()
+    return loss_sum, steps
+
+
+def end_epoch(run: Run, train_loss: float, elapsed: float) -> None:
+    """Validation (supervised objectives), best/ on validation accuracy, the checkpoint."""
+    r = run.recipe
+    evaluate_now = run.objective.uses_labels and (
+        run.epoch % r.eval_every_epochs == 0 or run.epoch == r.epochs
+    )
+    if run.info.is_main and (evaluate_now or not run.objective.uses_labels):
+        row: dict[str, Any] = {"epoch": run.epoch, "step": run.global_step,
+                               "train_loss": train_loss, "lr": run.lr(run.global_step - 1),
+                               "time_s": elapsed, **run.objective.logs()}  # fmt: skip
+        if evaluate_now:
+            acc, weights = _validate(run, row)
+            if run.best_acc is None or acc > run.best_acc:
+                run.best_acc = acc
+                export_model(run.run_dir / "best", weights, run.processor)
+        elif _knn_due(run):
+            row["knn_acc"] = _knn(run)
+        run.log.add(row)
+        if r.progress:
+            _tqdm_write(_epoch_line(r, row))
+    checkpoint(run, next_step=0)
+
+
+def _validate(run: Run, row: dict[str, Any]) -> tuple[float, nn.Module]:
+    """Accuracy of the model (and its EMA) on the validation split, into `row`; returns the
+    better accuracy and its weights."""
+    model = run.objective.encoder
+    acc, weights = _score(run, model, "val", row, "val_"), model
+    if run.ema is not None:
+        ema_acc = _score(run, run.ema.module, "val", row, "ema_val_")
+        if ema_acc > acc:
+            acc, weights = ema_acc, run.ema.module
+    return acc, weights
+
+
+def _knn_due(run: Run) -> bool:
+    every = run.recipe.knn_every_epochs
+    return bool(every and run.data.knn_queries is not None) and (
+        run.epoch % every == 0 or run.epoch == run.recipe.epochs
+    )
+
+
+def _knn(run: Run) -> float:
+    """Weighted k-NN top-1 (k = 20) of the encoder's features: validation images against the
+    rest of the training part; labels are used by the vote only."""
+    from vitkit.features import extract, knn_accuracy
+
+    def feats(data: Any):
+        batches = run.data.eval_batches(data)
+        return extract(run.objective.encoder, batches, device=run.info.device)
+
+    return knn_accuracy(*feats(run.data.knn_memory), *feats(run.data.knn_queries), k=20)
+
+
+def _score(run: Run, model: nn.Module, split: str, row: dict[str, Any], prefix: str) -> float:
+    result = evaluate(model, run.data.eval_batches(split), device=run.info.device,
+                      amp_dtype=run.amp)  # fmt: skip
+    row.update({f"{prefix}loss": result.loss, f"{prefix}acc": result.top1,
+                f"{prefix}top5": result.top5})  # fmt: skip
+    return result.top1
+
+
+def checkpoint(run: Run, *, next_step: int) -> None:
+    """Write last/state.pt (rank 0): everything `resume` needs to continue bit for bit."""
+    if not run.info.is_main:
+        return
+    encoder = run.objective.encoder
+    if not all(bool(torch.isfinite(p).all()) for p in run.objective.parameters()):
+        raise TrainingDiverged(
+            f"weights became NaN/inf by step {run.global_step}; kept the last good checkpoint "
+            f"in {run.run_dir / 'last'}; lower the lr"
+        )
+    loss_sum, steps = run.epoch_loss if next_step else (0.0, 0)
+    state = {
+        "model": encoder.state_dict(),
+        "model_config": encoder.config.to_dict(),
+        "objective": run.objective.extra_state(),
+        "optimizer": run.optimizer.state_dict(),
+        "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else {},
+        "ema": run.ema.state_dict() if run.ema is not None else {},
+        "rng": capture_rng(),
+        "epoch": run.epoch,
+        "step": next_step,
+        "global_step": run.global_step,
+        "recipe": run.recipe.to_dict(),
+        "metrics": run.log.rows,
+        "best_acc": run.best_acc,
+        "epoch_loss": float(loss_sum),
+        "epoch_steps": steps,
+        "preprocessor": run.processor.to_hf_dict(),
+    }
+    save_state(run.run_dir / "last" / STATE_FILE, state)
+    run.log.flush()
+
+
+def _restore(run: Run, state: dict[str, Any]) -> None:
+    run.objective.load(state["model"], state.get("objective", {}))
+    run.optimizer.load_state_dict(state["optimizer"])
+    if state.get("scaler"):
+        run.scaler.load_state_dict(state["scaler"])
+    if run.ema is not None and state.get("ema"):
+        run.ema.load_state_dict(state["ema"])
+    restore_rng(state["rng"])
+    run.epoch, run.start_step = state["epoch"], state["step"]
+    run.global_step = state["global_step"]
+    run.best_acc = state.get("best_acc")
+    run.log.rows = list(state.get("metrics", []))
+    run.epoch_loss = (float(state.get("epoch_loss", 0.0)), int(state.get("epoch_steps", 0)))
+
+
+def finish(run: Run, seconds: float) -> TrainResult:
+    """The final model folder, the test split once on best/, curves and pictures."""
+    result = TrainResult(run_dir=run.run_dir, seconds=seconds, steps=run.global_step)
+    result.metrics = run.log.rows
+    last_eval = next((row for row in reversed(run.log.rows) if "val_acc" in row), None)
+    if last_eval is not None:
+        result.val_acc, result.val_top5 = last_eval["val_acc"], last_eval["val_top5"]
+        result.val_loss = last_eval["val_loss"]
+        result.ema_val_acc = last_eval.get("ema_val_acc")
+    result.best_acc = run.best_acc
+    best = run.run_dir / "best"
+    if (best / "config.json").is_file():
+        result.best_dir = best
+    if not run.info.is_main:
+        return result
+    export_model(run.run_dir / "last", run.objective.export(), run.processor)
+    result.model_dir = result.best_dir or run.run_dir / "last"
+    if result.best_dir is not None and run.data.test is not None:
+        from vitkit.checkpoints.resolve import resolve
+
+        chosen = resolve(best, device=run.info.device).model
+        row: dict[str, Any] = {}
+        _score(run, chosen, "test", row, "test_")
+        result.test_acc, result.test_top5 = row["test_acc"], row["test_top5"]
+        summary = {"best_val_acc": run.best_acc, "test_acc": result.test_acc,
+                   "test_top5": result.test_top5, "test_loss": row["test_loss"]}  # fmt: skip
+        atomic_write_text(run.run_dir / "results.json", json.dumps(summary, indent=2) + "\n")
+    if run.recipe.plot:
+        _plot(run.run_dir)
+    run.objective.eval()
+    with torch.no_grad():
+        _draw(run)
+    return result
+
+
+def _draw(run: Run) -> None:
+    if run.objective.uses_labels:
+        return  # classifiers draw curves and confusion matrices instead
+    images = next(iter(run.data.batches(0)), None)
+    if images is None:
+        return
+    x = images[1][0][0][:8].to(run.info.device)
+    try:
+        run.objective.draw(x, run.run_dir)
+    except Exception as exc:  # a picture must never fail a finished run
+        print(f"vitkit: could not draw {run.recipe.objective}'s picture: {exc}")
 
 
 # ---------------------------------------------------------------------------------- logging
+class _Window:
+    """Training loss and throughput since the last log row."""
+
+    def __init__(self) -> None:
+        self.seen, self.t0, self.total, self.n = 0, time.perf_counter(), 0.0, 0
+
+    def add(self, loss: float) -> None:
+        self.total, self.n = self.total + loss, self.n + 1
+
+    def pop(self) -> dict[str, float]:
+        dt = time.perf_counter() - self.t0
+        row = {"train_loss": self.total / max(self.n, 1), "img_per_s": self.seen / dt if dt else 0}
+        self.__init__()
+        return row
+
+
 class _Log:
     """metrics.jsonl + metrics.csv (rewritten atomically) and optional TensorBoard, rank 0 only."""
 
@@ -221,8 +571,6 @@ class _Log:
     def flush(self) -> None:
         if not self.enabled:
             return
-        from vitkit._io import atomic_write_text
-
         atomic_write_text(
             self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.rows)
         )
@@ -237,304 +585,21 @@ class _Log:
             self.tb.flush()
 
 
-def _loss_fn(recipe: Recipe) -> Callable[[Tensor, Tensor], Tensor]:
-    def loss(logits: Tensor, target: Tensor) -> Tensor:
-        if target.ndim == 2:  # soft targets from mixup / cutmix (smoothing already applied)
-            return torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean()
-        return F.cross_entropy(logits, target, label_smoothing=recipe.label_smoothing)
-
-    return loss
-
-
-def _mixer(recipe: Recipe, num_classes: int):
-    if recipe.mixup_alpha <= 0 and recipe.cutmix_alpha <= 0:
-        return None
-    from vitkit.data.augment import MixupCutmix
-
-    return MixupCutmix(
-        num_classes,
-        mixup_alpha=recipe.mixup_alpha,
-        cutmix_alpha=recipe.cutmix_alpha,
-        prob=recipe.mix_prob,
-        label_smoothing=recipe.label_smoothing,
-    )
+def _epoch_line(r: Recipe, row: dict[str, Any]) -> str:
+    msg = f"epoch {row['epoch']}/{r.epochs}  loss {row['train_loss']:.4f}"
+    if "val_acc" in row:
+        msg += f"  val_loss {row['val_loss']:.4f}  val_acc {row['val_acc']:.4f}"
+    if "ema_val_acc" in row:
+        msg += f"  ema_val_acc {row['ema_val_acc']:.4f}"
+    if "knn_acc" in row:
+        msg += f"  knn_acc {row['knn_acc']:.4f}"
+    return msg
 
 
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def _all_finite(model: nn.Module) -> bool:
-    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
-
-
-# ---------------------------------------------------------------------------------- train
-def train(
-    recipe: Recipe,
-    *,
-    resume: str | Path | None = None,
-    on_step: Callable[[int], None] | None = None,
-    device: str | None = None,
-) -> TrainResult:
-    """Train as `recipe` says (or continue the run in `resume`); return the final metrics.
-
-    `on_step(global_step)` is called after every optimizer step (progress hooks, tests).
-    """
-    info = D.setup(device)
-    state = None
-    if resume is not None:
-        state = load_state(resume)
-        recipe = Recipe.from_dict(state["recipe"], source=f"{resume} (saved recipe)")
-    run_dir = Path(resume) if resume is not None and Path(resume).is_dir() else recipe.run_dir()
-    if run_dir.name in ("last", "best"):
-        run_dir = run_dir.parent
-    if recipe.threads:
-        torch.set_num_threads(recipe.threads)
-    _seed_everything(recipe.seed)
-    main = info.is_main
-
-    # data first: it fixes the number of classes
-    pretrained = None
-    if recipe.init:
-        pretrained = _load_init(recipe.init)
-        cfg0 = pretrained.config
-    else:
-        from vitkit.presets import get_config
-
-        cfg0 = get_config(recipe.model, **recipe.model_overrides)
-    image_size = recipe.image_size or cfg0.image_hw[0]
-    from vitkit.data.datasets import build_data
-
-    data = build_data(
-        recipe, in_chans=cfg0.in_chans, image_size=image_size, rank=info.rank, world=info.world
-    )
-    num_classes = len(data.classes) or cfg0.num_classes
-    _seed_everything(recipe.seed)
-    model = build_model(recipe, num_classes, pretrained=pretrained)
-    if data.classes:
-        model.config = model.config.replace(id2label=dict(enumerate(data.classes)))
-    model.to(info.device)
-    optimizer = build_optimizer(model, recipe)
-    amp = _AMP[recipe.dtype]
-    scaler = torch.amp.GradScaler(info.device.type, enabled=recipe.dtype == "fp16")
-    ema = ModelEMA(model, recipe.ema_decay) if recipe.ema_decay else None
-
-    steps_per_epoch = data.steps_per_epoch
-    total_steps = steps_per_epoch * recipe.epochs
-    warmup_steps = round(recipe.warmup_epochs * steps_per_epoch)
-    epoch, start_step, global_step = 0, 0, 0
-    best_acc: float | None = None
-    rows: list[dict[str, Any]] = []
-    ep_partial = (0.0, 0)  # training-loss sum and step count of the epoch so far (for resume)
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        if ema is not None and state.get("ema"):
-            ema.load_state_dict(state["ema"])
-        restore_rng(state["rng"])
-        epoch, start_step, global_step = state["epoch"], state["step"], state["global_step"]
-        best_acc = state.get("best_acc")
-        rows = list(state.get("metrics", []))
-        ep_partial = (float(state.get("epoch_loss", 0.0)), int(state.get("epoch_steps", 0)))
-
-    distill = _distiller(recipe, info.device)
-    if distill is not None and not model.config.distilled:
-        raise ConfigError(
-            f"--teacher needs a student with a distillation token; {recipe.init} "
-            "has none (start from a preset, or a distilled checkpoint)"
-        )
-    net: nn.Module = _Heads(model) if distill is not None else _Logits(model)
-    if info.enabled:
-        net = torch.nn.parallel.DistributedDataParallel(
-            net, device_ids=[info.device.index] if info.device.type == "cuda" else None
-        )
-    loss_fn = _loss_fn(recipe)
-    mixer = _mixer(recipe, num_classes)
-    log = _Log(run_dir, rows, main, recipe.tensorboard)
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        from vitkit._io import atomic_write_text
-
-        atomic_write_text(run_dir / "recipe.json", json.dumps(recipe.to_dict(), indent=2) + "\n")
-
-    def schedule(step: int) -> float:
-        return lr_at(
-            step,
-            total_steps=total_steps,
-            warmup_steps=warmup_steps,
-            base_lr=recipe.lr,
-            min_lr=recipe.min_lr,
-            schedule=recipe.schedule,
-        )
-
-    def checkpoint(next_epoch: int, next_step: int, *, best: bool = False) -> None:
-        if not main:
-            return
-        if not _all_finite(model):
-            raise TrainingDiverged(
-                f"weights became NaN/inf by step {global_step}; kept the last "
-                f"good checkpoint in {run_dir / 'last'}; lower the lr"
-            )
-        st = {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict() if scaler.is_enabled() else {},
-            "ema": ema.state_dict() if ema is not None else {},
-            "rng": capture_rng(),
-            "epoch": next_epoch,
-            "step": next_step,
-            "global_step": global_step,
-            "recipe": recipe.to_dict(),
-            "model_config": model.config.to_dict(),
-            "metrics": log.rows,
-            "best_acc": best_acc,
-            "epoch_loss": float(ep_loss) if next_step else 0.0,
-            "epoch_steps": ep_steps if next_step else 0,
-        }
-        save_state(run_dir / "last" / STATE_FILE, st)
-        if best:
-            save_state(run_dir / "best" / STATE_FILE, st)
-        log.flush()
-
-    t_start = time.perf_counter()
-    result = TrainResult(run_dir=run_dir)
-    tqdm = _tqdm(main and recipe.progress)
-    while epoch < recipe.epochs:
-        model.train()
-        bar = tqdm(
-            total=steps_per_epoch,
-            initial=start_step,
-            desc=f"epoch {epoch + 1}/{recipe.epochs}",
-            leave=False,
-            dynamic_ncols=True,
-        )
-        ep_loss, ep_steps = ep_partial
-        ep_partial = (0.0, 0)
-        lr = schedule(global_step)
-        seen, t_win, loss_win, n_win = 0, time.perf_counter(), 0.0, 0
-        for step, micros in data.batches(epoch, start_step):
-            lr = schedule(global_step)
-            set_lr(optimizer, lr)
-            step_loss = torch.zeros((), device=info.device)
-            for a, (x, y) in enumerate(micros):
-                x, y = x.to(info.device, non_blocking=True), y.to(info.device, non_blocking=True)
-                target = y
-                if mixer is not None:
-                    x, target = mixer(x, y)
-                sync = info.enabled and a < len(micros) - 1
-                with (
-                    net.no_sync() if sync else contextlib.nullcontext(),
-                    torch.autocast(
-                        info.device.type, dtype=amp or torch.float32, enabled=amp is not None
-                    ),
-                ):
-                    out = net(x).float()
-                    if distill is None:
-                        loss = loss_fn(out, target)
-                    else:
-                        heads = SimpleNamespace(cls_logits=out[0], distillation_logits=out[1])
-                        loss = distill(x, heads, target)
-                    scaler.scale(loss / len(micros)).backward()
-                step_loss += loss.detach() / len(micros)
-                seen += len(y) * info.world
-            step_loss = D.all_reduce_sum(step_loss, info) / info.world
-            value = float(step_loss)
-            if not math.isfinite(value):
-                bar.close()
-                raise TrainingDiverged(
-                    f"loss is {value} at epoch {epoch + 1}, step {step + 1} (global step "
-                    f"{global_step + 1}); stopped without applying it. The last good checkpoint "
-                    f"is {run_dir / 'last'}; lower --lr, add --set clip_grad=1.0 or use fp32"
-                )
-            if recipe.clip_grad:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            if ema is not None:
-                ema.update(model)
-            global_step += 1
-            ep_loss += value
-            ep_steps += 1
-            loss_win += value
-            n_win += 1
-            if main and (global_step % recipe.log_every_steps == 0):
-                dt = time.perf_counter() - t_win
-                ips = seen / dt if dt > 0 else 0.0
-                log.add(
-                    {
-                        "epoch": epoch + 1,
-                        "step": global_step,
-                        "train_loss": loss_win / n_win,
-                        "lr": lr,
-                        "img_per_s": ips,
-                    }
-                )
-                bar.set_postfix(loss=f"{loss_win / n_win:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}")
-                seen, t_win, loss_win, n_win = 0, time.perf_counter(), 0.0, 0
-            bar.update(1)
-            if recipe.save_every_steps and global_step % recipe.save_every_steps == 0:
-                checkpoint(epoch, step + 1)
-            if on_step is not None:
-                on_step(global_step)
-        bar.close()
-        start_step = 0
-        epoch += 1
-        is_best = False
-        if main and (epoch % recipe.eval_every_epochs == 0 or epoch == recipe.epochs):
-            row: dict[str, Any] = {
-                "epoch": epoch,
-                "step": global_step,
-                "train_loss": float(ep_loss) / max(ep_steps, 1),
-                "lr": lr,
-                "time_s": time.perf_counter() - t_start,
-            }
-            row.update(evaluate_model(model, data.eval_batches(), info.device, amp))
-            acc = row["val_acc"]
-            weights = model
-            if ema is not None:
-                e = evaluate_model(ema.module, data.eval_batches(), info.device, amp)
-                row.update({f"ema_{k}": v for k, v in e.items()})
-                if e["val_acc"] > acc:
-                    acc, weights = e["val_acc"], ema.module
-            log.add(row)
-            if best_acc is None or acc > best_acc:
-                best_acc, is_best = acc, True
-                export_model(run_dir / "best", weights)
-                result.best_dir = run_dir / "best"
-            msg = (
-                f"epoch {epoch}/{recipe.epochs}  loss {row['train_loss']:.4f}  "
-                f"val_loss {row['val_loss']:.4f}  val_acc {row['val_acc']:.4f}"
-            )
-            if ema is not None:
-                msg += f"  ema_val_acc {row['ema_val_acc']:.4f}"
-            if recipe.progress:
-                tqdm.write(msg)
-        checkpoint(epoch, 0, best=is_best)
-        D.barrier(info)
-
-    result.seconds = time.perf_counter() - t_start
-    result.steps = global_step
-    result.metrics = log.rows
-    last_eval = next((r for r in reversed(log.rows) if "val_acc" in r), None)
-    if last_eval is not None:
-        result.val_acc, result.val_top5 = last_eval["val_acc"], last_eval["val_top5"]
-        result.val_loss = last_eval["val_loss"]
-        result.ema_val_acc = last_eval.get("ema_val_acc")
-    result.best_acc = best_acc
-    if (run_dir / "best" / "model.safetensors").exists():
-        result.best_dir = run_dir / "best"
-    if main and recipe.plot:
-        _plot(run_dir)
-    if log.tb is not None:
-        log.tb.close()
-    D.cleanup(info)
-    return result
 
 
 def _plot(run_dir: Path) -> None:
@@ -546,14 +611,16 @@ def _plot(run_dir: Path) -> None:
         print(f"vitkit train: could not plot curves: {exc}")
 
 
-def _tqdm(enabled: bool):
+def _bar(run: Run):
     from tqdm.auto import tqdm
 
-    if enabled:
-        return tqdm
+    enabled = run.info.is_main and run.recipe.progress
+    return tqdm(total=run.data.steps_per_epoch, initial=run.start_step, leave=False,
+                desc=f"epoch {run.epoch + 1}/{run.recipe.epochs}", dynamic_ncols=True,
+                disable=not enabled)  # fmt: skip
 
-    class _Off(tqdm):
-        def __init__(self, *a: Any, **k: Any):
-            super().__init__(*a, **{**k, "disable": True})
 
-    return _Off
+def _tqdm_write(msg: str) -> None:
+    from tqdm.auto import tqdm
+
+    tqdm.write(msg)

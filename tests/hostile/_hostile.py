@@ -1,4 +1,5 @@
-"""The hostile suite's harness: every fixture is built by the test itself, and every case that
+"""The hostile suite's harness (a plain module, not a conftest, so that `tests/conftest.py`
+keeps its name): every fixture is built by the test itself, and every case that
 could allocate runs vitkit in a child process under a memory limit and a timeout, so a regression
 fails the test instead of taking the machine down.
 
@@ -136,13 +137,3 @@ def write_image(path: Path, size: tuple[int, int] = (20, 20)) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", size, (120, 30, 200)).save(path)
     return path
-
-
-@pytest.fixture
-def model_dir(tmp_path: Path) -> Path:
-    return write_model_folder(tmp_path / "model")
-
-
-@pytest.fixture
-def image(tmp_path: Path) -> Path:
-    return write_image(tmp_path / "images" / "a.png")

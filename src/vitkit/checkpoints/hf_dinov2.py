@@ -1,0 +1,192 @@
+"""transformers DINOv2 <-> vitkit.
+
+    Dinov2Model                 LayerScale (`layer_scale{1,2}.lambda1` -> `ls{1,2}.gamma`), a mask
+                                token stored as (1, D), SwiGLU (`mlp.weights_in/out`) when
+                                `use_swiglu_ffn`; pooled output = [CLS] after the final norm
+    Dinov2WithRegistersModel    the same + `embeddings.register_tokens` (no positions)
+
+Position interpolation at other sizes follows each class: bicubic without antialias in
+Dinov2Model, with antialias in Dinov2WithRegistersModel (`pos_embed_antialias`).
+transformers sizes SwiGLU's hidden layer as (int(int(D * mlp_ratio) * 2 / 3) + 7) // 8 * 8
+units per half; vitkit's `mlp_ratio` counts both packed halves (timm's SwiGLUPacked).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from torch import Tensor
+
+from vitkit.checkpoints._common import (
+    HF_ACT_TO,
+    HF_BASE,
+    Rule,
+    differences,
+    find_prefix,
+    fused_qkv,
+    hf_act,
+    linear,
+    norm,
+    rename_from,
+    rename_to,
+    same,
+)
+from vitkit.config import ViTConfig
+from vitkit.errors import CheckpointError, ConfigError
+
+ARCHITECTURES = ("Dinov2Model", "Dinov2WithRegistersModel")
+
+
+def _swiglu_half(dim: int, ratio: float) -> int:
+    return (int(int(dim * ratio) * 2 / 3) + 7) // 8 * 8
+
+
+def config_from_hf(data: Mapping[str, Any], *, source: str = "config.json") -> ViTConfig:
+    c = data
+    registers = c.get("model_type") == "dinov2_with_registers"
+    arch = (c.get("architectures") or [ARCHITECTURES[registers]])[0]
+    if arch != ARCHITECTURES[registers]:
+        raise CheckpointError(
+            f"{source}: architecture {arch!r} is not one vitkit reads ({ARCHITECTURES[registers]}"
+            f"; the classification heads read [CLS] and the patch mean together)"
+        )
+    if not c.get("apply_layernorm", True):
+        raise CheckpointError(f"{source}: apply_layernorm=false is not supported")
+    hidden = int(c.get("hidden_size", 768))
+    ratio = float(c.get("mlp_ratio", 4))
+    swiglu = bool(c.get("use_swiglu_ffn", False))
+    if swiglu:
+        ratio = 2 * _swiglu_half(hidden, ratio) / hidden
+    try:
+        return ViTConfig(
+            image_size=int(c.get("image_size", 224)),
+            patch_size=int(c.get("patch_size", 16 if registers else 14)),
+            in_chans=int(c.get("num_channels", 3)),
+            num_classes=0,
+            embed_dim=hidden,
+            depth=int(c.get("num_hidden_layers", 12)),
+            num_heads=int(c.get("num_attention_heads", 12)),
+            mlp_ratio=ratio,
+            mlp_layer="swiglu" if swiglu else "mlp",
+            qkv_bias=bool(c.get("qkv_bias", True)),
+            layer_norm_eps=float(c.get("layer_norm_eps", 1e-6)),
+            act=hf_act(c.get("hidden_act", "gelu"), source=source),
+            drop_rate=float(c.get("hidden_dropout_prob", 0.0)),
+            attn_drop_rate=float(c.get("attention_probs_dropout_prob", 0.0)),
+            layer_scale_init=float(c.get("layerscale_value", 1.0)),
+            use_mask_token=registers or bool(c.get("use_mask_token", True)),
+            num_register_tokens=int(c.get("num_register_tokens", 4)) if registers else 0,
+            pos_embed_antialias=registers,
+        )
+    except ConfigError as exc:
+        raise CheckpointError(f"{source} describes an invalid model: {exc}") from exc
+
+
+def rules(config: ViTConfig) -> list[Rule]:
+    c = config
+    D, N, H = c.embed_dim, c.num_patches, c.mlp_hidden_dim
+    P, C = c.patch_size, c.in_chans
+    out: list[Rule] = [
+        same("cls_token", "embeddings.cls_token", (1, 1, D)),
+        same("pos_embed", "embeddings.position_embeddings", (1, 1 + N, D)),
+        same(
+            "patch_embed.proj.weight", "embeddings.patch_embeddings.projection.weight", (D, C, P, P)
+        ),
+        same("patch_embed.proj.bias", "embeddings.patch_embeddings.projection.bias", (D,)),
+    ]
+    if c.use_mask_token:
+        out.append(same("mask_token", "embeddings.mask_token", (1, D)))
+    if c.num_register_tokens:
+        out.append(same("reg_token", "embeddings.register_tokens", (1, c.num_register_tokens, D)))
+    fc1, fc2 = ("weights_in", "weights_out") if c.mlp_layer == "swiglu" else ("fc1", "fc2")
+    hidden_in = H // 2 if c.mlp_layer == "swiglu" else H
+    for i in range(c.depth):
+        ours, theirs = f"blocks.{i}.", f"encoder.layer.{i}."
+        attn = f"{theirs}attention.attention."
+        out += [
+            *norm(f"{ours}norm1", f"{theirs}norm1", D),
+            *fused_qkv(
+                f"{ours}attn.qkv", [f"{attn}{p}" for p in ("query", "key", "value")], D, c.qkv_bias
+            ),
+            *linear(f"{ours}attn.proj", f"{theirs}attention.output.dense", D, D),
+            same(f"{ours}ls1.gamma", f"{theirs}layer_scale1.lambda1", (D,)),
+            *norm(f"{ours}norm2", f"{theirs}norm2", D),
+            *linear(f"{ours}mlp.fc1", f"{theirs}mlp.{fc1}", H, D),
+            *linear(f"{ours}mlp.fc2", f"{theirs}mlp.{fc2}", D, hidden_in),
+            same(f"{ours}ls2.gamma", f"{theirs}layer_scale2.lambda1", (D,)),
+        ]
+    out += norm("norm", "layernorm", D)
+    return out
+
+
+def state_dict_from_hf(
+    sd: Mapping[str, Tensor], config: ViTConfig, *, source: str = "state dict"
+) -> dict[str, Tensor]:
+    prefix = find_prefix(sd, "embeddings.cls_token", source=source, what="DINOv2")
+    return rename_from(sd, rules(config), config, prefix=prefix, source=source)
+
+
+def unsupported(config: ViTConfig) -> list[str]:
+    """Reasons Dinov2Model / Dinov2WithRegistersModel cannot hold `config` (empty if it can)."""
+    c = config
+    registers = bool(c.num_register_tokens)
+    required = dict(
+        HF_BASE,
+        layer_scale_init=c.layer_scale_init,
+        mlp_layer=("mlp", "swiglu"),
+        use_mask_token=(True, False),
+        num_register_tokens=c.num_register_tokens,
+        pos_embed_antialias=registers,
+        qkv_bias=(True, False),
+    )
+    reasons = differences(c, "DINOv2", required)
+    if c.mlp_layer == "mlp" and c.mlp_ratio != int(c.mlp_ratio):
+        reasons.append(f"mlp_ratio={c.mlp_ratio} (transformers' DINOv2 takes an integer)")
+    if c.layer_scale_init is None:
+        reasons.append("DINOv2 has LayerScale (layer_scale_init)")
+    if c.mlp_layer == "swiglu" and _swiglu_half(c.embed_dim, 4) * 2 != c.mlp_hidden_dim:
+        reasons.append(
+            f"a SwiGLU of {c.mlp_hidden_dim} packed units (transformers derives "
+            f"{_swiglu_half(c.embed_dim, 4) * 2} from the width)"
+        )
+    return reasons
+
+
+def config_to_hf(config: ViTConfig) -> dict[str, Any]:
+    c = config
+    registers = bool(c.num_register_tokens)
+    swiglu = c.mlp_layer == "swiglu"
+    out: dict[str, Any] = {
+        "architectures": [ARCHITECTURES[registers]],
+        "model_type": "dinov2_with_registers" if registers else "dinov2",
+        "hidden_size": c.embed_dim,
+        "num_hidden_layers": c.depth,
+        "num_attention_heads": c.num_heads,
+        "mlp_ratio": 4 if swiglu else int(c.mlp_ratio),
+        "use_swiglu_ffn": swiglu,
+        "hidden_act": HF_ACT_TO[c.act],
+        "hidden_dropout_prob": c.drop_rate,
+        "attention_probs_dropout_prob": c.attn_drop_rate,
+        "layer_norm_eps": c.layer_norm_eps,
+        "image_size": c.image_hw[0],
+        "patch_size": c.patch_size,
+        "num_channels": c.in_chans,
+        "qkv_bias": c.qkv_bias,
+        "layerscale_value": c.layer_scale_init,
+        "apply_layernorm": True,
+    }
+    if registers:
+        out["num_register_tokens"] = c.num_register_tokens
+    else:
+        out["use_mask_token"] = c.use_mask_token
+    return out
+
+
+def state_dict_to_hf(sd: Mapping[str, Tensor], config: ViTConfig) -> dict[str, Tensor]:
+    """transformers names; Dinov2WithRegistersModel always has a mask token, written as zeros
+    when the model has none (it only acts on masked inputs)."""
+    if config.num_register_tokens and not config.use_mask_token:
+        sd = {**sd, "mask_token": sd["cls_token"].new_zeros(1, 1, config.embed_dim)}
+        config = config.replace(use_mask_token=True)
+    return rename_to(sd, rules(config))

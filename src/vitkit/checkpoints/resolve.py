@@ -1,0 +1,260 @@
+"""SOURCE -> model + preprocessing: the one place vitkit turns a name into a model.
+
+`resolve(source)` accepts, in this order:
+
+    a preset name (`vitkit models`)     random weights, only with allow_preset=True
+    a `vitkit train` run directory      its best/ folder, else last/ (state.pt)
+    a folder with config.json           transformers, timm hub or vitkit layout
+    a file                              timm state dict (.safetensors/.pth/.bin) or JAX .npz
+    a hub id ("google/vit-base-...")    through the huggingface_hub cache
+
+and returns the model together with the `ImageProcessor` its checkpoint was trained with: the
+folder's preprocessor_config.json, else a timm `pretrained_cfg` in config.json, else
+transformers' defaults at the model's size. `from_pretrained`, `vitkit train --init/--teacher`,
+`eval`, `predict`, `pretrain`, `export`, `serve` and `explain` all come through here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from vitkit.checkpoints.pretrained import (
+    STATE_FILE,
+    build_model,
+    load_folder,
+    load_path,
+    read_training_state,
+)
+from vitkit.config import ViTConfig
+from vitkit.data.processor import (
+    CONFIG_NAME,
+    IMAGENET_DEFAULT_MEAN,
+    IMAGENET_DEFAULT_STD,
+    ImageProcessor,
+)
+from vitkit.errors import CheckpointError, ConfigError
+
+if TYPE_CHECKING:
+    from vitkit.models.vit import VisionTransformer
+
+PROCESSOR_CHOICES = ("auto", "hf", "timm")
+RUN_SUBFOLDERS = ("best", "last")
+
+
+@dataclass
+class Resolved:
+    """A model and the preprocessing that goes with it.
+
+    folder: where the checkpoint's files were found (None for a single file or a preset).
+    random_weights: True when `source` named a preset (nothing was loaded).
+    """
+
+    model: VisionTransformer
+    processor: ImageProcessor
+    source: str
+    folder: Path | None = None
+    random_weights: bool = False
+
+
+def resolve(
+    source: str | os.PathLike[str],
+    *,
+    num_classes: int | None = None,
+    image_size: int | tuple[int, int] | None = None,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    model_name: str | None = None,
+    config: ViTConfig | None = None,
+    strict: bool = True,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    resample_antialias: bool = False,
+    processor: str = "auto",
+    allow_preset: bool = False,
+    **overrides: Any,
+) -> Resolved:
+    """Load `source` (see the module docstring) with the processor its checkpoint implies.
+
+    num_classes: a new zero-initialised head of this size (None keeps the checkpoint's).
+    image_size: resample the position table to this size (bicubic, align_corners=False;
+        `resample_antialias=True` gives timm's load-time rule); the processor follows.
+    model_name / config: the architecture for timm state dicts; `config` also overrides what a
+        folder's config.json or an npz implies.
+    overrides: `ViTConfig` fields that keep parameter shapes (drop_path_rate, ...).
+    processor: "auto" (the checkpoint's own), "hf" (squash-resize, bilinear) or "timm"
+        (shorter side to size / crop_pct, centre crop, bicubic); mean/std stay the checkpoint's.
+    allow_preset: accept a preset name and build it with random weights.
+    """
+    if processor not in PROCESSOR_CHOICES:
+        raise ConfigError(f"processor={processor!r}; choose one of {PROCESSOR_CHOICES}")
+    text = os.fspath(source)
+    path = Path(text).expanduser()
+    build = dict(
+        num_classes=num_classes,
+        image_size=image_size,
+        dtype=dtype,
+        device=device,
+        strict=strict,
+        overrides=overrides,
+        antialias=resample_antialias,
+    )
+    if not path.exists() and _is_preset(text):
+        if not allow_preset:
+            raise CheckpointError(
+                f"{text!r} is a preset name, not a checkpoint: it has no trained weights "
+                "(pass a checkpoint folder, file or hub id)"
+            )
+        model = _preset(text, num_classes=num_classes, image_size=image_size, **overrides)
+        model = model.to(device=device, dtype=dtype or torch.get_default_dtype()).eval()
+        return Resolved(model, _processor(None, model.config, processor, text), text, None, True)
+
+    folder: Path | None = None
+    files: dict[str, Path] = {}
+    if path.is_dir():
+        folder = run_folder(path)
+        if folder is None:  # a run directory with only last/state.pt
+            state = read_training_state(path)
+            cfg = config or ViTConfig.from_dict(state["model_config"])
+            model = build_model(cfg, dict(state["model"]), source=str(path), **build)
+            found = _processor_from_dict(state.get("preprocessor"), str(path))
+            proc = _processor(found, model.config, processor, text)
+            return Resolved(model, proc, text, path / "last")
+        cfg, sd, name, files = load_folder(folder, model_name, config)
+    elif path.is_file():
+        cfg, sd, name = load_path(path, model_name, config)
+    else:
+        cfg, sd, name, files = _load_hub(text, model_name, config, revision, cache_dir)
+        folder = files["config.json"].parent
+    model = build_model(cfg, sd, source=name, **build)
+    found = _processor_from_files(files)
+    return Resolved(model, _processor(found, model.config, processor, text), text, folder)
+
+
+def from_pretrained(source: str | os.PathLike[str], **kwargs: Any) -> VisionTransformer:
+    """Load a `VisionTransformer` from a folder, hub id, timm state dict file, JAX `.npz` or a
+    `vitkit train` run directory; in eval mode. Options as `resolve`; the processor is
+    `resolve(source).processor`."""
+    return resolve(source, **kwargs).model
+
+
+def run_folder(path: Path) -> Path | None:
+    """The model folder of a directory: itself when it has config.json, else a run directory's
+    best/ then last/; None for a run whose last/ holds only a training state."""
+    if (path / "config.json").is_file():
+        return path
+    for sub in RUN_SUBFOLDERS:
+        if (path / sub / "config.json").is_file():
+            return path / sub
+    if (path / "last" / STATE_FILE).is_file() or (path / STATE_FILE).is_file():
+        return None
+    raise CheckpointError(
+        f"{path} has no config.json (nor a vitkit run's best/ or last/); pass a checkpoint "
+        "folder, or the weights file itself with model_name=... for a timm state dict"
+    )
+
+
+# ---------------------------------------------------------------------------------- presets
+def _is_preset(name: str) -> bool:
+    from vitkit.presets import list_models
+
+    return name in list_models()
+
+
+def _preset(name: str, **changes: Any) -> VisionTransformer:
+    from vitkit.presets import create_model
+
+    return create_model(name, **{k: v for k, v in changes.items() if v is not None})
+
+
+# ---------------------------------------------------------------------------------- hub
+def _load_hub(
+    repo_id: str,
+    model_name: str | None,
+    config: ViTConfig | None,
+    revision: str | None,
+    cache_dir: str | os.PathLike[str] | None,
+):
+    from vitkit.checkpoints.hub import looks_like_hub_id, resolve_hub
+
+    if not looks_like_hub_id(repo_id):
+        raise CheckpointError(
+            f"{repo_id} is neither a file, a folder, a preset nor a hub id (org/name)"
+        )
+    try:
+        files = resolve_hub(repo_id, revision=revision, cache_dir=cache_dir)
+    except CheckpointError as exc:
+        raise CheckpointError(
+            f"{repo_id!r} is not a local file or folder, so it was read as a Hugging Face Hub "
+            f"id: {exc}"
+        ) from exc
+    cfg, sd, name, files = load_folder(files, model_name, config, where=Path(repo_id))
+    return cfg, sd, name, files
+
+
+# ---------------------------------------------------------------------------------- processor
+def processor_for(
+    config: ViTConfig, folder: str | os.PathLike[str] | None = None, choice: str = "auto"
+) -> ImageProcessor:
+    """The processor a model folder states for a model of `config` (see `resolve`)."""
+    path = Path(folder) if folder is not None else None
+    files = {p.name: p for p in path.iterdir() if p.is_file()} if path and path.is_dir() else {}
+    return _processor(_processor_from_files(files), config, choice, str(path or ""))
+
+
+def _processor_from_files(files: dict[str, Path]) -> ImageProcessor | None:
+    """The processor a checkpoint's files state: preprocessor_config.json, else timm's
+    pretrained_cfg inside config.json; None when neither says anything."""
+    if CONFIG_NAME in files:
+        return ImageProcessor.from_pretrained(files[CONFIG_NAME])
+    config_file = files.get("config.json")
+    if config_file is None:
+        return None
+    try:
+        data = json.loads(config_file.read_text("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if isinstance(data, dict) and isinstance(data.get("pretrained_cfg"), dict):
+        return ImageProcessor.from_timm_cfg(data["pretrained_cfg"])
+    return None
+
+
+def _processor_from_dict(data: Any, source: str) -> ImageProcessor | None:
+    if not isinstance(data, dict):
+        return None
+    try:
+        return ImageProcessor.from_hf_dict(data)
+    except ConfigError as exc:
+        raise CheckpointError(f"{source}: saved preprocessor: {exc}") from None
+
+
+def _processor(
+    found: ImageProcessor | None, config: ViTConfig, choice: str, source: str
+) -> ImageProcessor:
+    """The checkpoint's processor (or transformers' defaults at the model's size), with the
+    geometry of `choice` and as many channels as the model takes."""
+    base = found or ImageProcessor.for_model(config)
+    if choice == "hf":
+        processor = ImageProcessor.hf_vit(config.image_hw, mean=base.mean, std=base.std)
+    elif choice == "timm":
+        deit = config.distilled or "deit" in Path(source).name.lower()
+        mean, std = (
+            (base.mean, base.std) if found else (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+        )
+        processor = ImageProcessor.timm_eval(
+            config.image_hw, crop_pct=0.875 if deit else 0.9, mean=mean, std=std
+        )
+    else:
+        processor = base
+    if processor.num_channels != config.in_chans and config.in_chans in (1, 3):
+        mean, std = processor.mean, processor.std
+        if config.in_chans == 1 and mean is not None and std is not None:
+            mean, std = (sum(mean) / len(mean),), (sum(std) / len(std),)
+        processor = dataclasses.replace(processor, num_channels=config.in_chans, mean=mean, std=std)
+    return processor

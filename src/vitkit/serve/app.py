@@ -1,0 +1,522 @@
+"""The HTTP app of `vitkit serve`: one model behind an ASGI (Starlette) application.
+
+    POST /v1/classify?top_k=5   image (multipart field `file`, or the raw body) -> top-k labels
+    POST /v1/embed              image -> the pooled representation {"embedding", "dim"}
+    POST /v1/explain?method=rollout[&label=L]   image -> PNG heat map over it
+    GET  /healthz               200 once the model is loaded and warmed, 503 before
+    GET  /metrics               Prometheus text: requests, latency, batch sizes
+    GET  /                      a web page to try the model; GET /openapi.json describes the API
+
+Classification and embedding requests go through the dynamic batcher (`serve.batcher`) and the
+same preprocessing and model call as `vitkit predict`; decoding runs in a thread pool and the
+model in its own thread, so the event loop only moves bytes. The model loads in the background
+after the server starts listening, which is what a readiness probe expects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from importlib import resources
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from vitkit.errors import ConfigError, VitkitError
+from vitkit.serve.batcher import Batcher
+from vitkit.serve.metrics import CONTENT_TYPE, Metrics
+
+ENV_SETTINGS = "VITKIT_SERVE_SETTINGS"
+"""Environment variable carrying `Settings` as JSON to each worker process (`--workers N`)."""
+
+PRECISIONS = ("fp32",)
+EXPLAIN_MAX_SIDE = 512  # pixels: the longer side of the PNG /v1/explain returns
+
+
+@dataclass
+class Settings:
+    """What `vitkit serve` was asked for (its command-line flags)."""
+
+    model: str
+    precision: str = "fp32"
+    device: str = "auto"
+    max_batch: int = 8
+    max_wait_ms: float = 20.0
+    max_body_mb: float = 10.0
+    threads: int | None = None
+    allow_preset: bool = True
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"--precision {self.precision!r} is not available; use {PRECISIONS}")
+        if self.max_batch < 1:
+            raise ConfigError(f"--max-batch must be at least 1, got {self.max_batch}")
+        if self.max_wait_ms < 0:
+            raise ConfigError(f"--max-wait-ms must be >= 0, got {self.max_wait_ms}")
+        if self.max_body_mb <= 0:
+            raise ConfigError(f"--max-body-mb must be positive, got {self.max_body_mb}")
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 1024 * 1024)
+
+
+def _with_precision(model: Any, precision: str) -> Any:
+    """The one place serve applies --precision. Only fp32 exists yet (`Settings` checks the
+    name); the precision paths of vitkit.infer.precision (bf16, int8) plug in here."""
+    return model
+
+
+class Service:
+    """The loaded model and what every route shares: processor, labels, pools, batcher, metrics."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.metrics = Metrics()
+        self.model_pool = ThreadPoolExecutor(1, thread_name_prefix="vitkit-model")
+        self.decode_pool = ThreadPoolExecutor(
+            max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="vitkit-decode"
+        )
+        self.batcher = Batcher(
+            self.forward_rows,
+            self.model_pool,
+            max_batch=settings.max_batch,
+            max_wait_ms=settings.max_wait_ms,
+            on_batch=self.metrics.observe_batch,
+        )
+        self.state = "loading"  # -> "ready" | "failed"
+        self.error: str | None = None
+        self.model: Any = None
+        self.processor: Any = None
+        self.labels: dict[int, str] = {}
+        self.device = torch.device("cpu")
+
+    # ---------------------------------------------------------------------- model thread
+    def load(self) -> None:
+        """Resolve, place and warm up the model (runs in the model thread)."""
+        from vitkit.checkpoints.resolve import resolve
+        from vitkit.data.labels import id2label_for
+
+        s = self.settings
+        if s.threads:
+            torch.set_num_threads(s.threads)
+        name = s.device
+        if name == "auto":
+            name = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(name)
+        resolved = resolve(s.model, device=self.device, allow_preset=s.allow_preset)
+        if resolved.random_weights:
+            _log(f"warning: {s.model!r} is a preset name: RANDOM weights, meaningless answers")
+        self.model = _with_precision(resolved.model.eval(), s.precision)
+        self.processor = resolved.processor
+        self.labels = id2label_for(self.model.config)
+        h, w = self.processor.output_hw or self.model.config.image_hw
+        for batch in sorted({1, s.max_batch}):  # the first calls allocate and pick kernels
+            self.forward(torch.zeros(batch, self.processor.num_channels, h, w))
+        self.state = "ready"
+
+    def forward(self, pixels: Tensor) -> tuple[Tensor | None, Tensor]:
+        """(B, C, H, W) -> (probabilities (B, K) or None without a head, pooled (B, D)), float32
+        on the CPU. The server's one model call: the same as `vitkit predict`'s."""
+        with torch.inference_mode():
+            out = self.model(pixels.to(self.device))
+            probs = None
+            if out.logits is not None and self.model.config.num_classes:
+                probs = out.logits.float().softmax(-1).cpu()
+            return probs, out.pooler_output.float().cpu()
+
+    def forward_rows(self, pixels: Tensor) -> list[tuple[Tensor | None, Tensor]]:
+        probs, pooled = self.forward(pixels)
+        return [(None if probs is None else probs[i], pooled[i]) for i in range(len(pixels))]
+
+    def explain(self, data: bytes, method: str, label: int | None, options: dict) -> tuple:
+        from vitkit.explain import explain_image
+        from vitkit.viz import png_bytes
+
+        result, picture = explain_image(
+            self.model,
+            self.processor,
+            data,
+            method,
+            label=label,
+            with_image=False,
+            per_head=False,
+            max_side=EXPLAIN_MAX_SIDE,
+            **options,
+        )
+        return result, png_bytes(picture)
+
+    # ---------------------------------------------------------------------- decode pool
+    def preprocess(self, data: bytes) -> Tensor:
+        """Encoded image bytes -> (C, H, W), exactly as `vitkit predict` preprocesses a file."""
+        return self.processor.preprocess_pil(data)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "model": self.settings.model,
+            "precision": self.settings.precision,
+            "device": str(self.device),
+        }
+
+
+def create_app(settings: Settings, *, on_fatal: Callable[[], None] | None = None):
+    """The ASGI app for `settings`. The model loads in the background once the app starts;
+    if loading fails, /healthz says why (503) and `on_fatal` is called from the loader thread."""
+    from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    service = Service(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        service.batcher.start()
+        loop = asyncio.get_running_loop()
+
+        def load() -> None:
+            try:
+                service.load()
+                _log(f"ready: {settings.model} on {service.device} ({settings.precision})")
+            except Exception as exc:  # report any failure: the probe shows it, the CLI exits 1
+                service.state, service.error = "failed", _reason(exc)
+                _log(f"error: cannot load {settings.model}: {service.error}")
+                if on_fatal is not None:
+                    on_fatal()
+
+        loader = loop.run_in_executor(service.model_pool, load)
+        try:
+            yield
+        finally:
+            await service.batcher.stop()
+            if not loader.done():
+                loader.cancel()
+            service.model_pool.shutdown(wait=False, cancel_futures=True)
+            service.decode_pool.shutdown(wait=False, cancel_futures=True)
+
+    async def http_error(request, exc: HTTPException):
+        return JSONResponse({"error": exc.detail}, exc.status_code, headers=exc.headers)
+
+    routes = [
+        Route("/", _page, methods=["GET"]),
+        Route("/healthz", _healthz, methods=["GET"]),
+        Route("/metrics", _metrics, methods=["GET"]),
+        Route("/openapi.json", _openapi, methods=["GET"], include_in_schema=False),
+        Route("/v1/classify", _classify, methods=["POST"]),
+        Route("/v1/embed", _embed, methods=["POST"]),
+        Route("/v1/explain", _explain, methods=["POST"]),
+    ]
+    app = Starlette(
+        routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error}
+    )
+    app.state.service = service
+    app.add_middleware(_RecordMetrics, metrics=service.metrics, routes={r.path for r in routes})
+    return app
+
+
+def app_from_env():
+    """App factory for uvicorn worker processes: `Settings` from $VITKIT_SERVE_SETTINGS."""
+    return create_app(Settings(**json.loads(os.environ[ENV_SETTINGS])))
+
+
+def settings_to_env(settings: Settings) -> str:
+    return json.dumps(asdict(settings))
+
+
+# ------------------------------------------------------------------------------ routes
+async def _classify(request):
+    """Classify one image.
+    ---
+    summary: Top-k classes of an image (the same probabilities as `vitkit predict --json`)
+    parameters:
+      - {name: top_k, in: query, schema: {type: integer, default: 5, minimum: 1}}
+    requestBody:
+      description: the image as the raw body, or as the multipart/form-data field `file`
+      content: {"image/*": {}, "multipart/form-data": {}}
+    responses:
+      200: {description: '{"top_k": [{"label", "index", "probability"}], "model", "precision"}'}
+      400: {description: 'not an image, corrupt, a decompression bomb, or a bad parameter'}
+      413: {description: 'body over --max-body-mb'}
+      503: {description: 'the model is still loading'}
+    """
+    service = _ready(request)
+    top_k = _int_param(request, "top_k", 5, minimum=1)
+    if not service.model.config.num_classes:
+        _fail(400, "this model has no classification head (num_classes=0); use /v1/embed")
+    pixels = await _decode(service, await _image_bytes(request, service))
+    probs, _ = await service.batcher.submit(pixels)
+    p, idx = probs.topk(min(top_k, probs.shape[0]))
+    top = [
+        {"label": service.labels.get(int(c), str(int(c))), "index": int(c), "probability": float(q)}
+        for q, c in zip(p, idx)
+    ]
+    return _json({"top_k": top, **_model_fields(service)})
+
+
+async def _embed(request):
+    """Embed one image.
+    ---
+    summary: The pooled representation the head reads ([CLS] or patch mean)
+    requestBody:
+      content: {"image/*": {}, "multipart/form-data": {}}
+    responses:
+      200: {description: '{"embedding": [floats], "dim": D, "model", "precision"}'}
+      400: {description: 'not an image'}
+      413: {description: 'body too large'}
+    """
+    service = _ready(request)
+    pixels = await _decode(service, await _image_bytes(request, service))
+    _, pooled = await service.batcher.submit(pixels)
+    return _json(
+        {"embedding": pooled.tolist(), "dim": int(pooled.shape[0]), **_model_fields(service)}
+    )
+
+
+async def _explain(request):
+    """Explain one image.
+    ---
+    summary: A PNG heat map of the patches the decision rests on
+    parameters:
+      - {name: method, in: query, schema: {type: string, enum: [rollout, attention, grad-rollout], default: rollout}}
+      - {name: label, in: query, description: 'class index or name (default: top-1)', schema: {type: string}}
+      - {name: head_fusion, in: query, schema: {type: string, enum: [mean, max, min], default: mean}}
+      - {name: discard_ratio, in: query, schema: {type: number, default: 0}}
+    requestBody:
+      content: {"image/*": {}, "multipart/form-data": {}}
+    responses:
+      200: {description: 'image/png; headers X-Vitkit-Label, X-Vitkit-Class-Index, X-Vitkit-Probability'}
+      400: {description: 'not an image, or a bad parameter'}
+    """
+    from starlette.responses import Response
+
+    from vitkit.explain import HEAD_FUSIONS, METHODS, label_index
+
+    service = _ready(request)
+    q = request.query_params
+    method = q.get("method", "rollout")
+    if method not in METHODS:
+        _fail(400, f"method={method!r}; choose one of {list(METHODS)}")
+    fusion = q.get("head_fusion", "mean")
+    if fusion not in HEAD_FUSIONS:
+        _fail(400, f"head_fusion={fusion!r}; choose one of {list(HEAD_FUSIONS)}")
+    try:
+        ratio = float(q.get("discard_ratio", 0.0))
+        label = label_index(q["label"], service.labels) if "label" in q else None
+    except (ValueError, VitkitError) as exc:
+        _fail(400, str(exc))
+    data = await _image_bytes(request, service)
+    loop = asyncio.get_running_loop()
+    options = {"head_fusion": fusion, "discard_ratio": ratio}
+    try:
+        result, png = await loop.run_in_executor(
+            service.model_pool, service.explain, data, method, label, options
+        )
+    except VitkitError as exc:  # ImageError, or a ConfigError from the parameters
+        _fail(400, _reason(exc))
+    headers = {}
+    if result.labels is not None:
+        c = int(result.labels[0])
+        headers = {
+            "X-Vitkit-Label": _ascii(service.labels.get(c, str(c))),
+            "X-Vitkit-Class-Index": str(c),
+            "X-Vitkit-Probability": repr(float(result.probabilities[0, c])),
+        }
+    return Response(png, media_type="image/png", headers=headers)
+
+
+async def _healthz(request):
+    """Readiness.
+    ---
+    summary: 200 with model, precision and device once loaded and warmed; 503 before
+    responses:
+      200: {description: 'ready'}
+      503: {description: 'loading, or failed (with the error)'}
+    """
+    service: Service = request.app.state.service
+    body = {"status": "ok" if service.state == "ready" else service.state, **service.describe()}
+    if service.error:
+        body["error"] = service.error
+    return _json(body, 200 if service.state == "ready" else 503)
+
+
+async def _metrics(request):
+    """Prometheus metrics.
+    ---
+    summary: vitkit_requests_total, vitkit_request_seconds, vitkit_batch_size (text format)
+    responses:
+      200: {description: 'text/plain; version=0.0.4'}
+    """
+    from starlette.responses import Response
+
+    return Response(request.app.state.service.metrics.render(), media_type=CONTENT_TYPE)
+
+
+async def _page(request):
+    """The web page.
+    ---
+    summary: Drop an image, see the top-k labels and the explanation
+    responses:
+      200: {description: 'text/html'}
+    """
+    from starlette.responses import HTMLResponse
+
+    return HTMLResponse(_page_html())
+
+
+async def _openapi(request):
+    from starlette.schemas import SchemaGenerator
+
+    generator = SchemaGenerator(
+        {"openapi": "3.0.0", "info": {"title": "vitkit serve", "version": "1"}}  # the /v1 API
+    )
+    return _json(generator.get_schema(routes=request.app.routes))
+
+
+# ------------------------------------------------------------------------------ helpers
+def _ready(request) -> Service:
+    service: Service = request.app.state.service
+    if service.state != "ready":
+        _fail(503, f"model {service.state}" + (f": {service.error}" if service.error else ""))
+    return service
+
+
+async def _image_bytes(request, service: Service) -> bytes:
+    """The image of a request: the multipart field `file`, else the raw body. The body is
+    refused with 413 as soon as it is known to exceed the limit: from Content-Length before
+    reading, else while it streams in."""
+    limit = service.settings.max_body_bytes
+    too_large = f"request body over the limit of {service.settings.max_body_mb:g} MB"
+    length = request.headers.get("content-length")
+    if length is not None:
+        if not length.isdigit():
+            _fail(400, f"invalid Content-Length {length!r}")
+        if int(length) > limit:
+            _fail(413, too_large)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            _fail(413, too_large)
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    if request.headers.get("content-type", "").startswith("multipart/form-data"):
+        body = await _multipart_file(request, body)
+    if not body:
+        _fail(400, "empty request: send the image as the body or as the multipart field 'file'")
+    return body
+
+
+async def _multipart_file(request, body: bytes) -> bytes:
+    from starlette.datastructures import UploadFile
+    from starlette.formparsers import MultiPartException, MultiPartParser
+
+    async def stream():
+        yield body
+        yield b""
+
+    try:
+        form = await MultiPartParser(request.headers, stream(), max_files=1, max_fields=16).parse()
+    except MultiPartException as exc:
+        _fail(400, f"bad multipart body: {exc.message}")
+    try:
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile):
+            _fail(400, "multipart body has no file field named 'file'")
+        return await upload.read()
+    finally:
+        await form.close()
+
+
+async def _decode(service: Service, data: bytes) -> Tensor:
+    loop = asyncio.get_running_loop()
+    try:
+        return await loop.run_in_executor(service.decode_pool, service.preprocess, data)
+    except VitkitError as exc:
+        _fail(400, _reason(exc))
+
+
+def _int_param(request, name: str, default: int, *, minimum: int) -> int:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        _fail(400, f"{name}={raw!r} is not an integer")
+    if value < minimum:
+        _fail(400, f"{name} must be at least {minimum}, got {value}")
+    return value
+
+
+def _fail(status: int, reason: str):
+    from starlette.exceptions import HTTPException
+
+    raise HTTPException(status, reason)
+
+
+def _json(body: dict, status: int = 200):
+    from starlette.responses import JSONResponse
+
+    return JSONResponse(body, status)
+
+
+def _model_fields(service: Service) -> dict[str, str]:
+    return {"model": service.settings.model, "precision": service.settings.precision}
+
+
+def _reason(exc: BaseException) -> str:
+    """An error message without the '<bytes>: ' prefix image errors carry."""
+    return str(exc).removeprefix("<bytes>: ") or type(exc).__name__
+
+
+def _ascii(text: str) -> str:
+    return text.encode("ascii", "replace").decode("ascii")
+
+
+def _log(message: str) -> None:
+    print(f"vitkit serve: {message}", file=sys.stderr, flush=True)
+
+
+_PAGE: str | None = None
+
+
+def _page_html() -> str:
+    global _PAGE
+    if _PAGE is None:
+        _PAGE = resources.files("vitkit.serve").joinpath("page.html").read_text("utf-8")
+    return _PAGE
+
+
+class _RecordMetrics:
+    """ASGI middleware: count every HTTP response by route and status, and time it."""
+
+    def __init__(self, app, *, metrics: Metrics, routes: set[str]):
+        self.app = app
+        self.metrics = metrics
+        self.routes = routes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start = time.perf_counter()
+        status = 500
+
+        async def send_status(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = scope["path"] if scope["path"] in self.routes else "other"
+            self.metrics.observe_request(route, status, time.perf_counter() - start)

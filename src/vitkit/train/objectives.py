@@ -1,0 +1,348 @@
+"""What a training run optimises. Each objective owns its model wrapper, its loss and what it
+logs or draws; the trainer (train/trainer.py) owns everything else.
+
+An objective is an `nn.Module` whose `forward(images, labels, rng)` returns the scalar loss, so
+DistributedDataParallel wraps it whole. `rng` is a generator seeded by (seed, epoch, step,
+micro-batch) that draws randomness for the *global* micro-batch; each process keeps its own rows
+(`_shard`), so N processes draw exactly what one process with the same global batch draws.
+
+    classify   cross-entropy (label smoothing, mixup / cutmix) on the model's logits
+    distill    DeiT: the [CLS] head learns the labels, the [DIST] head a frozen teacher
+    simmim     masked image modelling with a one-layer pixel decoder (Xie et al. 2022)
+    mae        masked autoencoder (He et al. 2022)
+    dino       self-distillation with no labels (Caron et al. 2021)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vitkit.config import ViTConfig
+from vitkit.models.vit import VisionTransformer, rebuild
+
+SELF_SUPERVISED = ("simmim", "mae", "dino")
+OBJECTIVES = ("classify", *SELF_SUPERVISED)
+
+
+@dataclass
+class Shard:
+    """This process's rows of a global micro-batch."""
+
+    rank: int = 0
+    world: int = 1
+
+    def take(self, t: Tensor, rows: int) -> Tensor:
+        return t[self.rank * rows : (self.rank + 1) * rows]
+
+
+class Objective(nn.Module):
+    """Base: `encoder_key` names the `VisionTransformer` the run trains and exports."""
+
+    encoder_key = "model"
+    uses_labels = True  # evaluated by accuracy on labelled validation data
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shard = Shard()
+
+    @property
+    def encoder(self) -> VisionTransformer:
+        return self.get_submodule(self.encoder_key)
+
+    def export(self) -> VisionTransformer:
+        """The model a run writes to best/ and last/."""
+        return self.encoder
+
+    def begin_step(self, step: int, total_steps: int) -> None:
+        """Called before optimizer step `step` (0-based) of `total_steps`."""
+
+    def after_step(self, step: int, total_steps: int) -> None:
+        """Called after each optimizer step (DINO's teacher update)."""
+
+    def logs(self) -> dict[str, float]:
+        """Extra figures for the metrics row of an epoch."""
+        return {}
+
+    def draw(self, images: Tensor, run_dir: Path) -> Path | None:
+        """A picture of what was learned, written into run_dir (None: nothing to draw)."""
+        return None
+
+    # the model's own protocol, seen through the wrapper
+    def no_weight_decay(self) -> set[str]:
+        return {f"{self.encoder_key}.{n}" for n in self.encoder.no_weight_decay()}
+
+    def layer_id(self, name: str) -> int:
+        prefix = self.encoder_key + "."
+        if name.startswith(prefix):
+            return self.encoder.layer_id(name[len(prefix) :])
+        return self.encoder.num_layers - 1  # decoders and heads: with the encoder's head
+
+    @property
+    def num_layers(self) -> int:
+        return self.encoder.num_layers
+
+    def extra_state(self) -> dict[str, Tensor]:
+        """Every tensor but the encoder's (saved beside it for resume)."""
+        prefix = self.encoder_key + "."
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(prefix)}
+
+    def load(self, encoder: dict[str, Tensor], extra: dict[str, Tensor]) -> None:
+        prefix = self.encoder_key + "."
+        self.load_state_dict({**{prefix + k: v for k, v in encoder.items()}, **extra})
+
+
+# ---------------------------------------------------------------------------------- supervised
+class Classify(Objective):
+    """Cross-entropy on the logits; soft targets from mixup / cutmix when a mixer is given."""
+
+    def __init__(self, model: VisionTransformer, *, label_smoothing: float = 0.0, mixer=None):
+        super().__init__()
+        self.model = model
+        self.label_smoothing = label_smoothing
+        self.mixer = mixer
+
+    def targets(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        return self.mixer(images, labels) if self.mixer is not None else (images, labels)
+
+    def criterion(self, logits: Tensor, target: Tensor) -> Tensor:
+        if target.ndim == 2:  # soft targets (smoothing already applied by the mixer)
+            return torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean()
+        return F.cross_entropy(logits, target, label_smoothing=self.label_smoothing)
+
+    def forward(self, images: Tensor, labels: Tensor, rng: torch.Generator) -> Tensor:
+        images, target = self.targets(images, labels)
+        return self.criterion(self.model(images).logits.float(), target)
+
+
+class Distill(Classify):
+    """DeiT: the [CLS] head learns the labels, the [DIST] head the teacher's (hard or soft)."""
+
+    def __init__(self, model: VisionTransformer, teacher: nn.Module, *, kind: str = "hard",
+                 alpha: float = 0.5, tau: float = 1.0, **kwargs: Any):  # fmt: skip
+        from vitkit.models.distill import DistillationLoss
+
+        super().__init__(model, **kwargs)
+        self.loss = DistillationLoss(teacher, self.criterion, kind, alpha=alpha, tau=tau)
+
+    def forward(self, images: Tensor, labels: Tensor, rng: torch.Generator) -> Tensor:
+        images, target = self.targets(images, labels)
+        out = self.model(images)
+        out.cls_logits = out.cls_logits.float()
+        out.distillation_logits = out.distillation_logits.float()
+        return self.loss(images, out, target)
+
+
+# ---------------------------------------------------------------------------------- SimMIM
+class SimMIMObjective(Objective):
+    encoder_key = "mim.encoder"
+    uses_labels = False
+
+    def __init__(self, config: ViTConfig, *, mask_ratio: float = 0.6, mask_patch_size=None):
+        from vitkit.models.mim import SimMIM, mask_block_for
+
+        super().__init__()
+        self.mim = SimMIM(config)
+        self.mask_ratio = mask_ratio
+        self.block = mask_block_for(self.mim.config, mask_patch_size)
+
+    def mask(self, images: Tensor, rng: torch.Generator | None) -> Tensor:
+        from vitkit.models.mim import simmim_mask
+
+        grid = self.encoder.patch_embed.grid_size(*images.shape[-2:])
+        rows = len(images)
+        full = simmim_mask(rows * self.shard.world, grid, mask_ratio=self.mask_ratio,
+                           block=self.block, generator=rng)  # fmt: skip
+        return self.shard.take(full, rows).to(images.device)
+
+    def forward(self, images: Tensor, labels: Tensor, rng: torch.Generator) -> Tensor:
+        return self.mim(images, bool_masked_pos=self.mask(images, rng)).loss
+
+    def export(self) -> VisionTransformer:
+        """The encoder without its mask token (fine-tuning never masks)."""
+        return _without_mask_token(self.encoder)
+
+    def draw(self, images: Tensor, run_dir: Path) -> Path:
+        from vitkit.viz import save_reconstruction
+
+        mask = self.mask(images, torch.Generator().manual_seed(0))
+        recon = self.mim(images, bool_masked_pos=mask).reconstruction
+        p = self.encoder.config.patch_size
+        grid = self.encoder.patch_embed.grid_size(*images.shape[-2:])
+        pix = mask.reshape(len(images), *grid).repeat_interleave(p, 1)
+        pix = pix.repeat_interleave(p, 2).unsqueeze(1)
+        masked = images.masked_fill(pix, 0.0)
+        recon = torch.where(pix, recon, images)
+        return save_reconstruction(images, masked, recon, run_dir / "reconstruction.png")
+
+
+# ---------------------------------------------------------------------------------- MAE
+class MAEObjective(Objective):
+    encoder_key = "mae.encoder"
+    uses_labels = False
+
+    def __init__(self, config: ViTConfig, *, mask_ratio: float = 0.75, decoder_dim: int = 64,
+                 decoder_depth: int = 2, decoder_heads: int = 4, norm_pix_loss: bool = True):  # fmt: skip
+        from vitkit.models.mae import MaskedAutoencoder
+
+        super().__init__()
+        self.mae = MaskedAutoencoder(
+            config,
+            decoder_dim=decoder_dim,
+            decoder_depth=decoder_depth,
+            decoder_heads=decoder_heads,
+            mask_ratio=mask_ratio,
+            norm_pix_loss=norm_pix_loss,
+        )
+
+    def no_weight_decay(self) -> set[str]:
+        return super().no_weight_decay() | {"mae.decoder.mask_token"}
+
+    def noise(self, images: Tensor, rng: torch.Generator | None) -> Tensor:
+        n = self.encoder.patch_embed.grid_size(*images.shape[-2:])
+        rows = len(images)
+        full = torch.rand(rows * self.shard.world, n[0] * n[1], generator=rng)
+        return self.shard.take(full, rows).to(images.device)
+
+    def forward(self, images: Tensor, labels: Tensor, rng: torch.Generator) -> Tensor:
+        return self.mae(images, noise=self.noise(images, rng)).loss
+
+    def export(self) -> VisionTransformer:
+        """MAE fine-tunes on the mean of the patch tokens (He et al. 2022)."""
+        return rebuild(self.encoder, global_pool="avg")
+
+    def draw(self, images: Tensor, run_dir: Path) -> Path:
+        from vitkit.viz import save_reconstruction
+
+        masked, recon = self.mae.reconstruct(images, self.noise(images, torch.Generator()))
+        return save_reconstruction(images, masked, recon, run_dir / "reconstruction.png")
+
+
+# ---------------------------------------------------------------------------------- DINO
+class DINOObjective(Objective):
+    """Student and EMA teacher; the teacher's backbone is the encoder kept (DINO evaluates it)."""
+
+    encoder_key = "dino.teacher.backbone"
+    uses_labels = False
+
+    def __init__(self, config: ViTConfig, *, out_dim: int = 1024, local_crops: int = 4,
+                 hflip: bool = False, head_bn: bool = True, momentum_teacher: float = 0.996,
+                 teacher_temp: float = 0.07, warmup_teacher_temp: float = 0.04):  # fmt: skip
+        from vitkit.models.dino import DINO, MultiCrop
+
+        super().__init__()
+        self.dino = DINO(
+            config,
+            out_dim=out_dim,
+            hidden_dim=max(256, 4 * config.embed_dim),
+            bottleneck_dim=min(256, max(64, config.embed_dim)),
+            use_bn=head_bn,
+            n_local_crops=local_crops,
+            teacher_temp=teacher_temp,
+            warmup_teacher_temp=warmup_teacher_temp,
+        )
+        self.crops = MultiCrop(
+            config.image_hw[0], patch_size=config.patch_size, n_local=local_crops, hflip=hflip
+        )
+        self.momentum_teacher = momentum_teacher
+        self.progress = 0.0
+        self._sums: dict[str, float] = {}
+
+    def no_weight_decay(self) -> set[str]:
+        student = self.dino.student.backbone.no_weight_decay()
+        return {f"dino.student.backbone.{n}" for n in student}
+
+    def layer_id(self, name: str) -> int:
+        prefix = "dino.student.backbone."
+        if name.startswith(prefix):
+            return self.encoder.layer_id(name[len(prefix) :])
+        return self.num_layers - 1
+
+    def forward(self, images: Tensor, labels: Tensor, rng: torch.Generator) -> Tensor:
+        views = [v.to(images.device) for v in self.crops.batch(images.cpu())]
+        loss = self.dino(views, progress=self.progress)
+        for k, v in self.dino.loss.stats.items():
+            self._sums[k] = self._sums.get(k, 0.0) + v
+        self._sums["n"] = self._sums.get("n", 0.0) + 1
+        return loss
+
+    def logs(self) -> dict[str, float]:
+        """The epoch's mean teacher entropies (collapse shows here first)."""
+        n = self._sums.pop("n", 0.0)
+        out = {k: v / n for k, v in self._sums.items()} if n else {}
+        self._sums = {}
+        return out
+
+    def after_step(self, step: int, total_steps: int) -> None:
+        from vitkit.models.dino import teacher_momentum
+
+        self.dino.update_teacher(teacher_momentum(step, total_steps, self.momentum_teacher))
+
+    def begin_step(self, step: int, total_steps: int) -> None:
+        self.progress = step / max(1, total_steps - 1)  # the teacher temperature's schedule
+
+    def draw(self, images: Tensor, run_dir: Path) -> Path | None:
+        from vitkit.errors import VitkitError
+        from vitkit.viz import save_attention_maps
+
+        enc = self.encoder
+        out = enc.forward_features(images, output_attentions=[-1])
+        try:
+            return save_attention_maps(
+                images,
+                out.attentions[-1],
+                run_dir / "attention.png",
+                num_prefix_tokens=enc.config.num_prefix_tokens,
+                grid=enc.patch_embed.grid_size(*images.shape[-2:]),
+            )
+        except VitkitError:  # matplotlib is optional
+            return None
+
+
+def _without_mask_token(encoder: VisionTransformer) -> VisionTransformer:
+    if not encoder.config.use_mask_token:
+        return encoder
+    plain = VisionTransformer(encoder.config.replace(use_mask_token=False))
+    plain.load_state_dict({k: v for k, v in encoder.state_dict().items() if k != "mask_token"})
+    return plain.to(next(encoder.parameters()).device)
+
+
+def build_objective(recipe: Any, model_or_config: VisionTransformer | ViTConfig,
+                    teacher: nn.Module | None = None, mixer=None) -> Objective:  # fmt: skip
+    """The recipe's objective around a model (supervised) or an encoder config (pre-training)."""
+    name = recipe.objective
+    if name == "classify":
+        kw = dict(label_smoothing=recipe.label_smoothing, mixer=mixer)
+        if teacher is not None:
+            return Distill(model_or_config, teacher, kind=recipe.distillation,
+                           alpha=recipe.distillation_alpha, tau=recipe.distillation_tau, **kw)  # fmt: skip
+        return Classify(model_or_config, **kw)
+    config = model_or_config if isinstance(model_or_config, ViTConfig) else model_or_config.config
+    config = config.replace(num_classes=0, id2label=None)
+    if name == "simmim":
+        return SimMIMObjective(config, mask_ratio=recipe.mask_ratio or 0.6,
+                               mask_patch_size=recipe.mask_patch_size)  # fmt: skip
+    if name == "mae":
+        return MAEObjective(
+            config,
+            mask_ratio=recipe.mask_ratio or 0.75,
+            decoder_dim=recipe.decoder_dim,
+            decoder_depth=recipe.decoder_depth,
+            decoder_heads=recipe.decoder_heads,
+            norm_pix_loss=recipe.norm_pix_loss,
+        )
+    return DINOObjective(
+        config,
+        out_dim=recipe.out_dim,
+        local_crops=recipe.local_crops,
+        hflip=recipe.hflip,
+        head_bn=recipe.head_bn,
+        momentum_teacher=recipe.momentum_teacher,
+        teacher_temp=recipe.teacher_temp,
+        warmup_teacher_temp=recipe.warmup_teacher_temp,
+    )
