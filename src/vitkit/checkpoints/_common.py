@@ -188,6 +188,20 @@ def find_prefix(sd: Mapping[str, Tensor], anchor: str, *, source: str, what: str
     return found[0]
 
 
+_MISSING = object()
+
+
+def integer(config: Mapping[str, Any], key: str, default: Any = _MISSING) -> int:
+    """An integer field of a foreign config.json: refused (not truncated) when it is a
+    fraction, a bool, a string or missing without a default."""
+    value = config.get(key, default)
+    if value is _MISSING:
+        raise CheckpointError(f"config.json has no {key!r}")
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
+        raise CheckpointError(f"config.json: {key}={value!r} must be a whole number")
+    return int(value)
+
+
 # transformers' `hidden_act` names <-> vitkit's `act`
 HF_ACT_FROM = {
     "gelu": "gelu",

@@ -30,7 +30,7 @@ from torch import Tensor
 from vitkit.checkpoints import hf_clip, hf_dinov2, hf_siglip
 from vitkit.checkpoints._common import HF_ACT_FROM as _ACT_FROM_HF
 from vitkit.checkpoints._common import HF_ACT_TO as _ACT_TO_HF
-from vitkit.checkpoints._common import check_state_dict, mismatch_error
+from vitkit.checkpoints._common import check_state_dict, integer, mismatch_error
 from vitkit.config import ViTConfig
 from vitkit.errors import CheckpointError, ConfigError
 
@@ -170,8 +170,8 @@ def config_from_hf(hf_config: dict[str, Any]) -> ViTConfig:
             f"hidden_act={act!r} is not supported; vitkit has exact GELU "
             f"('gelu') and its tanh approximation ('gelu_pytorch_tanh')"
         )
-    hidden = int(c.get("hidden_size", 768))
-    heads = int(c.get("num_attention_heads", 12))
+    hidden = integer(c, "hidden_size", 768)
+    heads = integer(c, "num_attention_heads", 12)
     if c.get("head_dim") not in (None, hidden // heads):
         raise CheckpointError(f"head_dim={c['head_dim']} != hidden_size / num_attention_heads")
     if head == "mlp" and c.get("pooler_act", "tanh") != "tanh":
@@ -182,7 +182,8 @@ def config_from_hf(hf_config: dict[str, Any]) -> ViTConfig:
     labels = {int(k): str(v) for k, v in id2label.items()} if id2label else None
     num_classes = 0
     if has_classes:
-        num_classes = int(c.get("num_labels") or (len(labels) if labels else 2))
+        num_classes = integer(c, "num_labels", None) if c.get("num_labels") else 0
+        num_classes = num_classes or (len(labels) if labels else 2)
         if labels and len(labels) != num_classes:
             raise CheckpointError(
                 f"config.json has num_labels={num_classes} but {len(labels)} id2label entries"
@@ -196,12 +197,12 @@ def config_from_hf(hf_config: dict[str, Any]) -> ViTConfig:
         return ViTConfig(
             image_size=tuple(image_size) if isinstance(image_size, list) else int(image_size),
             patch_size=_single(c.get("patch_size", 16)),
-            in_chans=int(c.get("num_channels", 3)),
+            in_chans=integer(c, "num_channels", 3),
             num_classes=num_classes,
             embed_dim=hidden,
-            depth=int(c.get("num_hidden_layers", 12)),
+            depth=integer(c, "num_hidden_layers", 12),
             num_heads=heads,
-            mlp_ratio=int(c.get("intermediate_size", 4 * hidden)) / hidden,
+            mlp_ratio=integer(c, "intermediate_size", 4 * hidden) / hidden,
             qkv_bias=bool(c.get("qkv_bias", True)),
             layer_norm_eps=float(c.get("layer_norm_eps", 1e-12)),
             act=_ACT_FROM_HF[act],

@@ -27,6 +27,7 @@ from vitkit.checkpoints._common import (
     find_prefix,
     fused_qkv,
     hf_act,
+    integer,
     linear,
     mlp_ratio,
     norm,
@@ -66,15 +67,15 @@ def vision_config(data: Mapping[str, Any]) -> dict[str, Any]:
 def common_fields(v: Mapping[str, Any], defaults: Mapping[str, Any], source: str) -> dict:
     """`ViTConfig` fields that CLIP and SigLIP vision configs spell the same way."""
     c = {**defaults, **{k: val for k, val in v.items() if val is not None}}
-    hidden = int(c["hidden_size"])
+    hidden = integer(c, "hidden_size")
     return dict(
-        image_size=int(c["image_size"]),
-        patch_size=int(c["patch_size"]),
-        in_chans=int(c["num_channels"]),
+        image_size=integer(c, "image_size"),
+        patch_size=integer(c, "patch_size"),
+        in_chans=integer(c, "num_channels"),
         embed_dim=hidden,
-        depth=int(c["num_hidden_layers"]),
-        num_heads=int(c["num_attention_heads"]),
-        mlp_ratio=mlp_ratio(hidden, int(c["intermediate_size"])),
+        depth=integer(c, "num_hidden_layers"),
+        num_heads=integer(c, "num_attention_heads"),
+        mlp_ratio=mlp_ratio(hidden, integer(c, "intermediate_size")),
         layer_norm_eps=float(c["layer_norm_eps"]),
         act=hf_act(c["hidden_act"], source=source),
         attn_drop_rate=float(c.get("attention_dropout", 0.0)),

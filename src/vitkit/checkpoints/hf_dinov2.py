@@ -26,6 +26,7 @@ from vitkit.checkpoints._common import (
     find_prefix,
     fused_qkv,
     hf_act,
+    integer,
     linear,
     norm,
     rename_from,
@@ -53,20 +54,20 @@ def config_from_hf(data: Mapping[str, Any], *, source: str = "config.json") -> V
         )
     if not c.get("apply_layernorm", True):
         raise CheckpointError(f"{source}: apply_layernorm=false is not supported")
-    hidden = int(c.get("hidden_size", 768))
+    hidden = integer(c, "hidden_size", 768)
     ratio = float(c.get("mlp_ratio", 4))
     swiglu = bool(c.get("use_swiglu_ffn", False))
     if swiglu:
         ratio = 2 * _swiglu_half(hidden, ratio) / hidden
     try:
         return ViTConfig(
-            image_size=int(c.get("image_size", 224)),
-            patch_size=int(c.get("patch_size", 16 if registers else 14)),
-            in_chans=int(c.get("num_channels", 3)),
+            image_size=integer(c, "image_size", 224),
+            patch_size=integer(c, "patch_size", 16 if registers else 14),
+            in_chans=integer(c, "num_channels", 3),
             num_classes=0,
             embed_dim=hidden,
-            depth=int(c.get("num_hidden_layers", 12)),
-            num_heads=int(c.get("num_attention_heads", 12)),
+            depth=integer(c, "num_hidden_layers", 12),
+            num_heads=integer(c, "num_attention_heads", 12),
             mlp_ratio=ratio,
             mlp_layer="swiglu" if swiglu else "mlp",
             qkv_bias=bool(c.get("qkv_bias", True)),
@@ -76,7 +77,7 @@ def config_from_hf(data: Mapping[str, Any], *, source: str = "config.json") -> V
             attn_drop_rate=float(c.get("attention_probs_dropout_prob", 0.0)),
             layer_scale_init=float(c.get("layerscale_value", 1.0)),
             use_mask_token=registers or bool(c.get("use_mask_token", True)),
-            num_register_tokens=int(c.get("num_register_tokens", 4)) if registers else 0,
+            num_register_tokens=integer(c, "num_register_tokens", 4) if registers else 0,
             pos_embed_antialias=registers,
         )
     except ConfigError as exc:

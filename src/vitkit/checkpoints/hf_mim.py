@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from vitkit.checkpoints._common import integer
 from vitkit.checkpoints.hf import config_from_hf, config_to_hf, state_dict_from_hf
 from vitkit.checkpoints.hf import state_dict_to_hf as _encoder_to_hf
 from vitkit.config import ViTConfig
@@ -91,7 +92,7 @@ def load_simmim(directory: str | os.PathLike[str]) -> Any:
 
     hf, sd, source = _read_folder(directory)
     config = config_from_hf({**hf, "architectures": ["ViTForMaskedImageModeling"]})
-    model = SimMIM(config, encoder_stride=int(hf.get("encoder_stride", config.patch_size)))
+    model = SimMIM(config, encoder_stride=integer(hf, "encoder_stride", config.patch_size))
     model.load_state_dict(simmim_state_dict_from_hf(sd, config, source=source))
     return model.eval()
 
@@ -118,12 +119,12 @@ def mae_config_from_hf(hf: Mapping[str, Any]) -> tuple[ViTConfig, dict[str, Any]
         raise CheckpointError(f"model_type={hf.get('model_type')!r}, expected 'vit_mae'")
     vit = {**hf, "model_type": "vit", "architectures": ["ViTModel"]}
     config = config_from_hf(vit).replace(head="linear", head_hidden_dim=None, pos_embed="sincos2d")
-    dim = int(hf.get("decoder_hidden_size", 512))
+    dim = integer(hf, "decoder_hidden_size", 512)
     kwargs = dict(
         decoder_dim=dim,
-        decoder_depth=int(hf.get("decoder_num_hidden_layers", 8)),
-        decoder_heads=int(hf.get("decoder_num_attention_heads", 16)),
-        decoder_mlp_ratio=int(hf.get("decoder_intermediate_size", 2048)) / dim,
+        decoder_depth=integer(hf, "decoder_num_hidden_layers", 8),
+        decoder_heads=integer(hf, "decoder_num_attention_heads", 16),
+        decoder_mlp_ratio=integer(hf, "decoder_intermediate_size", 2048) / dim,
         mask_ratio=float(hf.get("mask_ratio", 0.75)),
         norm_pix_loss=bool(hf.get("norm_pix_loss", False)),
     )

@@ -232,6 +232,8 @@ class DINOObjective(Objective):
 
     def __init__(self, config: ViTConfig, *, out_dim: int = 1024, local_crops: int = 4,
                  hflip: bool = False, head_bn: bool = True, momentum_teacher: float = 0.996,
+                 global_scale: tuple[float, float] = (0.4, 1.0),
+                 local_scale: tuple[float, float] = (0.05, 0.4),
                  teacher_temp: float = 0.07, warmup_teacher_temp: float = 0.04):  # fmt: skip
         from vitkit.models.dino import DINO, MultiCrop
 
@@ -246,9 +248,8 @@ class DINOObjective(Objective):
             teacher_temp=teacher_temp,
             warmup_teacher_temp=warmup_teacher_temp,
         )
-        self.crops = MultiCrop(
-            config.image_hw[0], patch_size=config.patch_size, n_local=local_crops, hflip=hflip
-        )
+        self.crops = MultiCrop(config.image_hw[0], patch_size=config.patch_size, n_local=local_crops,
+                               hflip=hflip, global_scale=global_scale, local_scale=local_scale)  # fmt: skip
         self.momentum_teacher = momentum_teacher
         self.progress = 0.0
         self._sums: dict[str, float] = {}
@@ -342,6 +343,8 @@ def build_objective(recipe: Any, model_or_config: VisionTransformer | ViTConfig,
         local_crops=recipe.local_crops,
         hflip=recipe.hflip,
         head_bn=recipe.head_bn,
+        global_scale=recipe.global_crop_scale,
+        local_scale=recipe.local_crop_scale,
         momentum_teacher=recipe.momentum_teacher,
         teacher_temp=recipe.teacher_temp,
         warmup_teacher_temp=recipe.warmup_teacher_temp,

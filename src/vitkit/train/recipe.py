@@ -17,6 +17,7 @@ _OPTIMIZERS = ("adamw", "sgd")
 _SCHEDULES = ("cosine", "linear", "constant")
 _AUTO_AUGMENT = (None, "randaugment", "trivialaugment")
 OBJECTIVES = ("classify", "simmim", "mae", "dino")
+_TUPLES = ("betas", "rrc_scale", "mean", "std", "global_crop_scale", "local_crop_scale")
 
 # `vitkit pretrain` starts from these instead of the classification defaults
 PRETRAIN_DEFAULTS: dict[str, Any] = dict(
@@ -94,6 +95,8 @@ class Recipe:
     norm_pix_loss: bool = True
     out_dim: int = 1024  # DINO prototypes
     local_crops: int = 4
+    global_crop_scale: tuple[float, float] = (0.4, 1.0)  # DINO crop areas (fraction of image)
+    local_crop_scale: tuple[float, float] = (0.05, 0.4)
     head_bn: bool = True  # DINO head with BatchNorm (keeps the teacher from a uniform start)
     momentum_teacher: float = 0.996
     teacher_temp: float = 0.07
@@ -124,7 +127,7 @@ class Recipe:
                 f"{source}: unknown recipe key(s) {unknown}; known keys: {', '.join(sorted(known))}"
             )
         values = dict(data)
-        for key in ("betas", "rrc_scale", "mean", "std"):
+        for key in _TUPLES:
             if isinstance(values.get(key), list):
                 values[key] = tuple(float(v) for v in values[key])
         for f in dataclasses.fields(cls):  # YAML reads `1e-3` as a string
@@ -154,7 +157,7 @@ class Recipe:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        for key in ("betas", "rrc_scale", "mean", "std"):
+        for key in _TUPLES:
             if d[key] is not None:
                 d[key] = list(d[key])
         return d
@@ -254,10 +257,10 @@ class Recipe:
             raise bad(f"clip_grad={self.clip_grad} must be > 0 (or null to disable)")
         if self.random_shift < 0:
             raise bad(f"random_shift={self.random_shift} must be >= 0")
-        if self.rrc_scale is not None and not (
-            len(self.rrc_scale) == 2 and 0 < self.rrc_scale[0] <= self.rrc_scale[1] <= 1
-        ):
-            raise bad(f"rrc_scale={self.rrc_scale} must be [low, high] with 0 < low <= high <= 1")
+        for key in ("rrc_scale", "global_crop_scale", "local_crop_scale"):
+            v = getattr(self, key)
+            if v is not None and not (len(v) == 2 and 0 < v[0] <= v[1] <= 1):
+                raise bad(f"{key}={v} must be [low, high] with 0 < low <= high <= 1")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise bad(f"betas={self.betas} must be two numbers in [0, 1)")
         if self.knn_every_epochs < 0:
