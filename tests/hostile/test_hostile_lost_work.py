@@ -119,7 +119,6 @@ def _fake_run(folder):
 TRAIN = ["train", "--set", "epochs=1", "--set", "plot=false", "--no-progress"]
 
 
-@pytest.mark.xfail(strict=True, reason="lead: never overwrite a run without --overwrite/--resume")
 def test_train_into_an_existing_run_refuses(tmp_path):
     run = tmp_path / "run"
     _fake_run(run)
@@ -128,7 +127,6 @@ def test_train_into_an_existing_run_refuses(tmp_path):
     assert_user_error(r, "--overwrite")
 
 
-@pytest.mark.xfail(strict=True, reason="lead: the default output gets a fresh name")
 def test_default_output_twice_keeps_both_runs(tmp_path):
     for _ in range(2):
         r = run_cli(TRAIN, cwd=tmp_path)

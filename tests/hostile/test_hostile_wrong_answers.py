@@ -119,7 +119,6 @@ def test_config_values_that_cannot_be_right_are_refused(tmp_path, changes, key):
     assert_user_error(run_cli(["predict", str(image), "--model", str(model)]), key)
 
 
-@pytest.mark.xfail(strict=True, reason="hf.py casts with int(): 1.5 layers load as 1 (not ours)")
 def test_hf_config_with_fractional_layer_count_is_refused(tmp_path):
     from vitkit.checkpoints.pretrained import save_pretrained
 
@@ -132,7 +131,6 @@ def test_hf_config_with_fractional_layer_count_is_refused(tmp_path):
     assert_user_error(run_cli(["predict", str(image), "--model", str(model)]), "1.5")
 
 
-@pytest.mark.xfail(strict=True, reason="lead: Recipe.validate must refuse non-finite numbers")
 @pytest.mark.parametrize("pair", ["lr=.nan", "lr=.inf", "weight_decay=.nan", "warmup_epochs=.inf"])
 def test_recipe_override_nan_is_refused(tmp_path, pair):
     r = run_cli(["train", "--set", pair, "--print-recipe"], cwd=tmp_path)
