@@ -128,7 +128,7 @@ def clean_stale_temps(folder: str | os.PathLike[str]) -> list[Path]:
                 if pid == os.getpid():
                     continue  # ours, maybe being written by another thread
                 if pid is not None:
-                    stale = not _alive(pid) or age > 24 * 3600
+                    stale = not pid_alive(pid) or age > 24 * 3600
                 else:
                     stale = age > STALE_SECONDS
                 if stale:
@@ -137,7 +137,8 @@ def clean_stale_temps(folder: str | os.PathLike[str]) -> list[Path]:
     return removed
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` runs on this machine (for stale temporary files and locks)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -133,3 +133,12 @@ def test_default_output_twice_keeps_both_runs(tmp_path):
         assert r.returncode == 0, r.stderr[-2000:]
     runs = sorted(p for p in (tmp_path / "runs").iterdir() if p.is_dir())
     assert len(runs) == 2
+
+
+def test_a_run_directory_locked_by_a_live_run_is_refused(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".lock").write_text(str(os.getpid()))  # this test process stands for a live run
+    r = run_cli([*TRAIN, "--output", str(run), "--overwrite"], cwd=tmp_path)
+    assert_user_error(r, str(os.getpid()))
+    assert sorted(p.name for p in run.iterdir()) == [".lock"]
