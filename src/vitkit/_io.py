@@ -1,13 +1,31 @@
-"""Atomic file writes: a reader never sees a half-written file, and a crash leaves none behind."""
+"""Atomic file writes: a reader never sees a half-written file, and a crash leaves none behind.
+
+Each write goes to `.NAME.<pid>.<random>.tmp` beside `NAME`, is fsynced and renamed over it.
+- The new file gets the mode a plain `open()` would give it: the existing file's mode when
+  replacing one, else 0666 minus the umask (mkstemp alone would make it 0600).
+- An exception (or SIGTERM, which the CLI turns into SystemExit) removes the temporary file.
+- kill -9 cannot be caught: the next save into the same folder removes temporary files of this
+  naming whose writer process is gone, or that are older than `STALE_SECONDS` (24 hours when
+  the writer's pid is still in use, since pids are reused); so crashed saves never pile up.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
+import stat
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
+
+STALE_SECONDS = 10 * 60
+"""A temporary file without a recorded pid is stale after this long without a write."""
+
+_TEMP = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")  # .NAME[.PID].RANDOM.tmp (mkstemp: 8 chars)
+_TEMP_PID = re.compile(r"^\..+\.(\d+)\.[a-z0-9_]{8}\.tmp$")
 
 
 @contextlib.contextmanager
@@ -17,8 +35,7 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO]:
     On any exception the temporary file is removed and `path` is left as it was.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _temp_file(path)
     try:
         with os.fdopen(fd, mode) as f:
             yield f
@@ -36,12 +53,13 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO]:
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside `path` for writers that take a file name; rename on success."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _temp_file(path)
     os.close(fd)
     try:
         yield Path(tmp)
+        mode = _new_mode(path)
         with open(tmp, "rb+") as f:
+            os.fchmod(f.fileno(), mode)  # the writer may have replaced the file
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -59,6 +77,75 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     with atomic_open(path, "wb") as f:
         f.write(data)
+
+
+def _temp_file(path: Path) -> tuple[int, str]:
+    """Create the folder, sweep stale temporary files, and open a new one with the right mode."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps(path.parent)
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent
+    )
+    try:
+        os.fchmod(fd, _new_mode(path))
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp)
+        raise
+    return fd, tmp
+
+
+def _new_mode(path: Path) -> int:
+    """The mode of the file being replaced, else what `open()` would create: 0666 & ~umask."""
+    with contextlib.suppress(OSError):
+        return stat.S_IMODE(path.stat().st_mode)
+    return 0o666 & ~current_umask()
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux allows (threads may be writing)."""
+    with contextlib.suppress(OSError, ValueError), open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)  # elsewhere: set and restore at once
+    os.umask(mask)
+    return mask
+
+
+def clean_stale_temps(folder: str | os.PathLike[str]) -> list[Path]:
+    """Remove our temporary files in `folder` left by a killed writer; return those removed."""
+    removed = []
+    now = time.time()
+    with contextlib.suppress(OSError), os.scandir(folder) as entries:
+        for entry in entries:
+            if not _TEMP.match(entry.name) or not entry.is_file(follow_symlinks=False):
+                continue
+            with contextlib.suppress(OSError):
+                age = now - entry.stat(follow_symlinks=False).st_mtime
+                m = _TEMP_PID.match(entry.name)
+                pid = int(m.group(1)) if m else None
+                if pid == os.getpid():
+                    continue  # ours, maybe being written by another thread
+                if pid is not None:
+                    stale = not pid_alive(pid) or age > 24 * 3600
+                else:
+                    stale = age > STALE_SECONDS
+                if stale:
+                    os.unlink(entry.path)
+                    removed.append(Path(entry.path))
+    return removed
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` runs on this machine (for stale temporary files and locks)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True  # someone else's process (or an absurd number): leave its file alone
+    return True
 
 
 def _fsync_dir(directory: Path) -> None:

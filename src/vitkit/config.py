@@ -10,11 +10,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from vitkit import limits
 from vitkit.errors import ConfigError
+from vitkit.limits import is_finite, is_int
 
 GlobalPool = Literal["token", "avg", "map"]
 PosEmbed = Literal["learned", "sincos2d", "none"]
@@ -25,11 +28,112 @@ MlpLayer = Literal["mlp", "swiglu"]
 
 
 def _pair(value: int | tuple[int, int] | list[int]) -> tuple[int, int]:
-    if isinstance(value, int):
-        return (value, value)
-    if len(value) != 2:
-        raise ConfigError(f"expected an int or a pair (height, width), got {value!r}")
+    if is_int(value):
+        return (int(value), int(value))  # type: ignore[arg-type]
+    if not isinstance(value, (tuple, list)) or len(value) != 2 or not all(map(is_int, value)):
+        raise ConfigError(f"image_size must be an int or a pair (height, width), got {value!r}")
     return (int(value[0]), int(value[1]))
+
+
+def read_json(path: Path, what: str) -> Any:
+    """Parse a JSON file no larger than `vitkit.limits` JSON_BYTES; `ConfigError` naming it."""
+    try:
+        size = path.stat().st_size
+        if size > limits.limit("JSON_BYTES"):
+            limits.check(size, "JSON_BYTES", "file size in bytes", str(path))
+        return json.loads(path.read_bytes().decode("utf-8-sig"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"cannot read {what} {path}: {exc}") from None
+
+
+def _id2label(value: Any) -> dict[int, str]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"id2label must map class index to name, got {type(value).__name__}")
+    out = {}
+    for k, v in value.items():
+        if is_int(k) or (isinstance(k, str) and re.fullmatch(r"\s*-?[0-9]+\s*", k)):
+            index = int(k)
+        else:
+            raise ConfigError(f"id2label key {k!r} is not a class index")
+        if not isinstance(v, (str, int, float)) or isinstance(v, bool):
+            raise ConfigError(f"id2label[{k!r}] must be a class name, got {v!r}")
+        out[index] = str(v)
+    if out and (min(out) < 0 or max(out) >= len(out)):
+        raise ConfigError(f"id2label keys must be 0..{len(out) - 1}, got {sorted(out)[:5]}...")
+    return out
+
+
+_INTS = ("patch_size", "in_chans", "num_classes", "embed_dim", "depth", "num_heads",
+         "num_register_tokens")  # fmt: skip
+_OPTIONAL_INTS = ("head_hidden_dim", "projection_dim")
+_FLOATS = ("mlp_ratio", "layer_norm_eps", "drop_rate", "attn_drop_rate", "drop_path_rate")
+_OPTIONAL_FLOATS = ("layer_scale_init",)
+_BOOLS = ("qkv_bias", "class_token", "distilled", "dynamic_img_pad", "use_mask_token",
+          "head_init_zero", "pre_norm", "patch_bias", "pos_embed_antialias",
+          "no_embed_class")  # fmt: skip
+_OPTIONAL_BOOLS = ("fc_norm",)
+
+
+def _check_types(c: ViTConfig) -> None:
+    """Refuse a value of the wrong type instead of casting it (2.7 layers is not 2 layers)."""
+    errors = []
+    for name in _INTS + _OPTIONAL_INTS:
+        value = getattr(c, name)
+        if value is None and name in _OPTIONAL_INTS:
+            continue
+        if not is_int(value):
+            errors.append(f"{name} must be an integer, got {value!r}")
+        else:
+            setattr(c, name, int(value))
+    for name in _FLOATS + _OPTIONAL_FLOATS:
+        value = getattr(c, name)
+        if value is None and name in _OPTIONAL_FLOATS:
+            continue
+        if not is_finite(value):
+            errors.append(f"{name} must be a finite number, got {value!r}")
+        else:
+            setattr(c, name, float(value))
+    for name in _BOOLS + _OPTIONAL_BOOLS:
+        value = getattr(c, name)
+        if not (isinstance(value, bool) or (value is None and name in _OPTIONAL_BOOLS)):
+            errors.append(f"{name} must be true or false, got {value!r}")
+    for name in ("global_pool", "pos_embed", "head", "attn_implementation", "act",
+                 "pos_embed_interpolation", "mlp_layer"):  # fmt: skip
+        if not isinstance(getattr(c, name), str):
+            errors.append(f"{name} must be a string, got {getattr(c, name)!r}")
+    try:
+        hw = _pair(c.image_size)
+        c.image_size = int(c.image_size) if is_int(c.image_size) else hw  # type: ignore
+    except ConfigError as exc:
+        errors.append(str(exc))
+    if c.id2label is not None and not isinstance(c.id2label, dict):
+        errors.append("id2label must be a mapping")
+    if errors:
+        raise ConfigError("invalid ViTConfig: " + "; ".join(errors))
+
+
+def _check_limits(c: ViTConfig) -> None:
+    """Every size against `vitkit.limits`, cheapest first, the parameter count last."""
+
+    h, w = c.image_hw
+    for value, name, what in (
+        (c.depth, "DEPTH", "depth"),
+        (c.embed_dim, "WIDTH", "embed_dim"),
+        (c.num_heads, "HEADS", "num_heads"),
+        (c.patch_size, "PATCH_SIZE", "patch_size"),
+        (c.in_chans, "CHANNELS", "in_chans"),
+        (max(h, w), "IMAGE_SIDE", "image_size"),
+        (c.num_register_tokens, "REGISTER_TOKENS", "num_register_tokens"),
+        (c.num_classes, "CLASSES", "num_classes"),
+        (c.head_hidden_dim or 0, "MLP_DIM", "head_hidden_dim"),
+        (c.projection_dim or 0, "MLP_DIM", "projection_dim"),
+    ):
+        limits.check(value, name, what)
+    limits.check(c.mlp_hidden_dim, "MLP_DIM", f"MLP size (embed_dim x mlp_ratio {c.mlp_ratio})")
+    limits.check(c.num_patches, "PATCHES", f"patches per image ({h}x{w} / patch {c.patch_size})")
+    limits.check(c.estimated_params(), "PARAMS", "parameters")
 
 
 @dataclass
@@ -91,7 +195,7 @@ class ViTConfig:
         if isinstance(self.image_size, list):
             self.image_size = tuple(self.image_size)  # type: ignore[assignment]
         if self.id2label is not None:
-            self.id2label = {int(k): str(v) for k, v in self.id2label.items()}
+            self.id2label = _id2label(self.id2label)
         self.validate()
 
     # ----------------------------------------------------------------------------- derived
@@ -143,7 +247,13 @@ class ViTConfig:
 
     # ----------------------------------------------------------------------------- checks
     def validate(self) -> None:
-        """Raise `ConfigError` naming the field and the fix for any inconsistent setting."""
+        """Raise `ConfigError` naming the field and the fix for any inconsistent setting.
+
+        Types come first (a string, a bool or 2.7 where an int is due is refused, never cast),
+        then each size against `vitkit.limits`, then the parameter count: all before any model
+        is built, so a hostile config cannot ask for a huge allocation.
+        """
+        _check_types(self)
         errors: list[str] = []
         h, w = self.image_hw
         p = self.patch_size
@@ -159,8 +269,19 @@ class ViTConfig:
         for name, value in positive.items():
             if value <= 0:
                 errors.append(f"{name} must be positive, got {value}")
+        if self.num_classes < 0:
+            errors.append(f"num_classes must be >= 0 (0 means no head), got {self.num_classes}")
+        if self.num_register_tokens < 0:
+            errors.append(f"num_register_tokens must be >= 0, got {self.num_register_tokens}")
+        if not self.mlp_ratio > 0:
+            errors.append(f"mlp_ratio must be positive, got {self.mlp_ratio}")
+        if not self.layer_norm_eps > 0:
+            errors.append(f"layer_norm_eps must be positive (e.g. 1e-6), got {self.layer_norm_eps}")
+        if self.head_hidden_dim is not None and self.head_hidden_dim <= 0:
+            errors.append(f"head_hidden_dim must be positive, got {self.head_hidden_dim}")
         if errors:
             raise ConfigError("invalid ViTConfig: " + "; ".join(errors))
+        _check_limits(self)
         if self.embed_dim % self.num_heads:
             errors.append(
                 f"embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}; "
@@ -171,12 +292,11 @@ class ViTConfig:
                 f"image_size={self.image_hw} is not a multiple of patch_size={p}; use "
                 f"{(h // p * p or p, w // p * p or p)} or set dynamic_img_pad=True"
             )
-        if self.num_classes < 0:
-            errors.append(f"num_classes must be >= 0 (0 means no head), got {self.num_classes}")
-        if self.mlp_ratio <= 0:
-            errors.append(f"mlp_ratio must be positive, got {self.mlp_ratio}")
-        if self.num_register_tokens < 0:
-            errors.append(f"num_register_tokens must be >= 0, got {self.num_register_tokens}")
+        if self.mlp_hidden_dim <= 0:
+            errors.append(
+                f"mlp_ratio={self.mlp_ratio} gives an MLP of {self.mlp_hidden_dim} units; "
+                f"use a larger mlp_ratio"
+            )
         for name in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
@@ -211,8 +331,6 @@ class ViTConfig:
             errors.append("global_pool='map' has its own MLP; use head='linear'")
         if self.distilled and not self.class_token:
             errors.append("distilled=True (DeiT) needs class_token=True")
-        if self.head_hidden_dim is not None and self.head_hidden_dim <= 0:
-            errors.append(f"head_hidden_dim must be positive, got {self.head_hidden_dim}")
         if (
             self.id2label is not None
             and self.num_classes
@@ -224,6 +342,20 @@ class ViTConfig:
             )
         if errors:
             raise ConfigError("invalid ViTConfig: " + "; ".join(errors))
+
+    def estimated_params(self) -> int:
+        """Parameters of the model this config describes, within 3 per cent, without
+        building it (what the limit on parameters is checked against)."""
+        d, m, k = self.embed_dim, self.mlp_hidden_dim, self.num_classes
+        c, p = self.in_chans, self.patch_size
+        mlp = d * m + m + (m // 2 if self.mlp_layer == "swiglu" else m) * d  # SwiGLU: halves
+        block = 4 * d * d + mlp + 9 * d  # qkv + proj, the MLP, two norms
+        tokens = self.num_patches + self.num_prefix_tokens
+        head = k * (self.head_hidden_dim or d) + k + (self.head_hidden_dim or 0) * (d + 1)
+        head += k * (d + 1) if self.distilled else 0  # DeiT's second head
+        head += block + d if self.global_pool == "map" else 0  # attention pool: about a block
+        head += (self.projection_dim or 0) * d
+        return self.depth * block + d * c * p * p + d + tokens * d + 2 * d + head
 
     # ----------------------------------------------------------------------------- io
     def replace(self, **changes: Any) -> ViTConfig:
@@ -248,6 +380,8 @@ class ViTConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ViTConfig:
+        if not isinstance(data, dict):
+            raise ConfigError(f"a ViTConfig needs a mapping of fields, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known - {"model_type", "vitkit_version"}
         if unknown:
@@ -266,10 +400,10 @@ class ViTConfig:
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> ViTConfig:
         path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"cannot read config {path}: {exc}") from exc
+        data = read_json(path, "config")
         if not isinstance(data, dict):
             raise ConfigError(f"config {path} must hold a JSON object")
-        return cls.from_dict(data)
+        try:
+            return cls.from_dict(data)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None

@@ -8,12 +8,12 @@ to get them onto the machine.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
 
-from vitkit.errors import CheckpointError
+from vitkit.checkpoints._safety import check_relative_name
+from vitkit.errors import CheckpointError, ConfigError
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -24,6 +24,26 @@ def looks_like_hub_id(source: str) -> bool:
     return bool(_HUB_ID.match(source)) and not source.endswith(
         (".npz", ".safetensors", ".bin", ".pth", ".pt")
     )
+
+
+def check_hub_id(repo_id: object) -> str:
+    """`repo_id` if it is a valid hub id (the Hub's own rules), else `CheckpointError`.
+
+    Each part: letters, digits, `-`, `_`, `.`; no `..` or `--`; not starting or ending with
+    `-` or `.`; at most 96 characters. So `org/..`, `../x` and absolute paths never reach the
+    cache, whose folder names are built from the id.
+    """
+    bad = not isinstance(repo_id, str) or not _HUB_ID.match(repo_id)
+    parts = repo_id.split("/") if isinstance(repo_id, str) else []
+    for part in parts:
+        bad = bad or not part or len(part) > 96 or ".." in part or "--" in part
+        bad = bad or part[:1] in "-." or part[-1:] in "-."
+    if bad:
+        raise CheckpointError(
+            f"{repo_id!r} is not a Hugging Face Hub id (expected org/name: letters, digits, "
+            f"'-', '_', '.', no '..' or '--') nor an existing local path"
+        )
+    return repo_id  # type: ignore[return-value]
 
 
 def _offline() -> bool:
@@ -49,6 +69,7 @@ def resolve_hub(
 
     Returns {"config.json": path, <weights file name>: path, [shards...]}.
     """
+    check_hub_id(repo_id)
     try:
         import huggingface_hub as hub
         from huggingface_hub.errors import RemoteEntryNotFoundError
@@ -93,8 +114,7 @@ def resolve_hub(
             continue
         files[name] = path
         if name.endswith(".index.json"):
-            shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
-            for shard in shards:
+            for shard in shard_names(path):
                 got = fetch(shard)
                 if got is None:
                     raise CheckpointError(
@@ -106,3 +126,18 @@ def resolve_hub(
         f"no weights ({', '.join(WEIGHT_FILES)}) for {repo_id!r} in "
         f"{where if offline else 'the repository'}; {_how_to_get(repo_id)}"
     )
+
+
+def shard_names(index: Path) -> list[str]:
+    """The shard files a `*.safetensors.index.json` names, each a plain relative name (no `..`,
+    not absolute): the caller joins them to the index's own folder."""
+    from vitkit.config import read_json
+
+    try:
+        data = read_json(index, "shard index")
+    except ConfigError as exc:
+        raise CheckpointError(str(exc)) from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index}: a shard index needs a non-empty 'weight_map' object")
+    return sorted({check_relative_name(v, str(index)) for v in weight_map.values()})

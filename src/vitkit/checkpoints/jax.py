@@ -41,13 +41,82 @@ _BIG_VISION = {"attn": "MultiHeadDotProductAttention_0", "ln2": "LayerNorm_1", "
 
 
 def load_npz(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
-    """Read every array of an `.npz` (never unpickling objects)."""
+    """Read every array of an `.npz` (never unpickling objects).
+
+    Sizes are checked from the zip directory before anything is decompressed (each member and
+    the total against CHECKPOINT_BYTES, the total against ZIP_RATIO times the compressed size),
+    and each `.npy` header's shape and dtype must account for exactly its member's size, so a
+    header that lies about its shape is refused before numpy would allocate for it.
+    """
     path = Path(path)
     try:
-        with np.load(path, allow_pickle=False) as f:
-            return {k: f[k] for k in f.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        with zipfile.ZipFile(path) as z:
+            members = [i for i in z.infolist() if not i.is_dir()]
+            _check_zip_sizes(members, path)
+            out = {}
+            for info in members:
+                key = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
+                with z.open(info) as f:
+                    out[key] = _read_npy(f, info, path)
+            return out
+    except CheckpointError:
+        raise
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError, NotImplementedError) as exc:
         raise CheckpointError(f"cannot read {path} as a JAX .npz checkpoint: {exc}") from exc
+
+
+def _check_zip_sizes(members: list[zipfile.ZipInfo], path: Path) -> None:
+    from vitkit import limits
+
+    cap = limits.limit("CHECKPOINT_BYTES")
+    total = sum(i.file_size for i in members)
+    packed = sum(i.compress_size for i in members)
+    if total > cap:
+        raise CheckpointError(
+            f"{path}: its arrays would take {total:,d} bytes uncompressed, over vitkit's limit "
+            f"of {cap:,d} (VITKIT_MAX_CHECKPOINT_BYTES); refused before decompressing"
+        )
+    ratio = limits.limit("ZIP_RATIO")
+    if total > 64 << 20 and total > ratio * max(packed, 1):
+        raise CheckpointError(
+            f"{path}: {packed:,d} compressed bytes claim {total:,d} uncompressed (more than "
+            f"{ratio}x; VITKIT_MAX_ZIP_RATIO): refused as a zip bomb"
+        )
+
+
+def _read_npy(f: Any, info: zipfile.ZipInfo, path: Path) -> np.ndarray:
+    """One `.npy` member whose header must match the member's size; no object arrays."""
+    fmt = np.lib.format
+    where = f"{path}: member {info.filename!r}"
+    version = fmt.read_magic(f)
+    if version == (1, 0):
+        shape, fortran, dtype = fmt.read_array_header_1_0(f)
+    elif version == (2, 0):
+        shape, fortran, dtype = fmt.read_array_header_2_0(f)
+    else:
+        raise CheckpointError(f"{where}: unsupported .npy version {version}")
+    if dtype.hasobject:
+        raise CheckpointError(f"{where}: object arrays are refused (they need unpickling)")
+    count = 1
+    for n in shape:
+        count *= n
+    nbytes = count * dtype.itemsize
+    if f.tell() + nbytes != info.file_size:  # f.tell(): the end of the header
+        raise CheckpointError(
+            f"{where}: the header says {shape} {dtype} ({nbytes:,d} bytes) but the member holds "
+            f"{info.file_size - f.tell():,d}; the file is corrupt or hostile"
+        )
+    array = np.empty(count, dtype=dtype)  # proven to fit the member, which fits the limits
+    view = memoryview(array.view(np.uint8)) if nbytes else memoryview(bytearray())
+    done = 0
+    while done < nbytes:
+        got = f.readinto(view[done : done + (16 << 20)])
+        if not got:
+            raise CheckpointError(f"{where}: truncated ({done:,d} of {nbytes:,d} bytes)")
+        done += got
+    if fortran:
+        return array.reshape(shape[::-1]).transpose()
+    return array.reshape(shape)
 
 
 def _strip_prefix(w: Mapping[str, np.ndarray], source: str) -> dict[str, np.ndarray]:
@@ -75,6 +144,19 @@ def config_from_npz(
     weights: Mapping[str, np.ndarray], *, act: str = "gelu_tanh", source: str = "checkpoint"
 ) -> ViTConfig:
     """The `ViTConfig` a JAX ViT checkpoint describes (see the module docstring)."""
+    try:
+        return _config_from_npz(weights, act, source)
+    except (KeyError, ValueError, IndexError, TypeError, AttributeError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        missing = f"no array {exc}" if isinstance(exc, KeyError) else str(exc)
+        raise CheckpointError(
+            f"{source} does not have the arrays of a ViT .npz ({missing}); is it a "
+            f"vision_transformer or big_vision ViT checkpoint?"
+        ) from None
+
+
+def _config_from_npz(weights: Mapping[str, np.ndarray], act: str, source: str) -> ViTConfig:
     w = _strip_prefix(weights, source)
     names, stacked = _layout(w)
     if any(k.startswith("MAPHead_0/") for k in w):
@@ -164,6 +246,14 @@ def state_dict_from_npz(
             f"{source} has {q.shape[-2]} attention heads but the config says "
             f"num_heads={config.num_heads}"
         )
+
+    for key in sorted(required):
+        kind = w[key].dtype.kind
+        if kind != "f":  # an integer array would be cast silently
+            raise CheckpointError(
+                f"{source}: array {key!r} is {w[key].dtype}, not floating point; vitkit does "
+                f"not cast integer weights (the file is not a ViT checkpoint or is corrupt)"
+            )
 
     def get(key: str, i: int | None = None) -> Tensor:
         value = w[key] if i is None or not stacked else w[key][i]

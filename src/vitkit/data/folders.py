@@ -13,6 +13,8 @@ Bad files: a dataset never raises because one image is broken.
 - A file that passes the check but fails to decode later (truncated data) is replaced by the next
   good sample, recorded in `.skipped` and reported once with a warning, so training goes on. With
   DataLoader workers that record lives in the worker's copy; the warning is what you see.
+  Evaluation must not count the replacement twice: `on_error="none"` returns None for such a
+  sample instead, for the collate function to drop (and count once).
 
 CIFAR pickles are untrusted: they are read with a restricted unpickler that can only rebuild
 builtin containers, strings, numbers and numpy arrays; anything else is refused before it runs.
@@ -25,6 +27,7 @@ import io
 import json
 import os
 import pickle
+import re
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -33,8 +36,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from vitkit import limits
 from vitkit.data.images import IMAGE_EXTENSIONS, load_image
 from vitkit.errors import VitkitError
+from vitkit.limits import is_int
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -90,11 +95,15 @@ class _FileDataset:
         mode: str,
         verify: str,
         skipped: list[tuple[Path, str]] | None = None,
+        on_error: str = "next",
     ):
         if mode not in ("RGB", "L"):
             raise VitkitError(f"image mode must be 'RGB' or 'L', got {mode!r}")
         if verify not in _VERIFY:
             raise VitkitError(f"verify must be one of {_VERIFY}, got {verify!r}")
+        if on_error not in ("next", "none"):
+            raise VitkitError(f"on_error must be 'next' or 'none', got {on_error!r}")
+        self.on_error = on_error
         self.transform = transform
         self.mode = mode
         self.skipped: list[tuple[Path, str]] = list(skipped or [])
@@ -128,14 +137,19 @@ class _FileDataset:
         for offset in range(n):
             i = (index + offset) % n
             if i in self._failed:
+                if self.on_error == "none":
+                    return None  # type: ignore[return-value]
                 continue
             path, label = self.samples[i]
             try:
                 image = _open_image(path, self.mode)
             except Exception as exc:
-                self._failed.add(i)
-                self.skipped.append((path, f"{type(exc).__name__}: {exc}".strip()))
-                warnings.warn(f"skipping unreadable image {path}: {exc}", stacklevel=2)
+                if i not in self._failed:  # each bad file is recorded once
+                    self._failed.add(i)
+                    self.skipped.append((path, f"{type(exc).__name__}: {exc}".strip()))
+                    warnings.warn(f"skipping unreadable image {path}: {exc}", stacklevel=2)
+                if self.on_error == "none":
+                    return None  # type: ignore[return-value]
                 continue
             return (self.transform(image) if self.transform else image), label
         raise VitkitError(
@@ -170,6 +184,7 @@ class ImageFolderDataset(_FileDataset):
         mode: str = "RGB",
         classes: Sequence[str] | None = None,
         verify: str = "header",
+        on_error: str = "next",
     ):
         self.root = Path(root)
         if not self.root.is_dir():
@@ -193,7 +208,7 @@ class ImageFolderDataset(_FileDataset):
             raise VitkitError(
                 f"{self.root}: no image files with extensions {exts} in the class folders"
             )
-        super().__init__(samples, transform, mode, verify, skipped)
+        super().__init__(samples, transform, mode, verify, skipped, on_error)
 
 
 class ImageFilesDataset(_FileDataset):
@@ -233,6 +248,7 @@ class ImageListDataset(_FileDataset):
         mode: str = "RGB",
         classes: Sequence[str] | None = None,
         verify: str = "header",
+        on_error: str = "next",
     ):
         self.list_file = Path(list_file)
         self.root = Path(root) if root is not None else self.list_file.parent
@@ -241,7 +257,14 @@ class ImageListDataset(_FileDataset):
         if classes is not None:
             self.classes = list(classes)
         elif all(_as_int(v) is not None for v in labels):
-            self.classes = [str(i) for i in range(max(_as_int(v) for v in labels) + 1)]
+            top = max(_as_int(v) for v in labels)  # type: ignore[type-var]
+            try:  # a label of 2e7 would otherwise make 2e7 class names
+                limits.check(top + 1, "CLASSES", "number of classes (largest label + 1)")
+            except VitkitError as exc:
+                raise VitkitError(f"{self.list_file}: {exc}") from None
+            if top < 0:
+                raise VitkitError(f"{self.list_file}: labels must be class indices >= 0")
+            self.classes = [str(i) for i in range(top + 1)]
         else:
             self.classes = sorted({str(v) for v in labels})
         index = {name: i for i, name in enumerate(self.classes)}
@@ -257,7 +280,7 @@ class ImageListDataset(_FileDataset):
                 skipped.append((path, f"label {label!r} not among {len(self.classes)} classes"))
                 continue
             samples.append((path, target))
-        super().__init__(samples, transform, mode, verify, skipped)
+        super().__init__(samples, transform, mode, verify, skipped, on_error)
 
 
 def _as_int(value: Any) -> int | None:
@@ -265,7 +288,7 @@ def _as_int(value: Any) -> int | None:
         return None
     if isinstance(value, int):
         return value
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+    if isinstance(value, str) and re.fullmatch(r"\s*-?[0-9]+\s*", value):
         return int(value)
     return None
 
@@ -274,19 +297,26 @@ def _read_list(path: Path) -> list[tuple[str, Any]]:
     """[(path, label)] from a CSV / JSON / JSON-lines list file."""
     if not path.is_file():
         raise VitkitError(f"{path}: no such list file")
-    text = path.read_text(encoding="utf-8-sig")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise VitkitError(f"{path}: cannot read the list as UTF-8 text ({exc})") from None
     entries: list[Any]
     if path.suffix.lower() == ".csv":
-        reader = csv.DictReader(io.StringIO(text))
-        fields = [f.strip().lower() for f in reader.fieldnames or []]
-        if "path" not in fields or "label" not in fields:
-            raise VitkitError(
-                f"{path}: a CSV list needs a header row with 'path' and 'label' "
-                f"columns, got {reader.fieldnames}"
-            )
-        entries = [
-            {k.strip().lower(): (v or "").strip() for k, v in row.items() if k} for row in reader
-        ]
+        try:
+            reader = csv.DictReader(io.StringIO(text))
+            fields = [f.strip().lower() for f in reader.fieldnames or []]
+            if "path" not in fields or "label" not in fields:
+                raise VitkitError(
+                    f"{path}: a CSV list needs a header row with 'path' and 'label' "
+                    f"columns, got {reader.fieldnames}"
+                )
+            entries = [
+                {k.strip().lower(): (v or "").strip() for k, v in row.items() if isinstance(k, str)}
+                for row in reader
+            ]
+        except csv.Error as exc:
+            raise VitkitError(f"{path}: not a valid CSV list ({exc})") from None
     else:
         stripped = text.strip()
         try:
@@ -294,12 +324,16 @@ def _read_list(path: Path) -> list[tuple[str, Any]]:
                 entries = json.loads(stripped)
             else:
                 entries = [json.loads(line) for line in stripped.splitlines() if line.strip()]
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, RecursionError) as exc:
             raise VitkitError(f"{path}: not valid JSON or JSON lines ({exc})") from None
+        if not isinstance(entries, list):
+            raise VitkitError(f"{path}: a JSON list must be a list of {{path, label}} objects")
     rows = []
     for n, entry in enumerate(entries):
         if not isinstance(entry, dict) or "path" not in entry or "label" not in entry:
             raise VitkitError(f"{path}: entry {n} must have 'path' and 'label', got {entry!r}")
+        if entry["path"] in ("", None) or entry["label"] in ("", None):
+            raise VitkitError(f"{path}: entry {n} has an empty path or label: {entry!r}")
         rows.append((str(entry["path"]), entry["label"]))
     if not rows:
         raise VitkitError(f"{path}: the list is empty")
@@ -335,19 +369,62 @@ _ALLOWED_BUILTINS = {
 }
 
 
+def _no_size(kind: type) -> Callable[..., Any]:
+    """`bytes` / `bytearray` that refuse an int argument (`bytearray(10**12)` allocates)."""
+
+    def make(*args: Any) -> Any:
+        if args and not isinstance(args[0], (bytes, bytearray, str, list)):
+            raise pickle.UnpicklingError(
+                f"{kind.__name__}({type(args[0]).__name__}) is not allowed"
+            )
+        return kind(*args)
+
+    return make
+
+
+def _latin1_encode(text: Any, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+    """`_codecs.encode` as protocol-2 pickles use it for bytes: latin-1 only, no other codecs."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"_codecs.encode(..., {encoding!r}) is not allowed")
+    return text.encode("latin-1", errors)
+
+
+class _NdarrayType:
+    """Stands for `numpy.ndarray` inside a pickle: `_reconstruct` takes it, calling it fails."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise pickle.UnpicklingError("calling numpy.ndarray is not allowed")
+
+
+_NDARRAY = _NdarrayType()
+
+
+def _reconstruct(subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
+    """numpy's `_reconstruct` for an empty array only (what `ndarray.__reduce__` writes); the
+    data arrive with `__setstate__`, which checks their length against the shape."""
+    if subtype is not _NDARRAY or shape != (0,):
+        raise pickle.UnpicklingError("numpy _reconstruct is only allowed for an empty ndarray")
+    core = getattr(np, "_core", None) or np.core
+    return core.multiarray._reconstruct(np.ndarray, shape, dtype)
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
-    """Rebuilds only builtin containers/scalars and numpy arrays; refuses every other global."""
+    """Rebuilds only builtin containers/scalars and numpy arrays; refuses every other global,
+    and every call that could allocate more than the file holds."""
 
     def find_class(self, module: str, name: str) -> Any:
         if module in ("builtins", "__builtin__") and name in _ALLOWED_BUILTINS:
             import builtins
 
-            return getattr(builtins, name)
+            kind = getattr(builtins, name)
+            return _no_size(kind) if name in ("bytes", "bytearray") else kind
         if (module, name) in _ALLOWED_GLOBALS:
             if module == "_codecs":
-                import codecs
-
-                return codecs.encode
+                return _latin1_encode
+            if name == "_reconstruct":
+                return _reconstruct
+            if name == "ndarray":
+                return _NDARRAY
             if module.startswith("numpy.core") or module.startswith("numpy._core"):
                 core = getattr(np, "_core", None) or np.core
                 return getattr(core.multiarray, name)
@@ -359,18 +436,37 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
 
 def read_cifar_pickle(path: PathLike) -> dict[bytes, Any]:
-    """Load one CIFAR python-pickle file safely (keys stay bytes, as published)."""
+    """Load one CIFAR python-pickle file safely (keys stay bytes, as published).
+
+    The file must be under the DATA_FILE_BYTES limit; its opcodes are walked once without
+    building anything, so a length field that claims more bytes than the file holds is refused
+    before the unpickler would allocate it.
+    """
+    import pickletools
+
     path = Path(path)
     try:
-        with open(path, "rb") as f:
-            data = _RestrictedUnpickler(f, encoding="bytes").load()
+        size = path.stat().st_size
+        if size > limits.limit("DATA_FILE_BYTES"):
+            limits.check(size, "DATA_FILE_BYTES", "file size in bytes", str(path))
+        raw = path.read_bytes()
+        for _ in pickletools.genops(io.BytesIO(raw)):
+            pass  # raises on a truncated stream or a length beyond the end of the file
+        data = _RestrictedUnpickler(io.BytesIO(raw), encoding="bytes").load()
     except FileNotFoundError:
         raise VitkitError(f"{path}: no such CIFAR file") from None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as exc:
+    except (
+        pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, KeyError,
+        IndexError, MemoryError, RecursionError, OverflowError, UnicodeError,
+    ) as exc:  # fmt: skip
+        if isinstance(exc, VitkitError):
+            raise
         raise VitkitError(
-            f"{path}: refused or unreadable CIFAR pickle ({exc}); only the "
-            f"published python version of CIFAR-10/100 is accepted"
+            f"{path}: refused or unreadable CIFAR pickle ({type(exc).__name__}: {exc}); only "
+            f"the published python version of CIFAR-10/100 is accepted"
         ) from None
+    except OSError as exc:
+        raise VitkitError(f"{path}: cannot read CIFAR file ({exc.strerror or exc})") from None
     if not isinstance(data, dict):
         raise VitkitError(f"{path}: expected a dict in a CIFAR pickle, got {type(data).__name__}")
     return data
@@ -400,7 +496,7 @@ def _find_cifar_dir(root: Path) -> tuple[Path, int]:
 
 
 def _names(values: Any) -> list[str]:
-    return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in values]
+    return [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in values]
 
 
 class CIFARDataset:
@@ -428,32 +524,37 @@ class CIFARDataset:
         else:
             files = ["train" if train else "test"]
             meta_file, meta_key, label_key = "meta", b"fine_label_names", b"fine_labels"
-        meta = read_cifar_pickle(self.root / meta_file)
-        if meta_key not in meta:
-            raise VitkitError(f"{self.root / meta_file}: missing key {meta_key!r}")
-        self.classes = _names(meta[meta_key])
+        meta_path = self.root / meta_file
+        meta = read_cifar_pickle(meta_path)
+        names = meta.get(meta_key)
+        if not isinstance(names, (list, tuple)) or not names:
+            raise VitkitError(f"{meta_path}: {meta_key!r} must be a list of class names")
+        limits.check(len(names), "CLASSES", "number of classes", str(meta_path))
+        self.classes = _names(names)
         arrays, targets = [], []
         for name in files:
             path = self.root / name
             batch = read_cifar_pickle(path)
-            if b"data" not in batch or label_key not in batch:
-                raise VitkitError(f"{path}: missing key b'data' or {label_key!r}")
-            data = np.asarray(batch[b"data"])
+            data, labels = batch.get(b"data"), batch.get(label_key)
+            if not isinstance(data, np.ndarray) or not isinstance(labels, (list, np.ndarray)):
+                raise VitkitError(f"{path}: needs b'data' (an array) and {label_key!r} (a list)")
             if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
                 raise VitkitError(
                     f"{path}: b'data' must be uint8 (N, 3072), got {data.dtype} {data.shape}"
                 )
-            labels = [int(v) for v in batch[label_key]]
             if len(labels) != data.shape[0]:
                 raise VitkitError(f"{path}: {data.shape[0]} images but {len(labels)} labels")
+            labels = [v.item() if isinstance(v, np.generic) else v for v in labels]
+            bad = [v for v in labels if not (is_int(v) and 0 <= v < len(self.classes))]
+            if bad:  # checked per file, before any copy
+                raise VitkitError(
+                    f"{path}: label {bad[0]!r} is not a class index 0..{len(self.classes) - 1}"
+                )
             arrays.append(data)
-            targets.extend(labels)
+            targets.extend(int(v) for v in labels)
         # rows are R, G, B planes of 32x32, each row-major -> (N, 32, 32, 3)
         self.data = np.concatenate(arrays).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy()
         self.targets = targets
-        bad = [t for t in targets if not 0 <= t < len(self.classes)]
-        if bad:
-            raise VitkitError(f"{self.root}: label {bad[0]} outside 0..{len(self.classes) - 1}")
 
     @property
     def num_skipped(self) -> int:

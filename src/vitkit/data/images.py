@@ -64,7 +64,7 @@ def load_image(
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = source if isinstance(source, Image.Image) else _open(source, name)
             _check_size(image, name, max_pixels)
-            if getattr(image, "n_frames", 1) > 1:
+            if getattr(image, "is_animated", False):  # not n_frames: it walks every frame
                 image.seek(0)  # animated GIF / multi-page TIFF: the first frame
             image.load()
             if exif_transpose:

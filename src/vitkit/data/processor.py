@@ -30,8 +30,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from vitkit import limits
+from vitkit.config import read_json
 from vitkit.data.images import MAX_PIXELS, WHITE, load_image
 from vitkit.errors import ConfigError, ImageError
+from vitkit.limits import is_finite, is_int
 
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
@@ -99,35 +102,74 @@ class ImageProcessor:
     max_pixels: int | None = MAX_PIXELS
 
     def __post_init__(self) -> None:
-        if isinstance(self.resize, Sequence):
-            self.resize = _pair(self.resize, "resize")
-        if self.crop_size is not None:
-            self.crop_size = _pair(self.crop_size, "crop_size")
-        if self.mean is not None:
-            self.mean = tuple(float(v) for v in self.mean)
-        if self.std is not None:
-            self.std = tuple(float(v) for v in self.std)
-        errors = []
-        if self.interpolation not in _PIL_CODES:
+        errors: list[str] = []
+
+        def pair_or_none(name: str) -> None:
+            value = getattr(self, name)
+            if value is None or (name == "resize" and is_int(value)):
+                return
+            try:
+                setattr(self, name, _pair(value, name))
+            except ConfigError as exc:
+                errors.append(str(exc))
+
+        pair_or_none("resize")
+        pair_or_none("crop_size")
+        for key in ("mean", "std"):
+            value = getattr(self, key)
+            if value is None:
+                continue
+            try:
+                setattr(self, key, _floats(value, key))
+            except ConfigError as exc:
+                errors.append(str(exc))
+        if errors:
+            raise ConfigError("invalid ImageProcessor: " + "; ".join(errors))
+        if not isinstance(self.interpolation, str) or self.interpolation not in _PIL_CODES:
             errors.append(
                 f"interpolation={self.interpolation!r} is not one of {sorted(_PIL_CODES)}"
             )
-        if isinstance(self.resize, int) and self.resize <= 0:
+        if is_int(self.resize) and self.resize <= 0:
             errors.append(f"resize={self.resize} must be positive")
+        for name in ("resize", "crop_size"):
+            value = getattr(self, name)
+            try:
+                if is_int(value):  # the shorter side: the longer one is checked per image
+                    limits.check(value, "IMAGE_SIDE", name)
+                elif value is not None:
+                    limits.check(max(value), "IMAGE_SIDE", f"{name} side")
+                    limits.check(value[0] * value[1], "INPUT_PIXELS", f"{name} pixels")
+            except ConfigError as exc:
+                errors.append(str(exc))
         if self.crop_rounding not in ("floor", "round"):
             errors.append(f"crop_rounding={self.crop_rounding!r} must be 'floor' or 'round'")
         if self.backend not in ("auto", "pil", "tensor"):
             errors.append(f"backend={self.backend!r} must be 'auto', 'pil' or 'tensor'")
-        if self.num_channels not in (1, 3):
-            errors.append(f"num_channels={self.num_channels} must be 1 or 3")
+        if not is_int(self.num_channels) or self.num_channels not in (1, 3):
+            errors.append(f"num_channels={self.num_channels!r} must be 1 or 3")
+        if self.rescale_factor is not None and not (
+            is_finite(self.rescale_factor) and self.rescale_factor > 0
+        ):
+            errors.append(
+                f"rescale_factor={self.rescale_factor!r} must be a positive number (1/255 for "
+                "8-bit images) or None"
+            )
         if (self.mean is None) != (self.std is None):
             errors.append("mean and std must both be set or both be None")
         for key in ("mean", "std"):
             v = getattr(self, key)
             if v is not None and len(v) not in (1, self.num_channels):
                 errors.append(f"{key} has {len(v)} values for {self.num_channels} channels")
-        if self.std is not None and any(s == 0 for s in self.std):
-            errors.append("std must not contain 0")
+        if self.std is not None and any(s <= 0 for s in self.std):
+            errors.append(f"std={list(self.std)} must be positive (e.g. 0.5 or 0.229)")
+        if self.background is not None and not (
+            isinstance(self.background, (tuple, list))
+            and len(self.background) == 3
+            and all(is_int(v) and 0 <= v <= 255 for v in self.background)
+        ):
+            errors.append(f"background={self.background!r} must be (R, G, B) in 0..255 or None")
+        if self.max_pixels is not None and not (is_int(self.max_pixels) and self.max_pixels > 0):
+            errors.append(f"max_pixels={self.max_pixels!r} must be a positive integer or None")
         if errors:
             raise ConfigError("invalid ImageProcessor: " + "; ".join(errors))
 
@@ -159,8 +201,9 @@ class ImageProcessor:
         (timm's ResizeKeepRatio rounds slightly differently there).
         """
         h, w = _pair(image_size, "image_size")
-        if not 0 < crop_pct <= 1:
-            raise ConfigError(f"crop_pct={crop_pct} must be in (0, 1]")
+        if not (is_finite(crop_pct) and 0 < crop_pct <= 1):
+            raise ConfigError(f"crop_pct={crop_pct!r} must be a number in (0, 1], e.g. 0.9")
+        limits.check(max(h, w), "IMAGE_SIDE", "image_size")
         scaled = (math.floor(h / crop_pct), math.floor(w / crop_pct))
         if crop_mode == "squash":
             resize: int | tuple[int, int] = scaled
@@ -181,18 +224,27 @@ class ImageProcessor:
     def from_timm_cfg(cls, pretrained_cfg: dict[str, Any], **overrides: Any) -> ImageProcessor:
         """From timm's `model.pretrained_cfg` or `resolve_data_config(...)` dict (input_size,
         interpolation, crop_pct, crop_mode, mean, std)."""
+        if not isinstance(pretrained_cfg, dict):
+            raise ConfigError(f"pretrained_cfg must be a mapping, got {type(pretrained_cfg)}")
         cfg = dict(pretrained_cfg)
         input_size = cfg.get("input_size", (3, 224, 224))
+        if not (
+            isinstance(input_size, (list, tuple))
+            and len(input_size) == 3
+            and all(is_int(v) and v > 0 for v in input_size)
+        ):
+            raise ConfigError(f"input_size={input_size!r} must be [channels, height, width]")
         channels, h, w = (int(v) for v in input_size)
         interpolation = cfg.get("interpolation") or "bicubic"
-        if interpolation not in _PIL_CODES:
-            interpolation = "bilinear" if interpolation == "random" else interpolation
+        if interpolation == "random":
+            interpolation = "bilinear"
+        crop_pct = cfg.get("crop_pct")
         return cls.timm_eval(
             image_size=(h, w),
-            crop_pct=float(cfg.get("crop_pct") or 0.875),
+            crop_pct=0.875 if crop_pct is None else crop_pct,
             interpolation=interpolation,
-            mean=tuple(cfg.get("mean") or IMAGENET_DEFAULT_MEAN),
-            std=tuple(cfg.get("std") or IMAGENET_DEFAULT_STD),
+            mean=_floats(cfg.get("mean") or IMAGENET_DEFAULT_MEAN, "mean"),
+            std=_floats(cfg.get("std") or IMAGENET_DEFAULT_STD, "std"),
             crop_mode=cfg.get("crop_mode") or "center",
             **{"num_channels": 1 if channels == 1 else 3, **overrides},
         )
@@ -215,10 +267,7 @@ class ImageProcessor:
         file = path / CONFIG_NAME if path.is_dir() else path
         if not file.is_file():
             raise ConfigError(f"{file}: no {CONFIG_NAME} found")
-        try:
-            data = json.loads(file.read_text("utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"{file}: not a valid JSON preprocessor config ({exc})") from None
+        data = read_json(file, "preprocessor config")
         if not isinstance(data, dict):
             raise ConfigError(f"{file}: expected a JSON object, found {type(data).__name__}")
         try:
@@ -230,37 +279,64 @@ class ImageProcessor:
     def from_hf_dict(cls, data: dict[str, Any], **overrides: Any) -> ImageProcessor:
         """From the dict of a transformers image processor config. Keys a file omits take the
         defaults of its `image_processor_type` (CLIPImageProcessor, BitImageProcessor for
-        DINOv2, SiglipImageProcessor, their Fast/Pil variants) or else ViTImageProcessor's."""
+        DINOv2, SiglipImageProcessor, their Fast/Pil variants) or else ViTImageProcessor's.
+        Every value is type-checked and bounded (docs/security.md)."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"expected a mapping of preprocessor keys, got {type(data).__name__}")
         kind = str(data.get("image_processor_type", "")).removesuffix("Fast").removesuffix("Pil")
         data = {**_HF_DEFAULTS.get(kind, {}), **data}
+
+        def flag(key: str, default: bool) -> bool:
+            value = data.get(key)
+            if value is None:
+                return default
+            if not isinstance(value, bool):
+                raise ConfigError(f"{key}={value!r} must be true or false")
+            return value
+
         fields: dict[str, Any] = {}
-        if data.get("do_resize", True):
-            size = data.get("size", {"height": 224, "width": 224})
-            if isinstance(size, int) and kind in _SHORTEST_EDGE_INT:
+        if flag("do_resize", True):
+            size = data.get("size")
+            size = {"height": 224, "width": 224} if size is None else size
+            if is_int(size) and kind in _SHORTEST_EDGE_INT:
                 size = {"shortest_edge": size}
             fields["resize"] = _hf_size(size, "size")
         else:
             fields["resize"] = None
-        if data.get("do_center_crop", False) and data.get("crop_size") is not None:
+        if flag("do_center_crop", False) and data.get("crop_size") is not None:
             crop = _hf_size(data["crop_size"], "crop_size")
             fields["crop_size"] = (crop, crop) if isinstance(crop, int) else crop
+        crop_pct = data.get("crop_pct")
+        if crop_pct is not None and not (is_finite(crop_pct) and 0 < crop_pct <= 1):
+            raise ConfigError(f"crop_pct={crop_pct!r} must be a number in (0, 1]")
         resample = data.get("resample", 2)
         if isinstance(resample, str) and resample.lower() in _PIL_CODES:
             resample = _PIL_CODES[resample.lower()]
-        if resample not in _PIL_NAMES:
+        if not is_int(resample) or resample not in _PIL_NAMES:
             raise ConfigError(f"resample={resample!r} is not a PIL resampling code 0..5")
         fields["interpolation"] = _PIL_NAMES[resample]
-        if data.get("do_rescale", True):
-            fields["rescale_factor"] = float(data.get("rescale_factor", 1 / 255))
+        if flag("do_rescale", True):
+            factor = data.get("rescale_factor", 1 / 255)
+            if not (is_finite(factor) and factor > 0):
+                raise ConfigError(f"rescale_factor={factor!r} must be a positive number (1/255)")
+            fields["rescale_factor"] = float(factor)
         else:
             fields["rescale_factor"] = None
-        if data.get("do_normalize", True):
+        if flag("do_normalize", True):
             fields["mean"] = _floats(data.get("image_mean", IMAGENET_STANDARD_MEAN), "image_mean")
             fields["std"] = _floats(data.get("image_std", IMAGENET_STANDARD_STD), "image_std")
+            if any(v <= 0 for v in fields["std"]):
+                raise ConfigError(f"image_std={list(fields['std'])} must be positive")
         else:
             fields["mean"] = fields["std"] = None
-        extra = data.get("vitkit", {})
-        if isinstance(extra, dict) and extra.get("crop_rounding") in ("floor", "round"):
+        extra = data.get("vitkit") or {}
+        if not isinstance(extra, dict):
+            raise ConfigError(f"vitkit={extra!r} must be an object like {{'crop_rounding': ...}}")
+        if extra.get("crop_rounding") is not None:
+            if extra["crop_rounding"] not in ("floor", "round"):
+                raise ConfigError(
+                    f"vitkit.crop_rounding={extra['crop_rounding']!r} must be 'floor' or 'round'"
+                )
             fields["crop_rounding"] = extra["crop_rounding"]
         return cls(**{**fields, **overrides})
 
@@ -499,6 +575,13 @@ class ImageProcessor:
         if isinstance(self.resize, int):
             short, long = (h, w) if h <= w else (w, h)
             new_short, new_long = self.resize, int(self.resize * long / short)
+            side, pixels = limits.limit("IMAGE_SIDE"), limits.limit("INPUT_PIXELS")
+            if new_long > side or new_short * new_long > pixels:  # a 1 x 50000 strip
+                raise ImageError(
+                    f"a {w}x{h} image resized to shorter side {self.resize} would be "
+                    f"{new_long} pixels long, over vitkit's limits ({side} per side, {pixels:,d} "
+                    f"pixels; VITKIT_MAX_IMAGE_SIDE / VITKIT_MAX_INPUT_PIXELS); crop it first"
+                )
             return (new_short, new_long) if h <= w else (new_long, new_short)
         return self.resize if self.resize is not None else (h, w)
 
@@ -510,12 +593,12 @@ class ImageProcessor:
 
 
 def _pair(value: Any, name: str) -> tuple[int, int]:
-    if isinstance(value, int):
-        return (value, value)
-    try:
-        h, w = (int(v) for v in value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name}={value!r} must be an int or (height, width)") from None
+    """An int or (height, width) of positive ints; floats, bools and strings are refused."""
+    if is_int(value):
+        value = (value, value)
+    if not (isinstance(value, (list, tuple)) and len(value) == 2 and all(map(is_int, value))):
+        raise ConfigError(f"{name}={value!r} must be an int or (height, width) of ints")
+    h, w = int(value[0]), int(value[1])
     if h <= 0 or w <= 0:
         raise ConfigError(f"{name}={value!r} must be positive")
     return (h, w)
@@ -523,27 +606,32 @@ def _pair(value: Any, name: str) -> tuple[int, int]:
 
 def _hf_size(size: Any, key: str) -> int | tuple[int, int]:
     """transformers size: int (square), {"height", "width"} or {"shortest_edge"}."""
-    if isinstance(size, int):
-        return (size, size)
-    if isinstance(size, (list, tuple)):
+    if is_int(size) or isinstance(size, (list, tuple)):
         return _pair(size, key)
     if isinstance(size, dict):
         if "height" in size and "width" in size:
             return _pair((size["height"], size["width"]), key)
         if set(size) == {"shortest_edge"}:
-            return int(size["shortest_edge"])
+            edge = size["shortest_edge"]
+            if not is_int(edge) or edge <= 0:
+                raise ConfigError(f"{key}.shortest_edge={edge!r} must be a positive integer")
+            return int(edge)
     raise ConfigError(
         f"{key}={size!r} is not supported; use {{'height': H, 'width': W}} or {{'shortest_edge': S}}"
     )
 
 
 def _floats(value: Any, key: str) -> tuple[float, ...]:
-    if isinstance(value, (int, float)):
+    """One finite number (for every channel) or a list of 1 to 4 of them."""
+    if is_finite(value):
         return (float(value),) * 3
-    try:
+    if (
+        isinstance(value, (list, tuple, np.ndarray))
+        and 1 <= len(value) <= 4
+        and all(is_finite(v) for v in value)
+    ):
         return tuple(float(v) for v in value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{key}={value!r} must be a list of numbers") from None
+    raise ConfigError(f"{key}={value!r} must be a finite number or a list of 1 to 4 of them")
 
 
 def _as_list(images: Any) -> list[Any]:
