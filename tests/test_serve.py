@@ -521,8 +521,9 @@ def test_precision_runs_the_predict_runner(model_dir, photos):
     from vitkit.infer.predictor import preprocess
     from vitkit.serve.app import Service
 
-    exact, half = Service(Settings(model=str(model_dir))), Service(
-        Settings(model=str(model_dir), precision="fp16", device="cpu")
+    exact, half = (
+        Service(Settings(model=str(model_dir))),
+        Service(Settings(model=str(model_dir), precision="fp16", device="cpu")),
     )
     exact.load()
     half.load()

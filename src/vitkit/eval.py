@@ -142,6 +142,8 @@ def evaluate(
     try:
         for batch in loader:
             images, labels = _split_batch(batch)
+            if labels.numel() == 0:
+                continue
             images = images.to(device, non_blocking=True)
             labels = labels.to(device).long().view(-1)
             with autocast:
@@ -206,14 +208,14 @@ def open_eval_data(spec: str, split: str = "test", *, mode: str = "RGB") -> tupl
 
     path = Path(spec).expanduser()
     if path.is_file():
-        ds = folders.ImageListDataset(path, mode=mode)
+        ds = folders.ImageListDataset(path, mode=mode, on_error="none")
         return ds, list(ds.classes)
     if path.is_dir() and not (path / "train").is_dir() and not folders.is_cifar_dir(path):
         names = {"test": ("test",), "val": ("val", "validation", "valid"), "train": ()}[split]
         root = next((path / n for n in names if (path / n).is_dir()), path)
-        ds = folders.ImageFolderDataset(root, mode=mode)  # the whole tree is the split
+        ds = folders.ImageFolderDataset(root, mode=mode, on_error="none")  # the whole tree
         return ds, list(ds.classes)
-    splits = open_splits(spec, mode=mode)
+    splits = open_splits(spec, mode=mode, on_error="none")  # a broken image counts once
     ds = splits.get(split)
     if ds is None:
         raise VitkitError(f"--data {spec} has no {split} split; pick another --split")
@@ -286,7 +288,10 @@ class _Collate:
             return x
         return (x - torch.tensor(p.mean).view(-1, 1, 1)) / torch.tensor(p.std).view(-1, 1, 1)
 
-    def __call__(self, items: list[tuple[Any, int]]) -> tuple[Tensor, Tensor]:
+    def __call__(self, items: list[tuple[Any, int] | None]) -> tuple[Tensor, Tensor]:
+        items = [it for it in items if it is not None]  # unreadable: skipped and counted
+        if not items:
+            return torch.zeros(0), torch.zeros(0, dtype=torch.long)
         images = [
             self._tensor(im) if isinstance(im, Tensor) else self.processor.preprocess_pil(im)
             for im, _ in items
@@ -347,7 +352,7 @@ def evaluate_frozen(
     from vitkit.data.builtin import TensorData
     from vitkit.data.datasets import open_splits
 
-    splits = open_splits(data, mode="L" if model.config.in_chans == 1 else "RGB")
+    splits = open_splits(data, mode="L" if model.config.in_chans == 1 else "RGB", on_error="none")
     if splits.get(split) is None:
         raise VitkitError(f"--data {data} has no {split} split to score")
 
@@ -360,7 +365,7 @@ def evaluate_frozen(
         )  # fmt: skip
         return features.extract(model, loader, pool=pool, device=device)
 
-    train, query = feats(splits.train), feats(splits.get(split))
+    train, query = feats(splits.train), feats(splits.get(split))  # (features, labels)
     out: dict[str, Any] = {"data": data, "split": split, "pool": pool,
                            "train_images": len(train[0]), "images": len(query[0])}  # fmt: skip
     if knn is not None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -101,7 +100,6 @@ def test_processor_from_any_json(data):
         assert ImageProcessor.from_hf_dict(processor.to_hf_dict()) == processor
 
 
-@pytest.mark.xfail(strict=True, reason="lead: Recipe.from_dict raises TypeError/ValueError/...")
 @SETTINGS
 @given(st.one_of(_documents(RECIPE_KEYS, Recipe().to_dict()), json_values))
 def test_recipe_from_any_json(data):

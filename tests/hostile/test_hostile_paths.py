@@ -52,7 +52,6 @@ def test_hub_cache_index_naming_a_file_outside_is_refused(tmp_path):
     assert_user_error(r, "refusing", "../../../../secret.safetensors")
 
 
-@pytest.mark.xfail(strict=True, reason="lead: pretrained/resolve must confine shard paths")
 @pytest.mark.parametrize("where", ["relative", "absolute"])
 def test_local_index_naming_a_file_outside_is_refused(tmp_path, where):
     model = write_model_folder(tmp_path / "m")

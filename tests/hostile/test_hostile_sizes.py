@@ -172,11 +172,6 @@ def test_preprocessor_config_over_the_json_limit_is_refused(tmp_path):
     assert_user_error(r, "preprocessor_config.json", "VITKIT_MAX_JSON_BYTES")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="lead: pretrained.py/resolve.py read config.json and *.index.json with "
-    "vitkit.config.read_json (size limit, one-line error)",
-)
 def test_config_json_over_the_json_limit_is_refused(tmp_path):
     model = write_model_folder(tmp_path / "m")
     image = write_image(tmp_path / "a.png")

@@ -188,7 +188,6 @@ def test_yaml_recipe_with_a_python_tag_is_refused(tmp_path):
     assert not marker.exists()
 
 
-@pytest.mark.xfail(strict=True, reason="lead: Recipe.from_dict type-checks list values")
 def test_recipe_with_a_string_in_betas_is_one_line(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(json.dumps({"betas": ["a", 0.9]}))

@@ -28,7 +28,9 @@ import torch
 from torch import Tensor
 
 from vitkit.checkpoints._common import expected_shapes, mismatch_error
-from vitkit.config import ViTConfig
+from vitkit.checkpoints._safety import check_finite, check_float_dtypes, confine
+from vitkit.checkpoints.hub import shard_names
+from vitkit.config import ViTConfig, read_json
 from vitkit.errors import CheckpointError, ConfigError
 
 if TYPE_CHECKING:
@@ -90,13 +92,11 @@ def _read_weights(files: Mapping[str, Path]) -> tuple[dict[str, Tensor], str]:
         return read_state_dict(files["model.safetensors"]), str(files["model.safetensors"])
     if "model.safetensors.index.json" in files:
         index = files["model.safetensors.index.json"]
-        try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"cannot read the shard index {index}: {exc}") from exc
         sd: dict[str, Tensor] = {}
-        for shard in shards:
-            sd.update(read_state_dict(files.get(shard, index.parent / shard)))
+        for shard in shard_names(index):  # plain relative names, checked
+            # a hub snapshot's shards were resolved by the hub; a folder's stay inside it
+            path = files.get(shard) or confine(shard, index.parent, source=str(index))
+            sd.update(read_state_dict(path))
         return sd, str(index)
     if "pytorch_model.bin" in files:
         return read_state_dict(files["pytorch_model.bin"]), str(files["pytorch_model.bin"])
@@ -174,9 +174,9 @@ def _load_folder(
             f"model_name=... for a timm state dict"
         )
     try:
-        data = json.loads(files["config.json"].read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"cannot read {files['config.json']}: {exc}") from exc
+        data = read_json(files["config.json"], "config")
+    except ConfigError as exc:
+        raise CheckpointError(str(exc)) from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{files['config.json']} must hold a JSON object")
     try:
@@ -270,6 +270,8 @@ def build_model(
     except (ConfigError, ValueError) as exc:
         raise CheckpointError(f"{source}: {exc}") from exc
 
+    check_float_dtypes(sd, source)  # never cast integer weights silently
+    check_finite(sd, source)  # NaN weights would give NaN logits and a silent "nan%"
     expected = expected_shapes(config)
     fresh = {k for k in expected if k.startswith(("head.", "head_dist."))} if new_head else set()
     missing = [k for k in expected if k not in sd and k not in fresh]

@@ -17,7 +17,6 @@ transformers' defaults at the model's size. `from_pretrained`, `vitkit train --i
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,7 @@ from vitkit.checkpoints.pretrained import (
     load_path,
     read_training_state,
 )
-from vitkit.config import ViTConfig
+from vitkit.config import ViTConfig, read_json
 from vitkit.data.processor import (
     CONFIG_NAME,
     IMAGENET_DEFAULT_MEAN,
@@ -217,8 +216,8 @@ def _processor_from_files(files: dict[str, Path]) -> ImageProcessor | None:
     if config_file is None:
         return None
     try:
-        data = json.loads(config_file.read_text("utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        data = read_json(config_file, "config")
+    except ConfigError:
         return None
     if isinstance(data, dict) and isinstance(data.get("pretrained_cfg"), dict):
         return ImageProcessor.from_timm_cfg(data["pretrained_cfg"], backend="pil")  # as timm

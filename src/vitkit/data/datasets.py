@@ -251,11 +251,14 @@ def open_splits(
     val_fraction: float = 0.1,
     mode: str = "RGB",
     labelled: bool = True,
+    on_error: str = "next",
 ) -> Splits:
     """The train / validation / test parts of a data source (see the module docstring).
 
     With `labelled=False` a folder without train/ is read as one unlabelled split of every image
-    under it (self-supervised pre-training).
+    under it (self-supervised pre-training). `on_error` is what an image that fails to decode
+    gives: the next good one ("next", training keeps its batch size) or None ("none",
+    evaluation counts each image once).
     """
     from vitkit.data import folders
 
@@ -268,13 +271,13 @@ def open_splits(
         raise ConfigError(
             f"--data {data}: no such file or folder (built-in datasets: {', '.join(BUILTIN)})"
         )
-    extra = {"mode": mode}
+    extra = {"mode": mode, "on_error": on_error}
     if root.is_file():
         train = folders.ImageListDataset(root, **extra)
         val = test = None
     elif folders.is_cifar_dir(root):
-        train = folders.CIFARDataset(root, train=True, **extra)
-        val, test = None, folders.CIFARDataset(root, train=False, **extra)
+        train = folders.CIFARDataset(root, train=True, mode=mode)  # in memory: never fails
+        val, test = None, folders.CIFARDataset(root, train=False, mode=mode)
     elif (root / "train").is_dir():
         train = folders.ImageFolderDataset(root / "train", **extra)
         val_dir = next((root / n for n in _VAL_NAMES if (root / n).is_dir()), None)
@@ -298,22 +301,23 @@ def open_splits(
         )
     classes = list(train.classes)
     if val_data:
-        val = _open_part(val_data, classes, mode)
+        val = _open_part(val_data, classes, mode, on_error)
     if test_data:
-        test = _open_part(test_data, classes, mode)
+        test = _open_part(test_data, classes, mode, on_error)
     if val is None:
         train, val = carve(train, val_fraction)
     return Splits(train, val, test, classes)
 
 
-def _open_part(spec: str, classes: list[str], mode: str) -> Any:
+def _open_part(spec: str, classes: list[str], mode: str, on_error: str) -> Any:
     from vitkit.data import folders
 
     path = Path(spec).expanduser()
+    extra = {"classes": classes, "mode": mode, "on_error": on_error}
     if path.is_file():
-        return folders.ImageListDataset(path, classes=classes, mode=mode)
+        return folders.ImageListDataset(path, **extra)
     if path.is_dir():
-        return folders.ImageFolderDataset(path, classes=classes, mode=mode)
+        return folders.ImageFolderDataset(path, **extra)
     raise ConfigError(f"{spec}: no such file or folder")
 
 

@@ -51,6 +51,53 @@ def pretrain_defaults(method: str, *, small_images: bool = False) -> dict[str, A
     return out
 
 
+def _typed(key: str, value: Any, kind: str, source: str) -> Any:
+    """`value` as the field's declared type (`kind`, e.g. "float | None"), or `ConfigError`."""
+    optional = kind.endswith(" | None")
+    base = kind.removesuffix(" | None")
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{source}: {key} needs a value ({base}), got null")
+
+    def bad(want: str) -> ConfigError:
+        return ConfigError(f"{source}: {key}={value!r} must be {want}")
+
+    def number(v: Any) -> float:
+        if isinstance(v, str):  # YAML reads `1e-3` as a string
+            try:
+                v = float(v)
+            except ValueError:
+                raise bad("a number") from None
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            raise bad("a number")
+        return v
+
+    if base == "bool":
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    if base == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad("a whole number")
+        return value
+    if base == "float":
+        return number(value)
+    if base == "str":
+        if not isinstance(value, str):
+            raise bad("text")
+        return value
+    if base.startswith("dict"):
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise bad("a mapping of names to values")
+        return value
+    if base.startswith("tuple"):
+        if not isinstance(value, list | tuple):
+            raise bad("a list of numbers")
+        return tuple(number(v) for v in value)
+    return value
+
+
 @dataclass
 class Recipe:
     """A training run. Defaults are the digits recipe (`configs/digits.yaml`)."""
@@ -137,25 +184,20 @@ class Recipe:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_dict(cls, data: dict[str, Any], *, source: str = "recipe") -> Recipe:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+    def from_dict(cls, data: Any, *, source: str = "recipe") -> Recipe:
+        """A validated recipe from a mapping of field: value (YAML, JSON, `--set`); every value is
+        type-checked first, so a wrong one is one `ConfigError` naming it."""
+        if not isinstance(data, dict):
+            raise ConfigError(
+                f"{source} must be a mapping of key: value, got {type(data).__name__}"
+            )
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(str(k) for k in data if k not in known)
         if unknown:
             raise ConfigError(
                 f"{source}: unknown recipe key(s) {unknown}; known keys: {', '.join(sorted(known))}"
             )
-        values = dict(data)
-        for key in _TUPLES:
-            if isinstance(values.get(key), list):
-                values[key] = tuple(float(v) for v in values[key])
-        for f in dataclasses.fields(cls):  # YAML reads `1e-3` as a string
-            if "float" in str(f.type) and isinstance(values.get(f.name), str):
-                try:
-                    values[f.name] = float(values[f.name])
-                except ValueError:
-                    raise ConfigError(
-                        f"{source}: {f.name}={values[f.name]!r} is not a number"
-                    ) from None
+        values = {k: _typed(k, v, str(known[k].type), source) for k, v in data.items()}
         recipe = cls(**values)
         recipe.validate(source)
         return recipe

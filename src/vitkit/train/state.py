@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from vitkit._io import atomic_open
+from vitkit._io import atomic_open, pid_alive
 from vitkit.checkpoints.pretrained import STATE_FILE, read_training_state, save_pretrained
 from vitkit.errors import ConfigError
 
@@ -99,7 +99,7 @@ class RunLock:
                 fd = os.open(self.file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 pid = _read_pid(self.file)
-                if pid is not None and _alive(pid):
+                if pid is not None and pid_alive(pid):
                     raise ConfigError(
                         f"{self.file.parent} is in use by another run (pid {pid}); wait for it "
                         "or pass another --output"
@@ -140,13 +140,3 @@ def _read_pid(file: Path) -> int | None:
         return int(file.read_text().strip())
     except (OSError, ValueError):
         return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
