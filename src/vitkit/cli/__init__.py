@@ -15,7 +15,18 @@ import threading
 from vitkit.errors import VitkitError
 
 # subcommand modules, in the order `vitkit --help` lists them
-COMMANDS = ("models", "info", "predict", "export", "explain", "serve", "train", "pretrain", "eval")
+COMMANDS = (
+    "models",
+    "info",
+    "predict",
+    "embed",
+    "export",
+    "explain",
+    "serve",
+    "train",
+    "pretrain",
+    "eval",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -116,38 +116,13 @@ class Predictor:
 
         Decoding runs up to a few batches ahead of the model in `workers` threads.
         """
-        window = self.batch_size * 2 + self.workers
-        with ThreadPoolExecutor(self.workers, thread_name_prefix="vitkit-decode") as pool:
-            pending: collections.deque[tuple[Any, Future]] = collections.deque()
-            items = iter(sources)
-            batch: list[tuple[Any, Tensor | str]] = []
-            exhausted = False
-            while True:
-                while not exhausted and len(pending) < window:
-                    source = next(items, _END)
-                    if source is _END:
-                        exhausted = True
-                    else:
-                        pending.append((source, pool.submit(self._load_or_reason, source)))
-                if not pending:
-                    break
-                source, future = pending.popleft()
-                batch.append((source, future.result()))
-                if len(batch) == self.batch_size or (exhausted and not pending):
-                    yield from self._run(batch)
-                    batch = []
-            if batch:
-                yield from self._run(batch)
+        for batch in pipelined(sources, self._load_or_reason, self.batch_size, self.workers):
+            yield from self._run(batch)
 
     predict_paths = predict
 
     def _load_or_reason(self, source: Any) -> Tensor | str:
-        try:
-            return self.load(source)
-        except ImageError as exc:
-            message = str(exc)
-            prefix = f"{os.fspath(source)}: " if isinstance(source, (str, os.PathLike)) else ""
-            return message[len(prefix) :] if prefix and message.startswith(prefix) else message
+        return load_or_reason(source, self.processor)
 
     def _run(self, batch: list[tuple[Any, Tensor | str]]) -> Iterator[Prediction]:
         good = [i for i, (_, x) in enumerate(batch) if isinstance(x, Tensor)]
@@ -167,6 +142,45 @@ class Predictor:
 
 
 _END = object()
+
+
+def pipelined(
+    sources: Iterable[Any], load: Any, batch_size: int, workers: int
+) -> Iterator[list[tuple[Any, Any]]]:
+    """Batches of (source, load(source)) in input order, `load` running in `workers` threads up
+    to two batches ahead of the consumer (the model)."""
+    window = batch_size * 2 + workers
+    with ThreadPoolExecutor(workers, thread_name_prefix="vitkit-decode") as pool:
+        pending: collections.deque[tuple[Any, Future]] = collections.deque()
+        items = iter(sources)
+        batch: list[tuple[Any, Any]] = []
+        exhausted = False
+        while True:
+            while not exhausted and len(pending) < window:
+                source = next(items, _END)
+                if source is _END:
+                    exhausted = True
+                else:
+                    pending.append((source, pool.submit(load, source)))
+            if not pending:
+                break
+            source, future = pending.popleft()
+            batch.append((source, future.result()))
+            if len(batch) == batch_size or (exhausted and not pending):
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+
+def load_or_reason(source: Any, processor: ImageProcessor) -> Tensor | str:
+    """(C, H, W) pixels of one image, or why it could not be read (per image, never raised)."""
+    try:
+        return preprocess(source, processor)
+    except ImageError as exc:
+        message = str(exc)
+        prefix = f"{os.fspath(source)}: " if isinstance(source, (str, os.PathLike)) else ""
+        return message[len(prefix) :] if prefix and message.startswith(prefix) else message
 
 
 def preprocess(source: Any, processor: ImageProcessor) -> Tensor:

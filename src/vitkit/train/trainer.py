@@ -27,13 +27,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from vitkit import distributed as D
 from vitkit._io import atomic_write_text
 from vitkit.data.datasets import TrainData, _mix, build_data
 from vitkit.data.processor import ImageProcessor
 from vitkit.errors import ConfigError, VitkitError
 from vitkit.eval import evaluate
 from vitkit.models.vit import VisionTransformer, rebuild
-from vitkit.train import distributed as D
 from vitkit.train.ema import ModelEMA
 from vitkit.train.objectives import Objective, build_objective
 from vitkit.train.optim import build_optimizer, lr_at, set_lr

@@ -1,4 +1,4 @@
-"""Process-group setup for `torchrun --nproc_per_node N -m vitkit train ...`.
+"""Process-group setup for `torchrun --nproc_per_node N -m vitkit train|pretrain|embed ...`.
 
 torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; without them training
 runs in one process. The backend is nccl on CUDA and gloo on CPU.
@@ -57,6 +57,15 @@ def broadcast_str(text: str, info: DistInfo) -> str:
     box = [text]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def gather_to_main(obj: object, info: DistInfo) -> list[object] | None:
+    """Every process's `obj` on rank 0, in rank order (None elsewhere); [obj] in one process."""
+    if not info.enabled:
+        return [obj]
+    out: list[object] | None = [None] * info.world if info.is_main else None
+    dist.gather_object(obj, out, dst=0)
+    return out
 
 
 def barrier(info: DistInfo) -> None:

@@ -1,0 +1,70 @@
+"""`vitkit embed IMAGES... --model M --output emb.npy`: one embedding row per image.
+
+vitkit embed photos/ --model facebook/dinov2-small --output emb.npy --normalize
+vitkit embed photos/ --model my_vit/ --output maps.npy --layers -4 -1     # feature maps
+torchrun --nproc_per_node 2 -m vitkit embed photos/ --model my_vit/ --output emb.npy
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "embed",
+        help="embeddings of images (one row per image) for retrieval, kNN, clustering",
+        description="Write one embedding row per image (.npy or .safetensors) and, beside it, "
+        "OUTPUT.paths.txt with the image of each row. Folders expand to the images inside. "
+        "Unreadable images are reported on stderr and skipped; the exit code is then 1.",
+    )
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders")
+    p.add_argument("--model", "-m", required=True, metavar="SOURCE",
+                   help="a checkpoint folder, file, hub id or run directory")  # fmt: skip
+    p.add_argument("--output", "-o", required=True, help="emb.npy or emb.safetensors")
+    p.add_argument("--pool", choices=("model", "cls", "mean"), default="model",
+                   help="the model's pooled output / image embedding (default), [CLS], patch mean")  # fmt: skip
+    p.add_argument("--normalize", action="store_true", help="L2-normalise each row")
+    p.add_argument("--layers", type=int, nargs="+", metavar="I",
+                   help="instead: (L, D, Hp, Wp) feature maps of these blocks (-1: the last)")  # fmt: skip
+    p.add_argument("--batch-size", "-b", type=int, default=32, help="images per forward pass")
+    p.add_argument("--workers", type=int, help="decoding threads (default: CPU count, <= 8)")
+    p.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda if available)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from vitkit import distributed as D
+    from vitkit.checkpoints.resolve import resolve
+    from vitkit.errors import ConfigError
+    from vitkit.infer.embed import FORMATS, embed_paths, write_embeddings
+
+    output = Path(args.output)
+    if output.suffix not in FORMATS:
+        raise ConfigError(f"--output {output}: write {' or '.join(FORMATS)}")
+    if output.exists() and not args.overwrite:
+        raise ConfigError(f"{output} exists; pass --overwrite to replace it")
+    info = D.setup(args.device)
+    try:
+        resolved = resolve(args.model, device=info.device)
+        rows, paths, failures = embed_paths(
+            resolved.model, resolved.processor, args.images, pool=args.pool,
+            normalize=args.normalize, layers=args.layers, batch_size=args.batch_size,
+            workers=args.workers, device=info.device, info=info,
+        )  # fmt: skip
+    finally:
+        D.cleanup(info)
+    if not info.is_main:
+        return 0
+    for path, reason in failures:
+        print(f"{path}: {reason}", file=sys.stderr)
+    if len(paths) == 0:
+        raise ConfigError("no image could be embedded")
+    write_embeddings(output, rows, paths)
+    print(f"wrote {len(paths)} rows of shape {tuple(rows.shape[1:])} to {output} "
+          f"(paths in {output}.paths.txt)")  # fmt: skip
+    return 1 if failures else 0
