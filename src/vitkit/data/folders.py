@@ -222,6 +222,7 @@ class ImageFilesDataset(_FileDataset):
         extensions: Sequence[str] = IMAGE_EXTENSIONS,
         mode: str = "RGB",
         verify: str = "header",
+        on_error: str = "next",
     ):
         self.root = Path(root)
         exts = tuple(e.lower() for e in extensions)
@@ -229,7 +230,7 @@ class ImageFilesDataset(_FileDataset):
         if not files:
             raise VitkitError(f"{self.root}: no image files ({', '.join(exts)}) under it")
         self.classes = []
-        super().__init__([(p, 0) for p in files], transform, mode, verify)
+        super().__init__([(p, 0) for p in files], transform, mode, verify, on_error=on_error)
 
 
 class ImageListDataset(_FileDataset):

@@ -98,6 +98,7 @@ class Run:
     start_step: int = 0
     global_step: int = 0
     best_acc: float | None = None
+    best_loss: float = float("inf")  # validation loss of best/ (breaks accuracy ties)
     epoch_loss: tuple[float, int] = (0.0, 0)  # loss sum and steps of the epoch so far
 
     @property
@@ -372,7 +373,8 @@ def train_one_epoch(run: Run, on_step: Callable[[int], None] | None = None) -> t
 
 
 def end_epoch(run: Run, train_loss: float, elapsed: float) -> None:
-    """Validation (supervised objectives), best/ on validation accuracy, the checkpoint."""
+    """Validation (supervised objectives), best/ on validation accuracy (then loss), the
+    checkpoint."""
     r = run.recipe
     evaluate_now = run.objective.uses_labels and (
         run.epoch % r.eval_every_epochs == 0 or run.epoch == r.epochs
@@ -382,9 +384,10 @@ def end_epoch(run: Run, train_loss: float, elapsed: float) -> None:
                                "train_loss": train_loss, "lr": run.lr(run.global_step - 1),
                                "time_s": elapsed, **run.objective.logs()}  # fmt: skip
         if evaluate_now:
-            acc, weights = _validate(run, row)
-            if run.best_acc is None or acc > run.best_acc:
-                run.best_acc = acc
+            acc, loss, weights = _validate(run, row)
+            # higher accuracy wins; on a tie (a small validation split) the lower loss
+            if run.best_acc is None or (acc, -loss) > (run.best_acc, -run.best_loss):
+                run.best_acc, run.best_loss = acc, loss
                 export_model(run.run_dir / "best", weights, run.processor)
         elif _knn_due(run):
             row["knn_acc"] = _knn(run)
@@ -394,16 +397,18 @@ def end_epoch(run: Run, train_loss: float, elapsed: float) -> None:
     checkpoint(run, next_step=0)
 
 
-def _validate(run: Run, row: dict[str, Any]) -> tuple[float, nn.Module]:
-    """Accuracy of the model (and its EMA) on the validation split, into `row`; returns the
-    better accuracy and its weights."""
+def _validate(run: Run, row: dict[str, Any]) -> tuple[float, float, nn.Module]:
+    """Accuracy and loss of the model (and its EMA) on the validation split, into `row`;
+    returns the better one's (accuracy, loss, weights)."""
     model = run.objective.encoder
-    acc, weights = _score(run, model, "val", row, "val_"), model
+    _score(run, model, "val", row, "val_")
+    best = (row["val_acc"], -row["val_loss"]), model
     if run.ema is not None:
-        ema_acc = _score(run, run.ema.module, "val", row, "ema_val_")
-        if ema_acc > acc:
-            acc, weights = ema_acc, run.ema.module
-    return acc, weights
+        _score(run, run.ema.module, "val", row, "ema_val_")
+        best = max(best, ((row["ema_val_acc"], -row["ema_val_loss"]), run.ema.module),
+                   key=lambda t: t[0])  # fmt: skip
+    (acc, neg_loss), weights = best
+    return acc, -neg_loss, weights
 
 
 def _knn_due(run: Run) -> bool:
@@ -458,6 +463,7 @@ def checkpoint(run: Run, *, next_step: int) -> None:
         "recipe": run.recipe.to_dict(),
         "metrics": run.log.rows,
         "best_acc": run.best_acc,
+        "best_loss": run.best_loss,
         "epoch_loss": float(loss_sum),
         "epoch_steps": steps,
         "preprocessor": run.processor.to_hf_dict(),
@@ -477,6 +483,7 @@ def _restore(run: Run, state: dict[str, Any]) -> None:
     run.epoch, run.start_step = state["epoch"], state["step"]
     run.global_step = state["global_step"]
     run.best_acc = state.get("best_acc")
+    run.best_loss = float(state.get("best_loss", float("inf")))
     run.log.rows = list(state.get("metrics", []))
     run.epoch_loss = (float(state.get("epoch_loss", 0.0)), int(state.get("epoch_steps", 0)))
 
