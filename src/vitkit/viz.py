@@ -107,8 +107,9 @@ def _series(
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
-_LOSS_KEYS = ("train_loss", "val_loss", "ema_val_loss")
-_ACC_KEYS = ("train_acc", "val_acc", "val_top5", "ema_val_acc", "ema_val_top5")
+# losses and, for DINO, the teacher's entropies (nats, as its cross-entropy loss): collapse shows
+_LOSS_KEYS = ("train_loss", "val_loss", "ema_val_loss", "teacher_entropy", "teacher_batch_entropy")
+_ACC_KEYS = ("train_acc", "val_acc", "val_top5", "ema_val_acc", "ema_val_top5", "knn_acc")
 
 
 def plot_curves(metrics_jsonl: PathLike, out_png: PathLike, title: str | None = None) -> Path:
