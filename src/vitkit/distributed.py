@@ -29,6 +29,22 @@ class DistInfo:
         return self.world > 1
 
 
+def pick_device(name: str | None = "auto") -> torch.device:
+    """`--device`: "auto" or None (CUDA when there is one), "cpu", "cuda", "cuda:N"; one clear
+    error for a name torch does not know or a GPU that is not there."""
+    from vitkit.errors import VitkitError
+
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise VitkitError(f"--device {name!r} is not a device; use auto, cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise VitkitError("--device cuda was asked for but no CUDA device is available")
+    return device
+
+
 def setup(device: str | None = None) -> DistInfo:
     """Join the process group torchrun describes (if any) and pick this process's device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -88,7 +88,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         raise VitkitError("--batch-size must be at least 1")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    from vitkit.distributed import pick_device
+
+    device = pick_device(args.device)
     resolved = resolve(args.model, device=device)
     model, processor = resolved.model, resolved.processor
     if args.knn is not None or args.linear_probe:

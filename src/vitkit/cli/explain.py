@@ -56,18 +56,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import numpy as np
-    import torch
 
     from vitkit._io import atomic_open
     from vitkit.checkpoints.resolve import resolve
     from vitkit.data.labels import id2label_for
+    from vitkit.distributed import pick_device
     from vitkit.errors import VitkitError
     from vitkit.explain import explain_image, label_index
     from vitkit.viz import save_png
 
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = pick_device(args.device)
     resolved = resolve(args.model, device=device, allow_preset=True)
     if resolved.random_weights:
         print(

@@ -80,6 +80,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from vitkit.checkpoints.resolve import resolve
+    from vitkit.distributed import pick_device
     from vitkit.errors import VitkitError
     from vitkit.infer.predictor import Predictor, expand_inputs
 
@@ -96,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
             raise VitkitError("no images to classify")
         return 1
 
-    device = _resolve_device(args.device)
+    device = pick_device(args.device)
     resolved = resolve(args.model, device=device, processor=args.processor, allow_preset=True)
     if resolved.random_weights:
         print(
@@ -130,22 +131,6 @@ def run(args: argparse.Namespace) -> int:
                 _print_result(result.source, result.top_k, as_json=args.json, bar=bar)
             bar.update(1)
     return 1 if failed else 0
-
-
-def _resolve_device(name: str):
-    import torch
-
-    from vitkit.errors import VitkitError
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise VitkitError(f"--device {name!r} is not a device; use auto, cpu or cuda") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise VitkitError("--device cuda was asked for but no CUDA device is available")
-    return device
 
 
 def _print_result(path: str, top: list[tuple[int, str, float]], *, as_json: bool, bar) -> None:

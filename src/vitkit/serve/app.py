@@ -101,10 +101,9 @@ class Service:
         s = self.settings
         if s.threads:
             torch.set_num_threads(s.threads)
-        name = s.device
-        if name == "auto":
-            name = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(name)
+        from vitkit.distributed import pick_device
+
+        self.device = pick_device(s.device)
         resolved = resolve(s.model, device=self.device, allow_preset=s.allow_preset)
         if resolved.random_weights:
             _log(f"warning: {s.model!r} is a preset name: RANDOM weights, meaningless answers")
