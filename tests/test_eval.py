@@ -371,3 +371,26 @@ def test_match_classes():
         _match_classes(["a", "b", "c", "d"], cfg)
     plain = cfg.replace(id2label=None)
     assert _match_classes(None, plain) == (["0", "1", "2"], None)
+
+
+def test_cli_eval_precision_uses_the_predict_runner(tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    from vitkit.cli import main
+
+    cfg = ViTConfig(
+        image_size=8, patch_size=2, in_chans=1, num_classes=10, embed_dim=32, depth=1, num_heads=2
+    )
+    torch.manual_seed(0)
+    model = VisionTransformer(cfg).eval()
+    torch.nn.init.normal_(model.head.weight, std=0.5)
+    _save_native(model, tmp_path / "ckpt")
+    results = {}
+    for precision in ("fp32", "fp16"):
+        out = tmp_path / precision
+        args = ["eval", "--model", str(tmp_path / "ckpt"), "--data", "digits", "--output", str(out)]
+        assert main([*args, "--precision", precision]) == 0
+        results[precision] = json.loads((out / "metrics.json").read_text())
+    assert results["fp16"]["num_samples"] == results["fp32"]["num_samples"] == 360
+    assert abs(results["fp16"]["top1"] - results["fp32"]["top1"]) <= 2 / 360  # ties may flip
+    assert results["fp16"]["loss"] != results["fp32"]["loss"]  # it did run in fp16
+    assert results["fp16"]["loss"] == pytest.approx(results["fp32"]["loss"], rel=1e-2)

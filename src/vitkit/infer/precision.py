@@ -150,6 +150,18 @@ class Runner:
     _fn: Fn | None = None
     _agreement: float | None = None
 
+    training = False  # a Runner only infers: it stands in for a model in eval mode
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+    def eval(self) -> Runner:
+        return self
+
+    def train(self, mode: bool = True) -> Runner:
+        return self
+
     def __call__(self, pixels: Tensor) -> Tensor:
         if self._fn is None:
             self._build(pixels)
