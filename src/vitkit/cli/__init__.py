@@ -34,8 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="vitkit",
-        description="Vision Transformers: build, load, predict, export, explain, serve, train, "
-        "pre-train, evaluate.",
+        description="Vision Transformers: build, load, predict, embed, export, explain, serve, "
+        "train, pre-train, evaluate.",
     )
     parser.add_argument("--version", action="version", version=f"vitkit {__version__}")
     parser.add_argument(
