@@ -1,11 +1,19 @@
+import json
 import os
 import pickle
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+SRC = str(Path(__file__).parents[1] / "src")  # for subprocesses: python -m vitkit, torchrun
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
@@ -83,3 +91,31 @@ def photos() -> list[np.ndarray]:
         a = np.stack([a] * 3, -1) if a.ndim == 2 else a[..., :3]
         out.append(np.ascontiguousarray(a))
     return out
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nobody listens on (servers, torchrun rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+_SLOW_TRAIN = """
+import json, sys, time
+from vitkit.train import Recipe, train
+train(Recipe.from_dict(json.loads(sys.argv[1])), on_step=lambda s: time.sleep(0.15))
+"""
+
+
+def kill_at_first_checkpoint(recipe: dict, run: Path, timeout: float = 240) -> None:
+    """Train `recipe` (output `run`) in a subprocess, slowed per step, and SIGKILL it as soon as
+    run/last/state.pt exists: a run that dies mid-epoch."""
+    env = {**os.environ, "PYTHONPATH": SRC}
+    spec = json.dumps({**recipe, "output": str(run)})
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_TRAIN, spec], env=env)
+    state_file = run / "last" / "state.pt"
+    deadline = time.time() + timeout
+    while not state_file.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()

@@ -4,7 +4,6 @@ order, bad images per image; feature maps; two torchrun processes write what one
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,9 +15,8 @@ import torch
 from PIL import Image
 
 import vitkit
+from conftest import SRC, free_port
 from vitkit.cli import main
-
-SRC = str(Path(__file__).parents[1] / "src")
 
 
 @pytest.fixture(scope="module")
@@ -70,18 +68,12 @@ def test_pools_normalize_layers_and_safetensors(folder, tmp_path):
     assert np.load(tmp_path / "m.npy").shape == (1, 2, 32, 8, 8)  # (N, L, D, Hp, Wp)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_write_what_one_does(folder, tmp_path):
     env = {**os.environ, "PYTHONPATH": SRC}
     args = [str(folder / "images"), "--model", str(folder / "model"), "--batch-size", "2"]
     one = [sys.executable, "-m", "vitkit", "embed"]
     two = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "vitkit",
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "vitkit",
            "embed"]  # fmt: skip
     for cmd, name in ((one, "one.npy"), (two, "two.npy")):
         r = subprocess.run([*cmd, *args, "--output", str(tmp_path / name)], env=env,

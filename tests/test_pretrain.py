@@ -5,24 +5,21 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
+from conftest import SRC, free_port, kill_at_first_checkpoint
 from vitkit import from_pretrained
 from vitkit.cli import main
 from vitkit.train import PRETRAIN_DEFAULTS, Recipe, train
 from vitkit.train.state import load_state
 
 SMALL = dict(embed_dim=32, depth=2, num_heads=2)
-SRC = str(Path(__file__).parents[1] / "src")
 
 
 @pytest.fixture
@@ -88,13 +85,6 @@ def test_exported_encoder_holds_the_trained_weights(image_folder, tmp_path):
         assert torch.equal(v, state["model"][renamed.get(k, k)]), k
 
 
-KILLED = """
-import json, sys, time
-from vitkit.train import Recipe, train
-train(Recipe.from_dict(json.loads(sys.argv[1])), on_step=lambda s: time.sleep(0.2))
-"""
-
-
 def test_mae_kill_and_resume_is_bit_exact(tmp_path):
     recipe = _recipe("mae", "digits", tmp_path / "ref", epochs=2, batch_size=128,
                      save_every_steps=3)  # fmt: skip
@@ -102,15 +92,7 @@ def test_mae_kill_and_resume_is_bit_exact(tmp_path):
     try:
         ref = train(recipe)
         run = tmp_path / "killed"
-        env = {**os.environ, "PYTHONPATH": SRC}
-        spec = json.dumps(recipe.replace(output=str(run)).to_dict())
-        proc = subprocess.Popen([sys.executable, "-c", KILLED, spec], env=env)
-        state_file = run / "last" / "state.pt"
-        deadline = time.time() + 240
-        while not state_file.exists() and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        kill_at_first_checkpoint(recipe.to_dict(), run)
         saved = load_state(run)
         assert saved["epoch"] == 0 and 0 < saved["step"] < 11  # mid-epoch
         res = train(None, resume=run)
@@ -124,12 +106,6 @@ def test_mae_kill_and_resume_is_bit_exact(tmp_path):
     assert a["metrics"][-1]["train_loss"] == b["metrics"][-1]["train_loss"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_mae_two_processes_match_one(tmp_path):
     """torchrun with 2 processes draws the same masks and averages the same gradients as one
     process with the same global batch."""
@@ -140,7 +116,7 @@ def test_mae_two_processes_match_one(tmp_path):
     env = {**os.environ, "PYTHONPATH": SRC}
     one = [sys.executable, "-m", "vitkit", "pretrain", "--method", "mae"]
     two = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
            "-m", "vitkit", "pretrain", "--method", "mae"]  # fmt: skip
     for cmd, out in ((one, "one"), (two, "two")):
         subprocess.run([*cmd, "--output", str(tmp_path / out), *sets], env=env, check=True,

@@ -24,6 +24,8 @@ import skimage.data
 import torch
 from PIL import Image
 
+from conftest import free_port
+
 pytest.importorskip("uvicorn")
 pytest.importorskip("starlette")
 pytest.importorskip("multipart")
@@ -391,14 +393,8 @@ def test_healthz_is_503_until_the_model_is_loaded_and_warm(model_dir, photos, mo
         assert "missing" in json.loads(body)["error"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_sigterm_drains_in_flight_requests_and_exits_0(model_dir, photos):
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
     # a 5 s batching window makes a lone request slow enough to be in flight at SIGTERM
     cmd = [sys.executable, "-m", "vitkit", "serve", "--model", str(model_dir), "--port",

@@ -3,13 +3,13 @@ global batch: the data is sharded, gradients are averaged, augmentation is rank-
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
+from conftest import free_port
 from vitkit.train.state import load_state
 
 RECIPE = dict(
@@ -29,12 +29,6 @@ RECIPE = dict(
 )  # SGD: AdamW would amplify float-order noise on flat losses
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(out: Path, nproc: int, **changes) -> None:
     sets = [f"--set={k}={json.dumps(v)}" for k, v in {**RECIPE, **changes}.items()]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
@@ -50,7 +44,7 @@ def _run(out: Path, nproc: int, **changes) -> None:
             "--master_addr",
             "127.0.0.1",
             "--master_port",
-            str(_free_port()),
+            str(free_port()),
             "-m",
             "vitkit",
             "train",

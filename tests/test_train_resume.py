@@ -1,15 +1,8 @@
 """Kill a training run with SIGKILL mid-epoch, resume it, and get bit-identical weights."""
 
-import json
-import os
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
-
 import torch
 
+from conftest import kill_at_first_checkpoint
 from vitkit.train import Recipe, train
 from vitkit.train.state import load_state
 
@@ -28,29 +21,13 @@ RECIPE = dict(
     rrc_scale=[0.6, 1.0],
 )
 
-SCRIPT = """
-import json, sys, time
-from vitkit.train import Recipe, train
-r = Recipe.from_dict(json.loads(sys.argv[1]))
-train(r, on_step=lambda s: time.sleep(0.15))
-"""
-
 
 def test_kill_and_resume_is_bit_exact(tmp_path):
     n = torch.get_num_threads()
     try:
         ref = train(Recipe.from_dict({**RECIPE, "output": str(tmp_path / "ref")}))
         run = tmp_path / "killed"
-        env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
-        proc = subprocess.Popen(
-            [sys.executable, "-c", SCRIPT, json.dumps({**RECIPE, "output": str(run)})], env=env
-        )
-        state_file = run / "last" / "state.pt"
-        deadline = time.time() + 240
-        while not state_file.exists() and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        kill_at_first_checkpoint(RECIPE, run)
         saved = load_state(run)
         assert saved["epoch"] == 0 and 0 < saved["step"] < 20  # a mid-epoch checkpoint
         res = train(None, resume=run)
