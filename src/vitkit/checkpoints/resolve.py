@@ -257,9 +257,4 @@ def _processor(
         choice == "auto" and found is not None and found.backend == "pil"
     )
     processor = dataclasses.replace(processor, backend="pil" if timm_style else "tensor")
-    if processor.num_channels != config.in_chans and config.in_chans in (1, 3):
-        mean, std = processor.mean, processor.std
-        if config.in_chans == 1 and mean is not None and std is not None:
-            mean, std = (sum(mean) / len(mean),), (sum(std) / len(std),)
-        processor = dataclasses.replace(processor, num_channels=config.in_chans, mean=mean, std=std)
-    return processor
+    return processor.with_channels(config.in_chans)

@@ -373,6 +373,16 @@ class ImageProcessor:
         atomic_write_text(file, json.dumps(self.to_hf_dict(), indent=2) + "\n")
         return file
 
+    def with_channels(self, channels: int) -> ImageProcessor:
+        """The same rule for a model of `channels` inputs: grayscale (mean and std averaged over
+        RGB) for 1, RGB for 3; unchanged for other channel counts, which no image has."""
+        if channels == self.num_channels or channels not in (1, 3):
+            return self
+        mean, std = self.mean, self.std
+        if channels == 1 and mean is not None and std is not None:
+            mean, std = (sum(mean) / len(mean),), (sum(std) / len(std),)
+        return dataclasses.replace(self, num_channels=channels, mean=mean, std=std)
+
     def at_size(self, hw: tuple[int, int]) -> ImageProcessor:
         """The same rule producing (H, W) outputs: a crop becomes `hw` with the resize scaled
         alike (timm's crop_pct is kept); a squash-resize becomes `hw`."""

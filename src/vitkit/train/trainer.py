@@ -290,12 +290,7 @@ def _run_processor(recipe: Recipe, config, found: ImageProcessor | None) -> Imag
     base = base.at_size(config.image_hw)
     if recipe.mean is not None:
         base = dataclasses.replace(base, mean=tuple(recipe.mean), std=tuple(recipe.std))
-    if base.num_channels != config.in_chans:
-        mean, std = base.mean, base.std
-        if config.in_chans == 1 and mean is not None and std is not None:
-            mean, std = (sum(mean) / len(mean),), (sum(std) / len(std),)
-        base = dataclasses.replace(base, num_channels=config.in_chans, mean=mean, std=std)
-    return base
+    return base.with_channels(config.in_chans)
 
 
 def _mixer(recipe: Recipe, num_classes: int):
