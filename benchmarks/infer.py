@@ -113,6 +113,27 @@ def build_transformers(config: vitkit.ViTConfig, implementation: str) -> nn.Modu
     return ViTForImageClassification._from_config(hf, attn_implementation=implementation)
 
 
+class WithSDPABackend(nn.Module):
+    """`model` with scaled_dot_product_attention pinned to one backend (flash, efficient, cudnn,
+    math) for the whole forward pass, so the rows show what each kernel is worth."""
+
+    def __init__(self, model: nn.Module, backend: str) -> None:
+        super().__init__()
+        self.model, self.backend = model, backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        kernel = {
+            "flash": SDPBackend.FLASH_ATTENTION,
+            "efficient": SDPBackend.EFFICIENT_ATTENTION,
+            "cudnn": SDPBackend.CUDNN_ATTENTION,
+            "math": SDPBackend.MATH,
+        }[self.backend]
+        with sdpa_kernel(kernel):
+            return self.model(x)
+
+
 def build_contenders(
     name: str,
     *,
@@ -121,6 +142,7 @@ def build_contenders(
     libraries: set[str],
     compile_models: bool,
     bf16_weights: bool = False,
+    sdpa_backends: tuple[str, ...] = (),
 ) -> dict[str, nn.Module]:
     """name -> model in eval mode on `device`; vitkit and timm share one set of weights.
 
@@ -144,6 +166,8 @@ def build_contenders(
     if bf16_weights:
         for key in [k for k in ("vitkit", "timm") if k in models]:
             models[key + BF16_WEIGHTS] = copy.deepcopy(models[key]).to(torch.bfloat16)
+    for backend in sdpa_backends:
+        models[f"vitkit sdpa={backend}"] = WithSDPABackend(models["vitkit"], backend)
     if compile_models:
         for key in [k for k in ("vitkit", "timm") if k in models]:
             models[f"{key} compiled"] = torch.compile(models[key])
@@ -192,6 +216,7 @@ def run_benchmark(
     libraries: set[str] | None = None,
     compile_models: bool = False,
     bf16_weights: bool = False,
+    sdpa_backends: tuple[str, ...] = (),
     peak_sizes: dict[str, int] | None = None,
     log: Callable[[str], None] = print,
 ) -> list[Row]:
@@ -213,6 +238,7 @@ def run_benchmark(
             libraries=libraries,
             compile_models=compile_models,
             bf16_weights=bf16_weights,
+            sdpa_backends=sdpa_backends,
         )
         config = contenders["vitkit"].config
         gmacs = contenders["vitkit"].flops() / 1e9
@@ -249,6 +275,12 @@ def run_benchmark(
                         f"{name} {dtype} batch {batch}: {key} first call (compile) "
                         f"{time.perf_counter() - start:.1f} s"
                     )
+                for key in [k for k in fns if "sdpa=" in k]:
+                    try:
+                        fns[key]()
+                    except RuntimeError as exc:  # e.g. Flash attention has no fp32 kernel
+                        log(f"{name} {dtype} batch {batch}: {key} skipped ({str(exc)[:80]})")
+                        del fns[key]
                 n = repeats
                 if n is None:
                     round_s = sum(
@@ -504,7 +536,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--dtypes",
         default=None,
-        help="comma-separated from fp32,bf16 (bf16 = autocast); default fp32,bf16, "
+        help="comma-separated from fp32,bf16,fp16 (bf16/fp16 = autocast); default fp32,bf16, "
         "where bf16 is skipped if this machine's bf16 matmul is slower than fp32",
     )
     p.add_argument(
@@ -524,6 +556,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="peers to compare with (comma-separated, may be empty)",
     )
     p.add_argument("--compile", action="store_true", help="add torch.compile'd vitkit and timm")
+    p.add_argument(
+        "--sdpa-backends",
+        default="",
+        help="comma-separated from flash,efficient,cudnn,math: add vitkit with attention pinned "
+        "to each (CUDA; math also runs on the CPU)",
+    )
     p.add_argument(
         "--bf16-weights",
         action="store_true",
@@ -588,6 +626,7 @@ def main(argv: list[str] | None = None) -> int:
         libraries={lib for lib in args.libraries.split(",") if lib},
         compile_models=args.compile,
         bf16_weights=args.bf16_weights,
+        sdpa_backends=tuple(b for b in args.sdpa_backends.split(",") if b),
         peak_sizes=sizes,
         log=lambda s: print(s, flush=True),
     )

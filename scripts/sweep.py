@@ -1,0 +1,110 @@
+"""Per-seed results of `vitkit train` recipes: each variant x each seed is one real
+`vitkit train` command (a fresh process, timed from start to exit, evaluation included), a few
+at a time; the table gives validation and test accuracy per seed, their mean and the wall time.
+
+    # the default digits recipe, seeds 0-2 (the README's per-seed table)
+    python scripts/sweep.py --seeds 0,1,2
+    # variants: NAME=KEY=VALUE[,KEY=VALUE...] on top of --config (values parsed as YAML)
+    python scripts/sweep.py --jobs 2 --variant base= --variant long=epochs=150 \\
+        --variant p1=model_overrides.patch_size=1
+    python scripts/sweep.py --config configs/mnist.yaml --seeds 0 --out runs/sweep-mnist
+
+Wall times are only comparable between runs made with the same --jobs on the same machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    """ "NAME=K=V,K=V" -> (NAME, ["K=V", "K=V"]); commas inside [...] stay (zoom=[0.9,1.1])."""
+    name, _, sets = text.partition("=")
+    if not name:
+        raise SystemExit(f"--variant {text!r}: expected NAME=KEY=VALUE[,KEY=VALUE...]")
+    parts, depth, current = [], 0, ""
+    for ch in sets + ",":
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            if current:
+                parts.append(current)
+            current = ""
+        else:
+            current += ch
+    return name, parts
+
+
+def run_one(cmd: list[str], out: Path, log: Path) -> dict:
+    start = time.perf_counter()
+    with log.open("w") as f:
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, check=False).returncode
+    seconds = time.perf_counter() - start
+    results = out / "results.json"
+    if rc != 0 or not results.is_file():
+        return {"seconds": seconds, "error": f"exit {rc}, see {log}"}
+    return {"seconds": seconds, **json.loads(results.read_text())}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", help="recipe YAML (default: the built-in digits recipe)")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=K=V,...")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--jobs", type=int, default=1, help="runs at a time")
+    ap.add_argument("--out", default="runs/sweep")
+    args = ap.parse_args(argv)
+
+    variants = [parse_variant(v) for v in args.variant] or [("recipe", [])]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = []
+    for seed in seeds:  # seed-major: a sweep cut short still has every variant's first seeds
+        for name, sets in variants:
+            run_dir = out / f"{name}-s{seed}"
+            cmd = [sys.executable, "-m", "vitkit", "train", "--seed", str(seed),
+                   "--output", str(run_dir), "--overwrite", "--no-progress"]  # fmt: skip
+            if args.config:
+                cmd += ["--config", args.config]
+            for s in [*sets, "plot=false"]:
+                cmd += ["--set", s]
+            jobs.append((name, seed, cmd, run_dir))
+
+    def work(job):
+        name, seed, cmd, run_dir = job
+        result = run_one(cmd, run_dir, out / f"{name}-s{seed}.log")
+        print(f"{name} seed {seed}: {json.dumps(result)}", flush=True)
+        return name, seed, result
+
+    env_jobs = max(1, args.jobs)
+    with ThreadPoolExecutor(env_jobs) as pool:
+        results = list(pool.map(work, jobs))
+    (out / "sweep.json").write_text(json.dumps(
+        [{"variant": n, "seed": s, **r} for n, s, r in results], indent=1))  # fmt: skip
+
+    print(f"\n{os.cpu_count()} CPUs, {env_jobs} runs at a time; test accuracy per seed")
+    print("| variant | settings | " + " | ".join(f"seed {s}" for s in seeds)
+          + " | mean test | mean val | mean s |")  # fmt: skip
+    print("|---|---|" + "---:|" * (len(seeds) + 3))
+    for name, sets in variants:
+        rows = [r for n, _, r in results if n == name]
+        ok = [r for r in rows if "test_acc" in r]
+        cells = [f"{r['test_acc']:.2%}" if "test_acc" in r else "failed" for r in rows]
+        means = [f"{statistics.mean(r[k] for r in ok):.2%}" if ok else "-"
+                 for k in ("test_acc", "best_val_acc")]  # fmt: skip
+        secs = statistics.mean(r["seconds"] for r in rows)
+        print(f"| {name} | {','.join(sets) or 'as is'} | " + " | ".join(cells)
+              + f" | {' | '.join(means)} | {secs:.0f} |")  # fmt: skip
+    return 0 if all("test_acc" in r for _, _, r in results) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
