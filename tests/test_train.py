@@ -240,3 +240,21 @@ def test_fine_tuning_keeps_the_checkpoints_preprocessing(tmp_path, capsys):
     x = (test.images - 0.485) / 0.229
     expected = evaluate(best, [(x, test.labels)]).top1
     assert json.loads((tmp_path / "ft" / "results.json").read_text())["test_acc"] == expected
+
+
+def test_label_fraction_trains_and_selects_on_that_fraction_of_the_labels(tmp_path):
+    from vitkit.data.datasets import build_data
+
+    recipe = Recipe(**{**TINY, "label_fraction": 0.1, "batch_size": 8, "output": str(tmp_path)})
+    data = build_data(recipe, in_chans=1, image_size=8)
+    counts = torch.bincount(data.train.labels, minlength=10)
+    assert len(data.train) == 129 and counts.min() >= 12 and counts.max() <= 14  # 10% per class
+    val_counts = torch.bincount(data.val.labels, minlength=10)
+    assert len(data.val) == 12 and val_counts.min() == 1 and val_counts.max() == 2  # of 142
+    full = build_data(Recipe(**TINY), in_chans=1, image_size=8)
+    seen = {tuple(x.flatten().tolist()) for x in full.train.images}
+    assert all(tuple(x.flatten().tolist()) in seen for x in data.train.images)  # a subset
+    train(recipe)
+    assert load_state(tmp_path)["global_step"] == 129 // 8
+    with pytest.raises(ConfigError, match="label_fraction=0"):
+        Recipe(label_fraction=0).validate()

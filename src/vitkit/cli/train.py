@@ -66,6 +66,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--tensorboard", action="store_true", help="also log to DIR/tensorboard")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda if available)")
     p.add_argument(
         "--print-recipe", action="store_true", help="print the resolved recipe as YAML and exit"
     )
@@ -99,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     from vitkit.train import train
 
     if args.resume:
-        result = train(None, resume=args.resume)
+        result = train(None, resume=args.resume, device=args.device)
     else:
         recipe = build_recipe(args)
         if args.print_recipe:
@@ -107,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
 
             print(yaml.safe_dump(recipe.to_dict(), sort_keys=False), end="")
             return 0
-        result = train(recipe)
+        result = train(recipe, device=args.device)
     report(result)
     return 0
 

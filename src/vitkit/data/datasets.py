@@ -394,18 +394,28 @@ def build_data(
         mode="L" if in_chans == 1 else "RGB",
         labelled=labelled,
     )
-    train = splits.train
+    train, val = splits.train, splits.val
+    if labelled and recipe.label_fraction < 1 and val is not None:
+        # few-label training: the same stratified fraction (seed 0) of the training and of the
+        # validation labels, so nothing beyond that fraction guides the run
+        _, train = carve(train, recipe.label_fraction)
+        _, val = carve(val, recipe.label_fraction)
+        if train is None or val is None:
+            raise ConfigError(
+                f"label_fraction={recipe.label_fraction} leaves no training or validation "
+                f"image of --data {recipe.data}; raise it"
+            )
     memory = queries = None
     if not labelled:  # pre-training sees every training image; labels serve k-NN monitoring
-        memory, queries = (train, splits.val) if splits.classes else (None, None)
-        train = _concat([train, splits.val, *([splits.test] if recipe.all_data else [])])
+        memory, queries = (train, val) if splits.classes else (None, None)
+        train = _concat([train, val, *([splits.test] if recipe.all_data else [])])
     if isinstance(train, TensorData) and train.images.shape[1] != in_chans:
         raise ConfigError(
             f"--data {recipe.data} has {train.images.shape[1]} channel(s) but "
             f"the model expects in_chans={in_chans}; pick a {train.images.shape[1]}-channel "
             f"model or --set model_overrides.in_chans={train.images.shape[1]}"
         )
-    if labelled and splits.val is None:
+    if labelled and val is None:
         raise ConfigError(
             f"--data {recipe.data}: no validation images (too few to carve "
             f"val_fraction={recipe.val_fraction} of each class); give --val-data or raise "
@@ -413,7 +423,7 @@ def build_data(
         )
     return TrainData(
         train=train,
-        val=splits.val,
+        val=val,
         test=splits.test,
         classes=splits.classes,
         image_size=image_size,

@@ -21,19 +21,35 @@ class ModelEMA:
             p.requires_grad_(False)
         self.decay = decay
         self.updates = 0
+        self._source: nn.Module | None = None
+        self._pairs: tuple[tuple[list, list], list] | None = None
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         self.updates += 1
         d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        ema = self.module.state_dict()
-        floats, others = [], []
-        for name, value in model.state_dict().items():
-            (floats if value.dtype.is_floating_point else others).append((ema[name], value))
-        if floats:
-            torch._foreach_lerp_([e for e, _ in floats], [v.detach() for _, v in floats], 1 - d)
+        if self._pairs is None or self._source is not model:
+            self._source, self._pairs = model, self._match(model)
+        floats, others = self._pairs
+        if floats[0]:
+            torch._foreach_lerp_(floats[0], floats[1], 1 - d)
         for e, v in others:
             e.copy_(v)
+
+    def _match(self, model: nn.Module) -> tuple[tuple[list, list], list]:
+        """The (EMA tensor, model tensor) pairs, found once: state_dict() on every step cost
+        more than the averaging itself on small models."""
+        ema = self.module.state_dict(keep_vars=True)
+        floats: tuple[list, list] = ([], [])
+        others = []
+        for name, value in model.state_dict(keep_vars=True).items():
+            e, v = ema[name].detach(), value.detach()
+            if v.dtype.is_floating_point:
+                floats[0].append(e)
+                floats[1].append(v)
+            else:
+                others.append((e, v))
+        return floats, others
 
     def state_dict(self) -> dict:
         return {"module": self.module.state_dict(), "updates": self.updates, "decay": self.decay}

@@ -1,0 +1,45 @@
+"""The result scripts (scripts/) run end to end on a smoke budget; their figures live in
+benchmarks/RESULTS.md, not in assertions."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"_script_{name}", SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_low_label_runs_every_arm_on_the_trainer(tmp_path, capsys):
+    low = _load("low_label")
+    out = tmp_path / "low"
+    argv = ["--methods", "mae", "--seeds", "0", "--out", str(out), "--set", "epochs=1",
+            "--set", "threads=1"]  # fmt: skip
+    assert low.main(argv) == 0
+    table = json.loads((out / "table.json").read_text())
+    assert set(table) == {"scratch", "mae"} and all(len(v) == 1 for v in table.values())
+    fine = json.loads((out / "mae-s0" / "recipe.json").read_text())
+    assert fine["label_fraction"] == 0.1 and fine["init"] == str(out / "pretrain-mae")
+    assert "| mae pre-trained |" in capsys.readouterr().out
+    # --reuse keeps finished runs: nothing is trained again
+    stamp = (out / "mae-s0" / "wall_seconds.txt").stat().st_mtime_ns
+    assert low.main([*argv, "--reuse"]) == 0
+    assert (out / "mae-s0" / "wall_seconds.txt").stat().st_mtime_ns == stamp
+
+
+def test_sweep_parses_variants_with_lists():
+    sweep = _load("sweep")
+    assert sweep.parse_variant("rot=epochs=200,rotate=10,zoom=[0.9,1.1]") == (
+        "rot",
+        ["epochs=200", "rotate=10", "zoom=[0.9,1.1]"],
+    )
+    assert sweep.parse_variant("base=") == ("base", [])
