@@ -84,3 +84,32 @@ def test_two_processes_write_what_one_does(folder, tmp_path):
     assert (tmp_path / "two.npy.paths.txt").read_text() == (
         tmp_path / "one.npy.paths.txt"
     ).read_text()
+
+
+def test_precision_paths_keep_the_rows_direction(folder, tmp_path, capsys):
+    from vitkit.features import Embedder
+    from vitkit.infer import prepare
+
+    images = str(folder / "images")
+    args = [images, "--model", str(folder / "model"), "--pool", "mean"]
+    assert main(["embed", *args, "--output", str(tmp_path / "fp32.npy")]) == 1  # zz_bad.png
+    ref = torch.from_numpy(np.load(tmp_path / "fp32.npy"))
+    for precision, backend in [("bf16", "torch"), ("int8", "torch"), ("auto", None)]:
+        out = tmp_path / f"{precision}.npy"
+        extra = ["--backend", backend] if backend else []
+        assert main(["embed", *args, "--output", str(out), "--precision", precision, *extra]) == 1
+        rows = torch.from_numpy(np.load(out))
+        cos = torch.nn.functional.cosine_similarity(rows, ref)
+        assert rows.shape == ref.shape and cos.min() > 0.99, (precision, cos)
+        if precision != "auto":
+            assert not torch.equal(rows, ref)  # it really ran at that precision
+    assert "auto picked" in capsys.readouterr().err
+    # `auto` judges rows by cosine similarity (argmax of an embedding means nothing)
+    r = vitkit.resolve(folder / "model")
+    runner = prepare(Embedder(r.model, "mean"), "bf16", backend="torch")
+    x = r.processor([str(folder / "images" / "coffee.png")])
+    assert runner._agreement_with(runner(x), Embedder(r.model, "mean")(x)) > 0.99
+    assert "cosine" in runner._measure
+    code = main(["embed", *args, "--output", str(tmp_path / "maps.npy"), "--layers", "-1",
+                 "--precision", "bf16"])  # fmt: skip
+    assert code == 1 and "--layers" in capsys.readouterr().err

@@ -140,14 +140,14 @@ def test_auto_falls_back_when_top1_changes(model, pixels, monkeypatch):
         ref = model(pixels).logits
     assert torch.equal(runner(pixels), ref)
     assert (runner.precision, runner.backend) == ("fp32", "torch")
-    assert "bf16 on torch keeps fp32's top-1 on only 0%" in said[0]
+    assert "bf16 on torch keeps only 0.0% top-1 agreement with fp32" in said[0]
     assert said[-1].startswith("auto picked fp32 on torch")
 
     monkeypatch.setattr(P, "_build", real_build)
     said.clear()
     runner = prepare(model, "auto", log=said.append, calibration=pixels)
     assert (runner.precision, runner.backend) == ("bf16", "torch")
-    assert "top-1 agreement with fp32 on the calibration batch 100%" in runner.describe()
+    assert "top-1 agreement with fp32 on the calibration batch 100.0%" in runner.describe()
 
 
 def test_errors_name_the_fix(model, monkeypatch):

@@ -528,5 +528,11 @@ def test_precision_runs_the_predict_runner(model_dir, photos):
     assert half.runner.precision == "fp16" and half.describe()["precision"] == "fp16"
     assert torch.equal(p32.argmax(1), p16.argmax(1)) and not torch.equal(p32, p16)
     assert (p32 - p16).abs().max() < 1e-2
+    e32, e16 = torch.stack(exact.embed_rows(pixels)), torch.stack(half.embed_rows(pixels))
+    assert half.embed_runner.precision == "fp16" and exact.embed_runner is None
+    cos = torch.nn.functional.cosine_similarity(e32, e16)
+    assert cos.min() > 0.999 and not torch.equal(e32, e16)
     with pytest.raises(vitkit.ConfigError):
         Settings(model=str(model_dir), precision="int4")
+    with pytest.raises(vitkit.ConfigError, match="--backend"):
+        Settings(model=str(model_dir), backend="tensorrt")

@@ -36,6 +36,26 @@ def pool_output(out: Any, config: Any, pool: str = "model") -> Tensor:
     raise VitkitError(f"pool={pool!r}; choose one of {POOLS}")
 
 
+class Embedder(nn.Module):
+    """A model as (B, C, H, W) pixels -> (B, D) rows (`pool_output`), a plain module that the
+    precision paths (`vitkit.infer.prepare`) and exports can run like any classifier."""
+
+    produces = "embeddings"  # precision checks compare rows by cosine, not by top-1
+
+    def __init__(self, model: nn.Module, pool: str = "model") -> None:
+        super().__init__()
+        if pool not in POOLS:
+            raise VitkitError(f"pool={pool!r}; choose one of {POOLS}")
+        self.model, self.pool = model, pool
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+    def forward(self, pixel_values: Tensor) -> Tensor:
+        return pool_output(self.model.forward_features(pixel_values), self.config, self.pool)
+
+
 @torch.no_grad()
 def extract(
     model: nn.Module,

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from vitkit.cli._args import add_precision
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -31,6 +33,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", "-b", type=int, default=32, help="images per forward pass")
     p.add_argument("--workers", type=int, help="decoding threads (default: CPU count, <= 8)")
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda if available)")
+    add_precision(p, what="the pooled rows (auto checks cosine similarity to fp32)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
     p.set_defaults(func=run)
 
@@ -54,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
         rows, paths, failures = embed_paths(
             resolved.model, resolved.processor, args.images, pool=args.pool,
             normalize=args.normalize, layers=args.layers, batch_size=args.batch_size,
-            workers=args.workers, device=info.device, info=info,
+            workers=args.workers, device=info.device, info=info, precision=args.precision,
+            backend=args.backend, log=lambda s: print(f"vitkit embed: {s}", file=sys.stderr),
         )  # fmt: skip
     finally:
         D.cleanup(info)

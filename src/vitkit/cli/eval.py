@@ -22,6 +22,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from vitkit.cli._args import add_precision
+
 SPLITS = ("train", "val", "test")
 
 
@@ -67,12 +69,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="autocast dtype for the forward pass (default: none, fp32)",
     )
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (default: 0)")
-    p.add_argument(
-        "--precision",
-        choices=("fp32", "bf16", "fp16", "int8", "auto"),
-        default="fp32",
-        help="run the classifier as `vitkit predict --precision` does (default: fp32)",
-    )
+    add_precision(p, what="the classifier as `vitkit predict --precision` does")
     g = p.add_argument_group("frozen encoders (no classifier needed)")
     g.add_argument("--knn", type=int, metavar="K", help="weighted k-NN top-1 (DINO's), e.g. 20")
     g.add_argument("--linear-probe", action="store_true",
@@ -112,10 +109,12 @@ def run(args: argparse.Namespace) -> int:
             std=_per_channel(args.std or [0.5], model.config.in_chans, "--std"),
         )  # fmt: skip
     amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
-    if args.precision != "fp32":  # the same runner as predict and serve (static int8 and
+    if (
+        args.precision != "fp32" or args.backend
+    ):  # the same runner as predict and serve (static int8 and
         from vitkit.infer.precision import prepare  # `auto` calibrate on the first batch)
 
-        model = prepare(model, args.precision, device=device,
+        model = prepare(model, args.precision, backend=args.backend, device=device,
                         log=lambda s: print(f"vitkit eval: {s}", file=sys.stderr))  # fmt: skip
     result, skipped = evaluate_on(model, processor, args.data, args.split,
                                   batch_size=args.batch_size, num_workers=args.num_workers,

@@ -10,6 +10,8 @@ import argparse
 import json
 import sys
 
+from vitkit.cli._args import add_precision
+
 _PROGRESS_MIN_IMAGES = 32  # fewer than this finish too fast for a progress bar to help
 
 
@@ -57,20 +59,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="resize with PIL or with torchvision on uint8 tensors; default: what the "
         "checkpoint's library does (transformers: tensor, timm: pil)",
     )
-    p.add_argument(
-        "--precision",
-        choices=("fp32", "bf16", "fp16", "int8", "auto"),
-        default="fp32",
-        help="fp32 (exact), bf16, fp16 (GPU), int8 (CPU; calibrated on the first batch), or auto: "
-        "the fastest path this machine offers that keeps fp32's top-1 on the first batch "
-        "(docs/inference.md)",
-    )
-    p.add_argument(
-        "--backend",
-        choices=("torch", "onnxruntime", "openvino"),
-        default=None,
-        help="runtime for --precision (default: the fastest installed)",
-    )
+    add_precision(p, what="the classifier")
     p.add_argument(
         "--workers", type=int, default=None, help="decoding threads (default: CPU count, <= 8)"
     )

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 
+from vitkit.cli._args import add_precision
+
 DRAIN_SECONDS = 8  # Kubernetes' terminationGracePeriodSeconds (deploy/) leaves room above this
 
 
@@ -30,12 +32,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (8000)")
-    p.add_argument(
-        "--precision",
-        default="fp32",
-        choices=("fp32", "bf16", "fp16", "int8", "auto"),
-        help="of /v1/classify, as `vitkit predict --precision` (fp32); embeddings stay fp32",
-    )
+    add_precision(p, what="/v1/classify and /v1/embed")
     p.add_argument(
         "--calibration",
         metavar="DIR",
@@ -82,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
     settings = Settings(
         model=args.model,
         precision=args.precision,
+        backend=args.backend,
         device=args.device,
         max_batch=args.max_batch,
         max_wait_ms=args.max_wait_ms,

@@ -36,7 +36,13 @@ class LogitsModule(nn.Module):
         self.dtype = next(model.parameters()).dtype
 
     def forward(self, pixel_values: Tensor) -> Tensor:
-        return self.model(pixel_values.to(self.dtype)).logits.float()
+        return logits_of(self.model(pixel_values.to(self.dtype))).float()
+
+
+def logits_of(out: Any) -> Tensor:
+    """The (B, K) tensor of a forward pass: a model output's logits, or the tensor a plain
+    module (e.g. `vitkit.features.Embedder`) returns."""
+    return out if isinstance(out, Tensor) else out.logits
 
 
 class PreprocessedModule(nn.Module):

@@ -58,16 +58,27 @@ def embed_paths(
     batch_size: int = 32,
     workers: int | None = None,
     device: torch.device | str = "cpu",
+    precision: str = "fp32",
+    backend: str | None = None,
     info: Any = None,
+    log: Any = None,
 ) -> tuple[np.ndarray, list[str], list[tuple[str, str]]]:
     """(rows float32, the path of each row, [(input, reason)] that failed) for image files and
     folders, in input order; a bad image is reported, never fatal. Shards across torchrun
-    processes (rank 0 returns everything; other ranks return empty results)."""
+    processes (rank 0 returns everything; other ranks return empty results).
+
+    `precision` / `backend` run the pooled rows on a precision path (`vitkit.infer.prepare`;
+    `auto` checks its pick by the rows' cosine similarity to fp32); feature maps (`layers`) are
+    fp32 only."""
     from vitkit import distributed as D
+    from vitkit.features import Embedder
+    from vitkit.infer.precision import prepare
     from vitkit.infer.predictor import expand_inputs, load_or_reason, pipelined
 
     if batch_size < 1:
         raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
+    if layers and (precision != "fp32" or backend not in (None, "torch")):
+        raise ConfigError("--layers feature maps are computed in fp32 on torch; drop --precision")
     info = info or D.setup(str(device))
     paths, failures = expand_inputs(list(inputs))
     mine = list(enumerate(paths))[info.rank :: info.world]  # (input position, path)
@@ -79,12 +90,19 @@ def embed_paths(
         return load_or_reason(item[1], processor)
 
     model = model.eval()
+    runner = None
+    if not layers and (precision != "fp32" or backend not in (None, "torch")):
+        runner = prepare(Embedder(model, pool), precision, backend=backend, device=device, log=log)
     for batch in pipelined(mine, load, batch_size, workers):
         good = [(item, x) for item, x in batch if isinstance(x, Tensor)]
         errors += [(item[0], x) for item, x in batch if not isinstance(x, Tensor)]
         if good:
             pixels = torch.stack([x for _, x in good]).to(device)
-            out = embed_tensors(model, pixels, pool=pool, normalize=normalize, layers=layers)
+            if runner is not None:
+                out = runner(pixels).float()
+                out = F.normalize(out, dim=-1) if normalize else out
+            else:
+                out = embed_tensors(model, pixels, pool=pool, normalize=normalize, layers=layers)
             rows += [(item[0], r) for (item, _), r in zip(good, out.cpu().numpy())]
     gathered = D.gather_to_main((rows, errors), info)
     if gathered is None:  # not rank 0

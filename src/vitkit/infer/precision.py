@@ -40,6 +40,7 @@ from vitkit.infer import _graph
 PRECISIONS = ("fp32", "bf16", "fp16", "int8", "auto")
 BACKENDS = ("torch", "onnxruntime", "openvino")
 AUTO_MIN_AGREEMENT = 0.99  # top-1 agreement with fp32 `auto` demands on the calibration batch
+# (for embeddings, `vitkit.features.Embedder`: the mean cosine similarity of the rows)
 
 Fn = Callable[[Tensor], Tensor]
 
@@ -182,8 +183,21 @@ class Runner:
         if self.note:
             text += f" ({self.note})"
         if self._agreement is not None:
-            text += f"; top-1 agreement with fp32 on the calibration batch {self._agreement:.0%}"
+            text += f"; {self._measure} with fp32 on the calibration batch {self._agreement:.1%}"
         return text
+
+    @property
+    def _embeddings(self) -> bool:
+        return getattr(self.model, "produces", "logits") == "embeddings"
+
+    @property
+    def _measure(self) -> str:
+        return "mean cosine similarity" if self._embeddings else "top-1 agreement"
+
+    def _agreement_with(self, out: Tensor, reference: Tensor) -> float:
+        if self._embeddings:
+            return torch.nn.functional.cosine_similarity(out, reference, dim=-1).mean().item()
+        return (out.argmax(-1) == reference.argmax(-1)).float().mean().item()
 
     def _build(self, calibration: Tensor | None) -> None:
         checked = bool(self.candidates)  # `auto`: check each pick against fp32
@@ -202,12 +216,12 @@ class Runner:
             if fp32 is not None and precision != "fp32" and not last:
                 with torch.inference_mode():
                     if reference is None:
-                        reference = fp32(calibration).argmax(-1)  # type: ignore[arg-type]
-                    agree = (fn(calibration).argmax(-1) == reference).float().mean().item()  # type: ignore[arg-type]
+                        reference = fp32(calibration)  # type: ignore[arg-type]
+                    agree = self._agreement_with(fn(calibration), reference)  # type: ignore[arg-type]
                 if agree < AUTO_MIN_AGREEMENT:
                     self._say(
-                        f"auto: {precision} on {backend} keeps fp32's top-1 on only {agree:.0%} "
-                        "of the calibration batch; trying the next path"
+                        f"auto: {precision} on {backend} keeps only {agree:.1%} {self._measure} "
+                        "with fp32 on the calibration batch; trying the next path"
                     )
                     continue
                 self._agreement = agree
@@ -367,7 +381,7 @@ def _torch_fn(model: nn.Module, precision: str, device: torch.device) -> Fn:
     net.eval()
 
     def fn(pixels: Tensor) -> Tensor:
-        return net(pixels.to(device=device, dtype=dtype)).logits.float()
+        return _graph.logits_of(net(pixels.to(device=device, dtype=dtype))).float()
 
     fn.module = net  # type: ignore[attr-defined]
     return fn

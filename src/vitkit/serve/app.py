@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from vitkit.errors import ConfigError, VitkitError
-from vitkit.infer.precision import PRECISIONS
+from vitkit.infer.precision import BACKENDS, PRECISIONS
 from vitkit.serve.batcher import Batcher
 from vitkit.serve.metrics import CONTENT_TYPE, Metrics
 
@@ -47,6 +47,7 @@ class Settings:
 
     model: str
     precision: str = "fp32"
+    backend: str | None = None  # runtime for the precision (None: the fastest installed)
     device: str = "auto"
     max_batch: int = 8
     max_wait_ms: float = 20.0
@@ -58,6 +59,8 @@ class Settings:
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ConfigError(f"--precision {self.precision!r} is not available; use {PRECISIONS}")
+        if self.backend is not None and self.backend not in BACKENDS:
+            raise ConfigError(f"--backend {self.backend!r} is not available; use {BACKENDS}")
         if self.max_batch < 1:
             raise ConfigError(f"--max-batch must be at least 1, got {self.max_batch}")
         if self.max_wait_ms < 0:
@@ -84,7 +87,8 @@ class Service:
                         on_batch=self.metrics.observe_batch)  # fmt: skip
         self.batcher = Batcher(self.classify_rows, self.model_pool, **batching)
         self.embed_batcher = Batcher(self.embed_rows, self.model_pool, **batching)
-        self.runner: Any = None
+        self.runner: Any = None  # classify: logits at --precision
+        self.embed_runner: Any = None  # embed: pooled rows at --precision (None: fp32 torch)
         self.state = "loading"  # -> "ready" | "failed"
         self.error: str | None = None
         self.model: Any = None
@@ -110,19 +114,26 @@ class Service:
         self.model = resolved.model.eval()
         self.processor = resolved.processor
         self.labels = id2label_for(self.model.config)
-        if self.model.config.num_classes:  # --precision: the same runner as `vitkit predict`
-            from vitkit.infer.precision import prepare
-            from vitkit.infer.predictor import load_folder
+        from vitkit.features import Embedder
+        from vitkit.infer.precision import prepare
+        from vitkit.infer.predictor import load_folder
 
-            calibration = load_folder(s.calibration, self.processor) if s.calibration else None
-            self.runner = prepare(self.model, s.precision, device=self.device,
+        # --precision: the same runners as `vitkit predict` and `vitkit embed`
+        calibration = load_folder(s.calibration, self.processor) if s.calibration else None
+        if self.model.config.num_classes:
+            self.runner = prepare(self.model, s.precision, backend=s.backend, device=self.device,
                                   calibration=calibration, log=_log)  # fmt: skip
+        if s.precision != "fp32" or s.backend not in (None, "torch"):
+            self.embed_runner = prepare(Embedder(self.model), s.precision, backend=s.backend,
+                                        device=self.device, calibration=calibration, log=_log)  # fmt: skip
         h, w = self.processor.output_hw or self.model.config.image_hw
         for batch in sorted({1, s.max_batch}):  # the first calls allocate and pick kernels
             pixels = torch.zeros(batch, self.processor.num_channels, h, w)
-            self.embed_rows(pixels)
-            if self.runner is not None and self.runner.ready:  # (static int8 / auto calibrate
-                self.classify_rows(pixels)  # on the first real batch without --calibration)
+            # (static int8 and auto calibrate on the first real batch without --calibration)
+            if self.embed_runner is None or self.embed_runner.ready:
+                self.embed_rows(pixels)
+            if self.runner is not None and self.runner.ready:
+                self.classify_rows(pixels)
         self.state = "ready"
 
     def classify_rows(self, pixels: Tensor) -> list[Tensor]:
@@ -136,6 +147,8 @@ class Service:
         has a projection, e.g. CLIP), as `vitkit embed` computes it; float32 on the CPU."""
         from vitkit.features import pool_output
 
+        if self.embed_runner is not None:
+            return list(self.embed_runner(pixels.to(self.device)).float().cpu())
         with torch.inference_mode():
             out = self.model.forward_features(pixels.to(self.device))
             return list(pool_output(out, self.model.config, "model").float().cpu())
@@ -286,7 +299,11 @@ async def _embed(request):
     pixels = await _decode(service, await _image_bytes(request, service))
     pooled = await service.embed_batcher.submit(pixels)
     return _json(
-        {"embedding": pooled.tolist(), "dim": int(pooled.shape[0]), **_model_fields(service)}
+        {
+            "embedding": pooled.tolist(),
+            "dim": int(pooled.shape[0]),
+            **_model_fields(service, service.embed_runner),
+        }
     )
 
 
@@ -478,8 +495,9 @@ def _json(body: dict, status: int = 200):
     return JSONResponse(body, status)
 
 
-def _model_fields(service: Service) -> dict[str, str]:
-    runner = service.runner
+def _model_fields(service: Service, runner: Any = None) -> dict[str, str]:
+    """The model and the precision that answered (the classify runner's unless `runner`)."""
+    runner = runner if runner is not None else service.runner
     precision = runner.precision if runner is not None and runner.ready else "fp32"
     return {"model": service.settings.model, "precision": precision}
 
