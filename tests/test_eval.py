@@ -142,19 +142,20 @@ def _image_tree(root, n_per_class=4, in_chans=3):
 
 
 def _direct(model, root, classes_to_model, gray=False):
-    """Reference: decode, resize with PIL (bilinear on 8-bit, as transformers' ViTImageProcessor
-    does: the checkpoint's default preprocessing), scale, normalise by hand, run the model."""
+    """Reference: decode, resize the uint8 image with torchvision (bilinear, antialiased: the
+    default backend of transformers' image processors, which `vitkit predict` follows for a
+    vitkit or transformers checkpoint), scale, normalise by hand, run the model."""
     from PIL import Image
+    from torchvision.transforms.v2 import functional as tvf
 
     xs, ys = [], []
     for name in sorted(COLORS):
         for path in sorted((root / name).glob("[0-9].png")):
             img = Image.open(path).convert("RGB")
             img = img.convert("L") if gray else img
-            h, w = model.config.image_hw
-            img = img.resize((w, h), resample=Image.BILINEAR)
-            t = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)
+            t = torch.from_numpy(np.array(img))
             t = t[None] if gray else t.permute(2, 0, 1)
+            t = tvf.resize(t, list(model.config.image_hw), antialias=True).float() / 255.0
             xs.append((t - 0.5) / 0.5)
             ys.append(classes_to_model[name])
     with torch.no_grad():
@@ -394,3 +395,20 @@ def test_cli_eval_precision_uses_the_predict_runner(tmp_path, capsys):
     assert abs(results["fp16"]["top1"] - results["fp32"]["top1"]) <= 2 / 360  # ties may flip
     assert results["fp16"]["loss"] != results["fp32"]["loss"]  # it did run in fp16
     assert results["fp16"]["loss"] == pytest.approx(results["fp32"]["loss"], rel=1e-2)
+
+
+@pytest.mark.parametrize("backend", ["pil", "tensor"])
+def test_eval_preprocesses_images_as_predict_does(backend, photos):
+    from PIL import Image
+
+    from vitkit.data.processor import ImageProcessor
+    from vitkit.eval import _Collate
+    from vitkit.infer.predictor import preprocess
+
+    processor = ImageProcessor(resize=(40, 40), backend=backend)
+    images = [Image.fromarray(photos[0]), Image.fromarray(photos[1])]
+    batch, labels = _Collate(processor, (40, 40), None)([(im, i) for i, im in enumerate(images)])
+    expected = torch.stack([preprocess(im, processor) for im in images])
+    assert torch.equal(batch, expected) and labels.tolist() == [0, 1]
+    if backend == "tensor":  # the two backends differ: eval follows the checkpoint's
+        assert not torch.equal(batch, torch.stack([processor.preprocess_pil(im) for im in images]))

@@ -271,7 +271,8 @@ def match_classes(
 
 class _Collate:
     """(PIL image | [0, 1] tensor, label) items -> a batch the model expects: PIL images go
-    through the checkpoint's processor; tensors are resized (bilinear, antialiased) and
+    through the checkpoint's processor exactly as `vitkit predict` sends them (its PIL or
+    tensor backend); tensors are resized (bilinear, antialiased) and
     normalised with the processor's mean / std."""
 
     def __init__(self, processor: Any, size: tuple[int, int], remap: dict[int, int] | None):
@@ -292,8 +293,10 @@ class _Collate:
         items = [it for it in items if it is not None]  # unreadable: skipped and counted
         if not items:
             return torch.zeros(0), torch.zeros(0, dtype=torch.long)
+        from vitkit.infer.predictor import preprocess  # the checkpoint's backend, as predict
+
         images = [
-            self._tensor(im) if isinstance(im, Tensor) else self.processor.preprocess_pil(im)
+            self._tensor(im) if isinstance(im, Tensor) else preprocess(im, self.processor)
             for im, _ in items
         ]
         labels = [int(label) for _, label in items]
