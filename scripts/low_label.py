@@ -5,7 +5,8 @@ Every run is the `vitkit` command a user would type (in this process, through `v
 1. `vitkit pretrain --method M` for each method, on the digits training part without labels
    (the validation part included, the test part never), with that method's default recipe.
 2. `vitkit train --set label_fraction=0.1 --seed S`: from random weights ("scratch"), and with
-   `--init` each pre-trained encoder, the same fine-tuning recipe for every arm. 10% of the
+   `--init` each pre-trained encoder (plus layer-wise lr decay 0.75), the same budget for every
+   arm: 100 epochs, batch 32, the digits recipe otherwise. 10% of the
    training and of the validation labels (stratified, seed 0) are all the labels any run sees;
    best/ is chosen on that validation tenth, and the 360 test images are measured once.
 
@@ -23,19 +24,24 @@ from pathlib import Path
 
 from vitkit.cli import main as vitkit
 
-FINETUNE = ["--epochs", "100", "--batch-size", "32"]  # the same for every arm
+FINETUNE = ["--epochs", "100", "--batch-size", "32"]  # the same budget for every arm
+# pre-trained encoders fine-tune with layer-wise lr decay, as BEiT, MAE and SimMIM do (measured
+# here: SimMIM 74.1% without, 82.2% with; from scratch it costs 3.6 points, so scratch has none)
+PRETRAINED = ["--set", "layer_decay=0.75"]
 
 
 def run(args: list[str], out: Path, reuse: bool) -> dict:
-    """`vitkit ARGS --output OUT` unless OUT already holds its results and `reuse`."""
-    results = out / "results.json"
-    if not (reuse and results.is_file()):
+    """`vitkit ARGS --output OUT` -> its results.json, unless `reuse` and OUT holds a run this
+    script finished (its wall_seconds.txt, written last)."""
+    done = out / "wall_seconds.txt"
+    if not (reuse and done.is_file()):
+        done.unlink(missing_ok=True)
         start = time.perf_counter()
         rc = vitkit([*args, "--output", str(out), "--overwrite", "--no-progress"])
         if rc != 0:
             raise SystemExit(f"vitkit {' '.join(args)} failed ({rc})")
-        seconds = time.perf_counter() - start
-        (out / "wall_seconds.txt").write_text(f"{seconds:.1f}\n")
+        done.write_text(f"{time.perf_counter() - start:.1f}\n")
+    results = out / "results.json"  # pre-training writes none
     return json.loads(results.read_text()) if results.is_file() else {}
 
 
@@ -60,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
               "--set", f"label_fraction={args.label_fraction}", *extra]  # fmt: skip
     table: dict[str, list[float]] = {}
     for arm in ["scratch", *methods]:
-        init = [] if arm == "scratch" else ["--init", str(out / f"pretrain-{arm}")]
+        init = [] if arm == "scratch" else ["--init", str(out / f"pretrain-{arm}"), *PRETRAINED]
         for seed in seeds:
             result = run([*common, *init, "--seed", str(seed)], out / f"{arm}-s{seed}", args.reuse)
             table.setdefault(arm, []).append(result["test_acc"])

@@ -30,10 +30,12 @@ def test_low_label_runs_every_arm_on_the_trainer(tmp_path, capsys):
     fine = json.loads((out / "mae-s0" / "recipe.json").read_text())
     assert fine["label_fraction"] == 0.1 and fine["init"] == str(out / "pretrain-mae")
     assert "| mae pre-trained |" in capsys.readouterr().out
-    # --reuse keeps finished runs: nothing is trained again
-    stamp = (out / "mae-s0" / "wall_seconds.txt").stat().st_mtime_ns
+    # --reuse keeps finished runs, pre-training too: nothing is trained again
+    stamps = {
+        d: (out / d / "wall_seconds.txt").stat().st_mtime_ns for d in ("mae-s0", "pretrain-mae")
+    }
     assert low.main([*argv, "--reuse"]) == 0
-    assert (out / "mae-s0" / "wall_seconds.txt").stat().st_mtime_ns == stamp
+    assert all((out / d / "wall_seconds.txt").stat().st_mtime_ns == t for d, t in stamps.items())
 
 
 def test_sweep_parses_variants_with_lists():
