@@ -109,11 +109,10 @@ def run(args: argparse.Namespace) -> int:
             std=_per_channel(args.std or [0.5], model.config.in_chans, "--std"),
         )  # fmt: skip
     amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
-    if (
-        args.precision != "fp32" or args.backend
-    ):  # the same runner as predict and serve (static int8 and
-        from vitkit.infer.precision import prepare  # `auto` calibrate on the first batch)
+    from vitkit.infer.precision import is_plain, prepare
 
+    # the same runner as predict and serve (static int8 and auto calibrate on the first batch)
+    if not is_plain(args.precision, args.backend):
         model = prepare(model, args.precision, backend=args.backend, device=device,
                         log=lambda s: print(f"vitkit eval: {s}", file=sys.stderr))  # fmt: skip
     result, skipped = evaluate_on(model, processor, args.data, args.split,

@@ -72,12 +72,12 @@ def embed_paths(
     fp32 only."""
     from vitkit import distributed as D
     from vitkit.features import Embedder
-    from vitkit.infer.precision import prepare
+    from vitkit.infer.precision import is_plain, prepare
     from vitkit.infer.predictor import expand_inputs, load_or_reason, pipelined
 
     if batch_size < 1:
         raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
-    if layers and (precision != "fp32" or backend not in (None, "torch")):
+    if layers and not is_plain(precision, backend):
         raise ConfigError("--layers feature maps are computed in fp32 on torch; drop --precision")
     info = info or D.setup(str(device))
     paths, failures = expand_inputs(list(inputs))
@@ -91,7 +91,7 @@ def embed_paths(
 
     model = model.eval()
     runner = None
-    if not layers and (precision != "fp32" or backend not in (None, "torch")):
+    if not is_plain(precision, backend):
         runner = prepare(Embedder(model, pool), precision, backend=backend, device=device, log=log)
     for batch in pipelined(mine, load, batch_size, workers):
         good = [(item, x) for item, x in batch if isinstance(x, Tensor)]

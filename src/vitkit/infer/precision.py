@@ -45,6 +45,11 @@ AUTO_MIN_AGREEMENT = 0.99  # top-1 agreement with fp32 `auto` demands on the cal
 Fn = Callable[[Tensor], Tensor]
 
 
+def is_plain(precision: str, backend: str | None) -> bool:
+    """Whether (precision, backend) is the model as it is (fp32 on torch): no runner needed."""
+    return precision == "fp32" and backend in (None, "torch")
+
+
 # ------------------------------------------------------------------------------ the machine
 @functools.cache
 def cpu_flags() -> frozenset[str]:

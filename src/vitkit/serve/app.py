@@ -115,7 +115,7 @@ class Service:
         self.processor = resolved.processor
         self.labels = id2label_for(self.model.config)
         from vitkit.features import Embedder
-        from vitkit.infer.precision import prepare
+        from vitkit.infer.precision import is_plain, prepare
         from vitkit.infer.predictor import load_folder
 
         # --precision: the same runners as `vitkit predict` and `vitkit embed`
@@ -123,7 +123,7 @@ class Service:
         if self.model.config.num_classes:
             self.runner = prepare(self.model, s.precision, backend=s.backend, device=self.device,
                                   calibration=calibration, log=_log)  # fmt: skip
-        if s.precision != "fp32" or s.backend not in (None, "torch"):
+        if not is_plain(s.precision, s.backend):
             self.embed_runner = prepare(Embedder(self.model), s.precision, backend=s.backend,
                                         device=self.device, calibration=calibration, log=_log)  # fmt: skip
         h, w = self.processor.output_hw or self.model.config.image_hw
