@@ -133,7 +133,8 @@ def quiet() -> Iterator[None]:
     which `vitkit predict --json` reserves for results."""
     with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        loggers = [logging.getLogger(n) for n in ("nncf", "torch.onnx", "torch.export")]
+        names = ("nncf", "torch.onnx", "torch.export", "torch.utils.cpp_extension")
+        loggers = [logging.getLogger(n) for n in names]  # cpp_extension: "No CUDA runtime"
         levels = [lg.level for lg in loggers]
         for lg in loggers:
             lg.setLevel(logging.ERROR)
