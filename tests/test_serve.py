@@ -529,7 +529,8 @@ def test_precision_runs_the_predict_runner(model_dir, photos):
     assert torch.equal(p32.argmax(1), p16.argmax(1)) and not torch.equal(p32, p16)
     assert (p32 - p16).abs().max() < 1e-2
     e32, e16 = torch.stack(exact.embed_rows(pixels)), torch.stack(half.embed_rows(pixels))
-    assert half.embed_runner.precision == "fp16" and exact.embed_runner is None
+    assert half.embed_runner.precision == "fp16"
+    assert (exact.embed_runner.precision, exact.embed_runner.backend) == ("fp32", "torch")
     cos = torch.nn.functional.cosine_similarity(e32, e16)
     assert cos.min() > 0.999 and not torch.equal(e32, e16)
     with pytest.raises(vitkit.ConfigError):

@@ -28,23 +28,13 @@ FORMATS = (".npy", ".safetensors")
 
 
 @torch.inference_mode()
-def embed_tensors(
-    model: nn.Module,
-    pixels: Tensor,
-    *,
-    pool: str = "model",
-    normalize: bool = False,
-    layers: Sequence[int] | None = None,
+def feature_maps(
+    model: nn.Module, pixels: Tensor, layers: Sequence[int], *, normalize: bool = False
 ) -> Tensor:
-    """(B, C, H, W) preprocessed pixels -> (B, D) rows, or (B, L, D, Hp, Wp) with `layers`."""
-    from vitkit.features import pool_output
-
-    if layers:
-        maps = model.forward_intermediates(pixels, list(layers), intermediates_only=True)
-        out = torch.stack(maps, dim=1).float()  # (B, L, D, Hp, Wp)
-        return F.normalize(out, dim=2) if normalize else out
-    rows = pool_output(model.forward_features(pixels), model.config, pool).float()
-    return F.normalize(rows, dim=-1) if normalize else rows
+    """(B, C, H, W) preprocessed pixels -> (B, L, D, Hp, Wp) maps of the blocks in `layers`."""
+    maps = model.forward_intermediates(pixels, list(layers), intermediates_only=True)
+    out = torch.stack(maps, dim=1).float()
+    return F.normalize(out, dim=2) if normalize else out
 
 
 def embed_paths(
@@ -90,9 +80,9 @@ def embed_paths(
         return load_or_reason(item[1], processor)
 
     model = model.eval()
-    runner = None
-    if not is_plain(precision, backend):
-        runner = prepare(Embedder(model, pool), precision, backend=backend, device=device, log=log)
+    # pooled rows run on the precision runner (fp32 on torch is the model as it is)
+    runner = None if layers else prepare(Embedder(model, pool), precision, backend=backend,
+                                         device=device, log=log)  # fmt: skip
     for batch in pipelined(mine, load, batch_size, workers):
         good = [(item, x) for item, x in batch if isinstance(x, Tensor)]
         errors += [(item[0], x) for item, x in batch if not isinstance(x, Tensor)]
@@ -102,7 +92,7 @@ def embed_paths(
                 out = runner(pixels).float()
                 out = F.normalize(out, dim=-1) if normalize else out
             else:
-                out = embed_tensors(model, pixels, pool=pool, normalize=normalize, layers=layers)
+                out = feature_maps(model, pixels, layers, normalize=normalize)
             rows += [(item[0], r) for (item, _), r in zip(good, out.cpu().numpy())]
     gathered = D.gather_to_main((rows, errors), info)
     if gathered is None:  # not rank 0

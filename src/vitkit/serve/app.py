@@ -88,7 +88,7 @@ class Service:
         self.batcher = Batcher(self.classify_rows, self.model_pool, **batching)
         self.embed_batcher = Batcher(self.embed_rows, self.model_pool, **batching)
         self.runner: Any = None  # classify: logits at --precision
-        self.embed_runner: Any = None  # embed: pooled rows at --precision (None: fp32 torch)
+        self.embed_runner: Any = None  # embed: pooled rows at --precision
         self.state = "loading"  # -> "ready" | "failed"
         self.error: str | None = None
         self.model: Any = None
@@ -115,7 +115,7 @@ class Service:
         self.processor = resolved.processor
         self.labels = id2label_for(self.model.config)
         from vitkit.features import Embedder
-        from vitkit.infer.precision import is_plain, prepare
+        from vitkit.infer.precision import prepare
         from vitkit.infer.predictor import load_folder
 
         # --precision: the same runners as `vitkit predict` and `vitkit embed`
@@ -123,14 +123,13 @@ class Service:
         if self.model.config.num_classes:
             self.runner = prepare(self.model, s.precision, backend=s.backend, device=self.device,
                                   calibration=calibration, log=_log)  # fmt: skip
-        if not is_plain(s.precision, s.backend):
-            self.embed_runner = prepare(Embedder(self.model), s.precision, backend=s.backend,
-                                        device=self.device, calibration=calibration, log=_log)  # fmt: skip
+        self.embed_runner = prepare(Embedder(self.model), s.precision, backend=s.backend,
+                                    device=self.device, calibration=calibration, log=_log)  # fmt: skip
         h, w = self.processor.output_hw or self.model.config.image_hw
         for batch in sorted({1, s.max_batch}):  # the first calls allocate and pick kernels
             pixels = torch.zeros(batch, self.processor.num_channels, h, w)
             # (static int8 and auto calibrate on the first real batch without --calibration)
-            if self.embed_runner is None or self.embed_runner.ready:
+            if self.embed_runner.ready:
                 self.embed_rows(pixels)
             if self.runner is not None and self.runner.ready:
                 self.classify_rows(pixels)
@@ -145,13 +144,7 @@ class Service:
     def embed_rows(self, pixels: Tensor) -> list[Tensor]:
         """(B, C, H, W) -> the model's pooled output per image (its image embedding when it
         has a projection, e.g. CLIP), as `vitkit embed` computes it; float32 on the CPU."""
-        from vitkit.features import pool_output
-
-        if self.embed_runner is not None:
-            return list(self.embed_runner(pixels.to(self.device)).float().cpu())
-        with torch.inference_mode():
-            out = self.model.forward_features(pixels.to(self.device))
-            return list(pool_output(out, self.model.config, "model").float().cpu())
+        return list(self.embed_runner(pixels.to(self.device)).float().cpu())
 
     def explain(self, data: bytes, method: str, label: int | None, options: dict) -> tuple:
         from vitkit.explain import explain_image
