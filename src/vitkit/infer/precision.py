@@ -421,8 +421,9 @@ def _openvino_fn(
     module: nn.Module, precision: str, example: Tensor, device: torch.device
 ) -> tuple[Fn, str]:
     """OpenVINO at `precision`, compiled once per input size: a graph with a fixed height and
-    width folds the position-table resampling away (4.5% faster for ViT-B/16 int8 on 2 Zen 4
-    cores, paired rounds); the converted model stays size-free, so any size still runs."""
+    width folds the position-table resampling away (benchmarks/openvino_ab.py: 0.99x of
+    OpenVINO int8 on timm's graph before, 1.00-1.02x after); the converted model stays
+    size-free, so any size still runs."""
     ov_model = _graph.to_openvino(module, example[:1])
     note = {"fp32": "f32", "bf16": "bf16 inference hint"}.get(precision, "")
     if precision == "int8":

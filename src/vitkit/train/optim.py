@@ -55,8 +55,8 @@ def build_optimizer(model: nn.Module, recipe: Any) -> torch.optim.Optimizer:
     for g in groups:
         g["lr"] = recipe.lr * g["lr_scale"]
     if recipe.optimizer == "adamw":
-        # fused: one kernel over every tensor instead of torch's per-tensor Python loop, its
-        # CPU default (a digits step spent 2.4 ms in the optimizer with the loop, 0.7 ms fused)
+        # fused: one kernel over every tensor instead of torch's per-tensor Python loop (its CPU
+        # default), which dominated the optimizer step of small models (benchmarks/RESULTS.md)
         fused = all(p.device.type in ("cpu", "cuda") for g in groups for p in g["params"])
         return torch.optim.AdamW(
             groups,
