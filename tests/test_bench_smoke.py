@@ -79,3 +79,14 @@ def test_infer_runs_on_a_tiny_model():
 def test_matmul_peak_is_positive():
     common = _load("common")
     assert common.matmul_peak(torch.float32, n=64, repeats=2) > 0
+
+
+def test_classical_baselines_score_the_builtin_test_split(capsys):
+    pytest.importorskip("sklearn")
+    baselines = _load("baselines")
+    assert baselines.main(["--datasets", "digits"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| digits")]
+    assert [row.split(" | ")[1] for row in rows] == ["RBF SVM", "k-NN", "logistic regression"]
+    accs = [float(row.split(" | ")[3].rstrip("%")) for row in rows]
+    assert all(90.0 < acc <= 100.0 for acc in accs)  # 360 test images, 1,437 training ones
+    assert "(1,437 / 360)" in rows[0]

@@ -171,3 +171,22 @@ def test_missing_runtime_says_what_to_install(model, tmp_path, monkeypatch):
     with pytest.raises(VitkitError, match=r"pip install 'vitkit\[export\]'"):
         E.export(model, tmp_path / "vit.onnx", log=None)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("format", ["onnx", "pt2"])
+def test_a_convolutional_stem_exports_at_any_size(tmp_path, format):
+    torch.manual_seed(0)
+    stem = vitkit.create_model("vit_tiny_patch4_32", num_classes=5, embed_dim=32, depth=1,
+                               num_heads=2, stem_channels=[8, 8])  # fmt: skip
+    stem.train()(torch.rand(8, 3, 32, 32))  # BatchNorm statistics that are not 0 / 1
+    stem.eval()
+    path = tmp_path / f"stem.{format}"
+    assert E.export(stem, path, dynamic_size=True, log=None).max_diff < 1e-4
+    if format == "onnx":
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        run = lambda x: session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]  # noqa: E731
+    else:
+        run = lambda x: torch.export.load(str(path)).module()(x).detach().numpy()  # noqa: E731
+    for b, h, w in SIZES:
+        x = torch.rand(b, 3, h, w)
+        assert np.abs(run(x) - _logits(stem, x)).max() < 1e-4

@@ -301,3 +301,65 @@ def test_rebuild_moves_the_final_norm_when_pooling_changes():
     torch.testing.assert_close(back.norm.weight, model.norm.weight)
     with pytest.raises(vitkit.ConfigError, match="keep every weight's shape"):
         vitkit.models.vit.rebuild(model, distilled=True)
+
+
+# ------------------------------------------------------------------------------ conv stem
+def test_conv_stem_feeds_the_patch_projection_and_keeps_the_grid():
+    model = tiny(stem_channels=[8, 16])
+    assert model.config.stem_channels == (8, 16)  # JSON lists become tuples
+    stem = model.patch_embed.stem
+    assert [m.out_channels for m in stem if isinstance(m, torch.nn.Conv2d)] == [8, 16]
+    assert model.patch_embed.proj.in_channels == 16
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model.patch_embed.proj(stem(x)).flatten(2).transpose(1, 2)
+        assert torch.equal(model.patch_embed(x), expected)
+        # the same tokens as without a stem: any size still runs, the grid is the patch grid
+        assert model(torch.randn(1, 3, 48, 40)).last_hidden_state.shape == (1, 1 + 6 * 5, 32)
+    model.train()(x).logits.sum().backward()
+    assert all(p.grad is not None and p.grad.any() for p in stem.parameters())
+
+
+def test_conv_stem_is_checked_like_any_size():
+    for bad in ([0], [8, -1], "8", [8.5], [True]):
+        with pytest.raises(vitkit.ConfigError, match="stem_channels must be a list"):
+            ViTConfig(**TINY, stem_channels=bad)
+    with pytest.raises(vitkit.ConfigError, match=r"stem_channels \(layers\)"):
+        ViTConfig(**TINY, stem_channels=[4] * 17)
+    with pytest.raises(vitkit.ConfigError, match=r"stem_channels \(width\)"):
+        ViTConfig(**TINY, stem_channels=[100_000])
+    config = ViTConfig(**TINY, stem_channels=[8, 16])
+    assert ViTConfig.from_dict(config.to_dict()) == config
+    built = VisionTransformer(config).num_params()
+    assert abs(config.estimated_params() - built) / built < 0.03
+
+
+def test_conv_stem_saves_as_vitkit_only_and_masked_pretraining_refuses_it(tmp_path):
+    from vitkit.checkpoints.jax import npz_from_state_dict
+    from vitkit.checkpoints.timm import state_dict_to_timm
+    from vitkit.errors import CheckpointError
+    from vitkit.models.mae import MaskedAutoencoder
+    from vitkit.models.mim import SimMIM
+
+    model = tiny(stem_channels=[8])
+    model.train()(torch.randn(4, 3, 32, 32))  # BatchNorm statistics and its step counter move
+    model.eval()
+    assert int(model.patch_embed.stem.bn0.num_batches_tracked) == 1
+    vitkit.save_pretrained(model, tmp_path / "auto")  # auto: transformers cannot hold it
+    back = vitkit.from_pretrained(tmp_path / "auto")
+    assert back.config.stem_channels == (8,)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(back(x).logits, model(x).logits)  # running statistics came back
+    sd = model.state_dict()
+    for write in (
+        lambda: vitkit.save_pretrained(model, tmp_path / "hf", format="hf"),
+        lambda: state_dict_to_timm(sd, model.config),
+        lambda: npz_from_state_dict(sd, model.config),
+    ):
+        with pytest.raises(CheckpointError, match="stem"):
+            write()
+    assert not (tmp_path / "hf").exists()
+    for build in (MaskedAutoencoder, SimMIM):
+        with pytest.raises(vitkit.ConfigError, match="reads across their borders"):
+            build(model.config)

@@ -145,6 +145,17 @@ def test_cli_rejects_unknown_data(tmp_path, capsys):
     assert main(["pretrain", "--data", str(tmp_path / "nope"), "--model", "vit_digits_patch2_8",
                  "--output", str(tmp_path / "o")]) == 1  # fmt: skip
     assert "no such file or folder" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # a run that never started leaves no directory
+
+
+@pytest.mark.parametrize("method", ["mae", "simmim"])
+def test_masked_pretraining_refuses_the_convolutional_stem(method, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["pretrain", "--method", method, "--model", "vit_digits_convstem_patch2_8",
+                 "--epochs", "1", "--output", str(out), "--no-progress"]) == 1  # fmt: skip
+    err = capsys.readouterr().err
+    assert "reads across their borders" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
 
 
 def test_vitkit_train_init_fine_tunes_the_pretrained_encoder(image_folder, tmp_path, capsys):

@@ -9,6 +9,7 @@ TINY = {"embed_dim": 32, "depth": 1, "num_heads": 2, "global_pool": "token", "po
 
 def _recipe(tmp_path, **changes) -> Recipe:
     return Recipe(
+        model="vit_digits_patch2_8",  # no stem: transformers' DeiT holds the student
         model_overrides=TINY,
         epochs=1,
         batch_size=64,

@@ -13,6 +13,9 @@ from conftest import free_port
 from vitkit.train.state import load_state
 
 RECIPE = dict(
+    # the plain ViT: a BatchNorm (the default model's convolutional stem) normalises each
+    # process's micro-batch, so with it no split of the batch can equal one process
+    model="vit_digits_patch2_8",
     model_overrides={"embed_dim": 32, "depth": 1, "num_heads": 2},
     batch_size=32,
     epochs=1,

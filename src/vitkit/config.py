@@ -108,6 +108,11 @@ def _check_types(c: ViTConfig) -> None:
         c.image_size = int(c.image_size) if is_int(c.image_size) else hw  # type: ignore
     except ConfigError as exc:
         errors.append(str(exc))
+    stem = c.stem_channels
+    if not isinstance(stem, tuple) or not all(is_int(v) and v > 0 for v in stem):
+        errors.append(f"stem_channels must be a list of positive integers, got {stem!r}")
+    else:
+        c.stem_channels = tuple(int(v) for v in stem)
     if c.id2label is not None and not isinstance(c.id2label, dict):
         errors.append("id2label must be a mapping")
     if errors:
@@ -126,6 +131,8 @@ def _check_limits(c: ViTConfig) -> None:
         (c.in_chans, "CHANNELS", "in_chans"),
         (max(h, w), "IMAGE_SIDE", "image_size"),
         (c.num_register_tokens, "REGISTER_TOKENS", "num_register_tokens"),
+        (len(c.stem_channels), "STEM_LAYERS", "stem_channels (layers)"),
+        (max(c.stem_channels, default=0), "WIDTH", "stem_channels (width)"),
         (c.num_classes, "CLASSES", "num_classes"),
         (c.head_hidden_dim or 0, "MLP_DIM", "head_hidden_dim"),
         (c.projection_dim or 0, "MLP_DIM", "projection_dim"),
@@ -153,6 +160,10 @@ class ViTConfig:
     SwiGLUPacked), no [CLS] with an attention-pooling head (`class_token=False`,
     `global_pool="map"`, SigLIP), a bias-free projection to a joint image-text space
     (`projection_dim`, CLIP), and the DINOv2 mask token (`use_mask_token`).
+
+    For small images, `stem_channels` puts 3x3 convolutions before the patch projection (the
+    paper's hybrid input, the stem of Xiao et al. 2021); vitkit's own format holds such a model,
+    transformers, timm and the JAX layout do not.
     """
 
     image_size: int | tuple[int, int] = 224
@@ -170,6 +181,7 @@ class ViTConfig:
     layer_scale_init: float | None = None
     pre_norm: bool = False
     patch_bias: bool = True
+    stem_channels: tuple[int, ...] = ()
     drop_rate: float = 0.0
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.0
@@ -194,6 +206,8 @@ class ViTConfig:
     def __post_init__(self) -> None:
         if isinstance(self.image_size, list):
             self.image_size = tuple(self.image_size)  # type: ignore[assignment]
+        if isinstance(self.stem_channels, list):
+            self.stem_channels = tuple(self.stem_channels)
         if self.id2label is not None:
             self.id2label = _id2label(self.id2label)
         self.validate()
@@ -355,7 +369,10 @@ class ViTConfig:
         head += k * (d + 1) if self.distilled else 0  # DeiT's second head
         head += block + d if self.global_pool == "map" else 0  # attention pool: about a block
         head += (self.projection_dim or 0) * d
-        return self.depth * block + d * c * p * p + d + tokens * d + 2 * d + head
+        stem = 0
+        for width in self.stem_channels:  # 3x3 conv, then the BatchNorm's 4 vectors
+            stem, c = stem + 9 * c * width + 4 * width, width
+        return self.depth * block + stem + d * c * p * p + d + tokens * d + 2 * d + head
 
     # ----------------------------------------------------------------------------- io
     def replace(self, **changes: Any) -> ViTConfig:

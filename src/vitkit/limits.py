@@ -32,6 +32,7 @@ DEFAULTS: dict[str, int] = {
     "IMAGE_SIDE": 8_192,  # pixels per side of a model input or a processor's output
     "PATCHES": 65_536,  # patches per image (4096 x 4096 at patch 16)
     "REGISTER_TOKENS": 256,  # DINOv2: 4
+    "STEM_LAYERS": 16,  # convolutions before the patch projection (stem_channels); ViTc: 4-5
     "CLASSES": 1_048_576,  # num_classes, labels of a dataset; GLDv2: 203,094
     "PARAMS": 25_000_000_000,  # parameters a config may describe; ViT-22B: 21.7e9
     # images and preprocessing

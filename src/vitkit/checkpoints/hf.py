@@ -252,11 +252,12 @@ def hf_architecture(config: ViTConfig) -> str:
 def hf_unsupported(config: ViTConfig) -> list[str]:
     """Reasons no transformers class vitkit writes can reproduce this config (empty if one can):
     ViT/DeiT, or the DINOv2 / CLIP / SigLIP class its switches point to."""
+    stem = ["a convolutional stem (stem_channels)"] if config.stem_channels else []
     family = _family_for(config)
     if family is not None:
-        return family.unsupported(config)
+        return stem + family.unsupported(config)
     c = config
-    reasons = []
+    reasons = stem
     for name, what in (
         ("no_embed_class", "positions on the patches only (DeiT III)"),
         ("pos_embed_antialias", "antialiased position resampling (timm's rule)"),

@@ -369,6 +369,8 @@ def npz_from_state_dict(sd: Mapping[str, Tensor], config: ViTConfig) -> dict[str
         problems.append("no [DIST], register or mask tokens")
     if c.pos_embed != "learned":
         problems.append("a learned position table")
+    if c.stem_channels:
+        problems.append("patches projected from the pixels (no convolutional stem)")
     if problems:
         raise CheckpointError(
             "cannot write this model as a vision_transformer .npz: needs " + "; ".join(problems)

@@ -270,9 +270,10 @@ def build_model(
     except (ConfigError, ValueError) as exc:
         raise CheckpointError(f"{source}: {exc}") from exc
 
-    check_float_dtypes(sd, source)  # never cast integer weights silently
-    check_finite(sd, source)  # NaN weights would give NaN logits and a silent "nan%"
     expected = expected_shapes(config)
+    counters = [k for k in expected if k.endswith(".num_batches_tracked")]  # the stem's BatchNorms
+    check_float_dtypes(sd, source, allow=counters)  # never cast integer weights silently
+    check_finite(sd, source)  # NaN weights would give NaN logits and a silent "nan%"
     fresh = {k for k in expected if k.startswith(("head.", "head_dist."))} if new_head else set()
     missing = [k for k in expected if k not in sd and k not in fresh]
     unexpected = [k for k in sd if k not in expected]

@@ -272,6 +272,8 @@ def _timm_unsupported(config: ViTConfig) -> None:
         reasons.append("timm's ViT has no tanh pre-logits layer")
     if c.pos_embed == "sincos2d":
         reasons.append("sin-cos positions are computed, timm stores a learned table")
+    if c.stem_channels:
+        reasons.append("timm's ViT projects the pixels, it has no convolutional stem")
     if reasons:
         raise CheckpointError("timm cannot hold this model: " + "; ".join(reasons))
 

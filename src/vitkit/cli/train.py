@@ -3,7 +3,7 @@
 vitkit train                                   # digits (scikit-learn), the default recipe
 vitkit train --config configs/cifar10.yaml --data /data/cifar-10-batches-py
 vitkit train --data mnist --model vit_mnist_patch4_28 --epochs 30 --set ema_decay=0.999
-vitkit train --resume runs/digits-vit_digits_patch2_8
+vitkit train --resume runs/digits-vit_digits_convstem_patch2_8
 torchrun --nproc_per_node 2 -m vitkit train --config configs/digits.yaml
 """
 

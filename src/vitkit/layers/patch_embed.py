@@ -14,6 +14,12 @@ class PatchEmbed(nn.Module):
 
     Input (B, C, H, W) -> tokens (B, N, D) with N = (H / P) * (W / P), row-major over the grid.
     With `pad=True`, H and W are zero-padded on the bottom/right up to a multiple of P.
+
+    `stem_channels` puts 3x3 convolutions (stride 1, BatchNorm, ReLU; one per entry, of that
+    width) before the projection, which then reads their feature map instead of the pixels: the
+    paper's hybrid input (section 3.1) with the convolutional stem of Xiao et al. 2021
+    ("Early Convolutions Help Transformers See Better"), for small images and datasets. The
+    grid, the tokens and everything after them are the same as without it.
     """
 
     def __init__(
@@ -24,12 +30,16 @@ class PatchEmbed(nn.Module):
         embed_dim: int,
         pad: bool = False,
         bias: bool = True,
+        stem_channels: tuple[int, ...] = (),
     ):
         super().__init__()
         self.patch_size = patch_size
+        self.in_chans = in_chans
         self.pad = pad
+        self.stem = _conv_stem(in_chans, stem_channels) if stem_channels else None
+        width = stem_channels[-1] if stem_channels else in_chans
         self.proj = nn.Conv2d(
-            in_chans, embed_dim, kernel_size=patch_size, stride=patch_size, bias=bias
+            width, embed_dim, kernel_size=patch_size, stride=patch_size, bias=bias
         )
 
     def grid_size(self, height: int, width: int) -> tuple[int, int]:
@@ -43,8 +53,10 @@ class PatchEmbed(nn.Module):
             raise ConfigError(f"expected images of shape (B, C, H, W), got {tuple(x.shape)}")
         _, c, h, w = x.shape
         p = self.patch_size
-        if c != self.proj.in_channels:
-            raise ConfigError(f"model expects {self.proj.in_channels} input channels, got {c}")
+        if c != self.in_chans:
+            raise ConfigError(f"model expects {self.in_chans} input channels, got {c}")
+        if self.stem is not None:
+            x = self.stem(x)  # (B, C', H, W)
         if self.pad:
             x = F.pad(x, (0, (p - w % p) % p, 0, (p - h % p) % p))
         elif not (torch.compiler.is_compiling() or torch.compiler.is_exporting()) and (
@@ -57,3 +69,24 @@ class PatchEmbed(nn.Module):
             )
         x = self.proj(x)  # (B, D, H/P, W/P)
         return x.flatten(2).transpose(1, 2)  # (B, N, D)
+
+
+def _conv_stem(in_chans: int, widths: tuple[int, ...]) -> nn.Sequential:
+    """3x3 conv (no bias) -> BatchNorm -> ReLU per width, stride 1: the image size is kept."""
+    stem = nn.Sequential()
+    for i, width in enumerate(widths):
+        stem.add_module(f"conv{i}", nn.Conv2d(in_chans, width, 3, padding=1, bias=False))
+        stem.add_module(f"bn{i}", nn.BatchNorm2d(width))
+        stem.add_module(f"act{i}", nn.ReLU(inplace=True))
+        in_chans = width
+    return stem
+
+
+def refuse_stem_for_masking(stem_channels: tuple[int, ...], method: str) -> None:
+    """Masked-image pre-training hides patches; a stem's 3x3 convolutions read across patch
+    borders, so visible tokens would see the hidden pixels. Refuse in one line."""
+    if stem_channels:
+        raise ConfigError(
+            f"{method} masks patches, and a convolutional stem (stem_channels="
+            f"{list(stem_channels)}) reads across their borders; pre-train without stem_channels"
+        )

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from vitkit.config import ViTConfig
 from vitkit.layers.block import Block
+from vitkit.layers.patch_embed import refuse_stem_for_masking
 from vitkit.layers.pos_embed import sincos_2d_pos_embed
 from vitkit.models.vit import VisionTransformer
 
@@ -134,6 +135,7 @@ class MaskedAutoencoder(nn.Module):
         norm_pix_loss: bool = True,
     ):
         super().__init__()
+        refuse_stem_for_masking(config.stem_channels, "MAE")
         config = config.replace(
             num_classes=0,
             pos_embed="sincos2d",

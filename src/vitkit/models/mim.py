@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from vitkit.config import ViTConfig
+from vitkit.layers.patch_embed import refuse_stem_for_masking
 from vitkit.models.vit import VisionTransformer
 
 
@@ -39,6 +40,7 @@ class SimMIM(nn.Module):
 
     def __init__(self, config: ViTConfig, *, encoder_stride: int | None = None):
         super().__init__()
+        refuse_stem_for_masking(config.stem_channels, "SimMIM")
         config = config.replace(use_mask_token=True, num_classes=0, head="linear")
         self.encoder = VisionTransformer(config)
         self.encoder_stride = stride = encoder_stride or config.patch_size

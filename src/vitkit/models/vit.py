@@ -73,6 +73,7 @@ class VisionTransformer(nn.Module):
             embed_dim=D,
             pad=c.dynamic_img_pad,
             bias=c.patch_bias,
+            stem_channels=c.stem_channels,
         )
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D)) if c.class_token else None
         self.dist_token = nn.Parameter(torch.zeros(1, 1, D)) if c.distilled else None
@@ -146,7 +147,8 @@ class VisionTransformer(nn.Module):
     @torch.no_grad()
     def init_weights(self) -> None:
         """The paper's initialisation: truncated normal (std 0.02) for tokens, positions and
-        linear layers, Xavier for the patch projection (viewed as a linear map), zero biases;
+        linear layers, Xavier for the patch projection (viewed as a linear map), He for the
+        convolutional stem's layers, zero biases;
         a zero head when `config.head_init_zero` (as when fine-tuning)."""
         latent = self.attn_pool.latent if self.attn_pool is not None else None
         tokens = (self.cls_token, self.dist_token, self.reg_token, self.mask_token, self.pos_embed)
@@ -157,6 +159,9 @@ class VisionTransformer(nn.Module):
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         if self.patch_embed.proj.bias is not None:
             nn.init.zeros_(self.patch_embed.proj.bias)
+        for m in self.patch_embed.stem or ():  # as a ResNet's convolutions (He et al. 2015)
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)

@@ -104,7 +104,7 @@ class Recipe:
 
     objective: str = "classify"  # classify | simmim | mae | dino (train/objectives.py)
     # model
-    model: str = "vit_digits_patch2_8"  # preset name (`vitkit models`)
+    model: str = "vit_digits_convstem_patch2_8"  # preset name (`vitkit models`)
     # any ViTConfig field on top of the preset (or of the `init` checkpoint's config)
     model_overrides: dict[str, Any] = field(default_factory=dict)
     init: str | None = None  # pretrained weights: vitkit dir, or what from_pretrained accepts
@@ -124,7 +124,7 @@ class Recipe:
     image_size: int | None = None  # training resolution (None: the model's)
     num_workers: int = 0  # DataLoader workers for file datasets
     # schedule
-    epochs: int = 200
+    epochs: int = 160
     batch_size: int = 64  # global batch (summed over processes and accumulation steps)
     accum_steps: int = 1  # gradient accumulation: micro-batch = batch_size / accum_steps / world
     optimizer: str = "adamw"

@@ -159,6 +159,7 @@ def setup(recipe: Recipe | None, *, resume: str | Path | None = None, device=Non
         run_dir = Path(D.broadcast_str(str(recipe.run_dir()), info))
     if recipe.threads:
         torch.set_num_threads(recipe.threads)
+    created = not run_dir.exists()
     lock = claim_run_dir(run_dir, resume=state is not None, overwrite=recipe.overwrite) if (
         info.is_main
     ) else None  # fmt: skip
@@ -167,6 +168,9 @@ def setup(recipe: Recipe | None, *, resume: str | Path | None = None, device=Non
     except BaseException:
         if lock is not None:
             lock.release()
+            if created:  # a run that never started leaves no empty directory behind
+                with contextlib.suppress(OSError):
+                    run_dir.rmdir()
         raise
 
 
