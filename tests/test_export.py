@@ -4,6 +4,7 @@ preprocessing on uint8 photos, self-checks that delete a bad file."""
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -115,6 +116,30 @@ def test_int8_onnx_is_quantized_and_close(model, tmp_path):
     ops = {n.op_type for n in onnx.load(str(path)).graph.node}
     assert {"DynamicQuantizeLinear", "MatMulInteger"} <= ops
     assert 0 < result.max_diff <= E.TOLERANCE["int8"]
+
+
+def test_int8_export_prints_one_line_and_no_runtime_chatter(model, tmp_path):
+    """onnxruntime's quantizer warns through the root logger; in a fresh process (no logging
+    set up, as a user's shell) that would print a WARNING line and leave a handler behind."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    vitkit.save_pretrained(model, tmp_path / "model")
+    src = str(Path(__file__).parents[1] / "src")
+    args = ["export", str(tmp_path / "model"), "--format", "onnx", "--precision", "int8",
+            "--output", str(tmp_path / "m.onnx")]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": src}
+    proc = subprocess.run(
+        [sys.executable, "-m", "vitkit", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.strip() == ""
+    assert proc.stdout.strip().startswith("wrote ") and len(proc.stdout.strip().splitlines()) == 1
 
 
 def test_a_file_that_does_not_match_is_not_left_behind(model, tmp_path, monkeypatch):

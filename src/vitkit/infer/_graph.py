@@ -135,14 +135,22 @@ def quiet() -> Iterator[None]:
         warnings.simplefilter("ignore")
         names = ("nncf", "torch.onnx", "torch.export", "torch.utils.cpp_extension")
         loggers = [logging.getLogger(n) for n in names]  # cpp_extension: "No CUDA runtime"
+        loggers.append(logging.getLogger())  # onnxruntime's quantizer warns on the root logger
         levels = [lg.level for lg in loggers]
         for lg in loggers:
             lg.setLevel(logging.ERROR)
+        # a root logger without handlers would get one from the first logging.warning() call
+        # (logging.basicConfig) and print every later warning of the process
+        sink_handler = logging.NullHandler() if not logging.getLogger().handlers else None
+        if sink_handler is not None:
+            logging.getLogger().addHandler(sink_handler)
         try:
             yield
         finally:
             for lg, level in zip(loggers, levels):
                 lg.setLevel(level)
+            if sink_handler is not None:
+                logging.getLogger().removeHandler(sink_handler)
 
 
 def need(module: str, extra: str) -> Any:
