@@ -9,6 +9,7 @@ import os
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import vitkit
@@ -215,3 +216,42 @@ def test_a_convolutional_stem_exports_at_any_size(tmp_path, format):
     for b, h, w in SIZES:
         x = torch.rand(b, 3, h, w)
         assert np.abs(run(x) - _logits(stem, x)).max() < 1e-4
+
+
+def test_with_preprocessing_takes_grayscale_uint8_for_a_one_channel_model(tmp_path):
+    torch.manual_seed(0)
+    digits = vitkit.create_model("vit_digits_convstem_patch2_8").eval()
+    processor = vitkit.ImageProcessor.hf_vit(8).with_channels(1)
+    path = tmp_path / "digits.onnx"
+    E.export(digits, path, processor=processor, top_k=2, log=None)
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (inp,) = session.get_inputs()
+    assert inp.name == "images_uint8_nhwc" and inp.shape[3] == 1
+    gen = torch.Generator().manual_seed(1)
+    for h, w in ((8, 8), (64, 48)):
+        small = torch.randint(0, 256, (2, 1, max(2, h // 4), max(2, w // 4)), generator=gen)
+        images = F.interpolate(small.float(), size=(h, w), mode="bilinear").round().to(torch.uint8)
+        probs, top = session.run(None, {inp.name: images.permute(0, 2, 3, 1).numpy()})
+        with torch.no_grad():
+            want = digits(processor(images)).logits.softmax(-1)
+        assert np.abs(probs - want.numpy()).max() < 1e-4
+        assert top.tolist() == want.topk(2).indices.tolist()
+
+
+def test_baked_resize_follows_torchs_uint8_kernel(model):
+    """Two passes rounded to uint8 (as torch resizes uint8 images) instead of one float pass:
+    exact on large downscales, and at most one level off on a few pixels elsewhere (torch's
+    fixed-point weights); one float pass was off on 13% of the pixels of the 224 case."""
+    from vitkit.infer._graph import PreprocessedModule
+
+    gen = torch.Generator().manual_seed(0)
+    small = torch.randint(0, 256, (2, 3, 62, 41), generator=gen).float()
+    images = F.interpolate(small, size=(500, 333), mode="bilinear").round().to(torch.uint8)
+    for size, most in ((8, 0), (224, 0.005)):
+        processor = vitkit.ImageProcessor.hf_vit(size)
+        baked = PreprocessedModule(model, processor, channels_last=False, top_k=1)
+        with torch.no_grad():
+            diff = (baked.pixels(images) - processor(images)).abs()
+        level = 2 / 255  # one 8-bit level after rescale and normalize (std 0.5)
+        assert float(diff.max()) <= level + 1e-6
+        assert float((diff > 1e-6).float().mean()) <= most

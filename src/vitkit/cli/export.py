@@ -36,7 +36,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--with-preprocessing",
         action="store_true",
         help="bake the checkpoint's preprocessing into the graph: the input is uint8 images of "
-        "any size, (B, H, W, 3) named 'images_uint8_nhwc' (or --layout nchw), and the outputs "
+        "any size, (B, H, W, C) named 'images_uint8_nhwc' (or --layout nchw; C = 3, or 1 for a "
+        "grayscale model), and the outputs "
         "are 'probabilities' (B, K) and 'top_indices' (B, --top-k)",
     )
     p.add_argument("--layout", choices=("nhwc", "nchw"), default="nhwc",

@@ -46,12 +46,14 @@ def logits_of(out: Any) -> Tensor:
 
 
 class PreprocessedModule(nn.Module):
-    """uint8 images (B, H, W, 3) or (B, 3, H, W) of any size -> (probabilities (B, K),
-    top-k class indices (B, k)).
+    """uint8 images (B, H, W, C) or (B, C, H, W) of any size, C the model's channels (3 for RGB,
+    1 for a grayscale model) -> (probabilities (B, K), top-k class indices (B, k)).
 
     Does what `vitkit.data.processor.ImageProcessor` does on its tensor path (transformers'
-    torchvision backend): resize with antialiasing, rounded back to 8-bit levels, centre crop,
-    then rescale and normalize in one affine step.
+    torchvision backend): resize with antialiasing in two passes (width, then height), each
+    rounded back to 8-bit levels as torch's uint8 kernel does, centre crop, then rescale and
+    normalize in one affine step. torch computes its uint8 weights in fixed point, so a pixel
+    can still differ by one level, far more rarely than with one float pass.
     """
 
     def __init__(self, model: nn.Module, processor: Any, *, channels_last: bool, top_k: int):
@@ -69,8 +71,6 @@ class PreprocessedModule(nn.Module):
                 f"--with-preprocessing cannot bake interpolation={processor.interpolation!r}; "
                 "use bilinear, bicubic or nearest"
             )
-        if processor.num_channels != 3:
-            raise ConfigError("--with-preprocessing needs a 3-channel (RGB) model")
         self.model = model
         self.dtype = next(model.parameters()).dtype
         self.processor = processor
@@ -81,20 +81,26 @@ class PreprocessedModule(nn.Module):
         self.register_buffer("bias", bias, persistent=False)
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        x = images.permute(0, 3, 1, 2) if self.channels_last else images  # (B, 3, H, W)
+        probs = self.model(self.pixels(images).to(self.dtype)).logits.float().softmax(-1)
+        top = probs.topk(self.top_k, dim=-1)
+        return probs, top.indices
+
+    def pixels(self, images: Tensor) -> Tensor:
+        """uint8 images -> the model's float32 input (B, C, h, w)."""
+        x = images.permute(0, 3, 1, 2) if self.channels_last else images  # (B, C, H, W)
         x = x.float()
         p = self.processor
-        smooth = p.interpolation != "nearest"
-        x = F.interpolate(x, size=p.resize, mode=p.interpolation, antialias=smooth,
-                          align_corners=False if smooth else None)  # fmt: skip
-        x = x.round().clamp(0, 255)  # torchvision resizes uint8 to uint8
+        if p.interpolation == "nearest":
+            x = F.interpolate(x, size=p.resize, mode="nearest")
+        else:  # as torch resizes uint8: width, then height, each pass rounded (half up) to uint8
+            for size in ((x.shape[-2], p.resize[1]), p.resize):
+                x = F.interpolate(x, size=size, mode=p.interpolation, antialias=True,
+                                  align_corners=False)  # fmt: skip
+                x = (x + 0.5).floor().clamp(0, 255)
         if p.crop_size is not None:
             top, left = p._crop_offsets(*p.resize)
             x = x[..., top : top + p.crop_size[0], left : left + p.crop_size[1]]
-        x = x * self.weight + self.bias
-        probs = self.model(x.to(self.dtype)).logits.float().softmax(-1)
-        top = probs.topk(self.top_k, dim=-1)
-        return probs, top.indices
+        return x * self.weight + self.bias
 
 
 def input_name(preprocessing: bool, channels_last: bool) -> str:

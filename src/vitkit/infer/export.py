@@ -85,8 +85,8 @@ def export(
     dynamic_size: batch, height and width dynamic (the position table is resampled inside the
         graph); otherwise only the batch is.
     processor: an `ImageProcessor` to bake in (--with-preprocessing): the file then takes uint8
-        images (B, H, W, 3) (`channels_last`) or (B, 3, H, W) of any size, and returns
-        (probabilities (B, K), top-k class indices (B, top_k)).
+        images (B, H, W, C) (`channels_last`) or (B, C, H, W) of any size (C = 3, or 1 for a
+        grayscale model), and returns (probabilities (B, K), top-k class indices (B, top_k)).
     calibration: preprocessed (B, C, H, W) real images for static int8.
     """
     output = Path(output)
@@ -171,7 +171,8 @@ def _inputs(config: Any, processor: Any, channels_last: bool, dynamic: bool) -> 
         def images(b: int, h: int, w: int) -> Tensor:
             # smooth images: noise at full resolution is not what cameras produce, and makes
             # 8-bit rounding after the resize flip on ties
-            small = torch.randint(0, 256, (b, 3, max(2, h // 8), max(2, w // 8)), generator=gen)
+            shape = (b, processor.num_channels, max(2, h // 8), max(2, w // 8))
+            small = torch.randint(0, 256, shape, generator=gen)
             x = torch.nn.functional.interpolate(small.float(), size=(h, w), mode="bilinear")
             x = x.round().clamp(0, 255).to(torch.uint8)
             return x.permute(0, 2, 3, 1).contiguous() if channels_last else x
