@@ -16,13 +16,18 @@ from vitkit.errors import CheckpointError
 _MAX_LISTED = 12
 
 
-def expected_shapes(config: ViTConfig) -> dict[str, tuple[int, ...]]:
-    """Names and shapes of the state dict a `VisionTransformer(config)` has (built on `meta`)."""
+def expected_state(config: ViTConfig) -> dict[str, Tensor]:
+    """The state dict a `VisionTransformer(config)` has, as `meta` tensors (names, shapes and
+    dtypes, nothing allocated)."""
     from vitkit.models.vit import VisionTransformer
 
     with torch.device("meta"):
-        model = VisionTransformer(config)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        return VisionTransformer(config).state_dict()
+
+
+def expected_shapes(config: ViTConfig) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the state dict a `VisionTransformer(config)` has."""
+    return {k: tuple(v.shape) for k, v in expected_state(config).items()}
 
 
 def _listing(keys: Iterable[str]) -> str:

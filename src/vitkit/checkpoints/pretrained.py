@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from vitkit.checkpoints._common import expected_shapes, mismatch_error
+from vitkit.checkpoints._common import expected_state, mismatch_error
 from vitkit.checkpoints._safety import check_finite, check_float_dtypes, confine
 from vitkit.checkpoints.hub import shard_names
 from vitkit.config import ViTConfig, read_json
@@ -270,9 +270,12 @@ def build_model(
     except (ConfigError, ValueError) as exc:
         raise CheckpointError(f"{source}: {exc}") from exc
 
-    expected = expected_shapes(config)
-    counters = [k for k in expected if k.endswith(".num_batches_tracked")]  # the stem's BatchNorms
-    check_float_dtypes(sd, source, allow=counters)  # never cast integer weights silently
+    meta = expected_state(config)
+    expected = {k: tuple(v.shape) for k, v in meta.items()}
+    # never cast integer weights silently; integer buffers of the model itself (BatchNorm's step
+    # count in a convolutional stem) load as integers
+    integers = [k for k, v in meta.items() if not v.is_floating_point()]
+    check_float_dtypes(sd, source, allow=integers)
     check_finite(sd, source)  # NaN weights would give NaN logits and a silent "nan%"
     fresh = {k for k in expected if k.startswith(("head.", "head_dist."))} if new_head else set()
     missing = [k for k in expected if k not in sd and k not in fresh]
