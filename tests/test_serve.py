@@ -393,13 +393,28 @@ def test_healthz_is_503_until_the_model_is_loaded_and_warm(model_dir, photos, mo
         assert "missing" in json.loads(body)["error"]
 
 
+def _children(pid: int) -> list[int]:
+    """Live processes whose parent is `pid` (Linux /proc)."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid and fields[0] != "Z":
+                kids.append(int(stat.parent.name))
+    return kids
+
+
+def _serve(model: str, port: int, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    cmd = [sys.executable, "-m", "vitkit", "serve", "--model", model, "--port", str(port),
+           "--threads", "1", *extra]  # fmt: skip
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
 def test_sigterm_drains_in_flight_requests_and_exits_0(model_dir, photos):
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
     # a 5 s batching window makes a lone request slow enough to be in flight at SIGTERM
-    cmd = [sys.executable, "-m", "vitkit", "serve", "--model", str(model_dir), "--port",
-           str(port), "--max-wait-ms", "5000", "--threads", "1"]  # fmt: skip
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = _serve(str(model_dir), port, "--max-wait-ms", "5000")
     try:
         deadline = time.monotonic() + TIMEOUT
         while True:
@@ -424,6 +439,50 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(model_dir, photos):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_workers_serve_the_same_answers_and_a_bad_model_exits_1(model_dir, photos, server):
+    """--workers 2: two processes answer like the one-process server, SIGTERM stops both with
+    exit 0; a model that cannot be loaded stops the server with exit 1 instead of leaving
+    workers that answer 503 forever."""
+    body = photos["rocket"].read_bytes()
+    expected = post_json(server.port, "/v1/classify", body)[1]["top_k"]
+    port = free_port()
+    proc = _serve(str(model_dir), port, "--workers", "2")
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        ready = 0
+        while ready < 6:  # consecutive 200s: connections reach either worker
+            assert proc.poll() is None, proc.stdout.read().decode()
+            with contextlib.suppress(OSError):
+                ready = ready + 1 if http(port, "GET", "/healthz", timeout=2)[0] == 200 else 0
+            assert time.monotonic() < deadline, "workers did not become ready"
+            time.sleep(0.05)
+        assert len(_children(proc.pid)) >= 2
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(lambda _: post_json(port, "/v1/classify", body), range(8)))
+        for status, answer in answers:
+            assert status == 200
+            assert [a["label"] for a in answer["top_k"]] == [a["label"] for a in expected]
+            got = [a["probability"] for a in answer["top_k"]]
+            assert got == pytest.approx([a["probability"] for a in expected], abs=1e-5)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=TIMEOUT) == 0, proc.stdout.read().decode()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+    bad = _serve(str(model_dir / "missing"), free_port(), "--workers", "2")
+    try:
+        assert bad.wait(timeout=TIMEOUT) == 1
+        out = bad.stdout.read().decode()
+        assert "vitkit serve: error: cannot load" in out and "Traceback" not in out
+    finally:
+        if bad.poll() is None:
+            bad.kill()
+            bad.wait()
 
 
 # ---------------------------------------------------------------------------------- browser

@@ -62,6 +62,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import os
     import signal
+    import tempfile
+    from pathlib import Path
 
     from vitkit.errors import VitkitError
 
@@ -72,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         raise VitkitError(
             "serving needs uvicorn and starlette: pip install 'vitkit[serve]'"
         ) from None
-    from vitkit.serve.app import ENV_SETTINGS, Settings, create_app, settings_to_env
+    from vitkit.serve.app import ENV_FAILED, ENV_SETTINGS, Settings, create_app, settings_to_env
 
     if args.workers < 1:
         raise VitkitError(f"--workers must be at least 1, got {args.workers}")
@@ -95,9 +97,14 @@ def run(args: argparse.Namespace) -> int:
         # uvicorn's own h11 limit is far above --max-body-mb; the app streams and refuses
     )
     if args.workers > 1:  # each worker process builds the app from the environment
-        os.environ[ENV_SETTINGS] = settings_to_env(settings)
-        uvicorn.run("vitkit.serve.app:app_from_env", factory=True, workers=args.workers, **common)
-        return 0
+        with tempfile.TemporaryDirectory(prefix="vitkit-serve-") as tmp:
+            failed = Path(tmp) / "failed"  # a worker that cannot load the model creates it
+            os.environ[ENV_SETTINGS] = settings_to_env(settings)
+            os.environ[ENV_FAILED] = str(failed)
+            uvicorn.run(
+                "vitkit.serve.app:app_from_env", factory=True, workers=args.workers, **common
+            )
+            return 1 if failed.exists() else 0
     server: uvicorn.Server | None = None
 
     def stop() -> None:  # the model could not be loaded: shut down, exit 1

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -37,6 +38,8 @@ from vitkit.serve.metrics import CONTENT_TYPE, Metrics
 
 ENV_SETTINGS = "VITKIT_SERVE_SETTINGS"
 """Environment variable carrying `Settings` as JSON to each worker process (`--workers N`)."""
+ENV_FAILED = "VITKIT_SERVE_FAILED"
+"""A path a worker process writes, then stops the parent, when its model cannot be loaded."""
 
 EXPLAIN_MAX_SIDE = 512  # pixels: the longer side of the PNG /v1/explain returns
 
@@ -239,8 +242,20 @@ def create_app(settings: Settings, *, on_fatal: Callable[[], None] | None = None
 
 
 def app_from_env():
-    """App factory for uvicorn worker processes: `Settings` from $VITKIT_SERVE_SETTINGS."""
-    return create_app(Settings(**json.loads(os.environ[ENV_SETTINGS])))
+    """App factory for uvicorn worker processes: `Settings` from $VITKIT_SERVE_SETTINGS.
+
+    A worker whose model cannot be loaded would answer 503 forever (and a restarted one would
+    fail again), so it leaves a mark at $VITKIT_SERVE_FAILED and stops the whole server with
+    SIGTERM to its parent, which then exits 1 as a single-process server does."""
+
+    def stop_server() -> None:
+        marker = os.environ.get(ENV_FAILED)
+        if marker:
+            with open(marker, "a"):
+                pass
+        os.kill(os.getppid(), signal.SIGTERM)
+
+    return create_app(Settings(**json.loads(os.environ[ENV_SETTINGS])), on_fatal=stop_server)
 
 
 def settings_to_env(settings: Settings) -> str:
