@@ -21,6 +21,7 @@ import numpy as np
 
 from vitkit._io import atomic_path
 from vitkit.errors import VitkitError
+from vitkit.limits import is_finite
 
 __all__ = [
     "cls_attention_map",
@@ -78,16 +79,20 @@ def read_metrics(metrics_jsonl: PathLike) -> list[dict[str, Any]]:
 def _x_values(rows: list[dict[str, Any]]) -> list[float]:
     """The x of each row: its epoch; a row with only a step is placed at step / steps-per-epoch
     (estimated from rows that have both), or at its step when no row has an epoch."""
-    both = [(r["step"], r["epoch"]) for r in rows if _num(r.get("step")) and _num(r.get("epoch"))]
+    both = [
+        (r["step"], r["epoch"])
+        for r in rows
+        if is_finite(r.get("step")) and is_finite(r.get("epoch"))
+    ]
     per_epoch = max(s for s, _ in both) / max(e for _, e in both) if both else None
     if per_epoch is not None and per_epoch <= 0:
         per_epoch = None
-    has_epoch = any(_num(r.get("epoch")) for r in rows)
+    has_epoch = any(is_finite(r.get("epoch")) for r in rows)
     xs = []
     for i, r in enumerate(rows):
-        if _num(r.get("epoch")):
+        if is_finite(r.get("epoch")):
             xs.append(float(r["epoch"]))
-        elif _num(r.get("step")):
+        elif is_finite(r.get("step")):
             step = float(r["step"])
             xs.append(step / per_epoch if per_epoch and has_epoch else step)
         else:
@@ -95,15 +100,11 @@ def _x_values(rows: list[dict[str, Any]]) -> list[float]:
     return xs
 
 
-def _num(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _series(
     rows: list[dict[str, Any]], xs: list[float], key: str
 ) -> tuple[list[float], list[float]]:
     """(x, y) of the rows that have a finite number under `key`."""
-    pairs = [(x, float(r[key])) for r, x in zip(rows, xs) if _num(r.get(key))]
+    pairs = [(x, float(r[key])) for r, x in zip(rows, xs) if is_finite(r.get(key))]
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from vitkit.errors import ConfigError
+from vitkit.limits import is_finite, is_int
 
 _DTYPES = ("fp32", "bf16", "fp16")
 _OPTIMIZERS = ("adamw", "sgd")
@@ -69,8 +70,8 @@ def _typed(key: str, value: Any, kind: str, source: str) -> Any:
                 v = float(v)
             except ValueError:
                 raise bad("a number") from None
-        if isinstance(v, bool) or not isinstance(v, int | float):
-            raise bad("a number")
+        if not is_finite(v):
+            raise bad("a finite number")
         return v
 
     if base == "bool":
@@ -78,7 +79,7 @@ def _typed(key: str, value: Any, kind: str, source: str) -> Any:
             raise bad("true or false")
         return value
     if base == "int":
-        if isinstance(value, bool) or not isinstance(value, int):
+        if not is_int(value):
             raise bad("a whole number")
         return value
     if base == "float":
