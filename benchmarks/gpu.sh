@@ -2,7 +2,8 @@
 # Everything that needs a CUDA GPU, in one command (about 8 minutes on one H200):
 #   bash benchmarks/gpu.sh [OUT_DIR]
 # 1. the GPU tests (pytest -m gpu); 2. inference rows on ViT-B/16: fp32 / bf16 / fp16 autocast,
-# each SDPA backend, vitkit vs timm vs transformers; 3. torch.compile rows; 4. the CIFAR-10 recipe
+# each SDPA backend, vitkit vs timm vs transformers, and a per-operator profile of the bf16
+# batch-256 cell; 3. torch.compile rows; 4. the CIFAR-10 recipe
 # timed on CIFAR-format batches (generated: no dataset is downloaded), giving its time per epoch;
 # 5. optional digits recipe sweep (SWEEP=1), each run on the GPU.
 # Runs from the repository root with the machine's own torch/timm/transformers (PYTHONPATH=src).
@@ -24,6 +25,11 @@ step "inference: ViT-B/16, fp32/bf16/fp16, SDPA backends"
 timeout 180 $py benchmarks/infer.py --device cuda --models vit_base_patch16_224 \
     --batch-sizes 1,64,256 --dtypes ${DTYPES:-fp32,bf16} --sdpa-backends flash,efficient,cudnn,math \
     --bf16-weights --seconds-per-row 4
+
+step "profile: ViT-B/16 bf16 autocast batch 256, vitkit vs timm per operator"
+# the one cell where vitkit trailed timm (0.93x on the H200, 2026-11-30): where the time goes
+timeout 120 $py benchmarks/infer.py --device cuda --models vit_base_patch16_224 \
+    --batch-sizes 256 --dtypes bf16 --libraries timm --repeats 5 --profile
 
 if [ "${SWEEP:-0}" = 1 ]; then
     step "digits sweep (${SWEEP_ARGS:-})"

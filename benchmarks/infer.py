@@ -203,6 +203,41 @@ def check_same_model(fns: dict[str, Callable[[], torch.Tensor]], atol: float = 1
 
 
 # ------------------------------------------------------------------------------ the run
+def profile_table(
+    fns: dict[str, Callable[[], torch.Tensor]],
+    device: torch.device,
+    *,
+    iters: int = 5,
+    top: int = 15,
+) -> str:
+    """Where each contender's time goes: torch.profiler's self time per operator (device time
+    on CUDA, CPU time otherwise), in ms per call, the `top` operators by their largest time,
+    then the total. Finds why two implementations of the same network differ."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    per_op: dict[str, dict[str, float]] = {}
+    for name, fn in fns.items():
+        fn()
+        common.synchronize(device)
+        with profile(activities=activities) as prof:
+            for _ in range(iters):
+                fn()
+            common.synchronize(device)
+        for event in prof.key_averages():
+            us = event.self_device_time_total if cuda else event.self_cpu_time_total
+            if us > 0:
+                per_op.setdefault(event.key, {})[name] = us / iters / 1e3
+    names = list(fns)
+    ranked = sorted(per_op, key=lambda op: -max(per_op[op].values()))
+    rows = [[op[:60], *(f"{per_op[op].get(n, 0.0):.3f}" for n in names)] for op in ranked[:top]]
+    totals = [sum(v.get(n, 0.0) for v in per_op.values()) for n in names]
+    rows.append(["total", *(f"{t:.3f}" for t in totals)])
+    kind = "device" if cuda else "CPU"
+    return common.format_table([f"operator (self {kind} ms per call)", *names], rows)
+
+
 def run_benchmark(
     *,
     models: list[str],
@@ -218,6 +253,7 @@ def run_benchmark(
     bf16_weights: bool = False,
     sdpa_backends: tuple[str, ...] = (),
     peak_sizes: dict[str, int] | None = None,
+    profile: bool = False,
     log: Callable[[str], None] = print,
 ) -> list[Row]:
     """Time every contender on every (model, dtype, batch); see the module docstring.
@@ -225,7 +261,8 @@ def run_benchmark(
     `repeats=None` picks a repeat count per row from a warm-up round so that each row takes about
     `seconds_per_row` (at least 3, at most 25 repeats). `peak_sizes` (dtype -> n) adds an
     (n x n) matmul in that dtype to every row's rounds, so that the fraction of peak compares
-    with the peak under the same machine load.
+    with the peak under the same machine load. `profile` logs each row's `profile_table` of
+    vitkit against timm.
     """
     libraries = {"timm", "transformers"} if libraries is None else libraries
     dev = torch.device(device)
@@ -315,6 +352,9 @@ def run_benchmark(
                     + ", ".join(f"{k} {row.images_per_s(k):.2f}" for k in row.seconds if k != PEAK)
                     + " img/s"
                 )
+                if profile:
+                    pair = {k: fns[k] for k in ("vitkit", "timm") if k in fns}
+                    log(f"{name} {dtype} batch {batch}, profiled:\n{profile_table(pair, dev)}")
     return rows
 
 
@@ -568,6 +608,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="in bf16 rows, also time vitkit and timm converted to bf16 (no autocast)",
     )
     p.add_argument(
+        "--profile",
+        action="store_true",
+        help="after each row, torch.profiler's time per operator for vitkit and timm",
+    )
+    p.add_argument(
         "--paths",
         action="store_true",
         help="time every vitkit precision path against timm fp32/bf16, transformers, "
@@ -628,6 +673,7 @@ def main(argv: list[str] | None = None) -> int:
         bf16_weights=args.bf16_weights,
         sdpa_backends=tuple(b for b in args.sdpa_backends.split(",") if b),
         peak_sizes=sizes,
+        profile=args.profile,
         log=lambda s: print(s, flush=True),
     )
     print()

@@ -76,6 +76,21 @@ def test_infer_runs_on_a_tiny_model():
     assert "vitkit/timm" in table and table.count("\n") == 3
 
 
+def test_profile_table_splits_time_by_operator():
+    infer = _load("infer")
+    fast = torch.nn.Linear(64, 64)
+    slow = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU())
+    x = torch.randn(8, 64)
+    table = infer.profile_table(
+        {"a": lambda: fast(x), "b": lambda: slow(x)}, torch.device("cpu"), iters=2
+    )
+    lines = table.splitlines()
+    assert [c.strip() for c in lines[0].split("|")[2:4]] == ["a", "b"]
+    rows = {line.split("|")[1].strip(): line.split("|")[2:4] for line in lines[2:]}
+    assert "aten::addmm" in rows and "total" in rows
+    assert float(rows["aten::gelu"][0]) == 0.0 < float(rows["aten::gelu"][1])  # only b has it
+
+
 def test_matmul_peak_is_positive():
     common = _load("common")
     assert common.matmul_peak(torch.float32, n=64, repeats=2) > 0
