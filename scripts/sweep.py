@@ -26,13 +26,13 @@ from pathlib import Path
 
 
 def parse_variant(text: str) -> tuple[str, list[str]]:
-    """ "NAME=K=V,K=V" -> (NAME, ["K=V", "K=V"]); commas inside [...] stay (zoom=[0.9,1.1])."""
+    """ "NAME=K=V,K=V" -> (NAME, ["K=V", "K=V"]); commas inside [...] and {...} stay."""
     name, _, sets = text.partition("=")
     if not name:
         raise SystemExit(f"--variant {text!r}: expected NAME=KEY=VALUE[,KEY=VALUE...]")
     parts, depth, current = [], 0, ""
     for ch in sets + ",":
-        depth += {"[": 1, "]": -1}.get(ch, 0)
+        depth += {"[": 1, "{": 1, "]": -1, "}": -1}.get(ch, 0)
         if ch == "," and depth == 0:
             if current:
                 parts.append(current)

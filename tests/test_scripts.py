@@ -44,4 +44,10 @@ def test_sweep_parses_variants_with_lists():
         "rot",
         ["epochs=200", "rotate=10", "zoom=[0.9,1.1]"],
     )
+    assert sweep.parse_variant(
+        "p4=model_overrides={patch_size: 4, stem_channels: [16]},lr=1e-3"
+    ) == (
+        "p4",
+        ["model_overrides={patch_size: 4, stem_channels: [16]}", "lr=1e-3"],
+    )
     assert sweep.parse_variant("base=") == ("base", [])
