@@ -201,9 +201,9 @@ def test_missing_runtime_says_what_to_install(model, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("format", ["onnx", "pt2"])
 def test_a_convolutional_stem_exports_at_any_size(tmp_path, format):
-    torch.manual_seed(0)
+    torch.manual_seed(0)  # a strided stem: the digits export below has a stride-1 one
     stem = vitkit.create_model("vit_tiny_patch4_32", num_classes=5, embed_dim=32, depth=1,
-                               num_heads=2, stem_channels=[8, 8])  # fmt: skip
+                               num_heads=2, stem_channels=[8, 8], stem_strides=[2, 1])  # fmt: skip
     stem.train()(torch.rand(8, 3, 32, 32))  # BatchNorm statistics that are not 0 / 1
     stem.eval()
     path = tmp_path / f"stem.{format}"

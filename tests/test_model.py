@@ -320,6 +320,44 @@ def test_conv_stem_feeds_the_patch_projection_and_keeps_the_grid():
     assert all(p.grad is not None and p.grad.any() for p in stem.parameters())
 
 
+def test_strided_stem_downsamples_and_the_projection_covers_the_rest_of_the_patch(tmp_path):
+    model = tiny(stem_channels=[8, 16], stem_strides=[2, 1])  # patch 8: 2 x 4 pixels
+    stem = model.patch_embed.stem
+    assert [m.stride for m in stem if isinstance(m, torch.nn.Conv2d)] == [(2, 2), (1, 1)]
+    assert model.patch_embed.proj.kernel_size == model.patch_embed.proj.stride == (4, 4)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert stem(x).shape == (2, 16, 16, 16)
+        assert model(x).last_hidden_state.shape == (2, 1 + 4 * 4, 32)  # the patch grid
+        assert model(torch.randn(1, 3, 48, 40)).last_hidden_state.shape == (1, 1 + 6 * 5, 32)
+    built = model.num_params()
+    assert abs(model.config.estimated_params() - built) / built < 0.03
+    vitkit.save_pretrained(model.eval(), tmp_path / "m")
+    back = vitkit.from_pretrained(tmp_path / "m")
+    assert back.config.stem_strides == (2, 1)
+    with torch.no_grad():
+        assert torch.equal(back(x).logits, model(x).logits)
+    # dynamic_img_pad pads the image before a strided stem: 36 -> 40 pixels, 5 x 5 patches
+    padded = tiny(stem_channels=[8], stem_strides=[2], dynamic_img_pad=True)
+    with torch.no_grad():
+        assert padded(torch.randn(1, 3, 36, 36)).last_hidden_state.shape == (1, 1 + 25, 32)
+
+
+def test_stem_strides_are_checked():
+    for bad, match in (
+        ([3], "1s and 2s"),
+        ([2.0], "1s and 2s"),
+        ([True], "1s and 2s"),
+        ([2, 2], "one stride per stem_channels entry"),
+    ):
+        with pytest.raises(vitkit.ConfigError, match=match):
+            ViTConfig(**TINY, stem_channels=[8], stem_strides=bad)
+    with pytest.raises(vitkit.ConfigError, match="does not divide patch_size=8"):
+        ViTConfig(**TINY, stem_channels=[8, 8, 8, 8], stem_strides=[2, 2, 2, 2])
+    ok = ViTConfig(**TINY, stem_channels=[8, 8, 8], stem_strides=[2, 2, 2])  # 1x1 projection
+    assert ok.stem_stride == 8 and ViTConfig.from_dict(ok.to_dict()) == ok
+
+
 def test_conv_stem_is_checked_like_any_size():
     for bad in ([0], [8, -1], "8", [8.5], [True]):
         with pytest.raises(vitkit.ConfigError, match="stem_channels must be a list"):

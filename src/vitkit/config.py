@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -113,6 +114,16 @@ def _check_types(c: ViTConfig) -> None:
         errors.append(f"stem_channels must be a list of positive integers, got {stem!r}")
     else:
         c.stem_channels = tuple(int(v) for v in stem)
+    strides = c.stem_strides
+    if not isinstance(strides, tuple) or not all(is_int(v) and v in (1, 2) for v in strides):
+        errors.append(f"stem_strides must be a list of 1s and 2s, got {strides!r}")
+    elif strides and len(strides) != len(c.stem_channels):
+        errors.append(
+            f"stem_strides {list(strides)} needs one stride per stem_channels entry "
+            f"({len(c.stem_channels)})"
+        )
+    else:
+        c.stem_strides = tuple(int(v) for v in strides)
     if c.id2label is not None and not isinstance(c.id2label, dict):
         errors.append("id2label must be a mapping")
     if errors:
@@ -162,8 +173,10 @@ class ViTConfig:
     (`projection_dim`, CLIP), and the DINOv2 mask token (`use_mask_token`).
 
     For small images, `stem_channels` puts 3x3 convolutions before the patch projection (the
-    paper's hybrid input, the stem of Xiao et al. 2021); vitkit's own format holds such a model,
-    transformers, timm and the JAX layout do not.
+    paper's hybrid input, the stem of Xiao et al. 2021); `stem_strides` (1 or 2 each) lets them
+    downsample, and the projection then covers the rest of the patch (patch_size / the strides'
+    product pixels of their map), so the token grid stays the patch grid. vitkit's own format
+    holds such a model, transformers, timm and the JAX layout do not.
     """
 
     image_size: int | tuple[int, int] = 224
@@ -182,6 +195,7 @@ class ViTConfig:
     pre_norm: bool = False
     patch_bias: bool = True
     stem_channels: tuple[int, ...] = ()
+    stem_strides: tuple[int, ...] = ()  # () = all 1
     drop_rate: float = 0.0
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.0
@@ -208,6 +222,8 @@ class ViTConfig:
             self.image_size = tuple(self.image_size)  # type: ignore[assignment]
         if isinstance(self.stem_channels, list):
             self.stem_channels = tuple(self.stem_channels)
+        if isinstance(self.stem_strides, list):
+            self.stem_strides = tuple(self.stem_strides)
         if self.id2label is not None:
             self.id2label = _id2label(self.id2label)
         self.validate()
@@ -293,6 +309,11 @@ class ViTConfig:
             errors.append(f"layer_norm_eps must be positive (e.g. 1e-6), got {self.layer_norm_eps}")
         if self.head_hidden_dim is not None and self.head_hidden_dim <= 0:
             errors.append(f"head_hidden_dim must be positive, got {self.head_hidden_dim}")
+        if p > 0 and p % self.stem_stride:
+            errors.append(
+                f"stem_strides={list(self.stem_strides)} downsample by {self.stem_stride}, which "
+                f"does not divide patch_size={p}"
+            )
         if errors:
             raise ConfigError("invalid ViTConfig: " + "; ".join(errors))
         _check_limits(self)
@@ -372,7 +393,13 @@ class ViTConfig:
         stem = 0
         for width in self.stem_channels:  # 3x3 conv, then the BatchNorm's 4 vectors
             stem, c = stem + 9 * c * width + 4 * width, width
-        return self.depth * block + stem + d * c * p * p + d + tokens * d + 2 * d + head
+        k = p // self.stem_stride  # the projection's kernel
+        return self.depth * block + stem + d * c * k * k + d + tokens * d + 2 * d + head
+
+    @property
+    def stem_stride(self) -> int:
+        """How much the convolutional stem downsamples (the product of `stem_strides`)."""
+        return math.prod(self.stem_strides)
 
     # ----------------------------------------------------------------------------- io
     def replace(self, **changes: Any) -> ViTConfig:

@@ -74,6 +74,7 @@ class VisionTransformer(nn.Module):
             pad=c.dynamic_img_pad,
             bias=c.patch_bias,
             stem_channels=c.stem_channels,
+            stem_strides=c.stem_strides,
         )
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D)) if c.class_token else None
         self.dist_token = nn.Parameter(torch.zeros(1, 1, D)) if c.distilled else None
