@@ -119,3 +119,37 @@ def test_random_affine_identity_rotation_and_zoom():
     turned_bar = random_affine(bar, 45.0, (1.0, 1.0), torch.Generator().manual_seed(1))
     assert (turned_disc - disc).abs().mean() < 0.05  # a disc looks the same turned
     assert (turned_bar - bar).abs().mean() > 0.02  # a bar does not
+
+
+def test_random_elastic_is_torchvisions_elastic_transform_per_image():
+    from torchvision.transforms.v2 import functional as TF
+
+    from vitkit.data.transforms import random_elastic
+
+    x = torch.rand(3, 1, 28, 28)
+    assert torch.allclose(random_elastic(x, 0.0, 4.0, torch.Generator()), x, atol=1e-5)
+    alpha, sigma = 34.0, 4.0
+    out = random_elastic(x, alpha, sigma, torch.Generator().manual_seed(3))
+    # the same noise through torchvision's own displacement recipe and elastic kernel
+    noise = torch.rand(3, 2, 28, 28, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    for i in range(3):
+        d = TF.gaussian_blur(noise[i : i + 1], [33, 33], [sigma]) * alpha / 28
+        expected = TF.elastic(x[i], d.permute(0, 2, 3, 1), fill=None)  # zero padding
+        torch.testing.assert_close(out[i], expected, atol=1e-5, rtol=0)
+    moved = (out - x).abs().mean()
+    assert moved > 0.01  # a visible distortion, each image its own
+    assert not torch.allclose(out[0] - x[0], out[1] - x[1])
+
+
+def test_file_datasets_get_the_same_elastic_knob():
+    import numpy as np
+    from PIL import Image
+
+    from vitkit.data.transforms import sample_transform
+
+    image = Image.fromarray((np.random.default_rng(0).random((28, 28)) * 255).astype(np.uint8))
+    plain = sample_transform(28, 1, train=True)(image)
+    torch.manual_seed(0)
+    bent = sample_transform(28, 1, train=True, elastic=(34.0, 4.0))(image)
+    assert bent.shape == plain.shape == (1, 28, 28)
+    assert (bent - plain).abs().mean() > 0.01

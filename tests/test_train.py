@@ -51,6 +51,10 @@ def test_recipe_validation_messages():
     assert r.model_overrides == {**Recipe().model_overrides, "depth": 6}
     with pytest.raises(ConfigError, match="key=value"):
         Recipe().with_overrides(["lr"])
+    assert Recipe().with_overrides(["elastic=[34, 4]"]).elastic == (34.0, 4.0)
+    for bad in ("[34]", "[-1, 4]", "[34, x]"):
+        with pytest.raises(ConfigError, match="elastic"):
+            Recipe().with_overrides([f"elastic={bad}"])
 
 
 def test_shipped_recipes_load():

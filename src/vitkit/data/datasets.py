@@ -81,6 +81,7 @@ class TrainData:
     auto_augment: str | None = None
     rotate: float = 0.0
     zoom: tuple[float, float] | None = None
+    elastic: tuple[float, float] | None = None
     num_workers: int = 0
     mean: tuple[float, ...] = (0.5,)
     std: tuple[float, ...] = (0.5,)
@@ -153,6 +154,7 @@ class TrainData:
                 rrc_scale=self.rrc_scale,
                 rotate=self.rotate,
                 zoom=self.zoom,
+                elastic=self.elastic,
             )
             x, y = self.normalize(x), data.labels[idx]
             los = [a * micro + self.rank * share for a in range(self.accum_steps)]
@@ -169,6 +171,7 @@ class TrainData:
             auto_augment=self.auto_augment,
             rotate=self.rotate,
             zoom=self.zoom,
+            elastic=self.elastic,
         )
         ds = _SeededDataset(self.train, tf, _mix(self.seed, epoch))
         sampler = [
@@ -439,6 +442,7 @@ def build_data(
         auto_augment=recipe.auto_augment,
         rotate=recipe.rotate,
         zoom=recipe.zoom,
+        elastic=recipe.elastic,
         num_workers=recipe.num_workers,
         mean=tuple(mean),
         std=tuple(std),

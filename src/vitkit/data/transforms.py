@@ -1,6 +1,7 @@
 """Training augmentation.
 
-Two paths with the same knobs (`Recipe.random_shift`, `hflip`, `rrc_scale`, `auto_augment`):
+Two paths with the same knobs (`Recipe.random_shift`, `hflip`, `rrc_scale`, `rotate`, `zoom`,
+`elastic`, `auto_augment`):
 
 - batch ops on in-memory tensors (built-in datasets): vectorised over the batch and driven by an
   explicit `torch.Generator`, so a run is reproducible step by step and resumable bit for bit;
@@ -83,6 +84,24 @@ def random_affine(
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
+def random_elastic(x: Tensor, alpha: float, sigma: float, generator: torch.Generator) -> Tensor:
+    """Elastic distortion (Simard et al. 2003) with torchvision's `ElasticTransform` parameters:
+    each image gets its own displacement field, uniform noise in [-1, 1] smoothed by a Gaussian
+    of `sigma` pixels and scaled so that `alpha` moves a pixel by alpha / 2 times the smoothed
+    value (bilinear, zero fill)."""
+    from torchvision.transforms.v2.functional import gaussian_blur
+
+    B, _, H, W = x.shape
+    noise = torch.rand(B, 2, H, W, generator=generator) * 2 - 1
+    if sigma > 0:
+        k = int(8 * sigma + 1) | 1  # odd, as torchvision's
+        noise = gaussian_blur(noise, [min(k, 2 * H - 1) | 1, min(k, 2 * W - 1) | 1], [sigma])
+    shift = noise.permute(0, 2, 3, 1) * (alpha / torch.tensor([W, H]))  # (B, H, W, 2), x then y
+    theta = torch.eye(2, 3).expand(B, 2, 3)
+    grid = F.affine_grid(theta, [B, 1, H, W], align_corners=False) + shift
+    return F.grid_sample(x, grid.to(x), mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
 def augment_batch(
     x: Tensor,
     *,
@@ -92,13 +111,16 @@ def augment_batch(
     rrc_scale: tuple[float, float] | None = None,
     rotate: float = 0.0,
     zoom: tuple[float, float] | None = None,
+    elastic: tuple[float, float] | None = None,
 ) -> Tensor:
-    """The batch-tensor augmentation pipeline: crop, rotate / zoom, shift, flip (each only when
-    enabled)."""
+    """The batch-tensor augmentation pipeline: crop, rotate / zoom, elastic distortion, shift,
+    flip (each only when enabled)."""
     if rrc_scale is not None:
         x = random_resized_crop(x, rrc_scale, generator)
     if rotate or zoom is not None:
         x = random_affine(x, rotate, zoom or (1.0, 1.0), generator)
+    if elastic is not None:
+        x = random_elastic(x, elastic[0], elastic[1], generator)
     x = random_shift(x, random_shift_px, generator)
     if hflip:
         x = random_hflip(x, generator)
@@ -116,6 +138,7 @@ def sample_transform(
     auto_augment: str | None = None,
     rotate: float = 0.0,
     zoom: tuple[float, float] | None = None,
+    elastic: tuple[float, float] | None = None,
 ):
     """A torchvision.transforms.v2 pipeline for one PIL image or tensor -> (C, S, S) float in
     [0, 1]. Training adds RandomResizedCrop or padding+random crop, flips and Rand/TrivialAugment."""
@@ -131,6 +154,8 @@ def sample_transform(
             ops.append(v2.RandomCrop(size, padding=random_shift_px))
     if train and (rotate or zoom is not None):
         ops.append(v2.RandomAffine(degrees=rotate, scale=zoom))
+    if train and elastic is not None:
+        ops.append(v2.ElasticTransform(alpha=elastic[0], sigma=elastic[1]))
     if train and hflip:
         ops.append(v2.RandomHorizontalFlip())
     if train and auto_augment == "randaugment":

@@ -18,7 +18,9 @@ _OPTIMIZERS = ("adamw", "sgd")
 _SCHEDULES = ("cosine", "linear", "constant")
 _AUTO_AUGMENT = (None, "randaugment", "trivialaugment")
 OBJECTIVES = ("classify", "simmim", "mae", "dino")
-_TUPLES = ("betas", "rrc_scale", "mean", "std", "global_crop_scale", "local_crop_scale", "zoom")
+_TUPLES = (
+    "betas", "rrc_scale", "mean", "std", "global_crop_scale", "local_crop_scale", "zoom", "elastic"
+)  # fmt: skip
 
 # `vitkit pretrain` starts from these instead of the classification defaults
 PRETRAIN_DEFAULTS: dict[str, Any] = dict(
@@ -144,6 +146,8 @@ class Recipe:
     hflip: bool = False  # horizontal flips (never for digits)
     rotate: float = 0.0  # random rotation, +- degrees (digits: 10 under-trains in 100 epochs)
     zoom: tuple[float, float] | None = None  # random zoom factor range, e.g. [0.9, 1.1]
+    # elastic distortion [alpha, sigma] as torchvision's ElasticTransform (Simard et al. 2003)
+    elastic: tuple[float, float] | None = None
     rrc_scale: tuple[float, float] | None = None  # RandomResizedCrop scale range (None: off)
     auto_augment: str | None = None  # randaugment | trivialaugment (file datasets)
     mixup_alpha: float = 0.0
@@ -323,6 +327,10 @@ class Recipe:
             raise bad(f"rotate={self.rotate} must be in [0, 180] degrees")
         if self.zoom is not None and not (len(self.zoom) == 2 and 0 < self.zoom[0] <= self.zoom[1]):
             raise bad(f"zoom={self.zoom} must be [low, high] with 0 < low <= high")
+        if self.elastic is not None and not (
+            len(self.elastic) == 2 and self.elastic[0] >= 0 and self.elastic[1] >= 0
+        ):
+            raise bad(f"elastic={list(self.elastic)} must be [alpha, sigma], both >= 0")
         if self.random_shift < 0:
             raise bad(f"random_shift={self.random_shift} must be >= 0")
         for key in ("rrc_scale", "global_crop_scale", "local_crop_scale"):
