@@ -411,19 +411,24 @@ def _serve(model: str, port: int, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
+def _wait_ready(proc: subprocess.Popen, port: int, in_a_row: int = 1) -> None:
+    """Poll /healthz of a `vitkit serve` process until it answers 200 `in_a_row` times."""
+    deadline = time.monotonic() + TIMEOUT
+    ready = 0
+    while ready < in_a_row:
+        assert proc.poll() is None, proc.stdout.read().decode()
+        with contextlib.suppress(OSError):
+            ready = ready + 1 if http(port, "GET", "/healthz", timeout=2)[0] == 200 else 0
+        assert time.monotonic() < deadline, "server did not become ready"
+        time.sleep(0.05)
+
+
 def test_sigterm_drains_in_flight_requests_and_exits_0(model_dir, photos):
     port = free_port()
     # a 5 s batching window makes a lone request slow enough to be in flight at SIGTERM
     proc = _serve(str(model_dir), port, "--max-wait-ms", "5000")
     try:
-        deadline = time.monotonic() + TIMEOUT
-        while True:
-            assert proc.poll() is None, proc.stdout.read().decode()
-            with contextlib.suppress(OSError):
-                if http(port, "GET", "/healthz", timeout=2)[0] == 200:
-                    break
-            assert time.monotonic() < deadline, "server did not become ready"
-            time.sleep(0.1)
+        _wait_ready(proc, port)
         with ThreadPoolExecutor(1) as pool:
             slow = pool.submit(post_json, port, "/v1/classify", photos["astronaut"].read_bytes())
             time.sleep(1.5)  # the request is waiting in the batcher
@@ -451,14 +456,7 @@ def test_workers_serve_the_same_answers_and_a_bad_model_exits_1(model_dir, photo
     port = free_port()
     proc = _serve(str(model_dir), port, "--workers", "2")
     try:
-        deadline = time.monotonic() + TIMEOUT
-        ready = 0
-        while ready < 6:  # consecutive 200s: connections reach either worker
-            assert proc.poll() is None, proc.stdout.read().decode()
-            with contextlib.suppress(OSError):
-                ready = ready + 1 if http(port, "GET", "/healthz", timeout=2)[0] == 200 else 0
-            assert time.monotonic() < deadline, "workers did not become ready"
-            time.sleep(0.05)
+        _wait_ready(proc, port, in_a_row=6)  # connections reach either worker
         assert len(_children(proc.pid)) >= 2
         with ThreadPoolExecutor(4) as pool:
             answers = list(pool.map(lambda _: post_json(port, "/v1/classify", body), range(8)))
