@@ -51,3 +51,19 @@ def test_sweep_parses_variants_with_lists():
         ["model_overrides={patch_size: 4, stem_channels: [16]}", "lr=1e-3"],
     )
     assert sweep.parse_variant("base=") == ("base", [])
+
+
+def test_sweep_table_has_spread_and_loss_per_variant():
+    sweep = _load("sweep")
+
+    def run(acc, loss):
+        return {"test_acc": acc, "test_loss": loss, "best_val_acc": 0.99, "seconds": 10}
+
+    results = [("a", 0, run(0.98, 0.2)), ("b", 0, {"seconds": 5}), ("a", 1, run(0.99, 0.1)),
+               ("b", 1, run(0.97, 0.3))]  # fmt: skip
+    head, rule, a, b = sweep.table([("a", []), ("b", ["lr=2e-3"])], [0, 1], results)
+    assert head.count("|") == rule.count("|") == a.count("|") == b.count("|")
+    # mean 98.50%, sample standard deviation 0.71 points, mean loss 0.150
+    assert a == "| a | as is | 98.00% | 99.00% | 98.50% | 0.71% | 0.150 | 99.00% | 10 |"
+    # a failed seed shows as such and is left out of the statistics, not counted as zero
+    assert b == "| b | lr=2e-3 | failed | 97.00% | 97.00% | - | 0.300 | 99.00% | 8 |"
