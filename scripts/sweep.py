@@ -1,6 +1,8 @@
-"""Per-seed results of `vitkit train` recipes: each variant x each seed is one real
-`vitkit train` command (a fresh process, timed from start to exit, evaluation included), a few
-at a time; the table gives validation and test accuracy per seed, their mean and the wall time.
+"""Per-seed results of `vitkit train` recipes, one real training process per variant and seed.
+
+Each run is a fresh `vitkit train` command, timed from start to exit (evaluation included), a few
+at a time. The table gives test accuracy per seed, its mean and standard deviation over seeds,
+the mean test loss, the mean validation accuracy of `best/` and the mean wall time.
 
     # the default digits recipe, seeds 0-2 (the README's per-seed table)
     python scripts/sweep.py --seeds 0,1,2
