@@ -90,6 +90,10 @@ def test_cli_trains_digits_and_writes_everything(tmp_path, capsys):
     assert rc == 0
     text = capsys.readouterr().out
     assert "test accuracy" in text and str(out / "best") in text
+    # no bars (progress=False), but still one line per epoch for a log, with its time
+    epochs = [line for line in text.splitlines() if line.startswith("epoch ")]
+    assert [line.split()[1] for line in epochs] == ["1/2", "2/2"]
+    assert all("val_acc" in line and line.endswith(" s") for line in epochs)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if "val_acc" in r]
     assert [r["epoch"] for r in evals] == [1, 2]

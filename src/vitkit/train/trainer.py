@@ -17,6 +17,7 @@ import dataclasses
 import json
 import math
 import random
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -391,8 +392,7 @@ def end_epoch(run: Run, train_loss: float, elapsed: float) -> None:
         elif _knn_due(run):
             row["knn_acc"] = _knn(run)
         run.log.add(row)
-        if r.progress:
-            _tqdm_write(_epoch_line(r, row))
+        _tqdm_write(_epoch_line(r, row))  # also without bars: a log's one line per epoch
     checkpoint(run, next_step=0)
 
 
@@ -599,7 +599,7 @@ def _epoch_line(r: Recipe, row: dict[str, Any]) -> str:
         msg += f"  ema_val_acc {row['ema_val_acc']:.4f}"
     if "knn_acc" in row:
         msg += f"  knn_acc {row['knn_acc']:.4f}"
-    return msg
+    return msg + f"  {row['time_s']:.0f} s"
 
 
 def _seed_everything(seed: int) -> None:
@@ -627,6 +627,8 @@ def _bar(run: Run):
 
 
 def _tqdm_write(msg: str) -> None:
+    """A line above any bar; flushed, so a log file followed with `tail -f` shows it now."""
     from tqdm.auto import tqdm
 
     tqdm.write(msg)
+    sys.stdout.flush()
