@@ -236,7 +236,7 @@ def test_healthz_metrics_page_and_openapi(server):
     assert status == 200
     assert json.loads(body) == {
         "status": "ok", "model": server.app.state.service.settings.model, "precision": "fp32",
-        "runtime": "fp32 on torch (PyTorch, exact)", "device": "cpu",
+        "runtime": "fp32 on torch (PyTorch, exact)", "device": "cpu", "pid": os.getpid(),
     }  # fmt: skip
 
     status, headers, body = http(server.port, "GET", "/")
@@ -411,16 +411,20 @@ def _serve(model: str, port: int, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
-def _wait_ready(proc: subprocess.Popen, port: int, in_a_row: int = 1) -> None:
-    """Poll /healthz of a `vitkit serve` process until it answers 200 `in_a_row` times."""
+def _wait_ready(proc: subprocess.Popen, port: int, workers: int = 1) -> set[int]:
+    """Poll /healthz of a `vitkit serve` process until `workers` different processes (its
+    "pid") have answered 200: connections reach any worker, ready or still loading."""
     deadline = time.monotonic() + TIMEOUT
-    ready = 0
-    while ready < in_a_row:
+    ready: set[int] = set()
+    while len(ready) < workers:
         assert proc.poll() is None, proc.stdout.read().decode()
         with contextlib.suppress(OSError):
-            ready = ready + 1 if http(port, "GET", "/healthz", timeout=2)[0] == 200 else 0
-        assert time.monotonic() < deadline, "server did not become ready"
+            status, _, body = http(port, "GET", "/healthz", timeout=2)
+            if status == 200:
+                ready.add(json.loads(body)["pid"])
+        assert time.monotonic() < deadline, f"{len(ready)} of {workers} workers became ready"
         time.sleep(0.05)
+    return ready
 
 
 def test_sigterm_drains_in_flight_requests_and_exits_0(model_dir, photos):
@@ -456,8 +460,8 @@ def test_workers_serve_the_same_answers_and_a_bad_model_exits_1(model_dir, photo
     port = free_port()
     proc = _serve(str(model_dir), port, "--workers", "2")
     try:
-        _wait_ready(proc, port, in_a_row=6)  # connections reach either worker
-        assert len(_children(proc.pid)) >= 2
+        pids = _wait_ready(proc, port, workers=2)  # each worker loaded, not just one
+        assert pids <= set(_children(proc.pid))
         with ThreadPoolExecutor(4) as pool:
             answers = list(pool.map(lambda _: post_json(port, "/v1/classify", body), range(8)))
         for status, answer in answers:

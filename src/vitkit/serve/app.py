@@ -370,13 +370,15 @@ async def _explain(request):
 async def _healthz(request):
     """Readiness.
     ---
-    summary: 200 with model, precision and device once loaded and warmed; 503 before
+    summary: 200 with model, precision, device and the answering process id (one per
+      --workers process) once loaded and warmed; 503 before
     responses:
       200: {description: 'ready'}
       503: {description: 'loading, or failed (with the error)'}
     """
     service: Service = request.app.state.service
-    body = {"status": "ok" if service.state == "ready" else service.state, **service.describe()}
+    body = {"status": "ok" if service.state == "ready" else service.state, **service.describe(),
+            "pid": os.getpid()}  # fmt: skip
     if service.error:
         body["error"] = service.error
     return _json(body, 200 if service.state == "ready" else 503)
