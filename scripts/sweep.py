@@ -73,7 +73,7 @@ def table(variants, seeds, results) -> list[str]:
             f"{statistics.stdev(acc):.2%}" if len(ok) > 1 else "-",
             f"{statistics.mean(r['test_loss'] for r in ok):.3f}" if ok else "-",
             f"{statistics.mean(r['best_val_acc'] for r in ok):.2%}" if ok else "-",
-            f"{statistics.mean(r['seconds'] for r in rows):.0f}" if rows else "-",
+            f"{statistics.mean(r['seconds'] for r in rows):.0f}",  # every seed ran, even a failed one
         ]
         lines.append(
             f"| {name} | {','.join(sets) or 'as is'} | " + " | ".join(cells + stats) + " |"
