@@ -65,15 +65,21 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from transformers import pipeline
-
-    from vitkit.checkpoints.resolve import resolve
     from vitkit.infer.precision import describe_machine
-    from vitkit.infer.predictor import Predictor
 
     print(common.machine_line(common.machine_info()))
     print(describe_machine(), flush=True)
-    tmp = Path(tempfile.mkdtemp(prefix="vitkit-e2e-"))
+    with tempfile.TemporaryDirectory(prefix="vitkit-e2e-") as tmp:  # gone on return or failure
+        return run(args, Path(tmp))
+
+
+def run(args: argparse.Namespace, tmp: Path) -> int:
+    """Write the folder and the model under `tmp`, time every contender, print the table."""
+    from transformers import pipeline
+
+    from vitkit.checkpoints.resolve import resolve
+    from vitkit.infer.predictor import Predictor
+
     (tmp / "images").mkdir()
     paths = make_folder(tmp / "images", args.images)
     save_model(tmp / "model")

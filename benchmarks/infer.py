@@ -418,23 +418,24 @@ def peer_paths(timm_model: nn.Module, x: torch.Tensor, log: Callable[[str], None
         import onnxruntime  # noqa: F401
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
-        tmp = tempfile.mkdtemp(prefix="vitkit-bench-")
-        fp32 = Path(tmp) / "timm.onnx"
-        start = time.perf_counter()
-        with _graph.quiet(), torch.no_grad():
-            torch.onnx.export(module, (x[:1],), dynamo=True, opset_version=18,
-                              input_names=["x"],
-                              dynamic_shapes={"x": {0: torch.export.Dim("b", max=64)}}).save(
-                str(fp32))  # fmt: skip
-            quantize_dynamic(str(fp32), str(Path(tmp) / "int8.onnx"), weight_type=QuantType.QInt8)
-        log(
-            f"onnxruntime: torch.onnx export + quantize_dynamic {time.perf_counter() - start:.0f} s"
-        )
-        for name, file in (("ort fp32", fp32), ("ort int8", Path(tmp) / "int8.onnx")):
-            session = _graph.onnx_session(file, threads)
-            fns[name] = functools.partial(
-                lambda s: torch.from_numpy(s.run(None, {"x": x.numpy()})[0]), session
+        # The sessions hold the graphs in memory, so the files go when the block ends (or fails).
+        with tempfile.TemporaryDirectory(prefix="vitkit-bench-") as tmp:
+            fp32, int8 = Path(tmp) / "timm.onnx", Path(tmp) / "int8.onnx"
+            start = time.perf_counter()
+            with _graph.quiet(), torch.no_grad():
+                torch.onnx.export(module, (x[:1],), dynamo=True, opset_version=18,
+                                  input_names=["x"],
+                                  dynamic_shapes={"x": {0: torch.export.Dim("b", max=64)}}).save(
+                    str(fp32))  # fmt: skip
+                quantize_dynamic(str(fp32), str(int8), weight_type=QuantType.QInt8)
+            log(
+                f"onnxruntime: torch.onnx export + quantize_dynamic {time.perf_counter() - start:.0f} s"
             )
+            for name, file in (("ort fp32", fp32), ("ort int8", int8)):
+                session = _graph.onnx_session(file, threads)
+                fns[name] = functools.partial(
+                    lambda s: torch.from_numpy(s.run(None, {"x": x.numpy()})[0]), session
+                )
     except ImportError:
         log("onnxruntime not installed: its rows are skipped")
     try:
