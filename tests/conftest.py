@@ -3,9 +3,11 @@ import os
 import pickle
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -91,6 +93,19 @@ def photos() -> list[np.ndarray]:
         a = np.stack([a] * 3, -1) if a.ndim == 2 else a[..., :3]
         out.append(np.ascontiguousarray(a))
     return out
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A valid PNG that claims `width` x `height` pixels in about 100 bytes (a decompression
+    bomb when that is large): the header and a few bytes of image data, never the pixels."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    idat = zlib.compress(b"\x00" * 16)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
 def free_port() -> int:

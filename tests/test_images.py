@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import io
-import struct
-import zlib
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import png_header
 from vitkit import ImageError
 from vitkit.data.images import is_image_file, load_image
 
@@ -141,16 +140,6 @@ def test_first_frame_of_animation(tmp_path):
     assert load_image(path).getpixel((0, 0)) == (255, 0, 0)
 
 
-def _png_header_only(width: int, height: int) -> bytes:
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        body = kind + data
-        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    idat = zlib.compress(b"\x00" * 16)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
-
-
 def _error(source, **kwargs) -> str:
     with pytest.raises(ImageError) as info:
         load_image(source, **kwargs)
@@ -179,7 +168,7 @@ def test_bad_files_raise_image_error_naming_the_file(tmp_path):
 
 def test_decompression_bombs_are_refused(tmp_path):
     huge = tmp_path / "bomb.png"
-    huge.write_bytes(_png_header_only(100_000, 100_000))  # 10 G pixels in ~100 bytes
+    huge.write_bytes(png_header(100_000, 100_000))  # 10 G pixels in ~100 bytes
     message = _error(huge)
     assert message.startswith(f"{huge}: ") and "decompression bomb" in message
     assert "decompression bomb" in _error(huge, max_pixels=None)  # PIL's own hard limit
@@ -194,3 +183,31 @@ def test_decompression_bombs_are_refused(tmp_path):
 def test_is_image_file():
     assert is_image_file("a/b.JPG") and is_image_file("x.webp")
     assert not is_image_file("notes.txt")
+
+
+def test_refusing_bombs_from_many_threads_leaves_the_warning_filters_alone(capfd):
+    """Predict and serve decode in threads. PIL warns (DecompressionBombWarning) while it reads
+    the header of an image vitkit then refuses; silencing that by swapping the process-wide
+    filters in each thread at once can leave a filter behind, or let the warning through."""
+    import threading
+    import warnings
+
+    bomb = png_header(12_000, 12_000)  # above PIL's warning limit, below its hard one
+    before = list(warnings.filters)
+    errors: list[str] = []
+
+    def work() -> None:
+        for _ in range(200):
+            try:
+                load_image(bomb)
+            except ImageError as exc:
+                errors.append(str(exc))
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(errors) == 1600 and all("decompression bomb" in e for e in errors)
+    assert warnings.filters == before
+    assert "DecompressionBombWarning" not in capfd.readouterr().err

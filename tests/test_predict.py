@@ -5,8 +5,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import struct
-import zlib
 
 import numpy as np
 import pytest
@@ -15,6 +13,7 @@ import torch
 from PIL import Image
 
 import vitkit
+from conftest import png_header
 from vitkit.checkpoints.resolve import processor_for
 from vitkit.cli import main
 from vitkit.data.labels import id2label_for, imagenet_labels
@@ -22,15 +21,6 @@ from vitkit.data.processor import ImageProcessor
 from vitkit.infer.predictor import expand_inputs
 
 TINY = dict(embed_dim=32, depth=1, num_heads=2)  # keeps every forward pass in milliseconds
-
-
-def _bomb_png() -> bytes:
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        body = kind + data
-        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
-
-    ihdr = struct.pack(">IIBBBBB", 12_000, 12_000, 8, 2, 0, 0, 0)  # 144 M pixels
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +48,7 @@ def image_dir(tmp_path_factory):
     buffer = io.BytesIO()
     Image.fromarray(skimage.data.astronaut()).save(buffer, "JPEG")
     (bad / "truncated.jpg").write_bytes(buffer.getvalue()[:3000])
-    (bad / "bomb.png").write_bytes(_bomb_png())
+    (bad / "bomb.png").write_bytes(png_header(12_000, 12_000))
     (root / "nothing_here").mkdir()
     return root
 

@@ -9,12 +9,10 @@ import json
 import os
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import threading
 import time
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -24,7 +22,7 @@ import skimage.data
 import torch
 from PIL import Image
 
-from conftest import free_port
+from conftest import free_port, png_header
 
 pytest.importorskip("uvicorn")
 pytest.importorskip("starlette")
@@ -149,18 +147,6 @@ def metrics(port) -> dict[str, float]:
     return parse(body.decode())
 
 
-def bomb_png() -> bytes:
-    """A valid PNG header claiming 12000 x 12000 pixels (144 M): a decompression bomb."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-        )
-
-    ihdr = struct.pack(">IIBBBBB", 12_000, 12_000, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
-
-
 # ---------------------------------------------------------------------------------- routes
 def test_classify_equals_predict_json(server, model_dir, photos, capsys):
     from vitkit.cli import main
@@ -273,7 +259,7 @@ def test_bad_requests_get_a_clear_4xx_and_the_server_keeps_serving(server, photo
     cases = [
         (b"hello, I am not an image" * 10, {}, 400, "not an image file"),
         (jpeg.getvalue()[:3000], {}, 400, "truncated"),
-        (bomb_png(), {}, 400, "decompression bomb"),
+        (png_header(12_000, 12_000), {}, 400, "decompression bomb"),
         (b"", {}, 400, "empty request"),
         (*multipart(good, field="photo"), 400, "no file field named 'file'"),
         (b"--x\r\nnot really multipart", {"Content-Type": "multipart/form-data"}, 400, ""),
@@ -285,7 +271,7 @@ def test_bad_requests_get_a_clear_4xx_and_the_server_keeps_serving(server, photo
     assert status == 400 and "top_k must be at least 1" in answer["error"]
     status, answer = post_json(server.port, "/v1/classify?top_k=five", good)
     assert status == 400 and "not an integer" in answer["error"]
-    status, _, body = http(server.port, "POST", "/v1/embed", bomb_png())
+    status, _, body = http(server.port, "POST", "/v1/embed", png_header(12_000, 12_000))
     assert status == 400 and b"decompression bomb" in body
     assert http(server.port, "GET", "/v2/classify")[0] == 404
     assert http(server.port, "GET", "/v1/classify")[0] == 405

@@ -16,9 +16,12 @@ Conversion rules (see docs/preprocessing.md):
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import threading
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +45,21 @@ MAX_PIXELS = 89_478_485
 """Default decompression-bomb limit: PIL's own warning threshold (about 9459 x 9459)."""
 
 
+_WARNINGS_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def quiet_bomb_warning() -> Iterator[None]:
+    """Hide PIL's DecompressionBombWarning while `Image.open` reads a header that vitkit's own
+    size check follows (the warning would only repeat the refusal, or be noise when the user
+    raised the limit). `warnings.catch_warnings` swaps process-wide state, so two threads inside
+    it at once can leave its filter behind or let the warning through: vitkit's threads take
+    turns. Hold it for the header only, never the decode."""
+    with _WARNINGS_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        yield
+
+
 def load_image(
     source: ImageSource,
     *,
@@ -59,17 +77,14 @@ def load_image(
     """
     name = _describe(source)
     try:
-        with warnings.catch_warnings():
-            # vitkit applies its own limit below; PIL's warning would only be noise
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = source if isinstance(source, Image.Image) else _open(source, name)
-            _check_size(image, name, max_pixels)
-            if getattr(image, "is_animated", False):  # not n_frames: it walks every frame
-                image.seek(0)  # animated GIF / multi-page TIFF: the first frame
-            image.load()
-            if exif_transpose:
-                image = _exif_transpose(image)
-            return to_rgb(image, background=background, name=name)
+        image = source if isinstance(source, Image.Image) else _open(source, name)
+        _check_size(image, name, max_pixels)
+        if getattr(image, "is_animated", False):  # not n_frames: it walks every frame
+            image.seek(0)  # animated GIF / multi-page TIFF: the first frame
+        image.load()
+        if exif_transpose:
+            image = _exif_transpose(image)
+        return to_rgb(image, background=background, name=name)
     except ImageError:
         raise
     except Image.DecompressionBombError as exc:
@@ -151,7 +166,8 @@ def _open(source: Any, name: str) -> Image.Image:
             "binary file object or a PIL image"
         )
     try:
-        return Image.open(source)
+        with quiet_bomb_warning():  # load_image applies its own limit right after
+            return Image.open(source)
     except UnidentifiedImageError:
         raise ImageError(f"{name}: not an image file (unrecognised format)") from None
     except PermissionError:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import os
-import warnings
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -233,12 +232,12 @@ def _decode_jpeg(path: str | os.PathLike[str], max_pixels: int | None) -> Tensor
     from PIL import Image
     from torchvision.io import ImageReadMode, decode_jpeg, read_file
 
+    from vitkit.data.images import quiet_bomb_warning
+
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked below
-            with Image.open(path) as im:  # reads the header only
-                ok = im.format == "JPEG" and im.mode in ("RGB", "L")
-                ok = ok and (max_pixels is None or im.width * im.height <= max_pixels)
+        with quiet_bomb_warning(), Image.open(path) as im:  # reads the header only
+            ok = im.format == "JPEG" and im.mode in ("RGB", "L")
+            ok = ok and (max_pixels is None or im.width * im.height <= max_pixels)
         if not ok:
             return None
         data = read_file(os.fspath(path))
