@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import cifar_batch, dump_pickle
+from conftest import cifar_batch, dump_pickle, png_header
 from vitkit.data.folders import (
     CIFARDataset,
     ImageFolderDataset,
@@ -84,6 +84,16 @@ def test_truncated_image_is_skipped_at_iteration(tmp_path):
     assert ds.num_skipped == 1
     # verify="full" catches it at construction
     assert ImageFolderDataset(root, verify="full").num_skipped == 1
+
+
+def test_decompression_bomb_is_skipped_at_the_header_check(tmp_path, recwarn):
+    root = tmp_path / "t"
+    _png(root / "a" / "good.png", (1, 2, 3))
+    (root / "a" / "bomb.png").write_bytes(png_header(12_000, 12_000))  # 144 M pixels
+    ds = ImageFolderDataset(root)
+    assert len(ds) == 1 and [p.name for p, _ in ds.skipped] == ["bomb.png"]
+    assert "decompression bomb: 12000x12000" in ds.skipped[0][1]
+    assert not recwarn.list  # PIL's DecompressionBombWarning stays inside the check
 
 
 def test_image_folder_errors(tmp_path):

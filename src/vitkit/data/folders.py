@@ -6,7 +6,7 @@ per sample), `.skipped` (`(path, reason)` pairs) and `.num_skipped`.
 
 Bad files: a dataset never raises because one image is broken.
 - At construction each file gets a cheap check (`verify="header"`, the default): it must exist and
-  PIL must recognise its header and a non-zero size. This reads only the first bytes of each file,
+  PIL must recognise its header and a size within the decompression-bomb limit. This reads only the first bytes of each file,
   so it is fast even for large trees; files that fail are left out and listed in `.skipped`.
   `verify="full"` decodes every image once (slow, catches truncated data); `verify="none"` trusts
   the listing.
@@ -37,7 +37,7 @@ import numpy as np
 from PIL import Image
 
 from vitkit import limits
-from vitkit.data.images import IMAGE_EXTENSIONS, load_image
+from vitkit.data.images import IMAGE_EXTENSIONS, load_image, quiet_bomb_warning, size_problem
 from vitkit.errors import VitkitError
 from vitkit.limits import is_int
 
@@ -74,10 +74,8 @@ def _check_file(path: Path, verify: str, mode: str) -> str | None:
         if verify == "full":
             _open_image(path, mode)
             return None
-        with Image.open(path) as im:
-            w, h = im.size
-        if w <= 0 or h <= 0:
-            return f"invalid size {w}x{h}"
+        with quiet_bomb_warning(), Image.open(path) as im:  # the header only
+            return size_problem(*im.size)
     except Exception as exc:  # any decoder failure is a reason to skip, never a crash
         return f"{type(exc).__name__}: {exc}".strip()
     return None

@@ -174,15 +174,22 @@ def _open(source: Any, name: str) -> Image.Image:
         raise ImageError(f"{name}: permission denied") from None
 
 
-def _check_size(image: Image.Image, name: str, max_pixels: int | None) -> None:
-    w, h = image.size
-    if w <= 0 or h <= 0:
-        raise ImageError(f"{name}: invalid image size {w}x{h}")
-    if max_pixels is not None and w * h > max_pixels:
-        raise ImageError(
-            f"{name}: refused as a possible decompression bomb: {w}x{h} = {w * h:,d} pixels is "
-            f"more than the limit of {max_pixels:,d} (raise max_pixels to allow it)"
+def size_problem(width: int, height: int, max_pixels: int | None = MAX_PIXELS) -> str | None:
+    """Why an image of this header size is refused before decoding, or None if it is not."""
+    if width <= 0 or height <= 0:
+        return f"invalid image size {width}x{height}"
+    if max_pixels is not None and width * height > max_pixels:
+        return (
+            f"refused as a possible decompression bomb: {width}x{height} = {width * height:,d} "
+            f"pixels is more than the limit of {max_pixels:,d} (raise max_pixels to allow it)"
         )
+    return None
+
+
+def _check_size(image: Image.Image, name: str, max_pixels: int | None) -> None:
+    problem = size_problem(*image.size, max_pixels)
+    if problem:
+        raise ImageError(f"{name}: {problem}")
 
 
 def _exif_transpose(image: Image.Image) -> Image.Image:
