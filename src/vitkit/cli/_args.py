@@ -5,6 +5,26 @@ from __future__ import annotations
 import argparse
 
 
+def model_help(*, presets: bool, what: str = "the pipeline") -> str:
+    """What `vitkit.checkpoints.resolve` accepts as SOURCE, said the same way by every command."""
+    text = "a checkpoint folder or file (transformers, timm, JAX .npz), a hub id or a `vitkit train` run"
+    if presets:
+        text += f", or a preset name from `vitkit models` (random weights: for trying {what} only)"
+    return text
+
+
+def add_model(p: argparse.ArgumentParser, *, presets: bool, what: str = "the pipeline") -> None:
+    """`--model/-m SOURCE`, resolved by `vitkit.checkpoints.resolve`; `presets` when the command
+    passes allow_preset=True."""
+    p.add_argument(
+        "--model",
+        "-m",
+        required=True,
+        metavar="SOURCE",
+        help=model_help(presets=presets, what=what),
+    )
+
+
 def add_precision(p: argparse.ArgumentParser, *, what: str = "the model") -> None:
     """`--precision` and `--backend`: the precision path `vitkit.infer.prepare` runs `what` on."""
     from vitkit.infer.precision import BACKENDS, PRECISIONS

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from vitkit.cli._args import add_precision
+from vitkit.cli._args import add_model, add_precision
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -22,8 +22,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "Unreadable images are reported on stderr and skipped; the exit code is then 1.",
     )
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders")
-    p.add_argument("--model", "-m", required=True, metavar="SOURCE",
-                   help="a checkpoint folder, file, hub id or run directory")  # fmt: skip
+    add_model(p, presets=False)
     p.add_argument("--output", "-o", required=True, help="emb.npy or emb.safetensors")
     p.add_argument("--pool", choices=("model", "cls", "mean"), default="model",
                    help="the model's pooled output / image embedding (default), [CLS], patch mean")  # fmt: skip

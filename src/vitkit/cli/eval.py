@@ -1,6 +1,6 @@
-"""`vitkit eval --model CKPT --data SPEC`: accuracy, per-class accuracy and a confusion matrix.
+"""`vitkit eval --model SOURCE --data SPEC`: accuracy, per-class accuracy and a confusion matrix.
 
-CKPT: anything `vitkit.from_pretrained` reads (a vitkit / transformers / timm folder, a hub id in
+SOURCE: anything `vitkit.from_pretrained` reads (a vitkit / transformers / timm folder, a hub id in
 the local cache), or a `vitkit train` run directory (its best/, else last/).
 
 SPEC: a folder (ImageFolder tree `root/<class>/<img>`, or one with `train/`, `val/`, `test/`
@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from vitkit.cli._args import add_precision
+from vitkit.cli._args import add_model, add_precision
 
 SPLITS = ("train", "val", "test")
 
@@ -34,12 +34,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Top-1/top-5 accuracy, loss, per-class accuracy and a confusion matrix of a "
         "checkpoint on an image folder, CIFAR batches, an image list or a built-in dataset.",
     )
-    p.add_argument(
-        "--model",
-        required=True,
-        metavar="CKPT",
-        help="checkpoint folder, weights file or hub id (see from_pretrained)",
-    )
+    add_model(p, presets=False)
     p.add_argument(
         "--data",
         required=True,

@@ -12,6 +12,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from vitkit.cli._args import add_model
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     from vitkit.explain import HEAD_FUSIONS, METHODS
@@ -24,14 +26,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "class-specific gradient-weighted relevance (grad-rollout, Chefer et al. 2021).",
     )
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
-    p.add_argument(
-        "--model",
-        "-m",
-        required=True,
-        metavar="SOURCE",
-        help="a checkpoint folder, file or hub id, or a preset name (random weights: for "
-        "trying the pipeline only)",
-    )
+    add_model(p, presets=True)
     p.add_argument("--method", choices=METHODS, default="rollout", help="(default: rollout)")
     p.add_argument("--output", "-o", required=True, metavar="DIR", help="folder for the PNGs")
     p.add_argument(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from vitkit.cli._args import model_help
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -14,7 +16,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "the max difference is printed, and a file that does not match is not left behind. "
         "Class names travel in the file (ONNX metadata_props 'id2label').",
     )
-    p.add_argument("source", metavar="SOURCE", help="a checkpoint folder, file or hub id")
+    p.add_argument("source", metavar="SOURCE", help=model_help(presets=True, what="the export"))
     p.add_argument("--output", "-o", required=True, metavar="FILE",
                    help="FILE.onnx, FILE.pt2 or FILE.xml (+ FILE.bin)")  # fmt: skip
     p.add_argument("--format", "-f", choices=("onnx", "pt2", "openvino"), default=None,

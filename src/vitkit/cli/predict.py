@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 
-from vitkit.cli._args import add_precision
+from vitkit.cli._args import add_model, add_precision
 
 _PROGRESS_MIN_IMAGES = 32  # fewer than this finish too fast for a progress bar to help
 
@@ -24,14 +24,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "is 1 if any image failed.",
     )
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders")
-    p.add_argument(
-        "--model",
-        "-m",
-        required=True,
-        metavar="SOURCE",
-        help="a checkpoint folder or hub id (vitkit.from_pretrained), or a preset name from "
-        "`vitkit models` (random weights: for trying the pipeline only)",
-    )
+    add_model(p, presets=True)
     p.add_argument("--top-k", "-k", type=int, default=5, help="classes to show per image (5)")
     p.add_argument("--json", action="store_true", help="print one JSON object per image")
     p.add_argument("--batch-size", "-b", type=int, default=16, help="images per forward pass")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from vitkit.cli._args import add_precision
+from vitkit.cli._args import add_model, add_precision
 
 DRAIN_SECONDS = 8  # Kubernetes' terminationGracePeriodSeconds (deploy/) leaves room above this
 
@@ -22,14 +22,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "/healthz, /metrics, /openapi.json and a web page at /. Concurrent requests are "
         "batched. Needs pip install 'vitkit[serve]'.",
     )
-    p.add_argument(
-        "--model",
-        "-m",
-        required=True,
-        metavar="SOURCE",
-        help="a checkpoint folder, file or hub id, or a preset name (random weights: for "
-        "trying the server only)",
-    )
+    add_model(p, presets=True, what="the server")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (8000)")
     add_precision(p, what="/v1/classify and /v1/embed")
