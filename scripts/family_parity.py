@@ -71,7 +71,7 @@ def main() -> None:
     parser.add_argument("--real-size", action="store_true", help="add one public size per family")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    print(f"{'peer':42s} {'direction':9s} {'native':>9s} {'other':>9s}")
+    print(f"{'peer':55s} {'direction':9s} {'native':>9s} {'other':>9s}")
     worst = 0.0
     with tempfile.TemporaryDirectory() as tmp:
         for i, case in enumerate(sorted(F.HF_CASES)):
@@ -79,7 +79,7 @@ def main() -> None:
             for direction, sizes in result.items():
                 worst = max(worst, *sizes.values())
                 print(
-                    f"{'transformers ' + case:42s} {direction:9s} "
+                    f"{'transformers ' + case:55s} {direction:9s} "
                     f"{sizes['native']:9.2e} {sizes['other']:9.2e}"
                 )
     for name in sorted(F.TIMM_CASES):
@@ -87,7 +87,7 @@ def main() -> None:
         for direction, sizes in result.items():
             worst = max(worst, *sizes.values())
             print(
-                f"{'timm ' + name:42s} {direction:9s} {sizes['native']:9.2e} {sizes['other']:9.2e}"
+                f"{'timm ' + name:55s} {direction:9s} {sizes['native']:9.2e} {sizes['other']:9.2e}"
             )
     print(f"worst: {worst:.2e} (tolerance {F.TOL:.0e})")
     if args.real_size:

@@ -23,3 +23,15 @@ def test_unknown_model_is_one_clear_line(capsys):
     err = capsys.readouterr().err
     assert err.startswith("vitkit info: error: unknown model 'vit_nope'")
     assert "Traceback" not in err
+
+
+def test_info_reads_a_checkpoint_with_its_classes_and_preprocessing(tmp_path, capsys):
+    import vitkit
+
+    model = vitkit.create_model("vit_tiny_patch16_224", depth=1, num_classes=3)
+    model.reset_classifier(3, id2label={0: "cat", 1: "dog", 2: "fox"})
+    vitkit.save_pretrained(model, tmp_path / "ckpt")
+    assert main(["info", str(tmp_path / "ckpt"), "--image-size", "384"]) == 0
+    out = capsys.readouterr().out
+    assert "(B, 577, 192)" in out and "(B, 3) logits" in out
+    assert "3 (cat, dog, fox)" in out and "preprocessing  resize to (224, 224)" in out

@@ -61,6 +61,14 @@ HF_CASES = {
     "Dinov2WithRegistersModel": lambda: T.Dinov2WithRegistersModel(
         T.Dinov2WithRegistersConfig(**_SMALL, patch_size=14, num_register_tokens=4)
     ),
+    "Dinov2ForImageClassification": lambda: T.Dinov2ForImageClassification(
+        T.Dinov2Config(**_SMALL, patch_size=14, id2label={0: "cat", 1: "dog", 2: "fox"})
+    ),
+    "Dinov2WithRegistersForImageClassification": lambda: (
+        T.Dinov2WithRegistersForImageClassification(
+            T.Dinov2WithRegistersConfig(**_SMALL, patch_size=14, num_labels=5)
+        )
+    ),
     "CLIPVisionModel": lambda: T.CLIPVisionModel(
         T.CLIPVisionConfig(**_SMALL, patch_size=14, intermediate_size=128)
     ),
@@ -79,6 +87,9 @@ def _hf_outputs(peer, x: torch.Tensor, norm: torch.nn.Module) -> dict[str, torch
     go through that same norm (`norm`, vitkit's copy of post_layernorm) to be compared."""
     name = type(peer).__name__
     kwargs = {} if name.startswith("Dinov2") else {"interpolate_pos_encoding": True}
+    if name.endswith("ForImageClassification"):  # the encoder's tokens, then the logits
+        tokens = peer.base_model(pixel_values=x).last_hidden_state
+        return {"last_hidden_state": tokens, "logits": peer(pixel_values=x).logits}
     out = peer(pixel_values=x, **kwargs)
     tokens = norm(out.last_hidden_state) if name.startswith("CLIP") else out.last_hidden_state
     result = {"last_hidden_state": tokens}
@@ -201,6 +212,49 @@ def test_unexpected_keys_next_to_the_text_tower_are_errors(tmp_path):
     sd["vision_model.encoder.layers.0.extra.weight"] = torch.zeros(1)
     with pytest.raises(CheckpointError, match=r"unexpected keys.*extra"):
         hf_ckpt.hf_clip.state_dict_from_hf(sd, cfg)
+
+
+def test_dinov2_classifier_keeps_its_labels_and_reads_cls_beside_the_patch_mean(tmp_path):
+    peer = _randomize(HF_CASES["Dinov2ForImageClassification"]())
+    peer.save_pretrained(tmp_path / "theirs")
+    ours = from_pretrained(tmp_path / "theirs")
+    c = ours.config
+    assert (c.global_pool, c.num_classes, c.id2label) == (
+        "token_avg",
+        3,
+        {0: "cat", 1: "dog", 2: "fox"},
+    )
+    x = _images(NATIVE)
+    with torch.no_grad():
+        out = ours(x)
+        tokens = out.last_hidden_state
+    want = torch.cat([tokens[:, 0], tokens[:, 1:].mean(1)], -1)  # transformers' linear input
+    assert out.pooler_output.shape == (2, 128) and _diff(out.pooler_output, want) == 0.0
+    assert ours.num_params() == sum(p.numel() for p in peer.parameters())
+    assert abs(c.estimated_params() / ours.num_params() - 1) < 0.03
+
+    save_pretrained(ours, tmp_path / "ours")  # auto: transformers can hold it
+    meta = json.loads((tmp_path / "ours" / "config.json").read_text())
+    assert meta["architectures"] == ["Dinov2ForImageClassification"]
+    assert meta["id2label"] == {"0": "cat", "1": "dog", "2": "fox"}
+
+    from vitkit.explain import _readout  # the rollout's readout: half [CLS], half the patches
+
+    weights = _readout(ours, 1 + c.num_patches, torch.device("cpu"))
+    assert weights[0] == 0.5 and torch.allclose(weights[1:].sum(), torch.tensor(0.5))
+
+
+def test_dinov2_heads_transformers_cannot_hold_are_refused(tmp_path):
+    cls_only = vitkit.create_model("dinov2_small_patch14_518", depth=1, num_classes=4)
+    with pytest.raises(CheckpointError, match="on \\[CLS\\] alone"):
+        save_pretrained(cls_only, tmp_path / "a", format="hf")
+    pair = vitkit.create_model(
+        "dinov2_small_patch14_518", depth=1, num_classes=4, global_pool="token_avg"
+    )
+    with pytest.raises(CheckpointError, match=r"timm cannot hold.*side by side"):
+        export_timm(pair)
+    with pytest.raises(vitkit.ConfigError, match=r"token_avg.*class_token"):
+        vitkit.ViTConfig(global_pool="token_avg", class_token=False)
 
 
 def test_what_transformers_cannot_hold_is_refused_and_auto_falls_back(tmp_path):

@@ -20,7 +20,7 @@ from vitkit import limits
 from vitkit.errors import ConfigError
 from vitkit.limits import is_finite, is_int
 
-GlobalPool = Literal["token", "avg", "map"]
+GlobalPool = Literal["token", "avg", "map", "token_avg"]
 PosEmbed = Literal["learned", "sincos2d", "none"]
 Head = Literal["linear", "mlp"]
 AttnImpl = Literal["sdpa", "eager"]
@@ -170,7 +170,9 @@ class ViTConfig:
     (`mlp_layer="swiglu"`, DINOv2 giant; `mlp_ratio` then counts both packed halves, as timm's
     SwiGLUPacked), no [CLS] with an attention-pooling head (`class_token=False`,
     `global_pool="map"`, SigLIP), a bias-free projection to a joint image-text space
-    (`projection_dim`, CLIP), and the DINOv2 mask token (`use_mask_token`).
+    (`projection_dim`, CLIP), the DINOv2 mask token (`use_mask_token`), and DINOv2's linear
+    classifier input, [CLS] beside the mean of the patch tokens (`global_pool="token_avg"`,
+    2 x embed_dim features).
 
     For small images, `stem_channels` puts 3x3 convolutions before the patch projection (the
     paper's hybrid input, the stem of Xiao et al. 2021); `stem_strides` (1 or 2 each) lets them
@@ -271,6 +273,12 @@ class ViTConfig:
         return int(round(self.embed_dim * self.mlp_ratio, 6))
 
     @property
+    def pooled_dim(self) -> int:
+        """Width of the pooled features the head (or pre-logits layer, or projection) reads:
+        twice `embed_dim` for "token_avg", which concatenates [CLS] and the patch mean."""
+        return 2 * self.embed_dim if self.global_pool == "token_avg" else self.embed_dim
+
+    @property
     def use_fc_norm(self) -> bool:
         """Norm after pooling instead of before it (timm's default for mean pooling)."""
         return self.global_pool == "avg" if self.fc_norm is None else self.fc_norm
@@ -337,7 +345,7 @@ class ViTConfig:
             if not 0.0 <= value < 1.0:
                 errors.append(f"{name} must be in [0, 1), got {value}")
         choices = {
-            "global_pool": ("token", "avg", "map"),
+            "global_pool": ("token", "avg", "map", "token_avg"),
             "mlp_layer": ("mlp", "swiglu"),
             "pos_embed": ("learned", "sincos2d", "none"),
             "head": ("linear", "mlp"),
@@ -348,10 +356,19 @@ class ViTConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 errors.append(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        if self.global_pool == "token" and not self.class_token:
+        if self.global_pool in ("token", "token_avg") and not self.class_token:
             errors.append(
-                "global_pool='token' needs class_token=True; use global_pool='avg' "
-                "for a model without a [CLS] token"
+                f"global_pool={self.global_pool!r} needs class_token=True; use "
+                "global_pool='avg' for a model without a [CLS] token"
+            )
+        if self.global_pool == "token_avg" and self.fc_norm:
+            errors.append(
+                "global_pool='token_avg' concatenates tokens the final norm has normalised; "
+                "fc_norm=True would normalise the pair as one vector (leave fc_norm unset)"
+            )
+        if self.global_pool == "token_avg" and self.distilled:
+            errors.append(
+                "distilled=True (DeiT) reads [CLS] and [DIST] apart; use global_pool='token'"
             )
         if self.mlp_layer == "swiglu" and self.mlp_hidden_dim % 2:
             errors.append(
@@ -381,15 +398,15 @@ class ViTConfig:
     def estimated_params(self) -> int:
         """Parameters of the model this config describes, within 3 per cent, without
         building it (what the limit on parameters is checked against)."""
-        d, m, k = self.embed_dim, self.mlp_hidden_dim, self.num_classes
+        d, m, k, f = self.embed_dim, self.mlp_hidden_dim, self.num_classes, self.pooled_dim
         c, p = self.in_chans, self.patch_size
         mlp = d * m + m + (m // 2 if self.mlp_layer == "swiglu" else m) * d  # SwiGLU: halves
         block = 4 * d * d + mlp + 9 * d  # qkv + proj, the MLP, two norms
         tokens = self.num_patches + self.num_prefix_tokens
-        head = k * (self.head_hidden_dim or d) + k + (self.head_hidden_dim or 0) * (d + 1)
+        head = k * (self.head_hidden_dim or f) + k + (self.head_hidden_dim or 0) * (f + 1)
         head += k * (d + 1) if self.distilled else 0  # DeiT's second head
         head += block + d if self.global_pool == "map" else 0  # attention pool: about a block
-        head += (self.projection_dim or 0) * d
+        head += (self.projection_dim or 0) * f
         stem = 0
         for width in self.stem_channels:  # 3x3 conv, then the BatchNorm's 4 vectors
             stem, c = stem + 9 * c * width + 4 * width, width

@@ -13,7 +13,8 @@
 
 The readout is the token(s) the head reads: [CLS]; [CLS] and [DIST] averaged for a distilled
 DeiT (its logits average both heads); the mean of the patch rows for a model that pools the
-patches instead of reading [CLS]. Register tokens take part in the flow but are not image
+patches instead of reading [CLS]; half [CLS], half the patch mean for DINOv2's classifier
+(`global_pool="token_avg"`). Register tokens take part in the flow but are not image
 locations, so maps cover the patch grid only. Only the layers a method needs materialise their
 attention probabilities (`output_attentions=`); the others keep the fused SDPA kernel.
 """
@@ -223,6 +224,9 @@ def _readout(model: VisionTransformer, num_tokens: int, device: torch.device) ->
     if c.class_token and c.global_pool == "token":
         distilled = getattr(model, "head_dist", None) is not None
         w[: 2 if distilled else 1] = 0.5 if distilled else 1.0
+    elif c.global_pool == "token_avg":  # [CLS] and the patch mean, side by side: half each
+        w[0] = 0.5
+        w[c.num_prefix_tokens :] = 0.5 / (num_tokens - c.num_prefix_tokens)
     else:  # mean pooling, or any pooling over the patch tokens
         w[c.num_prefix_tokens :] = 1.0 / (num_tokens - c.num_prefix_tokens)
     return w

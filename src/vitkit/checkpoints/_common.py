@@ -226,6 +226,35 @@ def hf_act(name: str, *, source: str) -> str:
     return HF_ACT_FROM[name]
 
 
+def hf_labels(c: Mapping[str, Any], *, source: str) -> tuple[int, dict[int, str] | None]:
+    """(num_classes, id2label) of a transformers classifier's config.json: `num_labels`, else
+    the number of `id2label` entries, else transformers' default of 2. Placeholder names
+    (LABEL_0, ...) carry no information and come back as None."""
+    id2label = c.get("id2label")
+    labels = {int(k): str(v) for k, v in id2label.items()} if id2label else None
+    num_classes = integer(c, "num_labels", None) if c.get("num_labels") else 0
+    num_classes = num_classes or (len(labels) if labels else 2)
+    if labels and len(labels) != num_classes:
+        raise CheckpointError(
+            f"{source} has num_labels={num_classes} but {len(labels)} id2label entries"
+        )
+    if labels and all(v == f"LABEL_{k}" for k, v in labels.items()):
+        labels = None
+    return num_classes, labels
+
+
+def hf_label_fields(config: ViTConfig) -> dict[str, Any]:
+    """config.json's id2label / label2id for a classifier (transformers' placeholders when
+    the model has no names); empty for a model without a head."""
+    if not config.num_classes:
+        return {}
+    labels = config.id2label or {i: f"LABEL_{i}" for i in range(config.num_classes)}
+    return {
+        "id2label": {str(k): v for k, v in sorted(labels.items())},
+        "label2id": {v: k for k, v in sorted(labels.items())},
+    }
+
+
 def mlp_ratio(hidden: int, intermediate: int) -> float:
     """A ratio that gives back exactly `intermediate` units (see `ViTConfig.mlp_hidden_dim`)."""
     return intermediate / hidden

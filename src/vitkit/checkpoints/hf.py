@@ -30,7 +30,13 @@ from torch import Tensor
 from vitkit.checkpoints import hf_clip, hf_dinov2, hf_siglip
 from vitkit.checkpoints._common import HF_ACT_FROM as _ACT_FROM_HF
 from vitkit.checkpoints._common import HF_ACT_TO as _ACT_TO_HF
-from vitkit.checkpoints._common import check_state_dict, integer, mismatch_error
+from vitkit.checkpoints._common import (
+    check_state_dict,
+    hf_label_fields,
+    hf_labels,
+    integer,
+    mismatch_error,
+)
 from vitkit.config import ViTConfig
 from vitkit.errors import CheckpointError, ConfigError
 
@@ -178,20 +184,7 @@ def config_from_hf(hf_config: dict[str, Any]) -> ViTConfig:
         raise CheckpointError(f"pooler_act={c['pooler_act']!r}: vitkit's pooler uses tanh")
     pooler = c.get("pooler_output_size") or hidden
 
-    id2label = c.get("id2label")
-    labels = {int(k): str(v) for k, v in id2label.items()} if id2label else None
-    num_classes = 0
-    if has_classes:
-        num_classes = integer(c, "num_labels", None) if c.get("num_labels") else 0
-        num_classes = num_classes or (len(labels) if labels else 2)
-        if labels and len(labels) != num_classes:
-            raise CheckpointError(
-                f"config.json has num_labels={num_classes} but {len(labels)} id2label entries"
-            )
-        if labels and all(v == f"LABEL_{k}" for k, v in labels.items()):
-            labels = None  # transformers' placeholders carry no information
-    else:
-        labels = None
+    num_classes, labels = hf_labels(c, source="config.json") if has_classes else (0, None)
     image_size = c.get("image_size", 224)
     try:
         return ViTConfig(
@@ -317,11 +310,7 @@ def config_to_hf(config: ViTConfig, architecture: str | None = None) -> dict[str
         "pooler_output_size": c.head_hidden_dim or c.embed_dim,
         "pooler_act": "tanh",
     }
-    if c.num_classes:
-        labels = c.id2label or {i: f"LABEL_{i}" for i in range(c.num_classes)}
-        out["id2label"] = {str(k): v for k, v in sorted(labels.items())}
-        out["label2id"] = {v: k for k, v in sorted(labels.items())}
-    return out
+    return {**out, **hf_label_fields(c)}
 
 
 # ------------------------------------------------------------------------------- state dict

@@ -4,6 +4,10 @@
                                 token stored as (1, D), SwiGLU (`mlp.weights_in/out`) when
                                 `use_swiglu_ffn`; pooled output = [CLS] after the final norm
     Dinov2WithRegistersModel    the same + `embeddings.register_tokens` (no positions)
+    Dinov2ForImageClassification, Dinov2WithRegistersForImageClassification
+                                the encoder under `dinov2.` / `dinov2_with_registers.` and a
+                                `classifier` on [CLS] beside the mean of the patch tokens
+                                (`global_pool="token_avg"`, 2 x hidden_size inputs)
 
 Position interpolation at other sizes follows each class: bicubic without antialias in
 Dinov2Model, with antialias in Dinov2WithRegistersModel (`pos_embed_antialias`).
@@ -26,6 +30,8 @@ from vitkit.checkpoints._common import (
     find_prefix,
     fused_qkv,
     hf_act,
+    hf_label_fields,
+    hf_labels,
     integer,
     linear,
     norm,
@@ -37,6 +43,8 @@ from vitkit.config import ViTConfig
 from vitkit.errors import CheckpointError, ConfigError
 
 ARCHITECTURES = ("Dinov2Model", "Dinov2WithRegistersModel")
+CLASSIFIERS = ("Dinov2ForImageClassification", "Dinov2WithRegistersForImageClassification")
+_BASE_PREFIX = ("dinov2.", "dinov2_with_registers.")  # the encoder inside a classifier
 
 
 def _swiglu_half(dim: int, ratio: float) -> int:
@@ -47,11 +55,13 @@ def config_from_hf(data: Mapping[str, Any], *, source: str = "config.json") -> V
     c = data
     registers = c.get("model_type") == "dinov2_with_registers"
     arch = (c.get("architectures") or [ARCHITECTURES[registers]])[0]
-    if arch != ARCHITECTURES[registers]:
+    if arch not in (ARCHITECTURES[registers], CLASSIFIERS[registers]):
         raise CheckpointError(
-            f"{source}: architecture {arch!r} is not one vitkit reads ({ARCHITECTURES[registers]}"
-            f"; the classification heads read [CLS] and the patch mean together)"
+            f"{source}: architecture {arch!r} is not one vitkit reads for model_type "
+            f"{c.get('model_type')!r} ({ARCHITECTURES[registers]}, {CLASSIFIERS[registers]})"
         )
+    classifier = arch == CLASSIFIERS[registers]
+    num_classes, labels = hf_labels(c, source=source) if classifier else (0, None)
     if not c.get("apply_layernorm", True):
         raise CheckpointError(f"{source}: apply_layernorm=false is not supported")
     hidden = integer(c, "hidden_size", 768)
@@ -64,7 +74,9 @@ def config_from_hf(data: Mapping[str, Any], *, source: str = "config.json") -> V
             image_size=integer(c, "image_size", 224),
             patch_size=integer(c, "patch_size", 16 if registers else 14),
             in_chans=integer(c, "num_channels", 3),
-            num_classes=0,
+            num_classes=num_classes,
+            id2label=labels,
+            global_pool="token_avg" if classifier else "token",
             embed_dim=hidden,
             depth=integer(c, "num_hidden_layers", 12),
             num_heads=integer(c, "num_attention_heads", 12),
@@ -84,7 +96,16 @@ def config_from_hf(data: Mapping[str, Any], *, source: str = "config.json") -> V
         raise CheckpointError(f"{source} describes an invalid model: {exc}") from exc
 
 
-def rules(config: ViTConfig) -> list[Rule]:
+def rules(config: ViTConfig, prefix: str = "") -> list[Rule]:
+    """vitkit <-> transformers names: the encoder's under `prefix`, then a classifier's."""
+    c = config
+    out = [(ours, tuple((prefix + n, s) for n, s in theirs)) for ours, theirs in _encoder(c)]
+    if c.num_classes:
+        out += linear("head", "classifier", c.num_classes, c.pooled_dim)
+    return out
+
+
+def _encoder(config: ViTConfig) -> list[Rule]:
     c = config
     D, N, H = c.embed_dim, c.num_patches, c.mlp_hidden_dim
     P, C = c.patch_size, c.in_chans
@@ -125,15 +146,17 @@ def state_dict_from_hf(
     sd: Mapping[str, Tensor], config: ViTConfig, *, source: str = "state dict"
 ) -> dict[str, Tensor]:
     prefix = find_prefix(sd, "embeddings.cls_token", source=source, what="DINOv2")
-    return rename_from(sd, rules(config), config, prefix=prefix, source=source)
+    return rename_from(sd, rules(config, prefix), config, source=source)
 
 
 def unsupported(config: ViTConfig) -> list[str]:
-    """Reasons Dinov2Model / Dinov2WithRegistersModel cannot hold `config` (empty if it can)."""
+    """Reasons no transformers DINOv2 class can hold `config` (empty if one can)."""
     c = config
     registers = bool(c.num_register_tokens)
     required = dict(
         HF_BASE,
+        global_pool=("token", "token_avg"),
+        num_classes=c.num_classes,
         layer_scale_init=c.layer_scale_init,
         mlp_layer=("mlp", "swiglu"),
         use_mask_token=(True, False),
@@ -142,6 +165,15 @@ def unsupported(config: ViTConfig) -> list[str]:
         qkv_bias=(True, False),
     )
     reasons = differences(c, "DINOv2", required)
+    if c.global_pool == "token" and c.num_classes:
+        reasons.append(
+            f"a head of {c.num_classes} classes on [CLS] alone (transformers' DINOv2 classifiers "
+            "read [CLS] beside the patch mean: global_pool='token_avg')"
+        )
+    if c.global_pool == "token_avg" and not c.num_classes:
+        reasons.append(
+            "global_pool='token_avg' without classes (transformers pools so only to classify)"
+        )
     if c.mlp_layer == "mlp" and c.mlp_ratio != int(c.mlp_ratio):
         reasons.append(f"mlp_ratio={c.mlp_ratio} (transformers' DINOv2 takes an integer)")
     if c.layer_scale_init is None:
@@ -158,8 +190,9 @@ def config_to_hf(config: ViTConfig) -> dict[str, Any]:
     c = config
     registers = bool(c.num_register_tokens)
     swiglu = c.mlp_layer == "swiglu"
+    classes = ARCHITECTURES if c.global_pool == "token" else CLASSIFIERS
     out: dict[str, Any] = {
-        "architectures": [ARCHITECTURES[registers]],
+        "architectures": [classes[registers]],
         "model_type": "dinov2_with_registers" if registers else "dinov2",
         "hidden_size": c.embed_dim,
         "num_hidden_layers": c.depth,
@@ -181,7 +214,7 @@ def config_to_hf(config: ViTConfig) -> dict[str, Any]:
         out["num_register_tokens"] = c.num_register_tokens
     else:
         out["use_mask_token"] = c.use_mask_token
-    return out
+    return {**out, **hf_label_fields(c)}
 
 
 def state_dict_to_hf(sd: Mapping[str, Tensor], config: ViTConfig) -> dict[str, Tensor]:
@@ -190,4 +223,5 @@ def state_dict_to_hf(sd: Mapping[str, Tensor], config: ViTConfig) -> dict[str, T
     if config.num_register_tokens and not config.use_mask_token:
         sd = {**sd, "mask_token": sd["cls_token"].new_zeros(1, 1, config.embed_dim)}
         config = config.replace(use_mask_token=True)
-    return rename_to(sd, rules(config))
+    prefix = _BASE_PREFIX[bool(config.num_register_tokens)] if config.num_classes else ""
+    return rename_to(sd, rules(config, prefix))

@@ -319,8 +319,9 @@ def save_pretrained(model: Any, directory: str | os.PathLike[str], format: str =
 
     format "hf": transformers names and config of the class that holds the model
     (`ViTForImageClassification`, `ViTModel` for a headless model with pooler,
-    `DeiTForImageClassificationWithTeacher`, `Dinov2Model`, `Dinov2WithRegistersModel`,
-    `CLIPVisionModel[WithProjection]`, `SiglipVisionModel`; see `hf.save_hf`);
+    `DeiTForImageClassificationWithTeacher`, `Dinov2[WithRegisters]Model`,
+    `Dinov2[WithRegisters]ForImageClassification`, `CLIPVisionModel[WithProjection]`,
+    `SiglipVisionModel`; see `hf.save_hf`);
     "vitkit": our config (model_type "vitkit") and parameter names, for every variant;
     "auto": "hf" when transformers can express the model, else "vitkit".
     Each file is written atomically, weights first, so config.json appears only when the

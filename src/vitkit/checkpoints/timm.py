@@ -274,6 +274,8 @@ def _timm_unsupported(config: ViTConfig) -> None:
         reasons.append("sin-cos positions are computed, timm stores a learned table")
     if c.stem_channels:
         reasons.append("timm's ViT projects the pixels, it has no convolutional stem")
+    if c.global_pool == "token_avg":
+        reasons.append("timm's ViT pools [CLS] or the patch mean, not both side by side")
     if reasons:
         raise CheckpointError("timm cannot hold this model: " + "; ".join(reasons))
 

@@ -1,10 +1,18 @@
-"""`vitkit info NAME`: parameters, FLOPs and tensor shapes of a preset."""
+"""`vitkit info SOURCE`: parameters, FLOPs and tensor shapes of a preset or a checkpoint."""
 
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
-_POOLING = {"token": "[CLS] token", "avg": "mean of patch tokens", "map": "attention pool"}
+from vitkit.cli._args import model_help
+
+_POOLING = {
+    "token": "[CLS] token",
+    "avg": "mean of patch tokens",
+    "map": "attention pool",
+    "token_avg": "[CLS] token beside the mean of patch tokens",
+}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -12,28 +20,41 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "info",
         help="show a model's size, FLOPs and shapes",
         description="Show the configuration, parameter count, multiply-accumulates "
-        "and tensor shapes of a preset (no weights are downloaded).",
+        "and tensor shapes of a preset (built on the meta device: nothing is allocated) or of "
+        "a checkpoint, with its classes and preprocessing.",
     )
-    p.add_argument("name", help="preset name (see `vitkit models`)")
+    p.add_argument(
+        "name",
+        metavar="SOURCE",
+        help=model_help(presets=False) + ", or a preset name from `vitkit models`",
+    )
     p.add_argument(
         "--image-size",
         type=int,
         nargs="+",
         metavar="PX",
-        help="input size, one number (square) or height width (default: the preset's)",
+        help="input size, one number (square) or height width (default: the model's)",
     )
     p.add_argument("--num-classes", type=int, help="override the number of classes")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     import torch
 
+    from vitkit.checkpoints.resolve import resolve
     from vitkit.models.vit import count_macs
-    from vitkit.presets import create_model, get_config
+    from vitkit.presets import create_model, get_config, list_models
 
     overrides = {} if args.num_classes is None else {"num_classes": args.num_classes}
-    config = get_config(args.name, **overrides)
+    loaded = None
+    if Path(args.name).exists() or (args.name not in list_models() and "/" in args.name):
+        loaded = resolve(args.name)  # a checkpoint: the config its weights came with
+        config = loaded.model.config.replace(**overrides)
+    else:
+        config = get_config(args.name, **overrides)
     h, w = config.image_hw
     if args.image_size:
         h, w = (args.image_size * 2)[:2]
@@ -68,6 +89,8 @@ def run(args: argparse.Namespace) -> int:
         ("parameters", f"{model.num_params():,d}"),
         ("MACs / image", f"{macs / 1e9:.2f} G  ({2 * macs / 1e9:.2f} GFLOPs)"),
     ]
+    if loaded is not None:
+        rows += _checkpoint_rows(loaded, config)
     if (h, w) != config.image_hw:
         rows.append(
             (
@@ -80,3 +103,26 @@ def run(args: argparse.Namespace) -> int:
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
     return 0
+
+
+def _checkpoint_rows(loaded: Any, config: Any) -> list[tuple[str, str]]:
+    """What a checkpoint adds to its architecture: where it came from, its classes, and the
+    preprocessing `predict`, `eval` and `serve` will apply."""
+    p = loaded.processor
+    rows = [("weights", str(loaded.folder or loaded.source))]
+    if config.num_classes:
+        names = list((config.id2label or {}).values())
+        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        rows.append(
+            ("classes", f"{config.num_classes}" + (f" ({shown})" if names else " (unnamed)"))
+        )
+    resize = f"shorter side to {p.resize}" if isinstance(p.resize, int) else f"to {p.resize}"
+    steps = [f"resize {resize} ({p.interpolation})" if p.resize else "no resize"]
+    if p.crop_size:
+        steps.append(f"centre crop {p.crop_size}")
+    if p.mean is not None:
+        steps.append(
+            f"mean {tuple(round(m, 3) for m in p.mean)} std {tuple(round(v, 3) for v in p.std)}"
+        )
+    rows.append(("preprocessing", ", ".join(steps)))
+    return rows

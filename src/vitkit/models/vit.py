@@ -124,11 +124,11 @@ class VisionTransformer(nn.Module):
             else None
         )
 
-        self.num_features = D
+        self.num_features = c.pooled_dim
         if c.head == "mlp":  # the paper's pre-training head: one hidden layer with tanh
-            hidden = c.head_hidden_dim or D
+            hidden = c.head_hidden_dim or c.pooled_dim
             self.pre_logits = nn.Sequential()
-            self.pre_logits.add_module("fc", nn.Linear(D, hidden))
+            self.pre_logits.add_module("fc", nn.Linear(c.pooled_dim, hidden))
             self.pre_logits.add_module("act", nn.Tanh())
             self.num_features = hidden
         else:
@@ -139,7 +139,9 @@ class VisionTransformer(nn.Module):
             nn.Linear(self.num_features, c.num_classes) if c.distilled and c.num_classes else None
         )
         self.projection = (
-            nn.Linear(D, c.projection_dim, bias=False) if c.projection_dim is not None else None
+            nn.Linear(c.pooled_dim, c.projection_dim, bias=False)
+            if c.projection_dim is not None
+            else None
         )
         self.grad_checkpointing = False
         self.init_weights()
@@ -332,13 +334,15 @@ class VisionTransformer(nn.Module):
         return layers
 
     def pool(self, tokens: Tensor) -> Tensor:
-        """(B, T, D) -> (B, D'): [CLS] token, mean of the patch tokens or attention pooling over
-        them, then fc_norm and pre-logits."""
+        """(B, T, D) -> (B, D'): [CLS] token, mean of the patch tokens, attention pooling over
+        them, or [CLS] and the patch mean side by side (D' = 2D); then fc_norm and pre-logits."""
         c = self.config
         if self.attn_pool is not None:
             x = self.attn_pool(tokens[:, c.num_prefix_tokens :])
         elif c.global_pool == "avg":
             x = tokens[:, c.num_prefix_tokens :].mean(dim=1)
+        elif c.global_pool == "token_avg":  # DINOv2's linear classifier input
+            x = torch.cat([tokens[:, 0], tokens[:, c.num_prefix_tokens :].mean(dim=1)], dim=-1)
         else:
             x = tokens[:, 0]
         return self.pre_logits(self.fc_norm(x))
@@ -488,10 +492,10 @@ def count_macs(config: ViTConfig, image_size: tuple[int, int] | None = None) -> 
     macs += c.depth * per_block
     if c.global_pool == "map":  # one query: q, k/v of the patches, attention, proj, MLP
         macs += d * d + n * d * 2 * d + 2 * n * d + d * d + 2 * d * hidden
-    feat = d
+    feat = c.pooled_dim
     if c.head == "mlp":
-        feat = c.head_hidden_dim or d
-        macs += d * feat
+        feat = c.head_hidden_dim or c.pooled_dim
+        macs += c.pooled_dim * feat
     macs += feat * c.num_classes * (2 if c.distilled else 1)
-    macs += d * (c.projection_dim or 0)
+    macs += c.pooled_dim * (c.projection_dim or 0)
     return macs
