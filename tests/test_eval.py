@@ -295,7 +295,7 @@ def test_cli_eval_builtin_tensor_dataset(tmp_path):
     from vitkit.cli import main
     from vitkit.data.datasets import open_splits
 
-    splits = open_splits("digits")
+    splits = open_splits("digits", mode="L")
     cfg = ViTConfig(
         image_size=16, patch_size=4, in_chans=1, num_classes=10, embed_dim=32, depth=1, num_heads=2
     )

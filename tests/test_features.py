@@ -77,7 +77,7 @@ def test_cli_knn_and_linear_probe_on_a_headless_encoder(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "k-NN (k=20) top-1" in text and "linear probe top-1" in text
     metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())
-    splits = open_splits("digits")
+    splits = open_splits("digits", mode="L")
     model = vitkit.from_pretrained(tmp_path / "enc")
 
     def f(part):

@@ -245,7 +245,7 @@ def test_fine_tuning_keeps_the_checkpoints_preprocessing(tmp_path, capsys):
     from vitkit.eval import evaluate
 
     best = vitkit.from_pretrained(tmp_path / "ft" / "best")
-    test = open_splits("digits").test
+    test = open_splits("digits", mode="L").test
     x = (test.images - 0.485) / 0.229
     expected = evaluate(best, [(x, test.labels)]).top1
     assert json.loads((tmp_path / "ft" / "results.json").read_text())["test_acc"] == expected
@@ -267,3 +267,28 @@ def test_label_fraction_trains_and_selects_on_that_fraction_of_the_labels(tmp_pa
     assert load_state(tmp_path)["global_step"] == 129 // 8
     with pytest.raises(ConfigError, match="label_fraction=0"):
         Recipe(label_fraction=0).validate()
+
+
+def test_an_rgb_checkpoint_fine_tunes_on_grayscale_digits(tmp_path):
+    """Built-in sets are grayscale; a 3-channel --init sees them as RGB (the gray value in each
+    channel), as it would see a folder of grayscale files, instead of being refused."""
+    from vitkit.data.datasets import open_splits
+
+    gray, rgb = open_splits("digits", mode="L"), open_splits("digits", mode="RGB")
+    assert gray.train.images.shape[1:] == (1, 8, 8) and rgb.train.images.shape[1:] == (3, 8, 8)
+    assert torch.equal(rgb.test.images, gray.test.images.expand(-1, 3, -1, -1))
+    init = vitkit.create_model(
+        "vit_tiny_patch16_224", image_size=8, patch_size=2, depth=1, num_classes=0
+    )
+    vitkit.save_pretrained(init, tmp_path / "rgb")
+    recipe = Recipe(**{**TINY, "model_overrides": {}}, init=str(tmp_path / "rgb"),
+                    output=str(tmp_path / "ft"))  # fmt: skip
+    result = train(recipe)
+    from vitkit.eval import evaluate
+
+    best = vitkit.from_pretrained(tmp_path / "ft" / "best")
+    p = load_state(tmp_path / "ft")["preprocessor"]
+    mean, std = (torch.tensor(p[k]).view(1, 3, 1, 1) for k in ("image_mean", "image_std"))
+    x = (rgb.test.images - mean) / std  # the test split as the run saw it: gray in RGB
+    assert best.config.in_chans == 3
+    assert result.test_acc == evaluate(best, [(x, rgb.test.labels)]).top1

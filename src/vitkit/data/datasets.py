@@ -265,8 +265,8 @@ def open_splits(
     """
     from vitkit.data import folders
 
-    if data in BUILTIN:
-        train, test = load_builtin(data)
+    if data in BUILTIN:  # in memory, grayscale: in `mode`'s channels, as files are read
+        train, test = (_in_mode(part, mode) for part in load_builtin(data))
         train, val = carve(train, val_fraction)
         return Splits(train, val, test, list(train.classes))
     root = Path(data).expanduser()
@@ -412,11 +412,10 @@ def build_data(
     if not labelled:  # pre-training sees every training image; labels serve k-NN monitoring
         memory, queries = (train, val) if splits.classes else (None, None)
         train = _concat([train, val, *([splits.test] if recipe.all_data else [])])
-    if isinstance(train, TensorData) and train.images.shape[1] != in_chans:
+    if isinstance(train, TensorData) and train.images.shape[1] != in_chans:  # not 1 or 3
         raise ConfigError(
             f"--data {recipe.data} has {train.images.shape[1]} channel(s) but "
-            f"the model expects in_chans={in_chans}; pick a {train.images.shape[1]}-channel "
-            f"model or --set model_overrides.in_chans={train.images.shape[1]}"
+            f"the model expects in_chans={in_chans}"
         )
     if labelled and val is None:
         raise ConfigError(
@@ -450,6 +449,15 @@ def build_data(
         knn_memory=memory,
         knn_queries=queries,
     )
+
+
+def _in_mode(data: TensorData, mode: str) -> TensorData:
+    """An in-memory set with 3 channels for mode "RGB" and 1 for "L" (`match_channels`), so an
+    RGB checkpoint fine-tunes on digits or MNIST as it would on a folder of grayscale files."""
+    from vitkit.data.processor import match_channels
+
+    images = match_channels(data.images, 1 if mode == "L" else 3).contiguous()
+    return data if images is data.images else TensorData(images, data.labels, data.classes)
 
 
 def _concat(parts: list[Any]) -> Any:

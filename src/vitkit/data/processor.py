@@ -542,15 +542,7 @@ class ImageProcessor:
                 else rgb
             )
             c = 3
-        if c == self.num_channels:
-            return x
-        if c == 1 and self.num_channels == 3:
-            return x.expand(-1, 3, -1, -1)
-        if c == 3 and self.num_channels == 1:
-            weights = torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)
-            gray = (x.float() * weights).sum(1, keepdim=True)
-            return gray.round().clamp(0, 255).to(torch.uint8) if x.dtype == torch.uint8 else gray
-        raise ImageError(f"cannot use a {c}-channel image for a {self.num_channels}-channel model")
+        return match_channels(x, self.num_channels)
 
     def _crop_tensor(self, x: torch.Tensor) -> torch.Tensor:
         from torchvision.transforms.v2 import functional as tvf
@@ -706,3 +698,18 @@ def _tensor_to_pil(t: torch.Tensor, background: tuple[int, int, int] | None) -> 
     if array.shape[-1] == 4:
         return load_image(Image.fromarray(np.ascontiguousarray(array)), background=background)
     return Image.fromarray(np.ascontiguousarray(array))
+
+
+def match_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """(B, C, H, W) images as `channels`-channel ones, as PIL's modes convert files: grayscale
+    repeated to RGB (a view), RGB to ITU-R 601 luma; uint8 stays uint8."""
+    c = x.shape[1]
+    if c == channels:
+        return x
+    if c == 1 and channels == 3:
+        return x.expand(-1, 3, -1, -1)
+    if c == 3 and channels == 1:
+        weights = torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)
+        gray = (x.float() * weights).sum(1, keepdim=True)
+        return gray.round().clamp(0, 255).to(torch.uint8) if x.dtype == torch.uint8 else gray
+    raise ImageError(f"cannot use a {c}-channel image for a {channels}-channel model")
