@@ -121,6 +121,47 @@ def test_big_vision_token_pooling_pos_without_cls_row(tmp_path):
         assert _diff(ours(x).logits, theirs(x)) <= 1e-5
 
 
+@pytest.mark.parametrize(
+    ("pool", "stacked"), [("map", False), ("map", True), ("avg", False)], ids=str
+)
+def test_big_vision_without_cls_written_and_read_both_ways(tmp_path, pool, stacked):
+    """A model without [CLS] (SigLIP's image tower: a MAP head, or mean pooling) is written in
+    big_vision's layout; timm's loader and vitkit's read it back with the source's outputs,
+    also with the blocks stacked and under SigLIP's "params/img/" prefix."""
+    torch.manual_seed(0)
+    kw = dict(class_token=False, global_pool=pool, fc_norm=False)
+    source = TimmViT(**TIMM, **kw).eval()
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    cfg = CFG.replace(act="gelu", **kw)
+    w = npz_from_state_dict(
+        vitkit.from_pretrained(_save(source, tmp_path), config=cfg).state_dict(), cfg
+    )
+    assert "pos_embedding" in w and "cls" not in w and ("MAPHead_0/probe" in w) == (pool == "map")
+    path = tmp_path / "bv.npz"
+    np.savez(path, **_big_vision(w, stacked=stacked, prefix="params/img/", keep_cls=False))
+    theirs = TimmViT(**TIMM, **kw).eval()
+    _load_weights(theirs, str(path))
+    ours = vitkit.from_pretrained(path, act="gelu")
+    c = ours.config
+    assert (c.class_token, c.global_pool, c.use_fc_norm) == (False, pool, False)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = source(x)
+        assert _diff(theirs(x), want) <= 1e-5 and _diff(ours(x).logits, want) <= 1e-5
+
+
+def test_a_map_head_vitkit_cannot_hold_is_one_line(tmp_path):
+    cfg = CFG.replace(class_token=False, global_pool="map", fc_norm=False)
+    w = npz_from_state_dict(_random_vitkit(cfg).state_dict(), cfg)
+    w["MAPHead_0/MlpBlock_0/Dense_0/kernel"] = np.zeros((64, 96), np.float32)
+    path = tmp_path / "odd.npz"
+    np.savez(path, **w)
+    with pytest.raises(CheckpointError, match="MAP head has 4 heads and an MLP of 96"):
+        vitkit.from_pretrained(path)
+
+
 def test_in21k_pre_logits_become_the_tanh_head(tmp_path):
     model = _random_vitkit(CFG.replace(head="mlp", head_hidden_dim=32, num_classes=7))
     path = tmp_path / "in21k.npz"

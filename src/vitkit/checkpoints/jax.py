@@ -10,7 +10,9 @@ Two layouts are read, keys joined with "/":
     big_vision          optional "params/" prefix, pos_embedding at the top level without a
                         [CLS] row, sublayers MultiHeadDotProductAttention_0, LayerNorm_1,
                         MlpBlock_0, optionally all blocks stacked under Transformer/encoderblock
-                        with a leading depth axis; mean pooling when there is no cls
+                        with a leading depth axis; mean pooling when there is no cls, or
+                        attention pooling with MAPHead_0/{probe, MultiHeadDotProductAttention_0,
+                        LayerNorm_0, MlpBlock_0} (SigLIP's image tower, "params/img/")
 
 Kernels are (in, out) and attention kernels (D, H, Dh) / (H, Dh, D); PyTorch wants (out, in).
 The architecture is read from the shapes: width and patch from the embedding kernel, depth from
@@ -159,10 +161,6 @@ def config_from_npz(
 def _config_from_npz(weights: Mapping[str, np.ndarray], act: str, source: str) -> ViTConfig:
     w = _strip_prefix(weights, source)
     names, stacked = _layout(w)
-    if any(k.startswith("MAPHead_0/") for k in w):
-        raise CheckpointError(
-            f"{source} pools with a MAP head (attention pooling), which vitkit does not implement"
-        )
     P, Pw, C, D = w["embedding/kernel"].shape
     if Pw != P:
         raise CheckpointError(f"{source}: non-square patches {P}x{Pw} are not supported")
@@ -193,6 +191,9 @@ def _config_from_npz(weights: Mapping[str, np.ndarray], act: str, source: str) -
         )
     num_classes = w["head/kernel"].shape[-1] if "head/kernel" in w else 0
     has_pre_logits = "pre_logits/kernel" in w
+    map_head = any(k.startswith(_MAP) for k in w)
+    if map_head:
+        _check_map_head(w, class_token, heads, mlp, source)
     try:
         return ViTConfig(
             image_size=side * P,
@@ -206,7 +207,7 @@ def _config_from_npz(weights: Mapping[str, np.ndarray], act: str, source: str) -
             qkv_bias=_block_key(0, names["attn"] + "/query/bias", stacked) in w,
             layer_norm_eps=1e-6,
             act=act,  # type: ignore[arg-type]
-            global_pool="token" if class_token else "avg",
+            global_pool="map" if map_head else "token" if class_token else "avg",
             fc_norm=False,
             class_token=class_token,
             head="mlp" if has_pre_logits else "linear",
@@ -218,6 +219,26 @@ def _config_from_npz(weights: Mapping[str, np.ndarray], act: str, source: str) -
         )
     except ConfigError as exc:
         raise CheckpointError(f"{source} does not describe a vitkit ViT: {exc}") from exc
+
+
+_MAP = "MAPHead_0/"
+_MAP_ATTN = _MAP + "MultiHeadDotProductAttention_0/"
+
+
+def _check_map_head(
+    w: Mapping[str, np.ndarray], class_token: bool, heads: int, mlp: int, source: str
+) -> None:
+    """vitkit's attention pool (`global_pool="map"`) has the blocks' heads and MLP width and
+    reads the patch tokens only; refuse a MAP head that differs."""
+    map_heads = w[_MAP_ATTN + "query/kernel"].shape[1]
+    map_mlp = w[_MAP + "MlpBlock_0/Dense_0/kernel"].shape[-1]
+    if class_token:
+        raise CheckpointError(f"{source}: a MAP head beside a [CLS] token is not supported")
+    if (map_heads, map_mlp) != (heads, mlp):
+        raise CheckpointError(
+            f"{source}: the MAP head has {map_heads} heads and an MLP of {map_mlp}; vitkit's "
+            f"attention pool uses the blocks' ({heads} heads, MLP {mlp})"
+        )
 
 
 def _block_key(i: int, name: str, stacked: bool) -> str:
@@ -302,6 +323,11 @@ def _required_keys(
     per_block += [f"{m}/Dense_{j}/{p}" for j in range(2) for p in ("kernel", "bias")]
     for i in range(1 if stacked else config.depth):
         keys += [_block_key(i, name, stacked) for name in per_block]
+    if config.global_pool == "map":
+        keys += [_MAP + "probe", _MAP + "LayerNorm_0/scale", _MAP + "LayerNorm_0/bias"]
+        keys += [f"{_MAP_ATTN}{n}/{p}" for n in ("query", "key", "value", "out")
+                 for p in ("kernel", "bias")]  # fmt: skip
+        keys += [f"{_MAP}MlpBlock_0/Dense_{j}/{p}" for j in range(2) for p in ("kernel", "bias")]
     if config.head == "mlp":
         keys += ["pre_logits/kernel", "pre_logits/bias"]
     if config.num_classes:
@@ -350,6 +376,23 @@ def _convert(
             sd[ours + f"mlp.fc{j + 1}.bias"] = blk(f"{m}/Dense_{j}/bias")
     sd["norm.weight"] = get("Transformer/encoder_norm/scale")
     sd["norm.bias"] = get("Transformer/encoder_norm/bias")
+    if config.global_pool == "map":  # Flax (D, H, Dh) / (H, Dh, D) kernels, as in the blocks
+        sd["attn_pool.latent"] = get(_MAP + "probe").reshape(1, 1, D)
+        sd["attn_pool.q.weight"] = get(_MAP_ATTN + "query/kernel").reshape(D, -1).T
+        sd["attn_pool.q.bias"] = get(_MAP_ATTN + "query/bias").reshape(-1)
+        sd["attn_pool.kv.weight"] = torch.cat(
+            [get(f"{_MAP_ATTN}{n}/kernel").reshape(D, -1).T for n in ("key", "value")]
+        )
+        sd["attn_pool.kv.bias"] = torch.cat(
+            [get(f"{_MAP_ATTN}{n}/bias").reshape(-1) for n in ("key", "value")]
+        )
+        sd["attn_pool.proj.weight"] = get(_MAP_ATTN + "out/kernel").reshape(-1, D).T
+        sd["attn_pool.proj.bias"] = get(_MAP_ATTN + "out/bias")
+        sd["attn_pool.norm.weight"] = get(_MAP + "LayerNorm_0/scale")
+        sd["attn_pool.norm.bias"] = get(_MAP + "LayerNorm_0/bias")
+        for j in range(2):
+            sd[f"attn_pool.mlp.fc{j + 1}.weight"] = get(f"{_MAP}MlpBlock_0/Dense_{j}/kernel").T
+            sd[f"attn_pool.mlp.fc{j + 1}.bias"] = get(f"{_MAP}MlpBlock_0/Dense_{j}/bias")
     if config.head == "mlp":
         sd["pre_logits.fc.weight"] = get("pre_logits/kernel").T
         sd["pre_logits.fc.bias"] = get("pre_logits/bias")
@@ -360,11 +403,16 @@ def _convert(
 
 
 def npz_from_state_dict(sd: Mapping[str, Tensor], config: ViTConfig) -> dict[str, np.ndarray]:
-    """vision_transformer-layout arrays (the layout of the paper's released files)."""
+    """JAX arrays: the vision_transformer layout (the paper's released files) for a model that
+    reads [CLS], big_vision's (unstacked blocks, `pos_embedding` with no [CLS] row) for one
+    without [CLS] that pools the patch mean or with a MAP head (SigLIP)."""
     c = config
+    big_vision = not c.class_token
     problems = []
-    if not c.class_token or c.global_pool != "token" or c.use_fc_norm:
-        problems.append("the layout has a [CLS] token read after the final norm")
+    if c.class_token and c.global_pool != "token":
+        problems.append("a [CLS] model to read [CLS] (global_pool='token')")
+    if c.use_fc_norm:
+        problems.append("the final norm before pooling (fc_norm off)")
     if c.distilled or c.num_register_tokens or c.use_mask_token:
         problems.append("no [DIST], register or mask tokens")
     if c.pos_embed != "learned":
@@ -372,26 +420,28 @@ def npz_from_state_dict(sd: Mapping[str, Tensor], config: ViTConfig) -> dict[str
     if c.stem_channels:
         problems.append("patches projected from the pixels (no convolutional stem)")
     if problems:
-        raise CheckpointError(
-            "cannot write this model as a vision_transformer .npz: needs " + "; ".join(problems)
-        )
+        raise CheckpointError("cannot write this model as a JAX .npz: needs " + "; ".join(problems))
     check_state_dict(sd, c, source="model state dict")
     D, H, Dh = c.embed_dim, c.num_heads, c.head_dim
+    names = _BIG_VISION if big_vision else _OFFICIAL
 
     def a(t: Tensor) -> np.ndarray:
         return t.detach().float().cpu().numpy().copy()
 
     w: dict[str, np.ndarray] = {
-        "cls": a(sd["cls_token"]),
         "embedding/kernel": a(sd["patch_embed.proj.weight"].permute(2, 3, 1, 0)),
         "embedding/bias": a(sd["patch_embed.proj.bias"]),
-        "Transformer/posembed_input/pos_embedding": a(sd["pos_embed"]),
         "Transformer/encoder_norm/scale": a(sd["norm.weight"]),
         "Transformer/encoder_norm/bias": a(sd["norm.bias"]),
     }
+    if big_vision:
+        w["pos_embedding"] = a(sd["pos_embed"])
+    else:
+        w["cls"] = a(sd["cls_token"])
+        w["Transformer/posembed_input/pos_embedding"] = a(sd["pos_embed"])
     for i in range(c.depth):
         ours, b = f"blocks.{i}.", f"Transformer/encoderblock_{i}/"
-        att = b + _OFFICIAL["attn"]
+        att = b + names["attn"]
         w[b + "LayerNorm_0/scale"] = a(sd[ours + "norm1.weight"])
         w[b + "LayerNorm_0/bias"] = a(sd[ours + "norm1.bias"])
         for n, part in zip(("query", "key", "value"), sd[ours + "attn.qkv.weight"].chunk(3)):
@@ -401,11 +451,26 @@ def npz_from_state_dict(sd: Mapping[str, Tensor], config: ViTConfig) -> dict[str
                 w[f"{att}/{n}/bias"] = a(part.reshape(H, Dh))
         w[f"{att}/out/kernel"] = a(sd[ours + "attn.proj.weight"].T.reshape(H, Dh, D))
         w[f"{att}/out/bias"] = a(sd[ours + "attn.proj.bias"])
-        w[b + "LayerNorm_2/scale"] = a(sd[ours + "norm2.weight"])
-        w[b + "LayerNorm_2/bias"] = a(sd[ours + "norm2.bias"])
+        w[f"{b}{names['ln2']}/scale"] = a(sd[ours + "norm2.weight"])
+        w[f"{b}{names['ln2']}/bias"] = a(sd[ours + "norm2.bias"])
         for j in range(2):
-            w[f"{b}MlpBlock_3/Dense_{j}/kernel"] = a(sd[ours + f"mlp.fc{j + 1}.weight"].T)
-            w[f"{b}MlpBlock_3/Dense_{j}/bias"] = a(sd[ours + f"mlp.fc{j + 1}.bias"])
+            w[f"{b}{names['mlp']}/Dense_{j}/kernel"] = a(sd[ours + f"mlp.fc{j + 1}.weight"].T)
+            w[f"{b}{names['mlp']}/Dense_{j}/bias"] = a(sd[ours + f"mlp.fc{j + 1}.bias"])
+    if c.global_pool == "map":
+        w[_MAP + "probe"] = a(sd["attn_pool.latent"])
+        q, kv = sd["attn_pool.q.weight"], sd["attn_pool.kv.weight"].chunk(2)
+        for n, part in zip(("query", "key", "value"), (q, *kv)):
+            w[f"{_MAP_ATTN}{n}/kernel"] = a(part.T.reshape(D, H, Dh))
+        biases = (sd["attn_pool.q.bias"], *sd["attn_pool.kv.bias"].chunk(2))
+        for n, part in zip(("query", "key", "value"), biases):
+            w[f"{_MAP_ATTN}{n}/bias"] = a(part.reshape(H, Dh))
+        w[_MAP_ATTN + "out/kernel"] = a(sd["attn_pool.proj.weight"].T.reshape(H, Dh, D))
+        w[_MAP_ATTN + "out/bias"] = a(sd["attn_pool.proj.bias"])
+        w[_MAP + "LayerNorm_0/scale"] = a(sd["attn_pool.norm.weight"])
+        w[_MAP + "LayerNorm_0/bias"] = a(sd["attn_pool.norm.bias"])
+        for j in range(2):
+            w[f"{_MAP}MlpBlock_0/Dense_{j}/kernel"] = a(sd[f"attn_pool.mlp.fc{j + 1}.weight"].T)
+            w[f"{_MAP}MlpBlock_0/Dense_{j}/bias"] = a(sd[f"attn_pool.mlp.fc{j + 1}.bias"])
     if c.head == "mlp":
         w["pre_logits/kernel"] = a(sd["pre_logits.fc.weight"].T)
         w["pre_logits/bias"] = a(sd["pre_logits.fc.bias"])
@@ -416,8 +481,8 @@ def npz_from_state_dict(sd: Mapping[str, Tensor], config: ViTConfig) -> dict[str
 
 
 def save_npz(model: Any, path: str | os.PathLike[str]) -> None:
-    """Write a vitkit model as a vision_transformer `.npz` atomically (timm's
-    `_load_weights` and the original JAX code read it)."""
+    """Write a vitkit model as a JAX `.npz` atomically, in the layout `npz_from_state_dict`
+    picks (timm's `_load_weights` and the original JAX code read it)."""
     from vitkit._io import atomic_open
 
     arrays = npz_from_state_dict(model.state_dict(), model.config)
