@@ -180,6 +180,28 @@ def test_only_failures_exit_one_and_usage_errors(capsys, tmp_path):
     assert code == 1 and "no_such_model_or_folder" in err and "Traceback" not in err
 
 
+def test_image_size_runs_the_model_at_another_resolution(capsys, image_dir, fake_from_pretrained):
+    """--image-size 48 resamples the 8x8 position table to 12x12 and preprocesses to 48 px,
+    exactly as `resolve(..., image_size=48)` does; a size the patches do not tile is one line."""
+    from vitkit.infer.predictor import Predictor
+
+    photo = image_dir / "good" / "chelsea.jpg"
+    code, out, _ = _run(capsys, photo, "--model", fake_from_pretrained, "--json",
+                        "--image-size", "48")  # fmt: skip
+    got = {d["index"]: d["probability"] for d in json.loads(out)["top_k"]}
+    resolved = vitkit.resolve(fake_from_pretrained, image_size=48)
+    assert resolved.model.pos_embed.shape[1] == 1 + 12 * 12
+    assert resolved.processor.output_hw == (48, 48)
+    (want,) = Predictor(resolved.model, resolved.processor, top_k=3).predict([str(photo)])
+    assert code == 0 and got == pytest.approx({i: p for i, _, p in want.top_k}, abs=1e-6)
+    code, _, err = _run(capsys, photo, "--model", fake_from_pretrained, "--image-size", "50")
+    assert code == 1 and err.count("\n") == 1 and "patch_size=4" in err
+    code, _, err = _run(
+        capsys, photo, "--model", fake_from_pretrained, "--image-size", "1", "2", "3"
+    )
+    assert code == 1 and "--image-size takes one size or a height and a width" in err
+
+
 def test_processor_comes_from_the_model_folder(tmp_path):
     config = vitkit.get_config("vit_tiny_patch4_32")
     assert processor_for(config, tmp_path) == ImageProcessor.hf_vit(32, backend="tensor")

@@ -559,6 +559,20 @@ def test_deploy_files_agree_with_the_server(server):
     assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
 
 
+def test_image_size_reaches_the_workers_model_and_preprocessing(model_dir):
+    """--image-size travels in the settings (JSON for --workers) to the model each process
+    loads: the position table and the processor at that size."""
+    from vitkit.serve.app import Service, settings_from_env, settings_to_env
+
+    settings = Settings(model=str(model_dir), image_size=(96, 128))
+    again = settings_from_env(settings_to_env(settings))
+    assert again == settings and again.image_size == (96, 128)
+    service = Service(again)
+    service.load()
+    assert service.model.pos_embed.shape[1] == 1 + 6 * 8
+    assert service.processor.output_hw == (96, 128)
+
+
 def test_precision_runs_the_predict_runner(model_dir, photos):
     """--precision goes through vitkit.infer.precision, the runner `vitkit predict` uses."""
     from vitkit.infer.predictor import preprocess

@@ -112,7 +112,8 @@ def resolve(
             )
         model = _preset(text, num_classes=num_classes, image_size=image_size, **overrides)
         model = model.to(device=device, dtype=dtype or torch.get_default_dtype()).eval()
-        return Resolved(model, _processor(None, model.config, processor, text), text, None, True)
+        proc = _processor(None, model.config, processor, text, image_size)
+        return Resolved(model, proc, text, None, True)
 
     folder: Path | None = None
     files: dict[str, Path] = {}
@@ -123,7 +124,7 @@ def resolve(
             cfg = config or ViTConfig.from_dict(state["model_config"])
             model = build_model(cfg, dict(state["model"]), source=str(path), **build)
             found = _processor_from_dict(state.get("preprocessor"), str(path))
-            proc = _processor(found, model.config, processor, text)
+            proc = _processor(found, model.config, processor, text, image_size)
             return Resolved(model, proc, text, path / "last")
         cfg, sd, name, files = load_folder(folder, model_name, config)
     elif path.is_file():
@@ -133,7 +134,8 @@ def resolve(
         folder = files["config.json"].parent
     model = build_model(cfg, sd, source=name, **build)
     found = _processor_from_files(files)
-    return Resolved(model, _processor(found, model.config, processor, text), text, folder)
+    proc = _processor(found, model.config, processor, text, image_size)
+    return Resolved(model, proc, text, folder)
 
 
 def from_pretrained(source: str | os.PathLike[str], **kwargs: Any) -> VisionTransformer:
@@ -234,10 +236,16 @@ def _processor_from_dict(data: Any, source: str) -> ImageProcessor | None:
 
 
 def _processor(
-    found: ImageProcessor | None, config: ViTConfig, choice: str, source: str
+    found: ImageProcessor | None,
+    config: ViTConfig,
+    choice: str,
+    source: str,
+    size: int | tuple[int, int] | None = None,
 ) -> ImageProcessor:
     """The checkpoint's processor (or transformers' defaults at the model's size), with the
-    geometry of `choice` and as many channels as the model takes."""
+    geometry of `choice` and as many channels as the model takes; producing `size` when one
+    was asked for (a checkpoint's own processor may differ from its config's size on purpose:
+    DINOv2's crops 224 for a 518 position table)."""
     base = found or ImageProcessor.for_model(config)
     if choice == "hf":
         processor = ImageProcessor.hf_vit(config.image_hw, mean=base.mean, std=base.std)
@@ -257,4 +265,6 @@ def _processor(
         choice == "auto" and found is not None and found.backend == "pil"
     )
     processor = dataclasses.replace(processor, backend="pil" if timm_style else "tensor")
+    if size is not None:
+        processor = processor.at_size(size if isinstance(size, tuple) else (size, size))
     return processor.with_channels(config.in_chans)

@@ -25,6 +25,32 @@ def add_model(p: argparse.ArgumentParser, *, presets: bool, what: str = "the pip
     )
 
 
+RESAMPLED = (
+    "run the model at this input size: one number (square) or height width; the learned "
+    "positions are resampled (bicubic) and the preprocessing follows (default: the checkpoint's)"
+)
+
+
+def add_image_size(p: argparse.ArgumentParser, *, help: str = RESAMPLED) -> None:
+    """`--image-size PX [PX]`; read it back with `image_size(args)`."""
+    p.add_argument("--image-size", type=int, nargs="+", metavar="PX", help=help)
+
+
+def image_size(args: argparse.Namespace) -> int | tuple[int, int] | None:
+    """`--image-size` as `vitkit.resolve` takes it: None, one side, or (height, width)."""
+    from vitkit.errors import ConfigError
+
+    sizes = args.image_size
+    if sizes is None:
+        return None
+    if len(sizes) > 2 or min(sizes) <= 0:
+        raise ConfigError(
+            "--image-size takes one size or a height and a width in pixels, got "
+            + " ".join(map(str, sizes))
+        )
+    return sizes[0] if len(sizes) == 1 else (sizes[0], sizes[1])
+
+
 def add_precision(p: argparse.ArgumentParser, *, what: str = "the model") -> None:
     """`--precision` and `--backend`: the precision path `vitkit.infer.prepare` runs `what` on."""
     from vitkit.infer.precision import BACKENDS, PRECISIONS

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from vitkit.cli._args import add_model, add_precision
+from vitkit.cli._args import add_image_size, add_model, add_precision, image_size
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -23,6 +23,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders")
     add_model(p, presets=False)
+    add_image_size(p)
     p.add_argument("--output", "-o", required=True, help="emb.npy or emb.safetensors")
     p.add_argument("--pool", choices=("model", "cls", "mean"), default="model",
                    help="the model's pooled output / image embedding (default), [CLS], patch mean")  # fmt: skip
@@ -52,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"{output} exists; pass --overwrite to replace it")
     info = D.setup(args.device)
     try:
-        resolved = resolve(args.model, device=info.device)
+        resolved = resolve(args.model, device=info.device, image_size=image_size(args))
         rows, paths, failures = embed_paths(
             resolved.model, resolved.processor, args.images, pool=args.pool,
             normalize=args.normalize, layers=args.layers, batch_size=args.batch_size,

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from vitkit.cli._args import add_model, add_precision
+from vitkit.cli._args import add_image_size, add_model, add_precision, image_size
 
 SPLITS = ("train", "val", "test")
 
@@ -35,6 +35,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "checkpoint on an image folder, CIFAR batches, an image list or a built-in dataset.",
     )
     add_model(p, presets=False)
+    add_image_size(p)
     p.add_argument(
         "--data",
         required=True,
@@ -90,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     from vitkit.distributed import pick_device
 
     device = pick_device(args.device)
-    resolved = resolve(args.model, device=device)
+    resolved = resolve(args.model, device=device, image_size=image_size(args))
     model, processor = resolved.model, resolved.processor
     if args.knn is not None or args.linear_probe:
         return _frozen(args, model, processor, device)

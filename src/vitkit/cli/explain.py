@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from vitkit.cli._args import add_model
+from vitkit.cli._args import add_image_size, add_model, image_size
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -27,6 +27,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
     add_model(p, presets=True)
+    add_image_size(p)
     p.add_argument("--method", choices=METHODS, default="rollout", help="(default: rollout)")
     p.add_argument("--output", "-o", required=True, metavar="DIR", help="folder for the PNGs")
     p.add_argument(
@@ -61,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     from vitkit.viz import save_png
 
     device = pick_device(args.device)
-    resolved = resolve(args.model, device=device, allow_preset=True)
+    resolved = resolve(args.model, device=device, allow_preset=True, image_size=image_size(args))
     if resolved.random_weights:
         print(
             f"vitkit explain: warning: {args.model!r} is a preset name: RANDOM weights",

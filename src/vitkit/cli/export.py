@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from vitkit.cli._args import model_help
+from vitkit.cli._args import add_image_size, image_size, model_help
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -17,6 +17,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "Class names travel in the file (ONNX metadata_props 'id2label').",
     )
     p.add_argument("source", metavar="SOURCE", help=model_help(presets=True, what="the export"))
+    add_image_size(p)
     p.add_argument("--output", "-o", required=True, metavar="FILE",
                    help="FILE.onnx, FILE.pt2 or FILE.xml (+ FILE.bin)")  # fmt: skip
     p.add_argument("--format", "-f", choices=("onnx", "pt2", "openvino"), default=None,
@@ -65,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.top_k < 1:
         raise VitkitError(f"--top-k must be at least 1, got {args.top_k}")
-    resolved = resolve(args.source, allow_preset=True)
+    resolved = resolve(args.source, allow_preset=True, image_size=image_size(args))
     if resolved.random_weights:
         print(f"vitkit export: warning: {args.source!r} is a preset: RANDOM weights",
               file=sys.stderr)  # fmt: skip

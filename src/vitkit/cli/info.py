@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from vitkit.cli._args import model_help
+from vitkit.cli._args import add_image_size, image_size, model_help
 
 _POOLING = {
     "token": "[CLS] token",
@@ -28,13 +28,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="SOURCE",
         help=model_help(presets=False) + ", or a preset name from `vitkit models`",
     )
-    p.add_argument(
-        "--image-size",
-        type=int,
-        nargs="+",
-        metavar="PX",
-        help="input size, one number (square) or height width (default: the model's)",
-    )
+    add_image_size(p, help="input size, one number (square) or height width (default: the model's)")
     p.add_argument("--num-classes", type=int, help="override the number of classes")
     p.set_defaults(func=run)
 
@@ -55,9 +49,8 @@ def run(args: argparse.Namespace) -> int:
         config = loaded.model.config.replace(**overrides)
     else:
         config = get_config(args.name, **overrides)
-    h, w = config.image_hw
-    if args.image_size:
-        h, w = (args.image_size * 2)[:2]
+    size = image_size(args)
+    h, w = config.image_hw if size is None else (size, size) if isinstance(size, int) else size
     with torch.device("meta"):
         model = create_model(config)
     grid = model.patch_embed.grid_size(h, w)

@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 
-from vitkit.cli._args import add_model, add_precision
+from vitkit.cli._args import add_image_size, add_model, add_precision, image_size
 
 _PROGRESS_MIN_IMAGES = 32  # fewer than this finish too fast for a progress bar to help
 
@@ -25,6 +25,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders")
     add_model(p, presets=True)
+    add_image_size(p)
     p.add_argument("--top-k", "-k", type=int, default=5, help="classes to show per image (5)")
     p.add_argument("--json", action="store_true", help="print one JSON object per image")
     p.add_argument("--batch-size", "-b", type=int, default=16, help="images per forward pass")
@@ -80,7 +81,13 @@ def run(args: argparse.Namespace) -> int:
         return 1
 
     device = pick_device(args.device)
-    resolved = resolve(args.model, device=device, processor=args.processor, allow_preset=True)
+    resolved = resolve(
+        args.model,
+        device=device,
+        processor=args.processor,
+        allow_preset=True,
+        image_size=image_size(args),
+    )
     if resolved.random_weights:
         print(
             f"vitkit predict: warning: {args.model!r} is a preset name, not a checkpoint: the "

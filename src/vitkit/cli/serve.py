@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from vitkit.cli._args import add_model, add_precision
+from vitkit.cli._args import add_image_size, add_model, add_precision, image_size
 
 DRAIN_SECONDS = 8  # Kubernetes' terminationGracePeriodSeconds (deploy/) leaves room above this
 
@@ -23,6 +23,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "batched. Needs pip install 'vitkit[serve]'.",
     )
     add_model(p, presets=True, what="the server")
+    add_image_size(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (8000)")
     add_precision(p, what="/v1/classify and /v1/embed")
@@ -81,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
         max_body_mb=args.max_body_mb,
         threads=args.threads,
         calibration=args.calibration,
+        image_size=image_size(args),
     )
     common = dict(
         host=args.host,

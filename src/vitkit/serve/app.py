@@ -58,8 +58,11 @@ class Settings:
     threads: int | None = None
     allow_preset: bool = True
     calibration: str | None = None  # a folder of images for static int8 / auto
+    image_size: int | tuple[int, int] | None = None  # None: the checkpoint's
 
     def __post_init__(self) -> None:
+        if isinstance(self.image_size, list):  # back from JSON (--workers)
+            self.image_size = (self.image_size[0], self.image_size[1])
         if self.precision not in PRECISIONS:
             raise ConfigError(f"--precision {self.precision!r} is not available; use {PRECISIONS}")
         if self.backend is not None and self.backend not in BACKENDS:
@@ -111,7 +114,9 @@ class Service:
         from vitkit.distributed import pick_device
 
         self.device = pick_device(s.device)
-        resolved = resolve(s.model, device=self.device, allow_preset=s.allow_preset)
+        resolved = resolve(
+            s.model, device=self.device, allow_preset=s.allow_preset, image_size=s.image_size
+        )
         if resolved.random_weights:
             _log(f"warning: {s.model!r} is a preset name: RANDOM weights, meaningless answers")
         self.model = resolved.model.eval()
@@ -255,11 +260,16 @@ def app_from_env():
                 pass
         os.kill(os.getppid(), signal.SIGTERM)
 
-    return create_app(Settings(**json.loads(os.environ[ENV_SETTINGS])), on_fatal=stop_server)
+    return create_app(settings_from_env(os.environ[ENV_SETTINGS]), on_fatal=stop_server)
 
 
 def settings_to_env(settings: Settings) -> str:
     return json.dumps(asdict(settings))
+
+
+def settings_from_env(text: str) -> Settings:
+    """The inverse of `settings_to_env` (each --workers process reads its settings so)."""
+    return Settings(**json.loads(text))
 
 
 # ------------------------------------------------------------------------------ routes
