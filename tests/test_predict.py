@@ -200,6 +200,8 @@ def test_image_size_runs_the_model_at_another_resolution(capsys, image_dir, fake
         capsys, photo, "--model", fake_from_pretrained, "--image-size", "1", "2", "3"
     )
     assert code == 1 and "--image-size takes one size or a height and a width" in err
+    code, _, err = _run(capsys, photo, "--model", fake_from_pretrained, "--image-size", "99999")
+    assert code == 1 and err.startswith("vitkit predict: error: --image-size 99,999 is over")
 
 
 def test_processor_comes_from_the_model_folder(tmp_path):

@@ -38,6 +38,7 @@ def add_image_size(p: argparse.ArgumentParser, *, help: str = RESAMPLED) -> None
 
 def image_size(args: argparse.Namespace) -> int | tuple[int, int] | None:
     """`--image-size` as `vitkit.resolve` takes it: None, one side, or (height, width)."""
+    from vitkit import limits
     from vitkit.errors import ConfigError
 
     sizes = args.image_size
@@ -47,6 +48,12 @@ def image_size(args: argparse.Namespace) -> int | tuple[int, int] | None:
         raise ConfigError(
             "--image-size takes one size or a height and a width in pixels, got "
             + " ".join(map(str, sizes))
+        )
+    cap = limits.limit("IMAGE_SIDE")
+    if max(sizes) > cap:  # the user's flag, not the checkpoint: say so before loading it
+        raise ConfigError(
+            f"--image-size {max(sizes):,d} is over vitkit's limit of {cap:,d} pixels a side "
+            f"(VITKIT_MAX_IMAGE_SIDE={max(sizes)} raises it)"
         )
     return sizes[0] if len(sizes) == 1 else (sizes[0], sizes[1])
 
