@@ -55,6 +55,10 @@ def test_json_round_trip_keeps_every_field(tmp_path):
         ({"drop_path_rate": 1.5}, "drop_path_rate must be in [0, 1)"),
         ({"num_classes": 2, "id2label": {0: "a"}}, "id2label has 1 entries"),
         ({"depth": 0}, "depth must be positive"),
+        ({"depth": 2.7}, "depth=2.7 must be a whole number"),  # refused, never cast
+        ({"qkv_bias": 1}, "qkv_bias=1 must be true or false"),
+        ({"mlp_ratio": float("inf")}, "mlp_ratio=inf must be a finite number"),
+        ({"head_hidden_dim": "64"}, "head_hidden_dim='64' must be a whole number"),
     ],
 )
 def test_validation_names_the_problem(changes, message):

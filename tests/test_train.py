@@ -40,6 +40,11 @@ TRAIN_IMAGES = 1295  # digits: the 80% training part less the carved validation 
 def test_recipe_validation_messages():
     with pytest.raises(ConfigError, match=r"unknown recipe key.*'lrr'"):
         Recipe.from_dict({"lrr": 1})
+    # the same type checks as ViTConfig (vitkit._fields), with the file named
+    with pytest.raises(ConfigError, match=r"^r.yaml: epochs=2.5 must be a whole number$"):
+        Recipe.from_dict({"epochs": 2.5}, source="r.yaml")
+    with pytest.raises(ConfigError, match="hflip=1 must be true or false"):
+        Recipe.from_dict({"hflip": 1})
     with pytest.raises(ConfigError, match="dtype='fp8'"):
         Recipe(dtype="fp8").validate()
     with pytest.raises(ConfigError, match="divisible by accum_steps"):

@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from vitkit import limits
+from vitkit._fields import checked, field_kinds
 from vitkit.errors import ConfigError
-from vitkit.limits import is_finite, is_int
+from vitkit.limits import is_int
 
 GlobalPool = Literal["token", "avg", "map", "token_avg"]
 PosEmbed = Literal["learned", "sincos2d", "none"]
@@ -66,44 +67,20 @@ def _id2label(value: Any) -> dict[int, str]:
     return out
 
 
-_INTS = ("patch_size", "in_chans", "num_classes", "embed_dim", "depth", "num_heads",
-         "num_register_tokens")  # fmt: skip
-_OPTIONAL_INTS = ("head_hidden_dim", "projection_dim")
-_FLOATS = ("mlp_ratio", "layer_norm_eps", "drop_rate", "attn_drop_rate", "drop_path_rate")
-_OPTIONAL_FLOATS = ("layer_scale_init",)
-_BOOLS = ("qkv_bias", "class_token", "distilled", "dynamic_img_pad", "use_mask_token",
-          "head_init_zero", "pre_norm", "patch_bias", "pos_embed_antialias",
-          "no_embed_class")  # fmt: skip
-_OPTIONAL_BOOLS = ("fc_norm",)
+_SPECIAL = ("image_size", "stem_channels", "stem_strides", "id2label")  # checked below
 
 
 def _check_types(c: ViTConfig) -> None:
     """Refuse a value of the wrong type instead of casting it (2.7 layers is not 2 layers)."""
     errors = []
-    for name in _INTS + _OPTIONAL_INTS:
-        value = getattr(c, name)
-        if value is None and name in _OPTIONAL_INTS:
+    for name, kind in _KINDS.items():
+        if name in _SPECIAL:
             continue
-        if not is_int(value):
-            errors.append(f"{name} must be an integer, got {value!r}")
-        else:
-            setattr(c, name, int(value))
-    for name in _FLOATS + _OPTIONAL_FLOATS:
         value = getattr(c, name)
-        if value is None and name in _OPTIONAL_FLOATS:
-            continue
-        if not is_finite(value):
-            errors.append(f"{name} must be a finite number, got {value!r}")
-        else:
-            setattr(c, name, float(value))
-    for name in _BOOLS + _OPTIONAL_BOOLS:
-        value = getattr(c, name)
-        if not (isinstance(value, bool) or (value is None and name in _OPTIONAL_BOOLS)):
-            errors.append(f"{name} must be true or false, got {value!r}")
-    for name in ("global_pool", "pos_embed", "head", "attn_implementation", "act",
-                 "pos_embed_interpolation", "mlp_layer"):  # fmt: skip
-        if not isinstance(getattr(c, name), str):
-            errors.append(f"{name} must be a string, got {getattr(c, name)!r}")
+        try:
+            setattr(c, name, checked(value, kind))
+        except ValueError as exc:
+            errors.append(f"{name}={value!r} {exc}")
     try:
         hw = _pair(c.image_size)
         c.image_size = int(c.image_size) if is_int(c.image_size) else hw  # type: ignore
@@ -468,3 +445,9 @@ class ViTConfig:
             return cls.from_dict(data)
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc}") from None
+
+
+# field -> declared type, for `_check_types` (the Literal aliases are names to choose among)
+_KINDS = field_kinds(
+    ViTConfig, strings=("GlobalPool", "PosEmbed", "Head", "AttnImpl", "Activation", "MlpLayer")
+)

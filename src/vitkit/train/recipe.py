@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vitkit._fields import checked
 from vitkit.errors import ConfigError
-from vitkit.limits import is_finite, is_int
 
 _DTYPES = ("fp32", "bf16", "fp16")
 _OPTIMIZERS = ("adamw", "sgd")
@@ -52,53 +52,6 @@ def pretrain_defaults(method: str, *, small_images: bool = False) -> dict[str, A
     if method == "dino":
         out.update(DINO_DEFAULTS, **(SMALL_IMAGE_CROPS if small_images else {}))
     return out
-
-
-def _typed(key: str, value: Any, kind: str, source: str) -> Any:
-    """`value` as the field's declared type (`kind`, e.g. "float | None"), or `ConfigError`."""
-    optional = kind.endswith(" | None")
-    base = kind.removesuffix(" | None")
-    if value is None:
-        if optional:
-            return None
-        raise ConfigError(f"{source}: {key} needs a value ({base}), got null")
-
-    def bad(want: str) -> ConfigError:
-        return ConfigError(f"{source}: {key}={value!r} must be {want}")
-
-    def number(v: Any) -> float:
-        if isinstance(v, str):  # YAML reads `1e-3` as a string
-            try:
-                v = float(v)
-            except ValueError:
-                raise bad("a number") from None
-        if not is_finite(v):
-            raise bad("a finite number")
-        return v
-
-    if base == "bool":
-        if not isinstance(value, bool):
-            raise bad("true or false")
-        return value
-    if base == "int":
-        if not is_int(value):
-            raise bad("a whole number")
-        return value
-    if base == "float":
-        return number(value)
-    if base == "str":
-        if not isinstance(value, str):
-            raise bad("text")
-        return value
-    if base.startswith("dict"):
-        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-            raise bad("a mapping of names to values")
-        return value
-    if base.startswith("tuple"):
-        if not isinstance(value, list | tuple):
-            raise bad("a list of numbers")
-        return tuple(number(v) for v in value)
-    return value
 
 
 @dataclass
@@ -203,7 +156,12 @@ class Recipe:
             raise ConfigError(
                 f"{source}: unknown recipe key(s) {unknown}; known keys: {', '.join(sorted(known))}"
             )
-        values = {k: _typed(k, v, str(known[k].type), source) for k, v in data.items()}
+        values = {}
+        for key, value in data.items():
+            try:
+                values[key] = checked(value, str(known[key].type), numeric_strings=True)
+            except ValueError as exc:
+                raise ConfigError(f"{source}: {key}={value!r} {exc}") from None
         recipe = cls(**values)
         recipe.validate(source)
         return recipe
