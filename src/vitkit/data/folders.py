@@ -6,8 +6,9 @@ per sample), `.skipped` (`(path, reason)` pairs) and `.num_skipped`.
 
 Bad files: a dataset never raises because one image is broken.
 - At construction each file gets a cheap check (`verify="header"`, the default): it must exist and
-  PIL must recognise its header and a size within the decompression-bomb limit. This reads only the first bytes of each file,
-  so it is fast even for large trees; files that fail are left out and listed in `.skipped`.
+  PIL must recognise its header and a size within the decompression-bomb limit. This reads only
+  the first bytes of each file, so it is fast even for large trees; files that fail are left out
+  and listed in `.skipped`.
   `verify="full"` decodes every image once (slow, catches truncated data); `verify="none"` trusts
   the listing.
 - A file that passes the check but fails to decode later (truncated data) is replaced by the next
