@@ -35,6 +35,14 @@ def _real_size_rows() -> list[tuple[str, str, float]]:
             T.Dinov2Model(T.Dinov2Config(hidden_size=384, num_attention_heads=6, image_size=518)),
             518,
         ),
+        "DINOv2 ViT-S/14 224, 1000 classes (Dinov2ForImageClassification)": (
+            T.Dinov2ForImageClassification(
+                T.Dinov2Config(
+                    hidden_size=384, num_attention_heads=6, image_size=518, num_labels=1000
+                )
+            ),
+            224,  # the hub's linear classifiers: a 518 table, run at the processor's 224 crop
+        ),
         "CLIP ViT-B/32 224 (CLIPVisionModelWithProjection)": (
             T.CLIPVisionModelWithProjection(T.CLIPVisionConfig(patch_size=32)),
             224,
