@@ -349,6 +349,71 @@ def test_timm_both_ways(name):
             assert diff <= TOL, (direction, size, diff)
 
 
+def _open_clip_names(timm_sd: dict) -> dict:
+    """A timm CLIP tower's weights as open_clip saves a whole CLIP model: the image tower under
+    `visual.` with open_clip's names, a text tower and logit_scale beside it."""
+    renames = [("patch_embed.proj", "conv1"), ("norm_pre", "ln_pre"), ("blocks.", "transformer.resblocks."),
+               ("attn.qkv.", "attn.in_proj_"), ("attn.proj", "attn.out_proj"), ("mlp.fc1", "mlp.c_fc"),
+               ("mlp.fc2", "mlp.c_proj"), ("norm1", "ln_1"), ("norm2", "ln_2")]  # fmt: skip
+    out = {}
+    for key, value in timm_sd.items():
+        if key == "cls_token":
+            out["visual.class_embedding"] = value.reshape(-1)
+        elif key == "pos_embed":
+            out["visual.positional_embedding"] = value[0]
+        elif key == "head.weight":
+            out["visual.proj"] = value.T.contiguous()
+        elif key == "norm.weight" or key == "norm.bias":
+            out["visual.ln_post." + key.split(".")[1]] = value
+        elif key != "head.bias":
+            for old, new in renames:
+                key = key.replace(old, new)
+            out["visual." + key] = value
+    width = timm_sd["cls_token"].shape[-1]
+    out["token_embedding.weight"] = torch.zeros(10, width)  # the text tower, left aside
+    out["transformer.resblocks.0.attn.in_proj_weight"] = torch.zeros(3 * width, width)
+    out["logit_scale"] = torch.tensor(4.6)
+    return out
+
+
+def test_open_clip_checkpoints_load_with_their_config_and_preprocessing(tmp_path):
+    """open_clip's layout (checked by timm's own converter) loads to the timm model's outputs:
+    from a hub-style folder with open_clip_config.json (quick-GELU, heads, mean/std), and as a
+    bare file with open_clip's defaults (exact GELU) unless act is given."""
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    peer = timm.create_model("vit_base_patch32_clip_quickgelu_224", pretrained=False, img_size=64,
+                             embed_dim=128, depth=2, num_heads=2, num_classes=32).eval()  # fmt: skip
+    _randomize(peer)
+    peer.head.bias.data.zero_()
+    theirs = _open_clip_names(peer.state_dict())
+    back = checkpoint_filter_fn(theirs, peer)  # timm's reading of the same file
+    assert back.keys() == peer.state_dict().keys()
+    assert all(torch.equal(back[k], v) for k, v in peer.state_dict().items())
+
+    folder = tmp_path / "open_clip"
+    folder.mkdir()
+    torch.save(theirs, folder / "open_clip_pytorch_model.bin")
+    mean, std = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+    (folder / "open_clip_config.json").write_text(json.dumps({
+        "model_cfg": {"embed_dim": 32, "quick_gelu": True, "vision_cfg": {
+            "image_size": 64, "layers": 2, "width": 128, "patch_size": 32, "head_width": 64}},
+        "preprocess_cfg": {"mean": mean, "std": std}}))  # fmt: skip
+    resolved = resolve(folder)
+    ours, p = resolved.model, resolved.processor
+    c = ours.config
+    assert (c.act, c.num_heads, c.projection_dim, c.pre_norm, c.patch_bias) == (
+        "quick_gelu", 2, 32, True, False)  # fmt: skip
+    assert _compare_timm(ours, peer, (64, 64)) <= TOL
+    assert (p.resize, p.crop_size, p.interpolation) == (64, (64, 64), "bicubic")
+    assert p.mean == pytest.approx(tuple(mean)) and p.std == pytest.approx(tuple(std))
+
+    bare = tmp_path / "weights.bin"
+    torch.save(theirs, bare)
+    assert from_pretrained(bare).config.act == "gelu"  # open_clip's default without a config
+    assert _compare_timm(from_pretrained(bare, act="quick_gelu"), peer, (64, 64)) <= TOL
+
+
 def test_timm_names_set_the_family_switches():
     def cfg(name):
         peer, _ = _timm_small(name)

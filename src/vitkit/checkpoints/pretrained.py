@@ -166,8 +166,17 @@ def load_path(
 def _load_folder(
     files: Mapping[str, Path], where: Path, model_name: str | None, config: ViTConfig | None
 ) -> tuple[ViTConfig, dict[str, Tensor], str]:
-    from vitkit.checkpoints import hf, timm
+    from vitkit.checkpoints import hf, open_clip, timm
 
+    if "config.json" not in files and open_clip.CONFIG_FILE in files:  # an open_clip snapshot
+        weights = next((files[n] for n in open_clip.WEIGHTS_FILES if n in files), None)
+        if weights is None:
+            raise CheckpointError(f"{where}: no {' or '.join(open_clip.WEIGHTS_FILES)}")
+        raw = read_state_dict(weights)
+        cfg, sd = open_clip.load(
+            raw, config_file=files[open_clip.CONFIG_FILE], config=config, source=str(weights)
+        )
+        return cfg, sd, str(weights)
     if "config.json" not in files:
         raise CheckpointError(
             f"{where} has no config.json; pass the weights file itself with "
@@ -209,7 +218,7 @@ def _load_folder(
 def _load_file(
     path: Path, model_name: str | None, config: ViTConfig | None
 ) -> tuple[ViTConfig, dict[str, Tensor], str]:
-    from vitkit.checkpoints import jax, timm
+    from vitkit.checkpoints import jax, open_clip, timm
 
     name = str(path)
     if path.suffix == ".npz":
@@ -217,6 +226,10 @@ def _load_file(
         cfg = config or jax.config_from_npz(weights, source=name)
         return cfg, jax.state_dict_from_npz(weights, cfg, source=name), name
     raw = read_state_dict(path)
+    if open_clip.is_open_clip(raw):
+        beside = path.parent / open_clip.CONFIG_FILE
+        config_file = beside if beside.is_file() else None
+        return (*open_clip.load(raw, config_file=config_file, config=config, source=name), name)
     if any("embeddings.patch_embeddings.projection" in k for k in raw):
         if config is None:
             raise CheckpointError(

@@ -5,12 +5,14 @@
     a preset name (`vitkit models`)     random weights, only with allow_preset=True
     a `vitkit train` run directory      its best/ folder, else last/ (state.pt)
     a folder with config.json           transformers, timm hub or vitkit layout
-    a file                              timm state dict (.safetensors/.pth/.bin) or JAX .npz
+    a folder with open_clip_config.json an open_clip snapshot (the CLIP image tower)
+    a file                              timm or open_clip state dict (.safetensors/.pth/.bin)
+                                        or JAX .npz
     a hub id ("google/vit-base-...")    through the huggingface_hub cache
 
 and returns the model together with the `ImageProcessor` its checkpoint was trained with: the
-folder's preprocessor_config.json, else a timm `pretrained_cfg` in config.json, else
-transformers' defaults at the model's size. `from_pretrained`, `vitkit train --init/--teacher`,
+folder's preprocessor_config.json, else a timm `pretrained_cfg` in config.json (or an
+open_clip config's preprocess_cfg), else transformers' defaults at the model's size. `from_pretrained`, `vitkit train --init/--teacher`,
 `eval`, `predict`, `pretrain`, `export`, `serve` and `explain` all come through here.
 """
 
@@ -24,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from vitkit.checkpoints import open_clip
 from vitkit.checkpoints.pretrained import (
     STATE_FILE,
     build_model,
@@ -146,9 +149,10 @@ def from_pretrained(source: str | os.PathLike[str], **kwargs: Any) -> VisionTran
 
 
 def run_folder(path: Path) -> Path | None:
-    """The model folder of a directory: itself when it has config.json, else a run directory's
-    best/ then last/; None for a run whose last/ holds only a training state."""
-    if (path / "config.json").is_file():
+    """The model folder of a directory: itself when it has config.json (or is an open_clip
+    snapshot), else a run directory's best/ then last/; None for a run whose last/ holds only
+    a training state."""
+    if (path / "config.json").is_file() or (path / open_clip.CONFIG_FILE).is_file():
         return path
     for sub in RUN_SUBFOLDERS:
         if (path / sub / "config.json").is_file():
@@ -214,6 +218,8 @@ def _processor_from_files(files: dict[str, Path]) -> ImageProcessor | None:
     pretrained_cfg inside config.json; None when neither says anything."""
     if CONFIG_NAME in files:
         return ImageProcessor.from_pretrained(files[CONFIG_NAME])
+    if "config.json" not in files and open_clip.CONFIG_FILE in files:
+        return open_clip.processor(files[open_clip.CONFIG_FILE])
     config_file = files.get("config.json")
     if config_file is None:
         return None
