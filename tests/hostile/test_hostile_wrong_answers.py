@@ -117,16 +117,52 @@ def test_config_values_that_cannot_be_right_are_refused(tmp_path, changes, key):
     assert_user_error(run_cli(["predict", str(image), "--model", str(model)]), key)
 
 
-def test_hf_config_with_fractional_layer_count_is_refused(tmp_path):
+@pytest.mark.parametrize(("value", "shown"), [(1.5, "1.5"), (math.inf, "inf"), (math.nan, "nan")])
+def test_hf_config_with_a_layer_count_that_is_not_whole_is_refused(tmp_path, value, shown):
+    """1.5 layers, or Infinity / NaN, which Python's JSON reader accepts (int(inf) would raise
+    an OverflowError traceback)."""
     from vitkit.checkpoints.pretrained import save_pretrained
 
     model = tmp_path / "hf"
     save_pretrained(create_model(ViTConfig(**TINY)), model, format="hf")
     config = json.loads((model / "config.json").read_text())
-    config["num_hidden_layers"] = 1.5
-    (model / "config.json").write_text(json.dumps(config))
+    config["num_hidden_layers"] = value
+    (model / "config.json").write_text(json.dumps(config))  # writes Infinity / NaN as JSON allows
     image = write_image(tmp_path / "a.png")
-    assert_user_error(run_cli(["predict", str(image), "--model", str(model)]), "1.5")
+    assert_user_error(run_cli(["predict", str(image), "--model", str(model)]), shown)
+
+
+@pytest.mark.parametrize(
+    ("family", "key", "value"),
+    [
+        ("vit", "layer_norm_eps", "1e-12"),  # text is not parsed
+        ("vit", "hidden_dropout_prob", math.nan),
+        ("vit", "image_size", math.inf),
+        ("vit", "id2label", {"cat": "cat"}),
+        ("dinov2", "layerscale_value", [1.0]),
+        ("dinov2", "mlp_ratio", math.inf),
+        ("clip", "layer_norm_eps", True),
+    ],
+)
+def test_foreign_config_numbers_are_checked_not_cast(tmp_path, family, key, value):
+    """Every number vitkit reads from a transformers config.json goes through one check (a
+    float() or int() of it gave a traceback for text, lists, Infinity and NaN, or cast "1e-12")."""
+    import transformers as T
+
+    small = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                 patch_size=14, intermediate_size=64)  # fmt: skip
+    make = {
+        "vit": lambda: T.ViTForImageClassification(T.ViTConfig(**small, num_labels=2)),
+        "dinov2": lambda: T.Dinov2Model(T.Dinov2Config(**small)),
+        "clip": lambda: T.CLIPVisionModel(T.CLIPVisionConfig(**small)),
+    }[family]()
+    folder = tmp_path / family
+    make.save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    config[key] = value
+    (folder / "config.json").write_text(json.dumps(config))
+    image = write_image(tmp_path / "a.png")
+    assert_user_error(run_cli(["predict", str(image), "--model", str(folder)]), key)
 
 
 @pytest.mark.parametrize("pair", ["lr=.nan", "lr=.inf", "weight_decay=.nan", "warmup_epochs=.inf"])

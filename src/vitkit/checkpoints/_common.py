@@ -196,15 +196,34 @@ def find_prefix(sd: Mapping[str, Tensor], anchor: str, *, source: str, what: str
 _MISSING = object()
 
 
-def integer(config: Mapping[str, Any], key: str, default: Any = _MISSING) -> int:
-    """An integer field of a foreign config.json: refused (not truncated) when it is a
-    fraction, a bool, a string or missing without a default."""
+def integer(
+    config: Mapping[str, Any], key: str, default: Any = _MISSING, *, source: str = "config.json"
+) -> int:
+    """An integer field of a foreign config file: refused (not truncated) when it is a
+    fraction, infinite or NaN (Python's JSON reads `Infinity`), a bool, a string or missing
+    without a default."""
     value = config.get(key, default)
     if value is _MISSING:
-        raise CheckpointError(f"config.json has no {key!r}")
-    if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
-        raise CheckpointError(f"config.json: {key}={value!r} must be a whole number")
+        raise CheckpointError(f"{source} has no {key!r}")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value != int(value)
+    ):
+        raise CheckpointError(f"{source}: {key}={value!r} must be a whole number")
     return int(value)
+
+
+def number(
+    config: Mapping[str, Any], key: str, default: float, *, source: str = "config.json"
+) -> float:
+    """A real-valued field of a foreign config file: refused (not parsed) when it is text, a
+    bool, a list, or infinite / NaN."""
+    value = config.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise CheckpointError(f"{source}: {key}={value!r} must be a finite number")
+    return float(value)
 
 
 # transformers' `hidden_act` names <-> vitkit's `act`
@@ -231,7 +250,12 @@ def hf_labels(c: Mapping[str, Any], *, source: str) -> tuple[int, dict[int, str]
     the number of `id2label` entries, else transformers' default of 2. Placeholder names
     (LABEL_0, ...) carry no information and come back as None."""
     id2label = c.get("id2label")
-    labels = {int(k): str(v) for k, v in id2label.items()} if id2label else None
+    if id2label is not None and not isinstance(id2label, dict):
+        raise CheckpointError(f"{source}: id2label must map class indices to names")
+    try:
+        labels = {int(k): str(v) for k, v in id2label.items()} if id2label else None
+    except (TypeError, ValueError):
+        raise CheckpointError(f"{source}: id2label keys must be class indices") from None
     num_classes = integer(c, "num_labels", None) if c.get("num_labels") else 0
     num_classes = num_classes or (len(labels) if labels else 2)
     if labels and len(labels) != num_classes:

@@ -36,6 +36,7 @@ from vitkit.checkpoints._common import (
     hf_labels,
     integer,
     mismatch_error,
+    number,
 )
 from vitkit.config import ViTConfig
 from vitkit.errors import CheckpointError, ConfigError
@@ -182,13 +183,15 @@ def config_from_hf(hf_config: dict[str, Any]) -> ViTConfig:
         raise CheckpointError(f"head_dim={c['head_dim']} != hidden_size / num_attention_heads")
     if head == "mlp" and c.get("pooler_act", "tanh") != "tanh":
         raise CheckpointError(f"pooler_act={c['pooler_act']!r}: vitkit's pooler uses tanh")
-    pooler = c.get("pooler_output_size") or hidden
+    pooler = integer(c, "pooler_output_size", None) if c.get("pooler_output_size") else hidden
 
     num_classes, labels = hf_labels(c, source="config.json") if has_classes else (0, None)
     image_size = c.get("image_size", 224)
     try:
         return ViTConfig(
-            image_size=tuple(image_size) if isinstance(image_size, list) else int(image_size),
+            image_size=(
+                tuple(image_size) if isinstance(image_size, list) else integer(c, "image_size", 224)
+            ),
             patch_size=_single(c.get("patch_size", 16)),
             in_chans=integer(c, "num_channels", 3),
             num_classes=num_classes,
@@ -197,14 +200,14 @@ def config_from_hf(hf_config: dict[str, Any]) -> ViTConfig:
             num_heads=heads,
             mlp_ratio=integer(c, "intermediate_size", 4 * hidden) / hidden,
             qkv_bias=bool(c.get("qkv_bias", True)),
-            layer_norm_eps=float(c.get("layer_norm_eps", 1e-12)),
+            layer_norm_eps=number(c, "layer_norm_eps", 1e-12),
             act=_ACT_FROM_HF[act],
-            drop_rate=float(c.get("hidden_dropout_prob", 0.0)),
-            attn_drop_rate=float(c.get("attention_probs_dropout_prob", 0.0)),
+            drop_rate=number(c, "hidden_dropout_prob", 0.0),
+            attn_drop_rate=number(c, "attention_probs_dropout_prob", 0.0),
             distilled=distilled,
             use_mask_token=mask,
             head=head,
-            head_hidden_dim=int(pooler) if head == "mlp" and pooler != hidden else None,
+            head_hidden_dim=pooler if head == "mlp" and pooler != hidden else None,
             id2label=labels,
         )
     except ConfigError as exc:

@@ -31,6 +31,7 @@ from vitkit.checkpoints._common import (
     linear,
     mlp_ratio,
     norm,
+    number,
     rename_from,
     rename_to,
     same,
@@ -76,9 +77,9 @@ def common_fields(v: Mapping[str, Any], defaults: Mapping[str, Any], source: str
         depth=integer(c, "num_hidden_layers"),
         num_heads=integer(c, "num_attention_heads"),
         mlp_ratio=mlp_ratio(hidden, integer(c, "intermediate_size")),
-        layer_norm_eps=float(c["layer_norm_eps"]),
+        layer_norm_eps=number(c, "layer_norm_eps", 1e-5, source=source),
         act=hf_act(c["hidden_act"], source=source),
-        attn_drop_rate=float(c.get("attention_dropout", 0.0)),
+        attn_drop_rate=number(c, "attention_dropout", 0.0, source=source),
         num_classes=0,
     )
 
@@ -112,7 +113,8 @@ def config_from_hf(data: Mapping[str, Any], *, source: str = "config.json") -> V
     v = vision_config(data)
     projection = None
     if arch != "CLIPVisionModel":
-        projection = int(data.get("projection_dim") or v.get("projection_dim") or 512)
+        stated = next((d for d in (data, v) if d.get("projection_dim")), {})  # CLIPModel's first
+        projection = integer(stated, "projection_dim", 512, source=source)
     try:
         return ViTConfig(
             **common_fields(v, _DEFAULTS, source),

@@ -35,6 +35,7 @@ from vitkit.checkpoints._common import (
     integer,
     linear,
     norm,
+    number,
     rename_from,
     rename_to,
     same,
@@ -65,7 +66,7 @@ def config_from_hf(data: Mapping[str, Any], *, source: str = "config.json") -> V
     if not c.get("apply_layernorm", True):
         raise CheckpointError(f"{source}: apply_layernorm=false is not supported")
     hidden = integer(c, "hidden_size", 768)
-    ratio = float(c.get("mlp_ratio", 4))
+    ratio = number(c, "mlp_ratio", 4, source=source)
     swiglu = bool(c.get("use_swiglu_ffn", False))
     if swiglu:
         ratio = 2 * _swiglu_half(hidden, ratio) / hidden
@@ -83,11 +84,11 @@ def config_from_hf(data: Mapping[str, Any], *, source: str = "config.json") -> V
             mlp_ratio=ratio,
             mlp_layer="swiglu" if swiglu else "mlp",
             qkv_bias=bool(c.get("qkv_bias", True)),
-            layer_norm_eps=float(c.get("layer_norm_eps", 1e-6)),
+            layer_norm_eps=number(c, "layer_norm_eps", 1e-6, source=source),
             act=hf_act(c.get("hidden_act", "gelu"), source=source),
-            drop_rate=float(c.get("hidden_dropout_prob", 0.0)),
-            attn_drop_rate=float(c.get("attention_probs_dropout_prob", 0.0)),
-            layer_scale_init=float(c.get("layerscale_value", 1.0)),
+            drop_rate=number(c, "hidden_dropout_prob", 0.0, source=source),
+            attn_drop_rate=number(c, "attention_probs_dropout_prob", 0.0, source=source),
+            layer_scale_init=number(c, "layerscale_value", 1.0, source=source),
             use_mask_token=registers or bool(c.get("use_mask_token", True)),
             num_register_tokens=integer(c, "num_register_tokens", 4) if registers else 0,
             pos_embed_antialias=registers,

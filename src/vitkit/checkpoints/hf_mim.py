@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from vitkit.checkpoints._common import integer
+from vitkit.checkpoints._common import integer, number
 from vitkit.checkpoints.hf import config_from_hf, config_to_hf, state_dict_from_hf
 from vitkit.checkpoints.hf import state_dict_to_hf as _encoder_to_hf
 from vitkit.config import ViTConfig
@@ -125,7 +125,7 @@ def mae_config_from_hf(hf: Mapping[str, Any]) -> tuple[ViTConfig, dict[str, Any]
         decoder_depth=integer(hf, "decoder_num_hidden_layers", 8),
         decoder_heads=integer(hf, "decoder_num_attention_heads", 16),
         decoder_mlp_ratio=integer(hf, "decoder_intermediate_size", 2048) / dim,
-        mask_ratio=float(hf.get("mask_ratio", 0.75)),
+        mask_ratio=number(hf, "mask_ratio", 0.75),
         norm_pix_loss=bool(hf.get("norm_pix_loss", False)),
     )
     return config, kwargs

@@ -98,9 +98,12 @@ def read_config(path: Path | None) -> dict[str, Any]:
     if not isinstance(quick, bool):
         raise CheckpointError(f"{path}: quick_gelu={quick!r} must be true or false")
     preprocess = data.get("preprocess_cfg") if isinstance(data, dict) else None
+    head_width = integer(vision, "head_width", 64, source=str(path))
+    if head_width <= 0:
+        raise CheckpointError(f"{path}: head_width={head_width} must be positive")
     return {
         "act": "quick_gelu" if quick else "gelu",
-        "head_width": integer(vision, "head_width", 64),
+        "head_width": head_width,
         "image_size": vision.get("image_size"),
         "preprocess": preprocess if isinstance(preprocess, dict) else None,
     }
