@@ -108,6 +108,18 @@ def png_header(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
+def fake_hub_cache(cache, repo_id: str, files: dict[str, bytes]) -> None:
+    """The layout huggingface_hub keeps: refs/main -> commit, snapshots/<commit>/<file>."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snap = repo / "snapshots" / commit
+    snap.mkdir(parents=True)
+    for name, data in files.items():
+        (snap / name).write_bytes(data)
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 nobody listens on (servers, torchrun rendezvous)."""
     with socket.socket() as s:

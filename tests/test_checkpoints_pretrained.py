@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import vitkit
+from conftest import fake_hub_cache
 from vitkit import CheckpointError, VisionTransformer, ViTConfig
 
 transformers = pytest.importorskip("transformers")
@@ -156,18 +157,6 @@ def test_failed_save_leaves_no_files(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def _fake_hub_cache(cache, repo_id: str, files: dict[str, bytes]) -> None:
-    """The layout huggingface_hub keeps: refs/main -> commit, snapshots/<commit>/<file>."""
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    repo = cache / ("models--" + repo_id.replace("/", "--"))
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(commit)
-    snap = repo / "snapshots" / commit
-    snap.mkdir(parents=True)
-    for name, data in files.items():
-        (snap / name).write_bytes(data)
-
-
 def test_hub_id_offline_from_cache(tmp_path, monkeypatch):
     pytest.importorskip("huggingface_hub")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -175,7 +164,7 @@ def test_hub_id_offline_from_cache(tmp_path, monkeypatch):
     ours = _random()
     vitkit.save_pretrained(ours, src, format="hf")
     cache = tmp_path / "cache"
-    _fake_hub_cache(
+    fake_hub_cache(
         cache,
         "google/vit-fake",
         {n: (src / n).read_bytes() for n in ("config.json", "model.safetensors")},

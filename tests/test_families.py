@@ -413,6 +413,18 @@ def test_open_clip_checkpoints_load_with_their_config_and_preprocessing(tmp_path
     assert from_pretrained(bare).config.act == "gelu"  # open_clip's default without a config
     assert _compare_timm(from_pretrained(bare, act="quick_gelu"), peer, (64, 64)) <= TOL
 
+    # a hub id whose cached snapshot is an open_clip repository (no config.json)
+    from conftest import fake_hub_cache
+
+    names = ("open_clip_config.json", "open_clip_pytorch_model.bin")
+    fake_hub_cache(
+        tmp_path / "hub", "laion/fake-clip", {n: (folder / n).read_bytes() for n in names}
+    )
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        hub = resolve("laion/fake-clip", cache_dir=tmp_path / "hub")
+    assert hub.processor == p and _compare_timm(hub.model, peer, (64, 64)) <= TOL
+
 
 def test_timm_names_set_the_family_switches():
     def cfg(name):

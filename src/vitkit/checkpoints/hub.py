@@ -67,7 +67,8 @@ def resolve_hub(
 ) -> dict[str, Path]:
     """Local paths of `config.json` and the weights of hub repository `repo_id`.
 
-    Returns {"config.json": path, <weights file name>: path, [shards...]}.
+    Returns {"config.json": path, <weights file name>: path, [shards...]}; for an open_clip
+    repository (no config.json) {"open_clip_config.json": path, <its weights file>: path}.
     """
     check_hub_id(repo_id)
     try:
@@ -102,6 +103,14 @@ def resolve_hub(
     where = "the local cache" + (f" {cache}" if cache else " ($HF_HUB_CACHE)")
     config = fetch("config.json")
     if config is None:
+        from vitkit.checkpoints import open_clip
+
+        clip = fetch(open_clip.CONFIG_FILE)
+        weights = next(
+            ((n, p) for n in open_clip.WEIGHTS_FILES if (p := fetch(n)) is not None), None
+        )
+        if clip is not None and weights is not None:
+            return {open_clip.CONFIG_FILE: clip, weights[0]: weights[1]}
         mode = f"HF_HUB_OFFLINE is set and {where} has" if offline else "the repository has"
         raise CheckpointError(f"{mode} no config.json for {repo_id!r}; {_how_to_get(repo_id)}")
     files = {"config.json": config}

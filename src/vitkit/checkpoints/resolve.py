@@ -134,7 +134,7 @@ def resolve(
         cfg, sd, name = load_path(path, model_name, config)
     else:
         cfg, sd, name, files = _load_hub(text, model_name, config, revision, cache_dir)
-        folder = files["config.json"].parent
+        folder = next(iter(files.values())).parent  # the snapshot folder
     model = build_model(cfg, sd, source=name, **build)
     found = _processor_from_files(files)
     proc = _processor(found, model.config, processor, text, image_size)
