@@ -223,6 +223,7 @@ def test_healthz_metrics_page_and_openapi(server):
     assert json.loads(body) == {
         "status": "ok", "model": server.app.state.service.settings.model, "precision": "fp32",
         "runtime": "fp32 on torch (PyTorch, exact)", "device": "cpu", "pid": os.getpid(),
+        "input_size": [64, 64],
     }  # fmt: skip
 
     status, headers, body = http(server.port, "GET", "/")
@@ -571,6 +572,7 @@ def test_image_size_reaches_the_workers_model_and_preprocessing(model_dir):
     service.load()
     assert service.model.pos_embed.shape[1] == 1 + 6 * 8
     assert service.processor.output_hw == (96, 128)
+    assert service.describe()["input_size"] == [96, 128]  # what /healthz reports
 
 
 def test_precision_runs_the_predict_runner(model_dir, photos):

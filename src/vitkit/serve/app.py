@@ -184,6 +184,11 @@ class Service:
             "precision": _model_fields(self)["precision"],
             "runtime": self.runner.describe() if self.runner is not None else "fp32 on torch",
             "device": str(self.device),
+            "input_size": (  # None while loading
+                list(self.processor.output_hw or self.model.config.image_hw)
+                if self.model is not None
+                else None
+            ),
         }
 
 
