@@ -509,6 +509,7 @@ def test_web_page_in_headless_chromium(server, tmp_path):
                 "#overlay", "img => [img.naturalWidth, img.naturalHeight]"
             )
             caption = page.inner_text("#overlay-caption")
+            header = page.inner_text("#model")
             page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
         finally:
             browser.close()
@@ -522,6 +523,7 @@ def test_web_page_in_headless_chromium(server, tmp_path):
     left, top, right, bottom = server.app.state.service.processor.crop_box(512, 512)
     assert overlay == [right - left, bottom - top] == [449, 449]  # the centre crop, 0.875
     assert caption == f"attention rollout for {api['top_k'][0]['label']}"
+    assert header.endswith(" · fp32 · cpu · 64×64 px"), header  # what /healthz says
     assert requested and all(url.startswith((origin, "blob:")) for url in requested), requested
     with Image.open(tmp_path / "page.png") as im:
         assert im.width == 1200 and im.height >= 400
