@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import sys
 
 import numpy as np
 import pytest
@@ -188,7 +189,9 @@ def test_is_image_file():
 def test_refusing_bombs_from_many_threads_leaves_the_warning_filters_alone(capfd):
     """Predict and serve decode in threads. PIL warns (DecompressionBombWarning) while it reads
     the header of an image vitkit then refuses; silencing that by swapping the process-wide
-    filters in each thread at once can leave a filter behind, or let the warning through."""
+    filters in each thread at once can leave a filter behind, or let the warning through. An
+    exporter silencing every warning (`_graph.quiet`, int8 calibration in serve) at the same
+    time must not leave its "ignore all" behind either."""
     import threading
     import warnings
 
@@ -203,11 +206,24 @@ def test_refusing_bombs_from_many_threads_leaves_the_warning_filters_alone(capfd
             except ImageError as exc:
                 errors.append(str(exc))
 
+    def export_chatter() -> None:  # calibration or export silencing everything meanwhile
+        from vitkit.infer._graph import quiet
+
+        for _ in range(300):
+            with quiet():
+                pass
+
     threads = [threading.Thread(target=work) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    threads.append(threading.Thread(target=export_chatter))
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # switch threads often, so the blocks interleave
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
     assert len(errors) == 1600 and all("decompression bomb" in e for e in errors)
     assert warnings.filters == before
     assert "DecompressionBombWarning" not in capfd.readouterr().err

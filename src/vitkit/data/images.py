@@ -19,15 +19,13 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import threading
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from vitkit._warnings import ignoring
 from vitkit.errors import ImageError
 
 ImageSource = str | os.PathLike[str] | bytes | Image.Image | Any
@@ -45,19 +43,12 @@ MAX_PIXELS = 89_478_485
 """Default decompression-bomb limit: PIL's own warning threshold (about 9459 x 9459)."""
 
 
-_WARNINGS_LOCK = threading.Lock()
-
-
-@contextlib.contextmanager
-def quiet_bomb_warning() -> Iterator[None]:
+def quiet_bomb_warning() -> contextlib.AbstractContextManager[None]:
     """Hide PIL's DecompressionBombWarning while `Image.open` reads a header that vitkit's own
     size check follows (the warning would only repeat the refusal, or be noise when the user
-    raised the limit). `warnings.catch_warnings` swaps process-wide state, so two threads inside
-    it at once can leave its filter behind or let the warning through: vitkit's threads take
-    turns. Hold it for the header only, never the decode."""
-    with _WARNINGS_LOCK, warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        yield
+    raised the limit). Threads take turns in it (`vitkit._warnings`): hold it for the header
+    only, never the decode."""
+    return ignoring(Image.DecompressionBombWarning)
 
 
 def load_image(

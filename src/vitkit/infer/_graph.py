@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vitkit._warnings import ignoring
 from vitkit.errors import ConfigError, VitkitError
 
 MAX_SIDE = 8192  # largest image side an exported graph accepts (a bound torch.export needs)
@@ -137,8 +137,7 @@ def _forward_args(module: nn.Module) -> list[str]:
 def quiet() -> Iterator[None]:
     """Keep the exporters' and quantizers' chatter (progress bars, tracer warnings) off stdout,
     which `vitkit predict --json` reserves for results."""
-    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), ignoring():
         names = ("nncf", "torch.onnx", "torch.export", "torch.utils.cpp_extension")
         loggers = [logging.getLogger(n) for n in names]  # cpp_extension: "No CUDA runtime"
         loggers.append(logging.getLogger())  # onnxruntime's quantizer warns on the root logger
