@@ -12,6 +12,7 @@ from torch import Tensor
 
 from vitkit.config import ViTConfig
 from vitkit.errors import CheckpointError
+from vitkit.limits import is_finite
 
 _MAX_LISTED = 12
 
@@ -221,7 +222,7 @@ def number(
     """A real-valued field of a foreign config file: refused (not parsed) when it is text, a
     bool, a list, or infinite / NaN."""
     value = config.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if not is_finite(value):
         raise CheckpointError(f"{source}: {key}={value!r} must be a finite number")
     return float(value)
 

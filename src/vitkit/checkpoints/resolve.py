@@ -12,8 +12,9 @@
 
 and returns the model together with the `ImageProcessor` its checkpoint was trained with: the
 folder's preprocessor_config.json, else a timm `pretrained_cfg` in config.json (or an
-open_clip config's preprocess_cfg), else transformers' defaults at the model's size. `from_pretrained`, `vitkit train --init/--teacher`,
-`eval`, `predict`, `pretrain`, `export`, `serve` and `explain` all come through here.
+open_clip config's preprocess_cfg), else transformers' defaults at the model's size.
+`from_pretrained`, `vitkit train --init/--teacher`, `eval`, `predict`, `pretrain`, `export`,
+`serve` and `explain` all come through here.
 """
 
 from __future__ import annotations
@@ -272,5 +273,5 @@ def _processor(
     )
     processor = dataclasses.replace(processor, backend="pil" if timm_style else "tensor")
     if size is not None:
-        processor = processor.at_size(size if isinstance(size, tuple) else (size, size))
+        processor = processor.at_size(size)
     return processor.with_channels(config.in_chans)

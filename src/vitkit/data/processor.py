@@ -383,9 +383,9 @@ class ImageProcessor:
             mean, std = (sum(mean) / len(mean),), (sum(std) / len(std),)
         return dataclasses.replace(self, num_channels=channels, mean=mean, std=std)
 
-    def at_size(self, hw: tuple[int, int]) -> ImageProcessor:
-        """The same rule producing (H, W) outputs: a crop becomes `hw` with the resize scaled
-        alike (timm's crop_pct is kept); a squash-resize becomes `hw`."""
+    def at_size(self, hw: int | tuple[int, int]) -> ImageProcessor:
+        """The same rule producing (H, W) outputs (one int: square): a crop becomes `hw` with
+        the resize scaled alike (timm's crop_pct is kept); a squash-resize becomes `hw`."""
         hw = _pair(hw, "hw")
         if self.output_hw == hw:
             return self

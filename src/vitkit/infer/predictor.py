@@ -232,12 +232,12 @@ def _decode_jpeg(path: str | os.PathLike[str], max_pixels: int | None) -> Tensor
     from PIL import Image
     from torchvision.io import ImageReadMode, decode_jpeg, read_file
 
-    from vitkit.data.images import quiet_bomb_warning
+    from vitkit.data.images import quiet_bomb_warning, size_problem
 
     try:
         with quiet_bomb_warning(), Image.open(path) as im:  # reads the header only
             ok = im.format == "JPEG" and im.mode in ("RGB", "L")
-            ok = ok and (max_pixels is None or im.width * im.height <= max_pixels)
+            ok = ok and size_problem(*im.size, max_pixels) is None
         if not ok:
             return None
         data = read_file(os.fspath(path))
