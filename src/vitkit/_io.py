@@ -1,11 +1,14 @@
 """Atomic file writes: a reader never sees a half-written file, and a crash leaves none behind.
 
-Each write goes to `.NAME.<pid>.<random>.tmp` beside `NAME`, is fsynced and renamed over it.
+Each write goes to `NAME` inside a private folder `.NAME.<pid>.<random>.tmp/` beside the target,
+is fsynced and renamed over the target. The folder holds whatever the writer makes on the way
+(safetensors, onnx and others write their own `.tmpXXXXXX` files before renaming), so the sweep
+below, which knows only this one naming, removes every trace of a killed save.
 - The new file gets the mode a plain `open()` would give it: the existing file's mode when
-  replacing one, else 0666 minus the umask (mkstemp alone would make it 0600).
+  replacing one, else 0666 minus the umask (a writer's own temporary file may be 0600).
 - An exception (or SIGTERM, which the CLI turns into SystemExit) removes the temporary file.
-- kill -9 cannot be caught: the next save into the same folder removes temporary files of this
-  naming whose writer process is gone, or that are older than `STALE_SECONDS` (24 hours when
+- kill -9 cannot be caught: the next save into the same folder removes temporary folders (and
+  files, from older versions) of this naming whose writer process is gone, or that are older than `STALE_SECONDS` (24 hours when
   the writer's pid is still in use, since pids are reused); so crashed saves never pile up.
 """
 
@@ -14,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import stat
 import tempfile
 import time
@@ -24,7 +28,7 @@ from typing import IO
 STALE_SECONDS = 10 * 60
 """A temporary file without a recorded pid is stale after this long without a write."""
 
-_TEMP = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")  # .NAME[.PID].RANDOM.tmp (mkstemp: 8 chars)
+_TEMP = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")  # .NAME[.PID].RANDOM.tmp (mkdtemp: 8 chars)
 _TEMP_PID = re.compile(r"^\..+\.(\d+)\.[a-z0-9_]{8}\.tmp$")
 
 
@@ -40,21 +44,19 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO]:
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path beside `path` for writers that take a file name; rename on success."""
+    """Yield a temporary path for writers that take a file name; rename it over `path` on
+    success. It lies in a private folder beside `path`, removed whatever happens (see above)."""
     path = Path(path)
-    fd, tmp = _temp_file(path)
-    os.close(fd)
+    folder = _temp_folder(path)
+    tmp = folder / path.name
     try:
-        yield Path(tmp)
-        mode = _new_mode(path)
+        yield tmp
         with open(tmp, "rb+") as f:
-            os.fchmod(f.fileno(), mode)  # the writer may have replaced the file
+            os.fchmod(f.fileno(), _new_mode(path))  # the writer may have replaced the file
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
     _fsync_dir(path.parent)
 
 
@@ -68,20 +70,13 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
         f.write(data)
 
 
-def _temp_file(path: Path) -> tuple[int, str]:
-    """Create the folder, sweep stale temporary files, and open a new one with the right mode."""
+def _temp_folder(path: Path) -> Path:
+    """Create the target's folder, sweep stale temporary files, and make a private one for it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_temps(path.parent)
-    fd, tmp = tempfile.mkstemp(
-        prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent
+    return Path(
+        tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     )
-    try:
-        os.fchmod(fd, _new_mode(path))
-    except BaseException:
-        os.close(fd)
-        os.unlink(tmp)
-        raise
-    return fd, tmp
 
 
 def _new_mode(path: Path) -> int:
@@ -103,12 +98,13 @@ def current_umask() -> int:
 
 
 def clean_stale_temps(folder: str | os.PathLike[str]) -> list[Path]:
-    """Remove our temporary files in `folder` left by a killed writer; return those removed."""
+    """Remove our temporary folders (and files) in `folder` left by a killed writer; return
+    those removed."""
     removed = []
     now = time.time()
     with contextlib.suppress(OSError), os.scandir(folder) as entries:
         for entry in entries:
-            if not _TEMP.match(entry.name) or not entry.is_file(follow_symlinks=False):
+            if not _TEMP.match(entry.name) or entry.is_symlink():
                 continue
             with contextlib.suppress(OSError):
                 age = now - entry.stat(follow_symlinks=False).st_mtime
@@ -121,7 +117,10 @@ def clean_stale_temps(folder: str | os.PathLike[str]) -> list[Path]:
                 else:
                     stale = age > STALE_SECONDS
                 if stale:
-                    os.unlink(entry.path)
+                    if entry.is_dir(follow_symlinks=False):
+                        shutil.rmtree(entry.path)
+                    else:
+                        os.unlink(entry.path)
                     removed.append(Path(entry.path))
     return removed
 

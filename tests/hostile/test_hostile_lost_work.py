@@ -72,6 +72,36 @@ def test_kill_9_during_a_save_is_cleaned_by_the_next_save(tmp_path):
     assert _temps(tmp_path) == []
 
 
+def test_kill_9_inside_a_librarys_own_temp_file_is_cleaned_by_the_next_save(tmp_path):
+    # safetensors' save_file (like onnx and others) writes its own `.tmpXXXXXX` beside the name it
+    # is given, then renames it; killed there, that file must not outlive the next save
+    src = (
+        "import sys, tempfile, time\n"
+        "from pathlib import Path\n"
+        "import safetensors.torch, vitkit\n"
+        "def save_file(tensors, filename, metadata=None):\n"
+        "    with tempfile.NamedTemporaryFile(dir=Path(filename).parent, prefix='.tmp',\n"
+        "                                     delete=False) as f:\n"
+        "        f.write(b'x' * 1000); f.flush()\n"
+        "    print('writing', flush=True); time.sleep(60)\n"
+        "safetensors.torch.save_file = save_file\n"
+        "m = vitkit.create_model('vit_tiny_patch16_224', num_classes=3)\n"
+        f"vitkit.save_pretrained(m, {str(tmp_path / 'model')!r})\n"
+    )
+    p = subprocess.Popen(
+        [sys.executable, "-c", src], env=_env(None), stdout=subprocess.PIPE, text=True
+    )
+    assert p.stdout.readline().strip() == "writing"
+    p.send_signal(signal.SIGKILL)
+    p.wait(timeout=30)
+    import vitkit
+
+    vitkit.save_pretrained(vitkit.create_model("vit_tiny_patch16_224", num_classes=3),
+                           tmp_path / "model")  # fmt: skip
+    left = sorted(p.name for p in (tmp_path / "model").iterdir())
+    assert left == ["config.json", "model.safetensors"]
+
+
 def test_sigterm_during_a_save_leaves_nothing(tmp_path):
     p = _writer(tmp_path / "model.safetensors")
     p.send_signal(signal.SIGTERM)
