@@ -38,10 +38,11 @@ DEFAULTS: dict[str, int] = {
     # images and preprocessing
     "INPUT_PIXELS": 4096 * 4096,  # H x W a processor may resize or crop to
     # files
-    "CHECKPOINT_BYTES": 128 * _GIB,  # uncompressed bytes of one .npz (ViT-22B fp32: 87 GB)
-    "ZIP_RATIO": 100,  # uncompressed / compressed bytes of an .npz larger than 64 MiB
+    "CHECKPOINT_BYTES": 128 * _GIB,  # uncompressed bytes of one .npz or .pth (ViT-22B fp32: 87 GB)
+    "ZIP_RATIO": 100,  # uncompressed / compressed bytes of an .npz or .pth larger than 64 MiB
     "DATA_FILE_BYTES": 1 * _GIB,  # one CIFAR pickle (CIFAR-100 train: 155 MB)
     "JSON_BYTES": 64 * (1 << 20),  # config.json, preprocessor_config.json, index files
+    "PICKLE_BYTES": 64 * (1 << 20),  # the pickle of a .pth/.bin archive (ViT-B's: 30 kB)
 }
 
 

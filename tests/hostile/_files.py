@@ -101,3 +101,55 @@ def write_cifar(root: Path, batch_1: bytes | None = None, labels_1=None) -> Path
     if batch_1 is not None:
         (d / "data_batch_1").write_bytes(batch_1)
     return d
+
+
+# PyTorch archives (.pth / pytorch_model.bin) -----------------------------------------------
+def _rezip(src: bytes, path: Path, *, change=None, compression=zipfile.ZIP_STORED) -> Path:
+    """Copy the zip archive `src` to `path`, passing each member through `change(name, data)`."""
+    import io as _io
+
+    with zipfile.ZipFile(_io.BytesIO(src)) as z, zipfile.ZipFile(path, "w", compression) as out:
+        for info in z.infolist():
+            data = z.read(info)
+            out.writestr(info.filename, change(info.filename, data) if change else data)
+    return path
+
+
+def _torch_bytes(state: dict) -> bytes:
+    import io as _io
+
+    import torch
+
+    buf = _io.BytesIO()
+    torch.save(state, buf)
+    return buf.getvalue()
+
+
+def pth_zip_bomb(path: Path, claimed: int = 3 << 30) -> Path:
+    """A torch archive whose deflated storage record says (in the zip directory) it holds
+    `claimed` bytes: torch.load would allocate that much for it."""
+    import torch
+
+    _rezip(_torch_bytes({"w": torch.zeros(4096)}), path, compression=zipfile.ZIP_DEFLATED)
+    data = bytearray(path.read_bytes())
+    at = 0
+    while (at := data.find(b"PK\x01\x02", at + 1)) != -1:  # each central-directory entry
+        size = struct.unpack_from("<H", data, at + 28)[0]
+        if data[at + 46 : at + 46 + size].endswith(b"/data/0"):
+            struct.pack_into("<I", data, at + 24, min(claimed, 0xFFFF_FFFF))
+    path.write_bytes(bytes(data))
+    return path
+
+
+def pth_lying_storage(path: Path, numel: int = 1 << 30) -> Path:
+    """A stored torch archive whose pickle declares a storage of `numel` floats over a record of
+    48 bytes (12 floats)."""
+    import torch
+
+    def change(name: str, data: bytes) -> bytes:
+        if not name.endswith("data.pkl"):
+            return data
+        assert data.count(b"K\x0ct") == 1  # BININT1 12, TUPLE: the storage's element count
+        return data.replace(b"K\x0ct", b"J" + numel.to_bytes(4, "little") + b"t")
+
+    return _rezip(_torch_bytes({"w": torch.zeros(3, 4)}), path, change=change)

@@ -14,10 +14,14 @@ from _files import (
     pickle_giant_bytes_length,
     pickle_giant_reconstruct,
     pickle_ndarray_call,
+    pth_lying_storage,
+    pth_zip_bomb,
     small_npz,
     write_cifar,
 )
 from _hostile import assert_user_error, run_cli, run_code, write_image, write_model_folder
+
+from vitkit.errors import CheckpointError
 
 CONFIG_BOMBS = [
     ({"depth": 10**6}, "depth"),
@@ -104,6 +108,57 @@ def test_npz_whose_zip_directory_claims_gigabytes_is_refused(tmp_path):
     bomb = npz_bomb(tmp_path / "bomb.npz")
     image = write_image(tmp_path / "a.png")
     assert_user_error(run_cli(["predict", str(image), "--model", str(bomb)]), "bomb.npz", "zip")
+
+
+def test_pth_zip_bomb_is_refused_through_the_api(tmp_path):
+    import vitkit
+
+    bomb = pth_zip_bomb(tmp_path / "bomb.pth")  # a few hundred bytes claiming 3 GiB
+    with pytest.raises(CheckpointError, match=r"bomb\.pth.*zip bomb"):
+        vitkit.from_pretrained(bomb, model_name="vit_tiny_patch16_224")
+
+
+def test_pytorch_model_bin_zip_bomb_in_a_folder_is_refused_by_the_cli(tmp_path):
+    folder = write_model_folder(tmp_path / "m")
+    (folder / "model.safetensors").unlink()
+    pth_zip_bomb(folder / "pytorch_model.bin")
+    image = write_image(tmp_path / "a.png")
+    r = run_cli(["predict", str(image), "--model", str(folder)])
+    assert_user_error(r, "pytorch_model.bin", "zip bomb")
+
+
+def test_pth_whose_pickle_declares_more_than_its_records_is_refused(tmp_path):
+    import vitkit
+
+    liar = pth_lying_storage(tmp_path / "liar.pth")
+    with pytest.raises(CheckpointError, match=r"liar\.pth: storage '0' declares 1,073,741,824"):
+        vitkit.from_pretrained(liar, model_name="vit_tiny_patch16_224")
+
+
+def test_pth_over_the_checkpoint_and_pickle_limits_is_refused(tmp_path, monkeypatch):
+    import torch
+
+    import vitkit
+
+    path = tmp_path / "w.pth"
+    torch.save({"w": torch.zeros(1000)}, path)
+    monkeypatch.setenv("VITKIT_MAX_CHECKPOINT_BYTES", "1000")
+    with pytest.raises(CheckpointError, match="VITKIT_MAX_CHECKPOINT_BYTES"):
+        vitkit.from_pretrained(path, model_name="vit_tiny_patch16_224")
+    monkeypatch.delenv("VITKIT_MAX_CHECKPOINT_BYTES")
+    monkeypatch.setenv("VITKIT_MAX_PICKLE_BYTES", "10")
+    with pytest.raises(CheckpointError, match="VITKIT_MAX_PICKLE_BYTES"):
+        vitkit.from_pretrained(path, model_name="vit_tiny_patch16_224")
+
+
+def test_pre_zip_torch_pickle_is_refused_in_one_line(tmp_path):
+    import torch
+
+    path = tmp_path / "old.pth"  # the pre-1.6 format streams the sizes it declares
+    torch.save({"w": torch.zeros(4)}, path, _use_new_zipfile_serialization=False)
+    image = write_image(tmp_path / "a.png")
+    r = run_cli(["predict", str(image), "--model", str(path)])
+    assert_user_error(r, "old.pth", "zip format")
 
 
 def test_npy_header_lying_about_its_shape_is_refused(tmp_path):

@@ -225,3 +225,39 @@ def test_bad_image_list_is_one_line(tmp_path, name, content):
     assert_user_error(
         run_cli(["eval", "--model", str(model), "--data", str(tmp_path / name)]), name
     )
+
+
+def test_zero_attention_heads_in_a_transformers_config_is_one_line(tmp_path):
+    import vitkit
+
+    model = vitkit.create_model("vit_tiny_patch16_224", depth=1, embed_dim=32, num_heads=2,
+                                image_size=32, num_classes=3)  # fmt: skip
+    folder = vitkit.save_pretrained(model, tmp_path / "m", format="hf")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "num_attention_heads": 0}))
+    image = write_image(tmp_path / "a.png")
+    r = run_cli(["predict", str(image), "--model", str(folder)])
+    assert_user_error(r, "num_attention_heads=0", "at least 1")
+
+
+COUNTS = ["hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size",
+          "patch_size", "image_size", "num_channels"]  # fmt: skip
+
+
+@pytest.mark.parametrize("family", ["vit", "dinov2", "clip", "siglip"])
+def test_every_count_of_a_foreign_config_is_checked_before_use(tmp_path, family):
+    from test_hostile_wrong_answers import _tiny_family
+
+    import vitkit
+
+    folder = vitkit.save_pretrained(_tiny_family(family), tmp_path / "m", format="hf")
+    good = (folder / "config.json").read_text()
+    stated = json.loads(good).get("vision_config", json.loads(good))
+    for field in [f for f in COUNTS if f in stated]:  # DINOv2 states mlp_ratio, not a size
+        for value in (0, -2, 2**70):
+            config = json.loads(good)
+            holder = config.get("vision_config", config)
+            holder[field] = value
+            (folder / "config.json").write_text(json.dumps(config))
+            with pytest.raises(CheckpointError, match=f"{field}={value}"):
+                vitkit.from_pretrained(folder)

@@ -232,3 +232,90 @@ def test_npz_with_an_integer_array_is_refused(tmp_path):
     assert_user_error(
         run_cli(["predict", str(image), "--model", str(tmp_path / "w.npz")]), "head/kernel", "int64"
     )
+
+
+# Integer weights are refused as the file holds them, before q, k and v are merged into one qkv
+# (the merge would cast them silently), in every format vitkit reads.
+FAMILIES = {
+    "vit": ("vit_tiny_patch16_224", {}),
+    "dinov2": ("dinov2_small_patch14_518", {"num_classes": 0}),
+    "clip": ("clip_vit_base_patch32_224", {"num_classes": 0}),
+    "siglip": ("siglip_base_patch16_224", {"num_classes": 0}),
+}
+
+
+def _tiny_family(name):
+    preset, extra = FAMILIES[name]
+    small = dict(depth=1, embed_dim=32, num_heads=2, image_size=32, patch_size=16)
+    return create_model(preset, **{**small, **extra})
+
+
+def _int8(tensors, is_target):
+    (key,) = [k for k in tensors if is_target(k)]
+    tensors[key] = tensors[key].to(torch.int8) if torch.is_tensor(tensors[key]) else (
+        tensors[key].astype("int8"))  # fmt: skip
+    return key
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_integer_query_in_a_transformers_folder_is_refused_before_the_merge(tmp_path, family):
+    from safetensors.torch import load_file, save_file
+
+    import vitkit
+
+    folder = vitkit.save_pretrained(_tiny_family(family), tmp_path / "m", format="hf")
+    weights = load_file(folder / "model.safetensors")
+    key = _int8(weights, lambda k: k.endswith(("0.attention.attention.query.weight",
+                                               "0.attention.query.weight",
+                                               "0.self_attn.q_proj.weight")))  # fmt: skip
+    save_file(weights, folder / "model.safetensors")
+    with pytest.raises(CheckpointError, match=rf"'{key}' is torch\.int8"):
+        vitkit.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_integer_qkv_in_a_timm_file_is_refused(tmp_path, suffix):
+    import vitkit
+    from vitkit.checkpoints.timm import save_timm
+
+    path = tmp_path / f"w{suffix}"
+    save_timm(_tiny_family("vit"), str(tmp_path / "w.safetensors"))
+    weights = vitkit.checkpoints.pretrained.read_state_dict(tmp_path / "w.safetensors")
+    key = _int8(weights, lambda k: k == "blocks.0.attn.qkv.weight")
+    if suffix == ".pth":
+        torch.save(weights, path)
+    else:
+        from safetensors.torch import save_file
+
+        save_file(weights, path)
+    with pytest.raises(CheckpointError, match=rf"'{key}' is torch\.int8"):
+        vitkit.from_pretrained(path, model_name="vit_tiny_patch16_224")
+
+
+def test_integer_query_kernel_in_an_npz_is_refused_before_the_merge(tmp_path):
+    import numpy as np
+
+    import vitkit
+    from vitkit.checkpoints.jax import npz_from_state_dict
+
+    model = _tiny_family("vit")
+    arrays = npz_from_state_dict(model.state_dict(), model.config)
+    key = _int8(
+        arrays, lambda k: k.endswith("encoderblock_0/MultiHeadDotProductAttention_1/query/kernel")
+    )
+    np.savez(tmp_path / "w.npz", **arrays)
+    with pytest.raises(CheckpointError, match=f"'{key}' is int8"):
+        vitkit.from_pretrained(tmp_path / "w.npz")
+
+
+def test_integer_query_in_a_transformers_folder_is_one_line_in_the_cli(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    import vitkit
+
+    folder = vitkit.save_pretrained(_tiny_family("vit"), tmp_path / "m", format="hf")
+    weights = load_file(folder / "model.safetensors")
+    key = _int8(weights, lambda k: k.endswith("layer.0.attention.attention.query.weight"))
+    save_file(weights, folder / "model.safetensors")
+    image = write_image(tmp_path / "a.png")
+    assert_user_error(run_cli(["predict", str(image), "--model", str(folder)]), key, "int8")

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from vitkit.config import ViTConfig
 from vitkit.errors import CheckpointError
-from vitkit.limits import is_finite
+from vitkit.limits import is_finite, is_int
 
 _MAX_LISTED = 12
 
@@ -198,21 +198,25 @@ _MISSING = object()
 
 
 def integer(
-    config: Mapping[str, Any], key: str, default: Any = _MISSING, *, source: str = "config.json"
+    config: Mapping[str, Any],
+    key: str,
+    default: Any = _MISSING,
+    *,
+    source: str = "config.json",
+    minimum: int = 1,
 ) -> int:
-    """An integer field of a foreign config file: refused (not truncated) when it is a
-    fraction, infinite or NaN (Python's JSON reads `Infinity`), a bool, a string or missing
-    without a default."""
+    """A count or size of a foreign config file, at least `minimum` (1 unless zero means
+    something), checked before anything divides or allocates with it: refused (not truncated)
+    when it is a fraction, infinite or NaN (Python's JSON reads `Infinity`), a bool, a string,
+    too small, or missing without a default. Upper bounds are `ViTConfig`'s (vitkit.limits)."""
     value = config.get(key, default)
     if value is _MISSING:
         raise CheckpointError(f"{source} has no {key!r}")
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value != int(value)
-    ):
+    if not (is_int(value) or (is_finite(value) and value == int(value))):
         raise CheckpointError(f"{source}: {key}={value!r} must be a whole number")
+    if not minimum <= value <= 1 << 53:  # past 2**53 a count is no count (and floats overflow)
+        raise CheckpointError(f"{source}: {key}={value!r} must be at least {minimum}"
+                              f"{'' if value < minimum else ' and at most 2**53'}")  # fmt: skip
     return int(value)
 
 

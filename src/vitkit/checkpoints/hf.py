@@ -192,7 +192,7 @@ def config_from_hf(hf_config: dict[str, Any]) -> ViTConfig:
             image_size=(
                 tuple(image_size) if isinstance(image_size, list) else integer(c, "image_size", 224)
             ),
-            patch_size=_single(c.get("patch_size", 16)),
+            patch_size=_single(c, "patch_size", 16),
             in_chans=integer(c, "num_channels", 3),
             num_classes=num_classes,
             embed_dim=hidden,
@@ -214,12 +214,14 @@ def config_from_hf(hf_config: dict[str, Any]) -> ViTConfig:
         raise CheckpointError(f"config.json describes an invalid model: {exc}") from exc
 
 
-def _single(value: int | Sequence[int]) -> int:
-    if isinstance(value, int):
-        return value
-    if len(value) == 2 and value[0] == value[1]:
-        return int(value[0])
-    raise CheckpointError(f"non-square patch size {value} is not supported")
+def _single(c: Mapping[str, Any], key: str, default: int) -> int:
+    """A square size given as one number or a pair (transformers writes both)."""
+    value = c.get(key, default)
+    if isinstance(value, list | tuple) and len(value) == 2 and value[0] == value[1]:
+        value = value[0]
+    elif isinstance(value, list | tuple):
+        raise CheckpointError(f"config.json: non-square {key}={value} is not supported")
+    return integer({key: value}, key)
 
 
 def hf_architecture(config: ViTConfig) -> str:

@@ -90,7 +90,7 @@ def config_from_hf(data: Mapping[str, Any], *, source: str = "config.json") -> V
             attn_drop_rate=number(c, "attention_probs_dropout_prob", 0.0, source=source),
             layer_scale_init=number(c, "layerscale_value", 1.0, source=source),
             use_mask_token=registers or bool(c.get("use_mask_token", True)),
-            num_register_tokens=integer(c, "num_register_tokens", 4) if registers else 0,
+            num_register_tokens=integer(c, "num_register_tokens", 4, minimum=0) if registers else 0,
             pos_embed_antialias=registers,
         )
     except ConfigError as exc:

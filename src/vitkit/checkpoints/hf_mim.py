@@ -30,8 +30,9 @@ from torch import Tensor
 from vitkit.checkpoints._common import integer, number
 from vitkit.checkpoints.hf import config_from_hf, config_to_hf, state_dict_from_hf
 from vitkit.checkpoints.hf import state_dict_to_hf as _encoder_to_hf
-from vitkit.config import ViTConfig
-from vitkit.errors import CheckpointError
+from vitkit.checkpoints.pretrained import read_state_dict
+from vitkit.config import ViTConfig, read_json
+from vitkit.errors import CheckpointError, ConfigError
 
 _DECODER_TOP = {
     "decoder.decoder_embed.weight": "decoder.embed.weight",
@@ -98,18 +99,18 @@ def load_simmim(directory: str | os.PathLike[str]) -> Any:
 
 
 def _read_folder(directory: str | os.PathLike[str]) -> tuple[dict, dict[str, Tensor], str]:
-    from safetensors.torch import load_file
-
     folder = Path(directory)
     cfg, weights = folder / "config.json", folder / "model.safetensors"
     for f in (cfg, weights):
         if not f.is_file():
             raise CheckpointError(f"{f} not found; expected a transformers checkpoint folder")
     try:
-        hf = json.loads(cfg.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{cfg} is not valid JSON: {exc}") from exc
-    return hf, load_file(str(weights)), str(weights)
+        hf = read_json(cfg, "config")
+    except ConfigError as exc:
+        raise CheckpointError(str(exc)) from None
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{cfg} must hold a JSON object")
+    return hf, read_state_dict(weights), str(weights)
 
 
 # --------------------------------------------------------------------------------------- MAE

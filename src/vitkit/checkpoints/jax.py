@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from vitkit.checkpoints._common import check_state_dict, mismatch_error
+from vitkit.checkpoints._safety import check_float_dtypes, check_zip_sizes
 from vitkit.config import ViTConfig
 from vitkit.errors import CheckpointError, ConfigError
 
@@ -54,7 +55,7 @@ def load_npz(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     try:
         with zipfile.ZipFile(path) as z:
             members = [i for i in z.infolist() if not i.is_dir()]
-            _check_zip_sizes(members, path)
+            check_zip_sizes(members, path)
             out = {}
             for info in members:
                 key = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
@@ -65,25 +66,6 @@ def load_npz(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
         raise
     except (OSError, ValueError, zipfile.BadZipFile, EOFError, NotImplementedError) as exc:
         raise CheckpointError(f"cannot read {path} as a JAX .npz checkpoint: {exc}") from exc
-
-
-def _check_zip_sizes(members: list[zipfile.ZipInfo], path: Path) -> None:
-    from vitkit import limits
-
-    cap = limits.limit("CHECKPOINT_BYTES")
-    total = sum(i.file_size for i in members)
-    packed = sum(i.compress_size for i in members)
-    if total > cap:
-        raise CheckpointError(
-            f"{path}: its arrays would take {total:,d} bytes uncompressed, over vitkit's limit "
-            f"of {cap:,d} (VITKIT_MAX_CHECKPOINT_BYTES); refused before decompressing"
-        )
-    ratio = limits.limit("ZIP_RATIO")
-    if total > 64 << 20 and total > ratio * max(packed, 1):
-        raise CheckpointError(
-            f"{path}: {packed:,d} compressed bytes claim {total:,d} uncompressed (more than "
-            f"{ratio}x; VITKIT_MAX_ZIP_RATIO): refused as a zip bomb"
-        )
 
 
 def _read_npy(f: Any, info: zipfile.ZipInfo, path: Path) -> np.ndarray:
@@ -122,9 +104,13 @@ def _read_npy(f: Any, info: zipfile.ZipInfo, path: Path) -> np.ndarray:
 
 
 def _strip_prefix(w: Mapping[str, np.ndarray], source: str) -> dict[str, np.ndarray]:
+    """The model's arrays (an optimizer's integer counters beside them are left out), each
+    floating point as the file holds it."""
     for prefix in _PREFIXES:
         if f"{prefix}embedding/kernel" in w:
-            return {k[len(prefix) :]: v for k, v in w.items() if k.startswith(prefix)}
+            out = {k[len(prefix) :]: v for k, v in w.items() if k.startswith(prefix)}
+            check_float_dtypes(out, source)
+            return out
     if any("conv_root" in k or "block1/unit1" in k for k in w):
         raise CheckpointError(
             f"{source} is a hybrid (ResNet + ViT) checkpoint; vitkit builds pure ViTs only"

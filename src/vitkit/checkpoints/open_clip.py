@@ -99,8 +99,6 @@ def read_config(path: Path | None) -> dict[str, Any]:
         raise CheckpointError(f"{path}: quick_gelu={quick!r} must be true or false")
     preprocess = data.get("preprocess_cfg") if isinstance(data, dict) else None
     head_width = integer(vision, "head_width", 64, source=str(path))
-    if head_width <= 0:
-        raise CheckpointError(f"{path}: head_width={head_width} must be positive")
     return {
         "act": "quick_gelu" if quick else "gelu",
         "head_width": head_width,

@@ -28,7 +28,12 @@ import torch
 from torch import Tensor
 
 from vitkit.checkpoints._common import expected_state, mismatch_error
-from vitkit.checkpoints._safety import check_finite, check_float_dtypes, confine
+from vitkit.checkpoints._safety import (
+    check_finite,
+    check_float_dtypes,
+    check_torch_archive,
+    confine,
+)
 from vitkit.checkpoints.hub import shard_names
 from vitkit.config import ViTConfig, read_json
 from vitkit.errors import CheckpointError, ConfigError
@@ -41,7 +46,8 @@ PICKLE_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt")
 
 # ------------------------------------------------------------------------------ reading files
 def read_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
-    """Tensors of a `.safetensors` file or a weights-only PyTorch pickle, on the CPU."""
+    """Tensors of a `.safetensors` file or a weights-only PyTorch pickle, on the CPU, each
+    floating point as the file holds it (`check_float_dtypes`)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no such checkpoint file: {path}")
@@ -50,25 +56,34 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
         from safetensors.torch import load_file
 
         try:
-            return load_file(str(path), device="cpu")
+            sd = load_file(str(path), device="cpu")
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
             raise CheckpointError(
                 f"{path} is not a readable safetensors file ({exc}); it may be "
                 f"truncated or corrupt: download it again"
             ) from exc
-    if path.suffix in PICKLE_SUFFIXES:
-        return _read_pickle(path)
-    raise CheckpointError(
-        f"{path}: unknown weights format {path.suffix!r}; vitkit reads "
-        f".safetensors, .npz and weights-only .bin/.pth/.pt files"
-    )
+    elif path.suffix in PICKLE_SUFFIXES:
+        sd = _read_pickle(path)
+    else:
+        raise CheckpointError(
+            f"{path}: unknown weights format {path.suffix!r}; vitkit reads "
+            f".safetensors, .npz and weights-only .bin/.pth/.pt files"
+        )
+    check_float_dtypes(sd, str(path))
+    return sd
 
 
 def _read_pickle(path: Path) -> dict[str, Tensor]:
     from vitkit.checkpoints.timm import unwrap_state_dict
 
+    return unwrap_state_dict(torch_load(path), source=str(path))
+
+
+def torch_load(path: Path) -> Any:
+    """`torch.load(weights_only=True)` of a file whose archive passed `check_torch_archive`."""
+    check_torch_archive(path)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(
             f"refusing to load {path}: it is a pickle that holds more than tensors and plain "
@@ -83,7 +98,6 @@ def _read_pickle(path: Path) -> dict[str, Tensor]:
             f"{path} is not a readable PyTorch checkpoint ({exc}); it may "
             f"be truncated or corrupt: download it again"
         ) from exc
-    return unwrap_state_dict(obj, source=str(path))
 
 
 def _read_weights(files: Mapping[str, Path]) -> tuple[dict[str, Tensor], str]:
@@ -127,10 +141,7 @@ def read_training_state(path: str | os.PathLike[str]) -> dict[str, Any]:
                 f"{path}: no {STATE_FILE} here or in {path}/last; pass a run "
                 "directory written by `vitkit train`"
             )
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"cannot read training state {path}: {exc}") from exc
+    state = torch_load(path)
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: not a vitkit training state")
     missing = {"model", "model_config", "optimizer", "epoch", "step", "recipe"} - set(state)
