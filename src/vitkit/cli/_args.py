@@ -1,8 +1,11 @@
-"""Flags that several commands share, defined once."""
+"""Flags and checks that several commands share, defined once."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import stat
+from pathlib import Path
 
 
 def model_help(*, presets: bool, what: str = "the pipeline") -> str:
@@ -76,3 +79,45 @@ def add_precision(p: argparse.ArgumentParser, *, what: str = "the model") -> Non
         default=None,
         help="runtime for --precision (default: the fastest installed)",
     )
+
+
+def check_output(
+    path: str | os.PathLike[str], *, kind: str = "file", flag: str = "--output"
+) -> Path:
+    """Refuse an output `path` (a "file" or a "folder") that cannot be written, before a command
+    loads a model or reads data: a file that stands where a folder is needed (on the path's
+    parent chain, or the path itself for a folder), a folder where a file is needed, or a
+    nearest existing folder that this user may not write into. Creates nothing: the writers make
+    the missing folders when they write, so a command that fails later leaves none behind.
+    Overwrite rules stay the commands' own. `flag` starts the message (the option, or what the
+    file is). Returns `path` as a Path."""
+    from vitkit.errors import ConfigError
+
+    if kind not in ("file", "folder"):
+        raise ValueError(f"kind must be 'file' or 'folder', got {kind!r}")
+    path = Path(path)
+    where = f"{flag} {path}"
+    if kind == "file" and path.is_dir():
+        raise ConfigError(f"{where} is a folder, not a file; choose another path")
+    # the nearest entry that exists decides; missing ones (also those under a file) are skipped
+    candidates = ([path] if kind == "folder" else []) + list(path.parents)
+    for folder in candidates:
+        try:
+            mode = os.stat(folder).st_mode
+        except (FileNotFoundError, NotADirectoryError):
+            if os.path.islink(folder):
+                raise ConfigError(f"{where}: {folder} is a broken symbolic link") from None
+            continue
+        except OSError as exc:
+            raise ConfigError(f"{where}: cannot reach {folder}: {exc.strerror}") from None
+        if not stat.S_ISDIR(mode):
+            if folder == path:
+                raise ConfigError(f"{where} is a file, not a folder; choose another path")
+            raise ConfigError(f"{where}: {folder} is a file, not a folder; choose another path")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise ConfigError(
+                f"{where}: cannot write into {folder} (permission denied or read-only); "
+                "check its permissions or choose another folder"
+            )
+        return path
+    return path  # nothing exists, not even "." (a deleted working folder): the writer will say

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from vitkit.cli._args import add_image_size, add_model, add_precision, image_size
+from vitkit.cli._args import add_image_size, add_model, add_precision, check_output, image_size
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -44,11 +44,13 @@ def run(args: argparse.Namespace) -> int:
     from vitkit import distributed as D
     from vitkit.checkpoints.resolve import resolve
     from vitkit.errors import ConfigError
-    from vitkit.infer.embed import FORMATS, embed_paths, write_embeddings
+    from vitkit.infer.embed import FORMATS, embed_paths, paths_file, write_embeddings
 
     output = Path(args.output)
     if output.suffix not in FORMATS:
         raise ConfigError(f"--output {output}: write {' or '.join(FORMATS)}")
+    check_output(output)
+    check_output(paths_file(output), flag=f"--output {output}: the list of paths")
     if output.exists() and not args.overwrite:
         raise ConfigError(f"{output} exists; pass --overwrite to replace it")
     info = D.setup(args.device)

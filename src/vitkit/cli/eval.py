@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from vitkit.cli._args import add_image_size, add_model, add_precision, image_size
+from vitkit.cli._args import add_image_size, add_model, add_precision, check_output, image_size
 
 SPLITS = ("train", "val", "test")
 
@@ -88,6 +88,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         raise VitkitError("--batch-size must be at least 1")
+    if args.out is not None:
+        check_output(args.out, kind="folder")
     from vitkit.distributed import pick_device
 
     device = pick_device(args.device)

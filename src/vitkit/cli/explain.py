@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from vitkit.cli._args import add_image_size, add_model, image_size
+from vitkit.cli._args import add_image_size, add_model, check_output, image_size
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -61,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
     from vitkit.explain import explain_image, label_index
     from vitkit.viz import save_png
 
+    out_dir = check_output(args.output, kind="folder")
     device = pick_device(args.device)
     resolved = resolve(args.model, device=device, allow_preset=True, image_size=image_size(args))
     if resolved.random_weights:
@@ -71,7 +72,6 @@ def run(args: argparse.Namespace) -> int:
     model, processor = resolved.model, resolved.processor
     labels = id2label_for(model.config)
     label = None if args.label is None else label_index(args.label, labels)
-    out_dir = Path(args.output)
     failed = 0
     names: set[str] = set()
     for path in args.images:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from vitkit.cli._args import add_image_size, image_size, model_help
+from vitkit.cli._args import add_image_size, check_output, image_size, model_help
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -66,6 +66,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.top_k < 1:
         raise VitkitError(f"--top-k must be at least 1, got {args.top_k}")
+    output = check_output(args.output)
+    if args.format == "openvino" or output.suffix.lower() == ".xml":
+        check_output(output.with_suffix(".bin"), flag=f"--output {output}: the weights file")
     resolved = resolve(args.source, allow_preset=True, image_size=image_size(args))
     if resolved.random_weights:
         print(f"vitkit export: warning: {args.source!r} is a preset: RANDOM weights",

@@ -93,13 +93,15 @@ def build_recipe(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    from vitkit.cli.train import check_run_dir, report
     from vitkit.train import train
 
     if args.resume:
         result = train(None, resume=args.resume, device=args.device)
     else:
-        result = train(build_recipe(args), device=args.device)
-    from vitkit.cli.train import report
+        recipe = build_recipe(args)
+        check_run_dir(recipe, args)
+        result = train(recipe, device=args.device)
 
     report(result)
     return 0

@@ -108,9 +108,19 @@ def run(args: argparse.Namespace) -> int:
 
             print(yaml.safe_dump(recipe.to_dict(), sort_keys=False), end="")
             return 0
+        check_run_dir(recipe, args)
         result = train(recipe, device=args.device)
     report(result)
     return 0
+
+
+def check_run_dir(recipe, args: argparse.Namespace) -> None:
+    """The run directory can be made, checked before any data set or model is built (a resumed
+    run's own directory is `vitkit.train`'s to check)."""
+    from vitkit.cli._args import check_output
+
+    flag = "--output" if args.output else "run directory"
+    check_output(recipe.run_dir(), kind="folder", flag=flag)
 
 
 def report(result) -> None:
