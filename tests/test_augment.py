@@ -153,3 +153,20 @@ def test_file_datasets_get_the_same_elastic_knob():
     bent = sample_transform(28, 1, train=True, elastic=(34.0, 4.0))(image)
     assert bent.shape == plain.shape == (1, 28, 28)
     assert (bent - plain).abs().mean() > 0.01
+
+
+def test_resized_crop_cuts_each_box_at_any_size():
+    from vitkit.data.transforms import random_boxes, resized_crop
+
+    x = torch.rand(3, 2, 12, 12)
+    whole = torch.tensor([1.0, 1.0, 0.0, 0.0]).repeat(3, 1)  # (width, height, centre x, y)
+    for size in (6, 20):
+        want = torch.nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        torch.testing.assert_close(resized_crop(x, whole, size), want, atol=1e-5, rtol=0)
+    quarter = torch.tensor([0.5, 0.5, 0.5, 0.5]).repeat(3, 1)  # the bottom-right quarter
+    torch.testing.assert_close(resized_crop(x, quarter, 6), x[..., 6:, 6:], atol=1e-6, rtol=0)
+    mirrored = whole * torch.tensor([-1.0, 1.0, 1.0, 1.0])  # a negative width flips left-right
+    torch.testing.assert_close(resized_crop(x, mirrored), x.flip(-1), atol=1e-6, rtol=0)
+    w, h, cx, cy = random_boxes(1000, (0.2, 0.5), torch.Generator().manual_seed(0)).unbind(1)
+    assert ((w * h > 0.2 - 1e-6) & (w * h < 0.5 + 1e-6)).all()  # the area fraction drawn
+    assert ((cx.abs() <= 1 - w) & (cy.abs() <= 1 - h)).all()  # inside the image

@@ -1,5 +1,5 @@
 """DINO: loss decreases on a tiny batch, the teacher gets no gradients, exact EMA and center
-updates, schedules, multi-crop shapes."""
+updates, schedules, multi-crop shapes and flips."""
 
 from __future__ import annotations
 
@@ -7,25 +7,26 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from vitkit import ViTConfig
-from vitkit.models.dino import (
-    DINO,
-    DINOLoss,
-    MultiCrop,
-    ema_update,
-    teacher_momentum,
-)
+from vitkit.data.transforms import MultiCrop
+from vitkit.models.dino import DINO, DINOLoss, teacher_momentum
+from vitkit.train.ema import ModelEMA
 
 TINY = ViTConfig(
     image_size=8, patch_size=2, in_chans=1, num_classes=0, embed_dim=32, depth=2, num_heads=2
 )
 
 
-def _model(n_local=2, **loss_kwargs):
-    return DINO(
-        TINY, out_dim=64, hidden_dim=32, bottleneck_dim=16, n_local_crops=n_local, **loss_kwargs
-    )
+def _model(n_local=2, use_bn=False, **loss_kwargs):
+    return DINO(TINY, out_dim=64, hidden_dim=32, bottleneck_dim=16, n_local_crops=n_local,
+                use_bn=use_bn, **loss_kwargs)  # fmt: skip
+
+
+def _teacher_ema(model):
+    """The teacher's average as DINOObjective keeps it."""
+    return ModelEMA(model.student, module=model.teacher, params_only=True)
 
 
 def test_loss_is_finite_and_decreases_and_teacher_gets_no_gradient():
@@ -36,13 +37,14 @@ def test_loss_is_finite_and_decreases_and_teacher_gets_no_gradient():
     images = torch.rand(8, 1, 8, 8)
     crops = MultiCrop(8, patch_size=2, n_local=2).batch(images)
     opt = torch.optim.AdamW([p for p in model.student.parameters() if p.requires_grad], lr=3e-4)
+    ema = _teacher_ema(model)
     losses = []
     for step in range(6):
         loss = model(crops, progress=0.0)
         opt.zero_grad()
         loss.backward()
         opt.step()
-        model.update_teacher(teacher_momentum(step, 6))
+        ema.update(model.student, teacher_momentum(step, 6))
         losses.append(loss.item())
     assert all(math.isfinite(v) for v in losses)
     assert losses[-1] < losses[0]
@@ -50,12 +52,15 @@ def test_loss_is_finite_and_decreases_and_teacher_gets_no_gradient():
     assert not any(p.requires_grad for p in model.teacher.parameters())
 
 
-def test_ema_update_is_exact():
-    a, b = _model(), _model()
+def test_ema_update_is_exact_and_leaves_the_teacher_its_batchnorm_statistics():
+    a, b = _model(use_bn=True), _model(use_bn=True)
+    b.train()(MultiCrop(8, patch_size=2, n_local=2).batch(torch.rand(4, 1, 8, 8)))
     before = [p.clone() for p in a.teacher.parameters()]
-    ema_update(a.teacher, b.student, 0.9)
+    buffers = {k: v.clone() for k, v in a.teacher.named_buffers()}
+    _teacher_ema(a).update(b.student, 0.9)
     for t, old, s in zip(a.teacher.parameters(), before, b.student.parameters(), strict=True):
         assert torch.allclose(t, 0.9 * old + 0.1 * s, atol=1e-7, rtol=0)
+    assert buffers and all(torch.equal(v, buffers[k]) for k, v in a.teacher.named_buffers())
 
 
 def test_center_update_and_loss_value_are_exact():
@@ -96,3 +101,14 @@ def test_batched_crops_are_per_image_and_keep_values():
     ramp = torch.arange(16.0).expand(16, 16).reshape(1, 1, 16, 16).repeat(6, 1, 1, 1)
     views = MultiCrop(16, patch_size=4, n_local=1).batch(ramp)[0]
     assert len({tuple(v.flatten().tolist()) for v in views}) == 6  # each image its own crop
+
+
+def test_hflip_false_never_flips():
+    ramp = torch.arange(16.0).expand(16, 16).reshape(1, 1, 16, 16).repeat(32, 1, 1, 1)
+
+    def mirrored(hflip: bool) -> Tensor:  # per view and image: does the ramp fall left to right
+        views = MultiCrop(16, patch_size=4, n_local=2, hflip=hflip).batch(ramp, torch.Generator())
+        return torch.stack([(v.diff(dim=-1) < 0).flatten(1).any(1) for v in views])
+
+    assert not mirrored(False).any()
+    assert 0.3 < mirrored(True).float().mean() < 0.7

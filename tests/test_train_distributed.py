@@ -1,5 +1,6 @@
 """Two CPU processes (torchrun, gloo) train to the same weights as one process with the same
-global batch: the data is sharded, gradients are averaged, augmentation is rank-independent."""
+global batch: the data is sharded, gradients are averaged, augmentation and DINO's crops are
+rank-independent."""
 
 import json
 import os
@@ -32,26 +33,19 @@ RECIPE = dict(
 )  # SGD: AdamW would amplify float-order noise on flat losses
 
 
-def _run(out: Path, nproc: int, **changes) -> None:
-    sets = [f"--set={k}={json.dumps(v)}" for k, v in {**RECIPE, **changes}.items()]
+# DINO (vitkit pretrain) with flips: crops and flips are drawn for the global batch; no
+# BatchNorm in the head, for the reason above
+DINO = dict(model_overrides={"embed_dim": 32, "depth": 1, "num_heads": 2}, out_dim=32,
+            local_crops=2, head_bn=False, hflip=True, batch_size=64, epochs=1, progress=False,
+            plot=False, threads=1, optimizer="sgd", lr=0.05, weight_decay=0.0)  # fmt: skip
+
+
+def _run(out: Path, nproc: int, command=("train",), recipe=RECIPE, **changes) -> None:
+    sets = [f"--set={k}={json.dumps(v)}" for k, v in {**recipe, **changes}.items()]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "vitkit", "train"]
-    else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            str(nproc),
-            "--master_addr",
-            "127.0.0.1",
-            "--master_port",
-            str(free_port()),
-            "-m",
-            "vitkit",
-            "train",
-        ]
+    torchrun = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                "--master_addr", "127.0.0.1", "--master_port", str(free_port())]  # fmt: skip
+    cmd = [sys.executable, *(torchrun if nproc > 1 else []), "-m", "vitkit", *command]
     subprocess.run([*cmd, "--output", str(out), *sets], env=env, check=True, timeout=300)
 
 
@@ -66,3 +60,33 @@ def test_two_processes_match_one(tmp_path):
         torch.testing.assert_close(b["model"][key], value, rtol=1e-4, atol=1e-5, msg=key)
     assert abs(a["metrics"][-1]["val_loss"] - b["metrics"][-1]["val_loss"]) < 1e-4
     assert not (tmp_path / "two" / "rank1").exists()
+
+
+def test_dino_processes_cut_the_crops_of_one():
+    from vitkit import ViTConfig
+    from vitkit.train.objectives import DINOObjective
+
+    config = ViTConfig(image_size=8, patch_size=2, in_chans=1, embed_dim=32, depth=1, num_heads=2)
+    dino = DINOObjective(config, out_dim=16, local_crops=2, hflip=True)
+    images = torch.rand(8, 1, 8, 8)
+    one = dino.views(images, torch.Generator().manual_seed(0))
+    dino.shard.world = 2
+    two = []
+    for rank in range(2):
+        dino.shard.rank = rank
+        two.append(dino.views(images[4 * rank : 4 * rank + 4], torch.Generator().manual_seed(0)))
+    for whole, *halves in zip(one, *two, strict=True):
+        assert torch.equal(whole, torch.cat(halves))
+
+
+def test_dino_two_processes_match_one(tmp_path):
+    """DINO draws its crops for the global batch and keeps its rows (as MAE its noise), and
+    averages its center over the processes: two processes train to one's weights."""
+    for nproc in (1, 2):
+        _run(tmp_path / str(nproc), nproc, ("pretrain", "--method", "dino"), DINO)
+    a, b = load_state(tmp_path / "1"), load_state(tmp_path / "2")
+    assert a["global_step"] == b["global_step"] == 1437 // 64
+    for part in ("model", "objective"):
+        for key, value in a[part].items():
+            torch.testing.assert_close(b[part][key], value, rtol=1e-4, atol=1e-5, msg=key)
+    assert abs(a["metrics"][-1]["train_loss"] - b["metrics"][-1]["train_loss"]) < 1e-4

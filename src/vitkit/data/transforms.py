@@ -7,6 +7,8 @@ Two paths with the same knobs (`Recipe.random_shift`, `hflip`, `rrc_scale`, `rot
   explicit `torch.Generator`, so a run is reproducible step by step and resumable bit for bit;
 - per-image torchvision.transforms.v2 pipelines for file datasets (`sample_transform`).
 
+DINO's multi-crop views (`MultiCrop`) cut the batch path's random-resized-crop boxes.
+
 Pixels stay in [0, 1] until `normalize` maps them to [-1, 1] (mean = std = 0.5).
 """
 
@@ -47,25 +49,33 @@ def random_hflip(x: Tensor, generator: torch.Generator, p: float = 0.5) -> Tenso
     return torch.where(flip[:, None, None, None], x.flip(-1), x)
 
 
-def random_resized_crop(
-    x: Tensor,
+def random_boxes(
+    n: int,
     scale: tuple[float, float],
-    generator: torch.Generator,
+    generator: torch.Generator | None,
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
 ) -> Tensor:
-    """Crop a random area fraction in `scale` with aspect ratio in `ratio` from each image and
-    resize it back to the input size (bilinear), as torchvision's RandomResizedCrop does."""
-    B = x.shape[0]
-    area = torch.empty(B).uniform_(scale[0], scale[1], generator=generator)
-    log_r = torch.empty(B).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
+    """(n, 4) crop boxes as torchvision's RandomResizedCrop draws them: an area fraction in
+    `scale`, an aspect ratio in `ratio`, a uniform position; as (width, height, centre x,
+    centre y) in the [-1, 1] coordinates of `resized_crop`."""
+    area = torch.empty(n).uniform_(scale[0], scale[1], generator=generator)
+    log_r = torch.empty(n).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
     r = log_r.exp()
-    w = (area * r).sqrt().clamp(max=1.0)  # fraction of the width
+    w = (area * r).sqrt().clamp(max=1.0)
     h = (area / r).sqrt().clamp(max=1.0)
-    cx = (torch.rand(B, generator=generator) * 2 - 1) * (1 - w)  # centre in [-1, 1] coords
-    cy = (torch.rand(B, generator=generator) * 2 - 1) * (1 - h)
-    theta = torch.zeros(B, 2, 3)
-    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w, cx, h, cy
-    grid = F.affine_grid(theta.to(x), list(x.shape), align_corners=False)
+    cx = (torch.rand(n, generator=generator) * 2 - 1) * (1 - w)
+    cy = (torch.rand(n, generator=generator) * 2 - 1) * (1 - h)
+    return torch.stack([w, h, cx, cy], dim=1)
+
+
+def resized_crop(x: Tensor, boxes: Tensor, size: int | None = None) -> Tensor:
+    """Cut box i of `boxes` (see `random_boxes`; a negative width mirrors it left-right) out of
+    image i of (B, C, H, W) and resize it (bilinear) to `size` x `size`, or to (H, W): with
+    `random_boxes`, torchvision's RandomResizedCrop for a batch."""
+    out = (size, size) if size else tuple(x.shape[-2:])
+    theta = torch.zeros(len(boxes), 2, 3)
+    theta[:, 0, 0], theta[:, 1, 1], theta[:, 0, 2], theta[:, 1, 2] = boxes.unbind(1)
+    grid = F.affine_grid(theta.to(x), [*x.shape[:2], *out], align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
@@ -116,7 +126,7 @@ def augment_batch(
     """The batch-tensor augmentation pipeline: crop, rotate / zoom, elastic distortion, shift,
     flip (each only when enabled)."""
     if rrc_scale is not None:
-        x = random_resized_crop(x, rrc_scale, generator)
+        x = resized_crop(x, random_boxes(len(x), rrc_scale, generator))
     if rotate or zoom is not None:
         x = random_affine(x, rotate, zoom or (1.0, 1.0), generator)
     if elastic is not None:
@@ -125,6 +135,56 @@ def augment_batch(
     if hflip:
         x = random_hflip(x, generator)
     return x
+
+
+class MultiCrop:
+    """DINO's multi-crop (Caron et al. 2021) of a batch: 2 global crops (area 0.4-1 of the
+    image) and `n_local` local ones (0.05-0.4), each image its own boxes (`random_boxes`) and,
+    unless `hflip=False` (digits), its own horizontal flips.
+
+    Sizes default to the image size and 3/7 of it (224 -> 96 as in DINO), rounded to a multiple
+    of `patch_size`, so tiny images (8x8 digits) get 8 and 4 pixel crops with patch 2.
+    `draw(n, generator)` draws every random number of n images and `cut(images, draws)` applies
+    them, so that each process draws for the global batch and cuts its own rows.
+    """
+
+    def __init__(
+        self,
+        image_size: int,
+        *,
+        patch_size: int = 1,
+        n_local: int = 6,
+        global_size: int | None = None,
+        local_size: int | None = None,
+        global_scale: tuple[float, float] = (0.4, 1.0),
+        local_scale: tuple[float, float] = (0.05, 0.4),
+        hflip: bool = True,
+    ):
+        def fit(size: float) -> int:
+            return max(patch_size, round(size / patch_size) * patch_size)
+
+        local = (local_size or fit(image_size * 3 / 7), local_scale)  # (size, scale) of a view
+        self.views = [(global_size or fit(image_size), global_scale)] * 2 + [local] * n_local
+        self.hflip = hflip
+
+    def draw(self, n: int, generator: torch.Generator | None = None) -> list[Tensor]:
+        """Per view, the (n, 4) boxes of n images (`random_boxes`), negative widths mirrored."""
+        draws = []
+        for _, scale in self.views:
+            boxes = random_boxes(n, scale, generator)
+            if self.hflip:
+                boxes[torch.rand(n, generator=generator) < 0.5, 0] *= -1
+            draws.append(boxes)
+        return draws
+
+    def cut(self, images: Tensor, draws: list[Tensor]) -> list[Tensor]:
+        """(B, C, H, W) and B rows of `draw` -> [(B, C, g, g) x 2, (B, C, l, l) x n_local]."""
+        views = zip(self.views, draws, strict=True)
+        return [resized_crop(images, boxes, size) for (size, _), boxes in views]
+
+    def batch(self, images: Tensor, generator: torch.Generator | None = None) -> list[Tensor]:
+        """The views of a batch (B, C, H, W), drawn for these B images."""
+        return self.cut(images, self.draw(len(images), generator))
 
 
 def sample_transform(

@@ -7,6 +7,9 @@ crops (2 global + N local); the loss is the cross-entropy between the teacher's 
 sharpened distribution (temperature 0.04 -> 0.07) and the student's (temperature 0.1) over
 every pair of different views. Centering (an EMA of the teacher's mean output) and sharpening
 together keep the teacher from collapsing.
+
+Training lives elsewhere: the crops are `vitkit.data.transforms.MultiCrop`'s, the teacher's
+average is `vitkit.train.ema.ModelEMA`'s (both driven by `train/objectives.py:DINOObjective`).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -153,8 +157,12 @@ class DINOLoss(nn.Module):
 
     @torch.no_grad()
     def update_center(self, teacher_out: Tensor) -> None:
-        """center <- m * center + (1 - m) * mean of this batch's teacher outputs."""
+        """center <- m * center + (1 - m) * mean of this batch's teacher outputs, over every
+        process as in DINO's code (each process holds an equal share of the batch)."""
         batch_center = teacher_out.mean(dim=0, keepdim=True)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(batch_center)
+            batch_center /= dist.get_world_size()
         m = self.center_momentum
         self.center.mul_(m).add_(batch_center, alpha=1 - m)
 
@@ -166,17 +174,11 @@ def teacher_momentum(step: int, total_steps: int, base: float = 0.996, final: fl
     return final - (final - base) * (math.cos(math.pi * step / (total_steps - 1)) + 1) / 2
 
 
-@torch.no_grad()
-def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
-    """teacher <- momentum * teacher + (1 - momentum) * student, parameter by parameter."""
-    for t, s in zip(teacher.parameters(), student.parameters(), strict=True):
-        t.mul_(momentum).add_(s.detach(), alpha=1 - momentum)
-
-
 class DINO(nn.Module):
     """Student and teacher (backbone + DINO head) and the loss. `student.backbone` is a plain
     `VisionTransformer` (num_classes=0); the teacher's backbone is usually the better encoder
-    to keep (DINO's paper evaluates the teacher)."""
+    to keep (DINO's paper evaluates the teacher). The teacher starts as a copy of the student;
+    whoever trains averages the student into it after each step."""
 
     def __init__(
         self,
@@ -223,86 +225,3 @@ class DINO(nn.Module):
             teacher_out = self.teacher(crops[:2])
         student_out = self.student(crops)
         return self.loss(student_out, teacher_out, len(crops), progress)
-
-    def update_teacher(self, momentum: float) -> None:
-        ema_update(self.teacher, self.student, momentum)
-
-
-class MultiCrop:
-    """DINO's multi-crop: 2 global crops (scale 0.4-1) and `n_local` local crops (scale
-        0.05-0.4) of one image (C, H, W), with random horizontal flips unless `hflip=False` (digits),
-    via torchvision.transforms.v2 (`batch` draws the same crops for a whole batch at once).
-
-        Sizes default to the image size and 3/7 of it (224 -> 96 as in DINO), rounded to a multiple
-        of `patch_size`, so tiny images (8x8 digits) get 8 and 4 pixel crops with patch 2.
-    """
-
-    def __init__(
-        self,
-        image_size: int,
-        *,
-        patch_size: int = 1,
-        n_local: int = 6,
-        global_size: int | None = None,
-        local_size: int | None = None,
-        global_scale: tuple[float, float] = (0.4, 1.0),
-        local_scale: tuple[float, float] = (0.05, 0.4),
-        hflip: bool = True,
-    ):
-        from torchvision.transforms import v2
-
-        def fit(size: float) -> int:
-            return max(patch_size, round(size / patch_size) * patch_size)
-
-        g = global_size or fit(image_size)
-        loc = local_size or fit(image_size * 3 / 7)
-        self.n_local = n_local
-        self.hflip = hflip
-
-        def crop(size: int, scale: tuple[float, float]):
-            return v2.Compose(
-                [v2.RandomResizedCrop(size, scale=scale, antialias=True), v2.RandomHorizontalFlip()]
-            )
-
-        self.global_crop = crop(g, global_scale)
-        self.local_crop = crop(loc, local_scale)
-        self.global_size, self.local_size = g, loc
-        self.global_scale, self.local_scale = global_scale, local_scale
-
-    def __call__(self, image: Tensor) -> list[Tensor]:
-        crops = [self.global_crop(image), self.global_crop(image)]
-        return crops + [self.local_crop(image) for _ in range(self.n_local)]
-
-    def batch(self, images: Tensor) -> list[Tensor]:
-        """(B, C, H, W) -> [(B, C, g, g) x 2, (B, C, l, l) x n_local], every image with its own
-        random crops. Batched: boxes drawn as RandomResizedCrop does (area fraction in `scale`,
-        aspect ratio in [3/4, 4/3]), cut and resized bilinearly in one `roi_align` call."""
-        specs = [(self.global_size, self.global_scale)] * 2
-        specs += [(self.local_size, self.local_scale)] * self.n_local
-        return [_random_resized_crops(images, size, scale, self.hflip) for size, scale in specs]
-
-
-def _random_resized_crops(
-    images: Tensor, size: int, scale: tuple[float, float], hflip: bool
-) -> Tensor:
-    from torchvision.ops import roi_align
-
-    B, _, H, W = images.shape
-    area = H * W * torch.empty(B).uniform_(*scale)
-    log_ratio = torch.empty(B).uniform_(math.log(3 / 4), math.log(4 / 3))
-    w = (area * log_ratio.exp()).sqrt().clamp(1, W)
-    h = (area / log_ratio.exp()).sqrt().clamp(1, H)
-    x0 = torch.rand(B) * (W - w)
-    y0 = torch.rand(B) * (H - h)
-    boxes = torch.stack([torch.arange(B, dtype=torch.float), x0, y0, x0 + w, y0 + h], dim=1)
-    crops = roi_align(
-        images.float(),
-        boxes.to(images.device),
-        output_size=size,
-        spatial_scale=1.0,
-        sampling_ratio=2,
-        aligned=True,
-    )
-    flip = torch.rand(B, device=images.device) < (0.5 if hflip else 0.0)
-    crops = torch.where(flip[:, None, None, None], crops.flip(-1), crops)
-    return crops.to(images.dtype)

@@ -225,7 +225,8 @@ class MAEObjective(Objective):
 
 # ---------------------------------------------------------------------------------- DINO
 class DINOObjective(Objective):
-    """Student and EMA teacher; the teacher's backbone is the encoder kept (DINO evaluates it)."""
+    """Student and EMA teacher (`ModelEMA` on DINO's momentum schedule); the teacher's backbone
+    is the encoder kept (DINO evaluates it). Crops and flips are drawn for the global batch."""
 
     encoder_key = "dino.teacher.backbone"
     uses_labels = False
@@ -235,7 +236,9 @@ class DINOObjective(Objective):
                  global_scale: tuple[float, float] = (0.4, 1.0),
                  local_scale: tuple[float, float] = (0.05, 0.4),
                  teacher_temp: float = 0.07, warmup_teacher_temp: float = 0.04):  # fmt: skip
-        from vitkit.models.dino import DINO, MultiCrop
+        from vitkit.data.transforms import MultiCrop
+        from vitkit.models.dino import DINO
+        from vitkit.train.ema import ModelEMA
 
         super().__init__()
         self.dino = DINO(
@@ -251,6 +254,8 @@ class DINOObjective(Objective):
         self.crops = MultiCrop(config.image_hw[0], patch_size=config.patch_size, n_local=local_crops,
                                hflip=hflip, global_scale=global_scale, local_scale=local_scale)  # fmt: skip
         self.momentum_teacher = momentum_teacher
+        self.teacher_ema = ModelEMA(self.dino.student, momentum_teacher, module=self.dino.teacher,
+                                    params_only=True)  # fmt: skip
         self.progress = 0.0
         self._sums: dict[str, float] = {}
 
@@ -264,9 +269,13 @@ class DINOObjective(Objective):
             return self.encoder.layer_id(name[len(prefix) :])
         return self.num_layers - 1
 
+    def views(self, images: Tensor, rng: torch.Generator | None) -> list[Tensor]:
+        rows = len(images)
+        draws = self.crops.draw(rows * self.shard.world, rng)
+        return self.crops.cut(images, [self.shard.take(d, rows) for d in draws])
+
     def forward(self, images: Tensor, labels: Tensor, rng: torch.Generator) -> Tensor:
-        views = [v.to(images.device) for v in self.crops.batch(images.cpu())]
-        loss = self.dino(views, progress=self.progress)
+        loss = self.dino(self.views(images, rng), progress=self.progress)
         for k, v in self.dino.loss.stats.items():
             self._sums[k] = self._sums.get(k, 0.0) + v
         self._sums["n"] = self._sums.get("n", 0.0) + 1
@@ -282,7 +291,8 @@ class DINOObjective(Objective):
     def after_step(self, step: int, total_steps: int) -> None:
         from vitkit.models.dino import teacher_momentum
 
-        self.dino.update_teacher(teacher_momentum(step, total_steps, self.momentum_teacher))
+        m = teacher_momentum(step, total_steps, self.momentum_teacher)
+        self.teacher_ema.update(self.dino.student, m)
 
     def begin_step(self, step: int, total_steps: int) -> None:
         self.progress = step / max(1, total_steps - 1)  # the teacher temperature's schedule
