@@ -83,7 +83,10 @@ def test_with_preprocessing_equals_processor_and_model(model, photos, tmp_path, 
     processor = vitkit.ImageProcessor.hf_vit(32, mean=(0.4, 0.5, 0.6), std=(0.2, 0.25, 0.3))
     path = tmp_path / f"vit.{format}"
     channels_last = format == "onnx"  # one layout each
-    E.export(model, path, processor=processor, channels_last=channels_last, top_k=3, log=None)
+    result = E.export(model, path, processor=processor, channels_last=channels_last, top_k=3,
+                      log=None)  # fmt: skip
+    assert result.pixel_levels <= 1 + 1e-3 and result.max_diff <= E.TOLERANCE["fp32"]
+    assert "pixels at most" in result.summary() and "model on those pixels" in result.summary()
     if format == "onnx":
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         assert session.get_inputs()[0].name == "images_uint8_nhwc"
@@ -108,6 +111,19 @@ def test_with_preprocessing_equals_processor_and_model(model, photos, tmp_path, 
             worst = max(worst, float(np.abs(probs - want.numpy()).max()))
             assert top.tolist() == want.topk(3).indices.tolist()
     assert worst < 1e-4
+
+
+def test_preprocessing_more_than_a_level_off_is_refused(model, tmp_path, monkeypatch):
+    """The model part is checked on the file's own pixels, so the pixels are checked on their
+    own: a baked resize two levels off the processor's costs the file."""
+    from vitkit.infer._graph import PreprocessedModule
+
+    real = PreprocessedModule.pixels
+    monkeypatch.setattr(PreprocessedModule, "pixels", lambda m, x: real(m, x) + 2 * m.weight)
+    processor = vitkit.ImageProcessor.hf_vit(32)
+    with pytest.raises(VitkitError, match=r"preprocessing puts pixels [23]\.0 8-bit levels"):
+        E.export(model, tmp_path / "vit.onnx", processor=processor, log=None)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_int8_onnx_is_quantized_and_close(model, tmp_path):

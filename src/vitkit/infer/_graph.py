@@ -54,9 +54,13 @@ class PreprocessedModule(nn.Module):
     rounded back to 8-bit levels as torch's uint8 kernel does, centre crop, then rescale and
     normalize in one affine step. torch computes its uint8 weights in fixed point, so a pixel
     can still differ by one level, far more rarely than with one float pass.
+
+    with_pixels: also return the model's input (B, C, h, w) as a third output, so that the
+    exporter can check the preprocessing and the model apart (`vitkit.infer.export._verify`).
     """
 
-    def __init__(self, model: nn.Module, processor: Any, *, channels_last: bool, top_k: int):
+    def __init__(self, model: nn.Module, processor: Any, *, channels_last: bool, top_k: int,
+                 with_pixels: bool = False):  # fmt: skip
         super().__init__()
         if not isinstance(processor.resize, tuple):
             raise ConfigError(
@@ -76,14 +80,16 @@ class PreprocessedModule(nn.Module):
         self.processor = processor
         self.channels_last = channels_last
         self.top_k = top_k
+        self.with_pixels = with_pixels
         weight, bias = (torch.from_numpy(v).view(1, -1, 1, 1) for v in processor._affine())
         self.register_buffer("weight", weight, persistent=False)
         self.register_buffer("bias", bias, persistent=False)
 
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        probs = self.model(self.pixels(images).to(self.dtype)).logits.float().softmax(-1)
+    def forward(self, images: Tensor) -> tuple[Tensor, ...]:
+        pixels = self.pixels(images)
+        probs = self.model(pixels.to(self.dtype)).logits.float().softmax(-1)
         top = probs.topk(self.top_k, dim=-1)
-        return probs, top.indices
+        return (probs, top.indices, pixels) if self.with_pixels else (probs, top.indices)
 
     def pixels(self, images: Tensor) -> Tensor:
         """uint8 images -> the model's float32 input (B, C, h, w)."""
