@@ -50,11 +50,11 @@ def test_json_round_trip_keeps_every_field(tmp_path):
     [
         ({"embed_dim": 100, "num_heads": 12}, "not divisible by num_heads"),
         ({"image_size": 230}, "not a multiple of patch_size"),
-        ({"global_pool": "max"}, "global_pool must be one of"),
+        ({"global_pool": "max"}, "global_pool='max' must be one of "),
         ({"class_token": False}, "global_pool='token' needs class_token"),
-        ({"drop_path_rate": 1.5}, "drop_path_rate must be in [0, 1)"),
+        ({"drop_path_rate": 1.5}, "drop_path_rate=1.5 must be in [0, 1)"),
         ({"num_classes": 2, "id2label": {0: "a"}}, "id2label has 1 entries"),
-        ({"depth": 0}, "depth must be positive"),
+        ({"depth": 0}, "depth=0 must be positive"),
         ({"depth": 2.7}, "depth=2.7 must be a whole number"),  # refused, never cast
         ({"qkv_bias": 1}, "qkv_bias=1 must be true or false"),
         ({"mlp_ratio": float("inf")}, "mlp_ratio=inf must be a finite number"),
@@ -64,6 +64,49 @@ def test_json_round_trip_keeps_every_field(tmp_path):
 def test_validation_names_the_problem(changes, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace(")", r"\)")):
         ViTConfig(**changes)
+
+
+def test_every_problem_is_in_one_message():
+    """Fields first, each against its declaration (choices from the Literal aliases), then the
+    rules between fields and the limits: every one broken is named, none stops the others."""
+    with pytest.raises(ConfigError) as info:
+        ViTConfig(depth=0, num_heads=True, act="relu", stem_channels=[8, 0], layer_norm_eps=-1.0)
+    assert str(info.value) == (
+        "invalid ViTConfig: depth=0 must be positive; num_heads=True must be a whole number; "
+        "layer_norm_eps=-1.0 must be positive, e.g. 1e-6; act='relu' must be one of ('gelu', "
+        "'gelu_tanh', 'quick_gelu'); stem_channels must be a list of positive whole numbers, "
+        "got [8, 0]"
+    )
+    with pytest.raises(ConfigError) as info:
+        ViTConfig(embed_dim=100, class_token=False, depth=300)
+    message = str(info.value)
+    assert "not divisible by num_heads=12; pick num_heads from [1, 2, 4, 5, 10, 20, 25]" in message
+    assert "global_pool='token' needs class_token=True" in message
+    assert (
+        "depth=300 exceeds vitkit's limit of 256" in message and "VITKIT_MAX_DEPTH=300" in message
+    )
+
+
+def test_values_are_normalised_never_cast():
+    c = ViTConfig(image_size=[224, 320], stem_channels=[8], stem_strides=[2], mlp_ratio=4)
+    assert (c.image_size, c.stem_channels, c.stem_strides) == ((224, 320), (8,), (2,))
+    assert type(c.mlp_ratio) is float and c.image_hw == (224, 320)
+    with pytest.raises(
+        ConfigError, match=r"stem_strides must be a list of 1s and 2s, got \[True\]"
+    ):
+        ViTConfig(stem_channels=[8], stem_strides=[True])
+    with pytest.raises(ConfigError, match=r"image_size must be .*, got \[224, 224\.0\]"):
+        ViTConfig(image_size=[224, 224.0])
+
+
+def test_limits_follow_the_environment(monkeypatch):
+    monkeypatch.setenv("VITKIT_MAX_DEPTH", "4")
+    with pytest.raises(
+        ConfigError, match=r"depth=12 exceeds vitkit's limit of 4.*VITKIT_MAX_DEPTH"
+    ):
+        ViTConfig()
+    monkeypatch.setenv("VITKIT_MAX_DEPTH", "12")
+    assert ViTConfig().depth == 12
 
 
 def test_padding_allows_any_size():

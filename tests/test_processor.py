@@ -3,6 +3,7 @@ transform on real photos, preprocessor_config.json round trips, and every input 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -11,6 +12,7 @@ import skimage.data
 import torch
 from PIL import Image
 
+import vitkit
 from vitkit import ConfigError, ImageError
 from vitkit.data.images import load_image
 from vitkit.data.processor import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, ImageProcessor
@@ -111,7 +113,8 @@ def test_save_pretrained_loads_in_transformers_and_back(tmp_path, photos):
         folder = tmp_path / str(i)
         file = ours.save_pretrained(folder)
         assert file.name == "preprocessor_config.json"
-        assert ImageProcessor.from_pretrained(folder) == ours
+        # a transformers config is applied as transformers does: resized with torchvision
+        assert ImageProcessor.from_pretrained(folder) == dataclasses.replace(ours, backend="tensor")
         hf = AutoImageProcessor.from_pretrained(folder)
         ref = hf(image, return_tensors="pt")["pixel_values"][0]
         assert _levels(ours(_chw(image))[0], ref, ours.std) < 1e-3
@@ -230,3 +233,54 @@ def test_crop_box_maps_the_centre_crop_back_to_the_input():
     # timm: shorter side 300 -> 256 (400 -> 341), crop 224 at (top 16, left 58), scaled back
     assert ImageProcessor.timm_eval(224, crop_pct=0.875).crop_box(400, 300) == (68, 19, 331, 281)
     assert ImageProcessor.hf_vit(224).crop_box(400, 300) == (0, 0, 400, 300)
+
+
+def test_a_folder_gets_one_preprocessing_whichever_way_it_is_opened(tmp_path, photos):
+    """`ImageProcessor.from_pretrained(folder)` and `resolve(folder).processor` are one
+    processor, its library's: a transformers folder resizes with torchvision as transformers'
+    default processor does, a timm folder with PIL as timm's eval transform does; a photo gives
+    identical pixels either way (a path, a PIL image or an array)."""
+    import timm
+    import transformers
+    from safetensors.torch import save_file
+    from timm.data import create_transform
+
+    hf = tmp_path / "hf"
+    vit = transformers.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                 intermediate_size=64, image_size=32, patch_size=8, num_labels=3)  # fmt: skip
+    transformers.ViTForImageClassification(vit).save_pretrained(hf)
+    theirs_hf = transformers.ViTImageProcessor(size={"height": 32, "width": 32}, resample=3)
+    theirs_hf.save_pretrained(hf)
+
+    timm_dir = tmp_path / "timm"
+    timm_dir.mkdir()
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8,
+                              depth=1, num_classes=3)  # fmt: skip
+    save_file(model.state_dict(), str(timm_dir / "model.safetensors"))
+    cfg = {"input_size": [3, 32, 32], "crop_pct": 0.875, "interpolation": "bicubic",
+           "mean": list(IMAGENET_DEFAULT_MEAN), "std": list(IMAGENET_DEFAULT_STD)}  # fmt: skip
+    config = {"architecture": "vit_tiny_patch16_224", "num_classes": 3, "pretrained_cfg": cfg}
+    (timm_dir / "config.json").write_text(json.dumps(config))
+
+    image = photos["astronaut"]
+    path = tmp_path / "astronaut.png"
+    image.save(path)
+    references = {
+        hf: theirs_hf(image, return_tensors="pt")["pixel_values"][0],
+        timm_dir: create_transform(**cfg)(image),
+    }
+    for folder, backend in ((hf, "tensor"), (timm_dir, "pil")):
+        opened, resolved = ImageProcessor.from_pretrained(folder), vitkit.resolve(folder)
+        assert opened == resolved.processor and opened.backend == backend, folder.name
+        for source in (image, path, np.asarray(image)):
+            torch.testing.assert_close(opened(source), resolved.processor(source), atol=0, rtol=0)
+        assert _levels(opened(image)[0], references[folder], opened.std) < 1e-3, folder.name
+
+
+def test_a_grayscale_model_folder_gives_its_channel_count(tmp_path):
+    model = vitkit.create_model("vit_digits_patch2_8")
+    vitkit.save_pretrained(model, tmp_path)
+    ImageProcessor.for_model(model.config).save_pretrained(tmp_path)
+    opened = ImageProcessor.from_pretrained(tmp_path)
+    assert opened == vitkit.resolve(tmp_path).processor and opened.num_channels == 1
+    assert opened(np.zeros((8, 8, 3), np.uint8)).shape == (1, 1, 8, 8)

@@ -7,12 +7,39 @@ import pytest
 from PIL import Image
 
 import vitkit
+from vitkit import ConfigError
 from vitkit.train.recipe import Recipe
 from vitkit.train.trainer import train
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 TINY_MODEL = {"embed_dim": 16, "depth": 1, "num_heads": 2}
 SMOKE = {"epochs": 1, "progress": False, "plot": False, "num_workers": 0, "threads": 1}
+
+
+def test_every_bad_key_is_in_one_message():
+    """Each key against its declaration (bounds, choices from the Literal aliases), in field
+    order; the rules between keys once every key is sound. Nothing stops at the first."""
+    bad = {"epochs": 0, "dtype": "fp8", "betas": [0.9, 1.0], "lr": "fast", "zoom": [1.1, 0.9],
+           "mask_ratio": 1}  # fmt: skip
+    with pytest.raises(ConfigError) as info:
+        Recipe.from_dict(bad, source="r.yaml")
+    assert str(info.value) == (
+        "r.yaml: epochs=0 must be positive; lr='fast' must be a finite number; betas must be a "
+        "list of 2 numbers in [0, 1), got [0.9, 1.0]; zoom must be a list of 2 positive numbers, "
+        "low <= high, got [1.1, 0.9]; mask_ratio=1 must be in (0, 1); dtype='fp8' must be one "
+        "of ('fp32', 'bf16', 'fp16')"
+    )
+    crossed = {"batch_size": 10, "accum_steps": 3, "std": [0.5], "teacher": "t", "objective": "mae"}
+    with pytest.raises(ConfigError) as info:
+        Recipe.from_dict(crossed, source="r.yaml")
+    assert str(info.value) == (
+        "r.yaml: batch_size=10 must be divisible by accum_steps=3; mean and std go together: set "
+        "both or neither; teacher= distils a classifier; objective='mae' takes none"
+    )
+    # YAML reads 1e-3 as text: a number all the same; lists become tuples
+    recipe = Recipe.from_dict({"lr": "1e-3", "rrc_scale": [0.3, 1]})
+    assert recipe.lr == 1e-3 and recipe.rrc_scale == (0.3, 1.0)
+    assert Recipe.from_dict(recipe.to_dict()) == recipe
 
 
 def _image_folder(root: Path, size: int = 40) -> Path:
@@ -73,3 +100,12 @@ def test_finetune_384_recipe_from_a_pretrained_checkpoint(tmp_path):
     model = vitkit.from_pretrained(result.run_dir / "best")
     assert model.config.image_hw == (48, 48) and model.config.num_classes == 2
     assert model.pos_embed.shape == (1, 1 + 36, 16)  # 4x4 table resampled to 6x6
+
+
+def test_every_objective_name_the_recipe_accepts_has_one_builder():
+    import typing
+
+    from vitkit.train.objectives import OBJECTIVES
+    from vitkit.train.recipe import Objective
+
+    assert list(OBJECTIVES) == list(typing.get_args(Objective))

@@ -1,7 +1,9 @@
 """`ViTConfig`: the single description of a Vision Transformer.
 
-Every model vitkit builds comes from one of these. It validates itself on creation and round-trips
-through JSON (`to_dict` / `from_dict`, `save` / `load`). Translation to foreign config formats
+Every model vitkit builds comes from one of these. Each field declares its choices and bounds
+(`vitkit._fields`); the config checks them on creation, with the rules between fields and the
+limits of `vitkit.limits`, and names every problem in one `ConfigError`. It round-trips through
+JSON (`to_dict` / `from_dict`, `save` / `load`). Translation to foreign config formats
 (Hugging Face `config.json`, timm model names) lives in `vitkit.checkpoints`.
 """
 
@@ -12,12 +14,12 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from vitkit import limits
-from vitkit._fields import checked, field_kinds
+from vitkit._fields import AT_LEAST_0, POSITIVE, RATE, In, over_limit, problems
 from vitkit.errors import ConfigError
 from vitkit.limits import is_int
 
@@ -29,12 +31,17 @@ Activation = Literal["gelu", "gelu_tanh", "quick_gelu"]
 MlpLayer = Literal["mlp", "swiglu"]
 
 
-def _pair(value: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+def pair(value: Any, name: str = "size") -> tuple[int, int]:
+    """(height, width) of an int or a pair of positive ints; floats, bools and strings are
+    refused (`ConfigError` naming `name`)."""
     if is_int(value):
-        return (int(value), int(value))  # type: ignore[arg-type]
-    if not isinstance(value, (tuple, list)) or len(value) != 2 or not all(map(is_int, value)):
-        raise ConfigError(f"image_size must be an int or a pair (height, width), got {value!r}")
-    return (int(value[0]), int(value[1]))
+        value = (value, value)
+    if not (isinstance(value, list | tuple) and len(value) == 2 and all(map(is_int, value))):
+        raise ConfigError(f"{name}={value!r} must be an int or (height, width) of ints")
+    h, w = int(value[0]), int(value[1])
+    if h <= 0 or w <= 0:
+        raise ConfigError(f"{name}={value!r} must be positive")
+    return (h, w)
 
 
 def read_json(path: Path, what: str) -> Any:
@@ -67,51 +74,11 @@ def _id2label(value: Any) -> dict[int, str]:
     return out
 
 
-_SPECIAL = ("image_size", "stem_channels", "stem_strides", "id2label")  # checked below
-
-
-def _check_types(c: ViTConfig) -> None:
-    """Refuse a value of the wrong type instead of casting it (2.7 layers is not 2 layers)."""
-    errors = []
-    for name, kind in _KINDS.items():
-        if name in _SPECIAL:
-            continue
-        value = getattr(c, name)
-        try:
-            setattr(c, name, checked(value, kind))
-        except ValueError as exc:
-            errors.append(f"{name}={value!r} {exc}")
-    try:
-        hw = _pair(c.image_size)
-        c.image_size = int(c.image_size) if is_int(c.image_size) else hw  # type: ignore
-    except ConfigError as exc:
-        errors.append(str(exc))
-    stem = c.stem_channels
-    if not isinstance(stem, tuple) or not all(is_int(v) and v > 0 for v in stem):
-        errors.append(f"stem_channels must be a list of positive integers, got {stem!r}")
-    else:
-        c.stem_channels = tuple(int(v) for v in stem)
-    strides = c.stem_strides
-    if not isinstance(strides, tuple) or not all(is_int(v) and v in (1, 2) for v in strides):
-        errors.append(f"stem_strides must be a list of 1s and 2s, got {strides!r}")
-    elif strides and len(strides) != len(c.stem_channels):
-        errors.append(
-            f"stem_strides {list(strides)} needs one stride per stem_channels entry "
-            f"({len(c.stem_channels)})"
-        )
-    else:
-        c.stem_strides = tuple(int(v) for v in strides)
-    if c.id2label is not None and not isinstance(c.id2label, dict):
-        errors.append("id2label must be a mapping")
-    if errors:
-        raise ConfigError("invalid ViTConfig: " + "; ".join(errors))
-
-
-def _check_limits(c: ViTConfig) -> None:
-    """Every size against `vitkit.limits`, cheapest first, the parameter count last."""
-
+def _limit_problems(c: ViTConfig) -> list[str]:
+    """Every size against `vitkit.limits` (`VITKIT_MAX_<NAME>` raises one), the parameter count
+    last: all before any model is built, so a hostile config cannot ask for a huge allocation."""
     h, w = c.image_hw
-    for value, name, what in (
+    sizes = (
         (c.depth, "DEPTH", "depth"),
         (c.embed_dim, "WIDTH", "embed_dim"),
         (c.num_heads, "HEADS", "num_heads"),
@@ -124,11 +91,11 @@ def _check_limits(c: ViTConfig) -> None:
         (c.num_classes, "CLASSES", "num_classes"),
         (c.head_hidden_dim or 0, "MLP_DIM", "head_hidden_dim"),
         (c.projection_dim or 0, "MLP_DIM", "projection_dim"),
-    ):
-        limits.check(value, name, what)
-    limits.check(c.mlp_hidden_dim, "MLP_DIM", f"MLP size (embed_dim x mlp_ratio {c.mlp_ratio})")
-    limits.check(c.num_patches, "PATCHES", f"patches per image ({h}x{w} / patch {c.patch_size})")
-    limits.check(c.estimated_params(), "PARAMS", "parameters")
+        (c.mlp_hidden_dim, "MLP_DIM", f"MLP size (embed_dim x mlp_ratio {c.mlp_ratio})"),
+        (c.num_patches, "PATCHES", f"patches per image ({h}x{w} / patch {c.patch_size})"),
+    )
+    found = [m for value, name, what in sizes for m in over_limit(value, name, what)]
+    return found or over_limit(c.estimated_params(), "PARAMS", "parameters")  # sizes first
 
 
 @dataclass
@@ -158,31 +125,31 @@ class ViTConfig:
     holds such a model, transformers, timm and the JAX layout do not.
     """
 
-    image_size: int | tuple[int, int] = 224
-    patch_size: int = 16
-    in_chans: int = 3
-    num_classes: int = 1000
-    embed_dim: int = 768
-    depth: int = 12
-    num_heads: int = 12
-    mlp_ratio: float = 4.0
+    image_size: Annotated[int | tuple[int, int], POSITIVE] = 224
+    patch_size: Annotated[int, POSITIVE] = 16
+    in_chans: Annotated[int, POSITIVE] = 3
+    num_classes: Annotated[int, In("[0, inf)", "0 means no head")] = 1000
+    embed_dim: Annotated[int, POSITIVE] = 768
+    depth: Annotated[int, POSITIVE] = 12
+    num_heads: Annotated[int, POSITIVE] = 12
+    mlp_ratio: Annotated[float, POSITIVE] = 4.0
     qkv_bias: bool = True
-    layer_norm_eps: float = 1e-6
+    layer_norm_eps: Annotated[float, In("(0, inf)", "e.g. 1e-6")] = 1e-6
     act: Activation = "gelu"
     mlp_layer: MlpLayer = "mlp"
-    layer_scale_init: float | None = None
+    layer_scale_init: Annotated[float | None, POSITIVE] = None
     pre_norm: bool = False
     patch_bias: bool = True
-    stem_channels: tuple[int, ...] = ()
-    stem_strides: tuple[int, ...] = ()  # () = all 1
-    drop_rate: float = 0.0
-    attn_drop_rate: float = 0.0
-    drop_path_rate: float = 0.0
+    stem_channels: Annotated[tuple[int, ...], POSITIVE] = ()
+    stem_strides: tuple[Literal[1, 2], ...] = ()  # () = all 1
+    drop_rate: Annotated[float, RATE] = 0.0
+    attn_drop_rate: Annotated[float, RATE] = 0.0
+    drop_path_rate: Annotated[float, RATE] = 0.0
     global_pool: GlobalPool = "token"
     fc_norm: bool | None = None
     class_token: bool = True
     distilled: bool = False
-    num_register_tokens: int = 0
+    num_register_tokens: Annotated[int, AT_LEAST_0] = 0
     pos_embed: PosEmbed = "learned"
     pos_embed_interpolation: Literal["bicubic", "bilinear"] = "bicubic"
     pos_embed_antialias: bool = False
@@ -190,19 +157,13 @@ class ViTConfig:
     dynamic_img_pad: bool = False
     use_mask_token: bool = False
     head: Head = "linear"
-    head_hidden_dim: int | None = None
+    head_hidden_dim: Annotated[int | None, POSITIVE] = None
     head_init_zero: bool = False
-    projection_dim: int | None = None
+    projection_dim: Annotated[int | None, POSITIVE] = None
     attn_implementation: AttnImpl = "sdpa"
-    id2label: dict[int, str] | None = field(default=None)
+    id2label: dict[int, str] | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.image_size, list):
-            self.image_size = tuple(self.image_size)  # type: ignore[assignment]
-        if isinstance(self.stem_channels, list):
-            self.stem_channels = tuple(self.stem_channels)
-        if isinstance(self.stem_strides, list):
-            self.stem_strides = tuple(self.stem_strides)
         if self.id2label is not None:
             self.id2label = _id2label(self.id2label)
         self.validate()
@@ -210,7 +171,7 @@ class ViTConfig:
     # ----------------------------------------------------------------------------- derived
     @property
     def image_hw(self) -> tuple[int, int]:
-        return _pair(self.image_size)
+        return pair(self.image_size, "image_size")
 
     @property
     def grid_size(self) -> tuple[int, int]:
@@ -262,113 +223,41 @@ class ViTConfig:
 
     # ----------------------------------------------------------------------------- checks
     def validate(self) -> None:
-        """Raise `ConfigError` naming the field and the fix for any inconsistent setting.
-
-        Types come first (a string, a bool or 2.7 where an int is due is refused, never cast),
-        then each size against `vitkit.limits`, then the parameter count: all before any model
-        is built, so a hostile config cannot ask for a huge allocation.
-        """
-        _check_types(self)
-        errors: list[str] = []
-        h, w = self.image_hw
-        p = self.patch_size
-        positive = {
-            "patch_size": p,
-            "in_chans": self.in_chans,
-            "embed_dim": self.embed_dim,
-            "depth": self.depth,
-            "num_heads": self.num_heads,
-            "image height": h,
-            "image width": w,
-        }
-        for name, value in positive.items():
-            if value <= 0:
-                errors.append(f"{name} must be positive, got {value}")
-        if self.num_classes < 0:
-            errors.append(f"num_classes must be >= 0 (0 means no head), got {self.num_classes}")
-        if self.num_register_tokens < 0:
-            errors.append(f"num_register_tokens must be >= 0, got {self.num_register_tokens}")
-        if not self.mlp_ratio > 0:
-            errors.append(f"mlp_ratio must be positive, got {self.mlp_ratio}")
-        if not self.layer_norm_eps > 0:
-            errors.append(f"layer_norm_eps must be positive (e.g. 1e-6), got {self.layer_norm_eps}")
-        if self.head_hidden_dim is not None and self.head_hidden_dim <= 0:
-            errors.append(f"head_hidden_dim must be positive, got {self.head_hidden_dim}")
-        if p > 0 and p % self.stem_stride:
-            errors.append(
-                f"stem_strides={list(self.stem_strides)} downsample by {self.stem_stride}, which "
-                f"does not divide patch_size={p}"
-            )
-        if errors:
-            raise ConfigError("invalid ViTConfig: " + "; ".join(errors))
-        _check_limits(self)
-        if self.embed_dim % self.num_heads:
-            errors.append(
-                f"embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}; "
-                f"pick num_heads from {[d for d in range(1, 33) if self.embed_dim % d == 0]}"
-            )
-        if (h % p or w % p) and not self.dynamic_img_pad:
-            errors.append(
-                f"image_size={self.image_hw} is not a multiple of patch_size={p}; use "
-                f"{(h // p * p or p, w // p * p or p)} or set dynamic_img_pad=True"
-            )
-        if self.mlp_hidden_dim <= 0:
-            errors.append(
-                f"mlp_ratio={self.mlp_ratio} gives an MLP of {self.mlp_hidden_dim} units; "
-                f"use a larger mlp_ratio"
-            )
-        for name in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
-            value = getattr(self, name)
-            if not 0.0 <= value < 1.0:
-                errors.append(f"{name} must be in [0, 1), got {value}")
-        choices = {
-            "global_pool": ("token", "avg", "map", "token_avg"),
-            "mlp_layer": ("mlp", "swiglu"),
-            "pos_embed": ("learned", "sincos2d", "none"),
-            "head": ("linear", "mlp"),
-            "attn_implementation": ("sdpa", "eager"),
-            "act": ("gelu", "gelu_tanh", "quick_gelu"),
-            "pos_embed_interpolation": ("bicubic", "bilinear"),
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                errors.append(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        if self.global_pool in ("token", "token_avg") and not self.class_token:
-            errors.append(
-                f"global_pool={self.global_pool!r} needs class_token=True; use "
-                "global_pool='avg' for a model without a [CLS] token"
-            )
-        if self.global_pool == "token_avg" and self.fc_norm:
-            errors.append(
-                "global_pool='token_avg' concatenates tokens the final norm has normalised; "
-                "fc_norm=True would normalise the pair as one vector (leave fc_norm unset)"
-            )
-        if self.global_pool == "token_avg" and self.distilled:
-            errors.append(
-                "distilled=True (DeiT) reads [CLS] and [DIST] apart; use global_pool='token'"
-            )
-        if self.mlp_layer == "swiglu" and self.mlp_hidden_dim % 2:
-            errors.append(
-                f"mlp_layer='swiglu' packs two halves into mlp_ratio * embed_dim = "
-                f"{self.mlp_hidden_dim}, which must be even"
-            )
-        if self.layer_scale_init is not None and self.layer_scale_init <= 0:
-            errors.append(f"layer_scale_init must be positive or None, got {self.layer_scale_init}")
-        if self.projection_dim is not None and self.projection_dim <= 0:
-            errors.append(f"projection_dim must be positive or None, got {self.projection_dim}")
-        if self.global_pool == "map" and self.head == "mlp":
-            errors.append("global_pool='map' has its own MLP; use head='linear'")
-        if self.distilled and not self.class_token:
-            errors.append("distilled=True (DeiT) needs class_token=True")
-        if (
-            self.id2label is not None
-            and self.num_classes
-            and len(self.id2label) != self.num_classes
-        ):
-            errors.append(
-                f"id2label has {len(self.id2label)} entries but num_classes="
-                f"{self.num_classes}; give one label per class"
-            )
+        """Raise one `ConfigError` naming every bad field and the fix: each field against its
+        declaration (never cast: 2.7 is no depth), then the rules between fields and the limits."""
+        errors = problems(self)
+        if not errors:
+            h, w, p, d, heads = *self.image_hw, self.patch_size, self.embed_dim, self.num_heads
+            pool, mlp, labels = self.global_pool, self.mlp_hidden_dim, self.id2label
+            strides, stem = list(self.stem_strides), len(self.stem_channels)
+            rules = [
+                (len(strides) not in (0, stem),
+                 f"stem_strides {strides} needs one stride per stem_channels entry ({stem})"),
+                (p % self.stem_stride, f"stem_strides={strides} downsample by "
+                 f"{self.stem_stride}, which does not divide patch_size={p}"),
+                (d % heads, f"embed_dim={d} is not divisible by num_heads={heads}; pick "
+                 f"num_heads from {[n for n in range(1, 33) if d % n == 0]}"),
+                ((h % p or w % p) and not self.dynamic_img_pad, f"image_size={(h, w)} is not a "
+                 f"multiple of patch_size={p}; use {(h // p * p or p, w // p * p or p)} or set "
+                 "dynamic_img_pad=True"),
+                (mlp <= 0, f"mlp_ratio={self.mlp_ratio} gives {mlp} MLP units; make it larger"),
+                (pool in ("token", "token_avg") and not self.class_token, f"global_pool={pool!r} "
+                 "needs class_token=True; use global_pool='avg' for a model without [CLS]"),
+                (pool == "token_avg" and self.fc_norm, "global_pool='token_avg' joins tokens the "
+                 "final norm has normalised; leave fc_norm unset (True would normalise the pair)"),
+                (pool == "token_avg" and self.distilled,
+                 "distilled=True (DeiT) reads [CLS] and [DIST] apart; use global_pool='token'"),
+                (self.mlp_layer == "swiglu" and mlp % 2, f"mlp_layer='swiglu' packs two halves "
+                 f"into mlp_ratio * embed_dim = {mlp}, which must be even"),
+                (pool == "map" and self.head == "mlp",
+                 "global_pool='map' has its own MLP; use head='linear'"),
+                (self.distilled and not self.class_token,
+                 "distilled=True (DeiT) needs class_token=True"),
+                (labels is not None and self.num_classes and len(labels) != self.num_classes,
+                 f"id2label has {len(labels or ())} entries but num_classes={self.num_classes}; "
+                 "give one label per class"),
+            ]  # fmt: skip
+            errors = [message for broken, message in rules if broken] + _limit_problems(self)
         if errors:
             raise ConfigError("invalid ViTConfig: " + "; ".join(errors))
 
@@ -445,9 +334,3 @@ class ViTConfig:
             return cls.from_dict(data)
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc}") from None
-
-
-# field -> declared type, for `_check_types` (the Literal aliases are names to choose among)
-_KINDS = field_kinds(
-    ViTConfig, strings=("GlobalPool", "PosEmbed", "Head", "AttnImpl", "Activation", "MlpLayer")
-)

@@ -64,6 +64,8 @@ HF_PROCESSOR_KEYS = [
     "image_processor_type",
 ]  # fmt: skip
 RECIPE_KEYS = [f.name for f in dataclasses.fields(Recipe)]
+TIMM_CFG_KEYS = ["input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std"]
+TIMM_CFG = {"input_size": [3, 32, 32], "crop_pct": 0.9, "interpolation": "bicubic"}
 
 
 OUTCOMES: dict[str, int] = {}
@@ -98,6 +100,15 @@ def test_processor_from_any_json(data):
         hw = processor.output_hw
         assert hw is None or hw[0] * hw[1] <= limits.limit("INPUT_PIXELS")
         assert ImageProcessor.from_hf_dict(processor.to_hf_dict()) == processor
+
+
+@SETTINGS
+@given(st.one_of(_documents(TIMM_CFG_KEYS, TIMM_CFG), json_values))
+def test_timm_pretrained_cfg_from_any_json(data):
+    """A timm folder's config.json states its preprocessing in `pretrained_cfg`."""
+    processor = _loads_or_refuses(ImageProcessor.from_timm_cfg, data)
+    if processor is not None:
+        assert processor.backend == "pil" and processor.crop_size is not None
 
 
 @SETTINGS

@@ -1,11 +1,13 @@
-"""Shared pieces of the checkpoint mappings: one `CheckpointError` that lists every problem, and
-rule-driven renaming for the formats that translate name by name (transformers' families)."""
+"""Shared pieces of the checkpoint mappings: one `CheckpointError` that lists every problem, the
+rule engine every foreign format's table runs on (`Rule`, `rename_from`, `rename_to`), and the
+config.json fields transformers' families share."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
-from typing import Any
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -67,65 +69,141 @@ def mismatch_error(
 
 
 def check_state_dict(
-    sd: Mapping[str, Tensor], config: ViTConfig, *, source: str, hint: str = ""
-) -> None:
-    """Raise one `CheckpointError` unless `sd` has exactly the keys and shapes of the model."""
-    expected = expected_shapes(config)
-    missing = [k for k in expected if k not in sd]
+    sd: Mapping[str, Tensor],
+    config: ViTConfig,
+    *,
+    source: str,
+    hint: str = "",
+    strict: bool | None = None,
+    fresh: tuple[str, ...] = (),
+) -> dict[str, Tensor]:
+    """The model's state as `meta` tensors, once `sd` is checked against it: one
+    `CheckpointError` naming every missing and unexpected key and each shape conflict.
+
+    `strict=None` checks a state dict that must fit exactly; `True` / `False` check one being
+    loaded (the error hints at `strict=False`, which turns missing and unexpected keys into a
+    warning; shape conflicts always raise). Keys starting with `fresh` (a new head) may be missing.
+    """
+    meta = expected_state(config)
+    expected = {k: tuple(v.shape) for k, v in meta.items()}
+    missing = [k for k in expected if k not in sd and not k.startswith(fresh)]
     unexpected = [k for k in sd if k not in expected]
     conflicts = {
         k: (expected[k], tuple(v.shape))
         for k, v in sd.items()
         if k in expected and tuple(v.shape) != expected[k]
     }
-    if missing or unexpected or conflicts:
+    if conflicts or (strict is not False and (missing or unexpected)):
+        if strict is not None:
+            hint = "check model_name/config, num_classes and image_size" if conflicts else (
+                "pass strict=False to load what matches")  # fmt: skip
         raise mismatch_error(
             source, missing=missing, unexpected=unexpected, conflicts=conflicts, hint=hint
         )
+    if missing or unexpected:
+        warning = mismatch_error(source, missing=missing, unexpected=unexpected)
+        warnings.warn(str(warning), stacklevel=4)
+    return meta
 
 
-# A renaming rule between vitkit and a foreign format: vitkit names <- foreign (name, shape)s.
-# The tensors of one side are flattened, concatenated in order and split into the other side's
-# shapes, which covers renames, reshapes ((D,) -> (1, 1, D)), fused q/k/v (three -> one) and
-# split ones (transformers' in_proj -> q + kv).
-Rule = tuple[tuple[str, ...], tuple[tuple[str, tuple[int, ...]], ...]]
+# A rule maps vitkit names to foreign (name, shape)s, both ways: the tensors of one side are
+# flattened, concatenated in order and split into the other side's shapes. That covers renames,
+# reshapes ((D,) <-> (1, 1, D)), fused q/k/v (three <-> one) and split ones (in_proj <-> q + kv).
+# A shape of None is the vitkit tensor's own. A `Hook` handles layouts a reshape cannot: it
+# turns each foreign tensor into vitkit's layout (before the merge) and a flat part back into
+# the foreign shape (after the split), e.g. Flax's (in, out) kernels <-> PyTorch's (out, in).
+Hook = tuple[Callable[[Tensor], Tensor], Callable[[Tensor, tuple[int, ...]], Tensor]]
+
+
+class Rule(NamedTuple):
+    ours: tuple[str, ...]
+    theirs: tuple[tuple[str, tuple[int, ...] | None], ...]
+    hook: Hook | None = None
+
+
+def same(
+    ours: str, theirs: str, shape: tuple[int, ...] | None = None, hook: Hook | None = None
+) -> Rule:
+    """One tensor under another name (and perhaps another shape or layout)."""
+    return Rule((ours,), ((theirs, shape),), hook)
+
+
+def pair(ours: str, theirs: str) -> list[Rule]:
+    """A layer's weight and bias under another name, same shapes (a Linear or a LayerNorm)."""
+    return [same(f"{ours}.weight", f"{theirs}.weight"), same(f"{ours}.bias", f"{theirs}.bias")]
+
+
+def fused_qkv(ours: str, theirs: Iterable[str], dim: int, bias: bool = True) -> list[Rule]:
+    """vitkit's one q/k/v projection from three separate ones (q, k, v in that order)."""
+    theirs = list(theirs)
+    rules = [Rule((f"{ours}.weight",), tuple((f"{t}.weight", (dim, dim)) for t in theirs))]
+    if bias:
+        rules.append(Rule((f"{ours}.bias",), tuple((f"{t}.bias", (dim,)) for t in theirs)))
+    return rules
+
+
+def block_rules(
+    ours: str, theirs: str, names: Mapping[str, str], dim: int, qkv_bias: bool = True
+) -> list[Rule]:
+    """One transformer block: vitkit's at `ours` ("blocks.3.") <-> a layer at `theirs` whose
+    sublayers `names` spells (keys ln1, q, k, v, o, ln2, fc1, fc2)."""
+    n = {k: theirs + v for k, v in names.items()}
+    return [
+        *pair(f"{ours}norm1", n["ln1"]),
+        *fused_qkv(f"{ours}attn.qkv", [n["q"], n["k"], n["v"]], dim, qkv_bias),
+        *pair(f"{ours}attn.proj", n["o"]),
+        *pair(f"{ours}norm2", n["ln2"]),
+        *pair(f"{ours}mlp.fc1", n["fc1"]),
+        *pair(f"{ours}mlp.fc2", n["fc2"]),
+    ]
+
+
+def under(rules: Iterable[Rule], theirs: str = "", ours: str = "") -> list[Rule]:
+    """`rules` with their foreign names under `theirs` and vitkit's under `ours`."""
+    return [
+        Rule(tuple(ours + k for k in r.ours), tuple((theirs + n, s) for n, s in r.theirs), r.hook)
+        for r in rules
+    ]
 
 
 def rename_from(
     sd: Mapping[str, Tensor],
     rules: Iterable[Rule],
-    config: ViTConfig,
+    expected: ViTConfig | Mapping[str, tuple[int, ...]],
     *,
-    prefix: str = "",
     ignore: Iterable[str] = (),
     source: str,
 ) -> dict[str, Tensor]:
-    """vitkit state dict from a foreign one by `rules` (foreign names get `prefix`). Keys
-    starting with an entry of `ignore` are skipped on purpose; anything else that does not map,
-    a missing key or a size conflict raises one `CheckpointError`."""
-    expected = expected_shapes(config)
-    ignore = tuple(ignore)
+    """vitkit state dict from a foreign one by `rules`, for a model of `expected` (a config, or
+    names and shapes; a name it lacks takes the file's shape). Keys starting with an entry of
+    `ignore` are skipped on purpose; anything else that does not map, a missing key or a shape
+    other than the rule's raises one `CheckpointError` that names the file's keys."""
+    if isinstance(expected, ViTConfig):
+        expected = expected_shapes(expected)
+    ignore, rules = tuple(ignore), list(rules)
     out: dict[str, Tensor] = {}
     used: set[str] = set()
-    missing: list[str] = []
+    covered = {k for r in rules for k in r.ours}
+    missing = [k for k in expected if k not in covered]  # the format has no name for these
     conflicts: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
-    for ours, theirs in rules:
-        names = [prefix + name for name, _ in theirs]
-        absent = [n for n in names if n not in sd]
-        if absent:
-            missing += absent
+    for ours, theirs, hook in rules:
+        failed = len(missing) + len(conflicts)
+        for name, shape in theirs:  # a shape of None (renames only): as vitkit's
+            used.add(name)
+            want, got = shape or expected.get(ours[0]), sd[name].shape if name in sd else None
+            if got is None:
+                missing.append(name)
+            elif want is not None and tuple(got) != tuple(want):
+                conflicts[f"{name} -> {'+'.join(ours)}"] = (tuple(want), tuple(got))
+        if len(missing) + len(conflicts) > failed:
             continue
-        used.update(names)
-        sizes = [math.prod(expected[k]) for k in ours]
-        if sum(sd[n].numel() for n in names) != sum(sizes):
-            got = tuple(sd[names[0]].shape) if len(names) == 1 else (len(names),)
-            conflicts[names[0]] = (tuple(expected[ours[0]]), got)
+        parts = [hook[0](sd[n]) if hook else sd[n] for n, _ in theirs]
+        if len(ours) == 1:  # a rename (no copy) or a merge
+            merged = parts[0] if len(parts) == 1 else torch.cat(parts)
+            out[ours[0]] = merged.reshape(expected.get(ours[0], merged.shape)).contiguous()
             continue
-        if len(names) == len(ours) == 1:  # a rename (perhaps a reshape): no copy
-            out[ours[0]] = sd[names[0]].reshape(expected[ours[0]])
-            continue
-        flat = torch.cat([sd[n].reshape(-1) for n in names])
-        for key, part in zip(ours, flat.split(sizes), strict=True):
+        flat = torch.cat([p.reshape(-1) for p in parts])
+        for key, part in zip(ours, flat.split([math.prod(expected[k]) for k in ours]), strict=True):
             out[key] = part.reshape(expected[key]).clone()
     unexpected = [k for k in sd if k not in used and not k.startswith(ignore)]
     if missing or unexpected or conflicts:
@@ -133,11 +211,11 @@ def rename_from(
     return out
 
 
-def rename_to(sd: Mapping[str, Tensor], rules: Iterable[Rule], *, prefix: str = "") -> dict:
+def rename_to(sd: Mapping[str, Tensor], rules: Iterable[Rule]) -> dict[str, Tensor]:
     """A foreign state dict from a vitkit one by `rules` (the inverse of `rename_from`).
     Raises `CheckpointError` naming the vitkit parameters no rule covers."""
     rules = list(rules)
-    covered = {k for ours, _ in rules for k in ours}
+    covered = {k for r in rules for k in r.ours}
     unmapped = sorted(k for k in sd if k not in covered)
     if unmapped:
         raise CheckpointError(
@@ -145,42 +223,17 @@ def rename_to(sd: Mapping[str, Tensor], rules: Iterable[Rule], *, prefix: str = 
             f"{_listing(unmapped)}; save with format='vitkit'"
         )
     out: dict[str, Tensor] = {}
-    for ours, theirs in rules:
-        if len(ours) == len(theirs) == 1:
-            out[prefix + theirs[0][0]] = sd[ours[0]].reshape(theirs[0][1]).contiguous()
-            continue
-        flat = torch.cat([sd[k].reshape(-1) for k in ours])
-        sizes = [math.prod(shape) for _, shape in theirs]
-        for (name, shape), part in zip(theirs, flat.split(sizes), strict=True):
-            out[prefix + name] = part.reshape(shape).clone()
+    for ours, theirs, hook in rules:
+        flat = torch.cat([sd[k].reshape(-1) for k in ours]) if len(ours) > 1 else sd[ours[0]]
+        shapes = [shape or tuple(sd[ours[0]].shape) for _, shape in theirs]
+        parts = (
+            flat.reshape(-1).split([math.prod(s) for s in shapes]) if len(theirs) > 1 else [flat]
+        )
+        for (name, _), shape, part in zip(theirs, shapes, parts, strict=True):
+            part = hook[1](part, shape) if hook else part.reshape(shape)
+            shared = len(theirs) > 1 and part.is_contiguous()  # a view of one split tensor
+            out[name] = part.clone() if shared else part.contiguous()
     return out
-
-
-def same(ours: str, theirs: str, shape: tuple[int, ...]) -> Rule:
-    """One tensor under another name (and perhaps another shape with the same elements)."""
-    return ((ours,), ((theirs, shape),))
-
-
-def linear(ours: str, theirs: str, out_dim: int, in_dim: int, bias: bool = True) -> list[Rule]:
-    """The weight (and bias) of a Linear layer (or a LayerNorm with in_dim=0)."""
-    weight = (out_dim, in_dim) if in_dim else (out_dim,)
-    rules = [same(f"{ours}.weight", f"{theirs}.weight", weight)]
-    if bias:
-        rules.append(same(f"{ours}.bias", f"{theirs}.bias", (out_dim,)))
-    return rules
-
-
-def norm(ours: str, theirs: str, dim: int) -> list[Rule]:
-    return linear(ours, theirs, dim, 0)
-
-
-def fused_qkv(ours: str, theirs: Iterable[str], dim: int, bias: bool = True) -> list[Rule]:
-    """vitkit's one q/k/v projection from three separate ones (q, k, v in that order)."""
-    theirs = list(theirs)
-    rules: list[Rule] = [((f"{ours}.weight",), tuple((f"{t}.weight", (dim, dim)) for t in theirs))]
-    if bias:
-        rules.append(((f"{ours}.bias",), tuple((f"{t}.bias", (dim,)) for t in theirs)))
-    return rules
 
 
 def find_prefix(sd: Mapping[str, Tensor], anchor: str, *, source: str, what: str) -> str:
@@ -284,14 +337,28 @@ def hf_label_fields(config: ViTConfig) -> dict[str, Any]:
     }
 
 
-def mlp_ratio(hidden: int, intermediate: int) -> float:
-    """A ratio that gives back exactly `intermediate` units (see `ViTConfig.mlp_hidden_dim`)."""
-    return intermediate / hidden
+def hf_fields(config: ViTConfig, **extra: Any) -> dict[str, Any]:
+    """The config.json fields every transformers family spells the same way, and `extra`."""
+    c = config
+    return {
+        "hidden_size": c.embed_dim,
+        "num_hidden_layers": c.depth,
+        "num_attention_heads": c.num_heads,
+        "hidden_act": HF_ACT_TO[c.act],
+        "layer_norm_eps": c.layer_norm_eps,
+        "image_size": c.image_hw[0],
+        "patch_size": c.patch_size,
+        "num_channels": c.in_chans,
+        **extra,
+    }
 
 
-def differences(config: ViTConfig, family: str, required: Mapping[str, Any]) -> list[str]:
+def differences(
+    config: ViTConfig, family: str, required: Mapping[str, Any], *, square: bool = True
+) -> list[str]:
     """Reasons `family`'s transformers classes cannot hold `config`: each field that differs
-    from `required` (a value, or a tuple of allowed values), plus a non-square image size."""
+    from `required` (a value, or a tuple of allowed values), plus a non-square image size
+    where the family's configs are `square`."""
     reasons = []
     for name, want in required.items():
         have = getattr(config, name)
@@ -299,7 +366,7 @@ def differences(config: ViTConfig, family: str, required: Mapping[str, Any]) -> 
         if have not in allowed:
             reasons.append(f"{name}={have!r} ({family} has {' or '.join(map(repr, allowed))})")
     h, w = config.image_hw
-    if h != w:
+    if square and h != w:
         reasons.append(f"image_size={config.image_hw} ({family} configs are square)")
     if config.mlp_hidden_dim != round(config.embed_dim * config.mlp_ratio, 6):
         reasons.append(f"mlp_ratio={config.mlp_ratio} gives a fractional hidden size")

@@ -20,42 +20,34 @@ from typing import Any
 from torch import Tensor
 
 from vitkit.checkpoints._common import (
-    HF_ACT_TO,
     HF_BASE,
     Rule,
+    block_rules,
     differences,
     find_prefix,
-    fused_qkv,
     hf_act,
+    hf_fields,
     integer,
-    linear,
-    mlp_ratio,
-    norm,
     number,
+    pair,
     rename_from,
     rename_to,
     same,
+    under,
 )
 from vitkit.config import ViTConfig
 from vitkit.errors import CheckpointError, ConfigError
 
 ARCHITECTURES = ("CLIPVisionModel", "CLIPVisionModelWithProjection", "CLIPModel")
 _PREFIX = "vision_model."
+LAYER = dict(ln1="layer_norm1", q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj",
+             o="self_attn.out_proj", ln2="layer_norm2", fc1="mlp.fc1", fc2="mlp.fc2")  # fmt: skip
 
 
 def layer_rules(config: ViTConfig, i: int) -> list[Rule]:
     """One encoder layer in the CLIP / SigLIP layout (`encoder.layers.{i}.self_attn.q_proj`)."""
-    D, H = config.embed_dim, config.mlp_hidden_dim
-    ours, theirs = f"blocks.{i}.", f"encoder.layers.{i}."
-    attn = f"{theirs}self_attn."
-    return [
-        *norm(f"{ours}norm1", f"{theirs}layer_norm1", D),
-        *fused_qkv(f"{ours}attn.qkv", [f"{attn}{p}_proj" for p in "qkv"], D, config.qkv_bias),
-        *linear(f"{ours}attn.proj", f"{attn}out_proj", D, D),
-        *norm(f"{ours}norm2", f"{theirs}layer_norm2", D),
-        *linear(f"{ours}mlp.fc1", f"{theirs}mlp.fc1", H, D),
-        *linear(f"{ours}mlp.fc2", f"{theirs}mlp.fc2", D, H),
-    ]
+    return block_rules(f"blocks.{i}.", f"encoder.layers.{i}.", LAYER, config.embed_dim,
+                       config.qkv_bias)  # fmt: skip
 
 
 def vision_config(data: Mapping[str, Any]) -> dict[str, Any]:
@@ -76,7 +68,7 @@ def common_fields(v: Mapping[str, Any], defaults: Mapping[str, Any], source: str
         embed_dim=hidden,
         depth=integer(c, "num_hidden_layers"),
         num_heads=integer(c, "num_attention_heads"),
-        mlp_ratio=mlp_ratio(hidden, integer(c, "intermediate_size")),
+        mlp_ratio=integer(c, "intermediate_size") / hidden,
         layer_norm_eps=number(c, "layer_norm_eps", 1e-5, source=source),
         act=hf_act(c["hidden_act"], source=source),
         attn_drop_rate=number(c, "attention_dropout", 0.0, source=source),
@@ -126,19 +118,20 @@ def config_from_hf(data: Mapping[str, Any], *, source: str = "config.json") -> V
         raise CheckpointError(f"{source} describes an invalid model: {exc}") from exc
 
 
-def rules(config: ViTConfig) -> list[Rule]:
-    """vitkit <- CLIP vision tower names, without the `vision_model.` prefix."""
+def rules(config: ViTConfig, prefix: str = _PREFIX) -> list[Rule]:
+    """vitkit <-> CLIP vision tower names, the tower's under `prefix`."""
     D, N = config.embed_dim, config.num_patches
-    P, C = config.patch_size, config.in_chans
-    out: list[Rule] = [
+    out = [
         same("cls_token", "embeddings.class_embedding", (D,)),
-        same("patch_embed.proj.weight", "embeddings.patch_embedding.weight", (D, C, P, P)),
+        same("patch_embed.proj.weight", "embeddings.patch_embedding.weight"),
         same("pos_embed", "embeddings.position_embedding.weight", (1 + N, D)),
-        *norm("norm_pre", "pre_layrnorm", D),
+        *pair("norm_pre", "pre_layrnorm"),
     ]
     for i in range(config.depth):
         out += layer_rules(config, i)
-    out += norm("norm", "post_layernorm", D)
+    out = under([*out, *pair("norm", "post_layernorm")], prefix)
+    if config.projection_dim is not None:
+        out.append(same("projection.weight", "visual_projection.weight"))
     return out
 
 
@@ -147,28 +140,10 @@ def state_dict_from_hf(
 ) -> dict[str, Tensor]:
     """vitkit weights from a CLIP vision (or full CLIP) state dict; the text tower is ignored."""
     prefix = find_prefix(sd, "embeddings.patch_embedding.weight", source=source, what="CLIP")
-    out = rename_from(
-        sd,
-        rules(config),
-        config,
-        prefix=prefix,
-        ignore=(
-            "text_model.",
-            "text_projection.",
-            "logit_scale",
-            "visual_projection.",
-            f"{prefix}embeddings.position_ids",
-        ),
-        source=source,
-    )
-    if config.projection_dim is not None:
-        if "visual_projection.weight" not in sd:
-            raise CheckpointError(
-                f"{source}: the config has a projection but the weights lack "
-                f"'visual_projection.weight'"
-            )
-        out["projection.weight"] = sd["visual_projection.weight"]
-    return out
+    ignore = ["text_model.", "text_projection.", "logit_scale", f"{prefix}embeddings.position_ids"]
+    if config.projection_dim is None:
+        ignore.append("visual_projection.")
+    return rename_from(sd, rules(config, prefix), config, ignore=ignore, source=source)
 
 
 def unsupported(config: ViTConfig) -> list[str]:
@@ -181,29 +156,17 @@ def unsupported(config: ViTConfig) -> list[str]:
 def config_to_hf(config: ViTConfig) -> dict[str, Any]:
     c = config
     arch = "CLIPVisionModelWithProjection" if c.projection_dim else "CLIPVisionModel"
-    out: dict[str, Any] = {
-        "architectures": [arch],
-        "model_type": "clip_vision_model",
-        "hidden_size": c.embed_dim,
-        "intermediate_size": c.mlp_hidden_dim,
-        "num_hidden_layers": c.depth,
-        "num_attention_heads": c.num_heads,
-        "num_channels": c.in_chans,
-        "image_size": c.image_hw[0],
-        "patch_size": c.patch_size,
-        "hidden_act": HF_ACT_TO[c.act],
-        "layer_norm_eps": c.layer_norm_eps,
-        "attention_dropout": c.attn_drop_rate,
-    }
-    if c.projection_dim:
-        out["projection_dim"] = c.projection_dim
-    return out
+    out = tower_fields(c, architectures=[arch], model_type="clip_vision_model")
+    return {**out, "projection_dim": c.projection_dim} if c.projection_dim else out
+
+
+def tower_fields(config: ViTConfig, **extra: Any) -> dict[str, Any]:
+    """config.json of a CLIP / SigLIP vision tower (`common_fields` reads it back)."""
+    c = config
+    return hf_fields(
+        c, intermediate_size=c.mlp_hidden_dim, attention_dropout=c.attn_drop_rate, **extra
+    )
 
 
 def state_dict_to_hf(sd: Mapping[str, Tensor], config: ViTConfig) -> dict[str, Tensor]:
-    sd = dict(sd)
-    projection = sd.pop("projection.weight", None)
-    out = rename_to(sd, rules(config), prefix=_PREFIX)
-    if projection is not None:
-        out["visual_projection.weight"] = projection.contiguous()
-    return out
+    return rename_to(sd, rules(config))

@@ -23,22 +23,22 @@ from typing import Any
 from torch import Tensor
 
 from vitkit.checkpoints._common import (
-    HF_ACT_TO,
     HF_BASE,
     Rule,
+    block_rules,
     differences,
     find_prefix,
-    fused_qkv,
     hf_act,
+    hf_fields,
     hf_label_fields,
     hf_labels,
     integer,
-    linear,
-    norm,
     number,
+    pair,
     rename_from,
     rename_to,
     same,
+    under,
 )
 from vitkit.config import ViTConfig
 from vitkit.errors import CheckpointError, ConfigError
@@ -99,48 +99,26 @@ def config_from_hf(data: Mapping[str, Any], *, source: str = "config.json") -> V
 
 def rules(config: ViTConfig, prefix: str = "") -> list[Rule]:
     """vitkit <-> transformers names: the encoder's under `prefix`, then a classifier's."""
-    c = config
-    out = [(ours, tuple((prefix + n, s) for n, s in theirs)) for ours, theirs in _encoder(c)]
-    if c.num_classes:
-        out += linear("head", "classifier", c.num_classes, c.pooled_dim)
-    return out
-
-
-def _encoder(config: ViTConfig) -> list[Rule]:
-    c = config
-    D, N, H = c.embed_dim, c.num_patches, c.mlp_hidden_dim
-    P, C = c.patch_size, c.in_chans
-    out: list[Rule] = [
-        same("cls_token", "embeddings.cls_token", (1, 1, D)),
-        same("pos_embed", "embeddings.position_embeddings", (1, 1 + N, D)),
-        same(
-            "patch_embed.proj.weight", "embeddings.patch_embeddings.projection.weight", (D, C, P, P)
-        ),
-        same("patch_embed.proj.bias", "embeddings.patch_embeddings.projection.bias", (D,)),
+    c, D = config, config.embed_dim
+    out = [
+        same("cls_token", "embeddings.cls_token"),
+        same("pos_embed", "embeddings.position_embeddings"),
+        *pair("patch_embed.proj", "embeddings.patch_embeddings.projection"),
     ]
     if c.use_mask_token:
         out.append(same("mask_token", "embeddings.mask_token", (1, D)))
     if c.num_register_tokens:
-        out.append(same("reg_token", "embeddings.register_tokens", (1, c.num_register_tokens, D)))
+        out.append(same("reg_token", "embeddings.register_tokens"))
     fc1, fc2 = ("weights_in", "weights_out") if c.mlp_layer == "swiglu" else ("fc1", "fc2")
-    hidden_in = H // 2 if c.mlp_layer == "swiglu" else H
+    names = dict(ln1="norm1", q="attention.attention.query", k="attention.attention.key",
+                 v="attention.attention.value", o="attention.output.dense", ln2="norm2",
+                 fc1=f"mlp.{fc1}", fc2=f"mlp.{fc2}")  # fmt: skip
     for i in range(c.depth):
         ours, theirs = f"blocks.{i}.", f"encoder.layer.{i}."
-        attn = f"{theirs}attention.attention."
-        out += [
-            *norm(f"{ours}norm1", f"{theirs}norm1", D),
-            *fused_qkv(
-                f"{ours}attn.qkv", [f"{attn}{p}" for p in ("query", "key", "value")], D, c.qkv_bias
-            ),
-            *linear(f"{ours}attn.proj", f"{theirs}attention.output.dense", D, D),
-            same(f"{ours}ls1.gamma", f"{theirs}layer_scale1.lambda1", (D,)),
-            *norm(f"{ours}norm2", f"{theirs}norm2", D),
-            *linear(f"{ours}mlp.fc1", f"{theirs}mlp.{fc1}", H, D),
-            *linear(f"{ours}mlp.fc2", f"{theirs}mlp.{fc2}", D, hidden_in),
-            same(f"{ours}ls2.gamma", f"{theirs}layer_scale2.lambda1", (D,)),
-        ]
-    out += norm("norm", "layernorm", D)
-    return out
+        out += block_rules(ours, theirs, names, D, c.qkv_bias)
+        out += [same(f"{ours}ls{j}.gamma", f"{theirs}layer_scale{j}.lambda1") for j in (1, 2)]
+    out = under([*out, *pair("norm", "layernorm")], prefix)
+    return out + pair("head", "classifier") if c.num_classes else out
 
 
 def state_dict_from_hf(
@@ -192,25 +170,18 @@ def config_to_hf(config: ViTConfig) -> dict[str, Any]:
     registers = bool(c.num_register_tokens)
     swiglu = c.mlp_layer == "swiglu"
     classes = ARCHITECTURES if c.global_pool == "token" else CLASSIFIERS
-    out: dict[str, Any] = {
-        "architectures": [classes[registers]],
-        "model_type": "dinov2_with_registers" if registers else "dinov2",
-        "hidden_size": c.embed_dim,
-        "num_hidden_layers": c.depth,
-        "num_attention_heads": c.num_heads,
-        "mlp_ratio": 4 if swiglu else int(c.mlp_ratio),
-        "use_swiglu_ffn": swiglu,
-        "hidden_act": HF_ACT_TO[c.act],
-        "hidden_dropout_prob": c.drop_rate,
-        "attention_probs_dropout_prob": c.attn_drop_rate,
-        "layer_norm_eps": c.layer_norm_eps,
-        "image_size": c.image_hw[0],
-        "patch_size": c.patch_size,
-        "num_channels": c.in_chans,
-        "qkv_bias": c.qkv_bias,
-        "layerscale_value": c.layer_scale_init,
-        "apply_layernorm": True,
-    }
+    out = hf_fields(
+        c,
+        architectures=[classes[registers]],
+        model_type="dinov2_with_registers" if registers else "dinov2",
+        mlp_ratio=4 if swiglu else int(c.mlp_ratio),
+        use_swiglu_ffn=swiglu,
+        hidden_dropout_prob=c.drop_rate,
+        attention_probs_dropout_prob=c.attn_drop_rate,
+        qkv_bias=c.qkv_bias,
+        layerscale_value=c.layer_scale_init,
+        apply_layernorm=True,
+    )
     if registers:
         out["num_register_tokens"] = c.num_register_tokens
     else:

@@ -1,11 +1,8 @@
 """transformers SigLIP image towers <-> vitkit.
 
     SiglipVisionModel             no [CLS], positions for the patches only, tanh-GELU, then the
-                                  attention-pooling head (`global_pool="map"`):
-                                  head.probe -> attn_pool.latent,
-                                  head.attention.in_proj_{weight,bias} -> attn_pool.q + .kv,
-                                  head.attention.out_proj -> attn_pool.proj,
-                                  head.layernorm -> attn_pool.norm, head.mlp -> attn_pool.mlp
+                                  attention-pooling head `head` (`global_pool="map"`; its fused
+                                  `in_proj` becomes `attn_pool.q` + `attn_pool.kv`)
     SiglipModel ("siglip")        the vision tower; the text tower and logit scale/bias are left
 
 The encoder layers are named as CLIP's (`hf_clip.layer_rules`). transformers' SigLIP pools every
@@ -20,18 +17,17 @@ from typing import Any
 from torch import Tensor
 
 from vitkit.checkpoints._common import (
-    HF_ACT_TO,
     HF_BASE,
     Rule,
     differences,
     find_prefix,
-    linear,
-    norm,
+    pair,
     rename_from,
     rename_to,
     same,
+    under,
 )
-from vitkit.checkpoints.hf_clip import common_fields, layer_rules, vision_config
+from vitkit.checkpoints.hf_clip import common_fields, layer_rules, tower_fields, vision_config
 from vitkit.config import ViTConfig
 from vitkit.errors import CheckpointError, ConfigError
 
@@ -63,31 +59,27 @@ def config_from_hf(data: Mapping[str, Any], *, source: str = "config.json") -> V
         raise CheckpointError(f"{source} describes an invalid model: {exc}") from exc
 
 
-def rules(config: ViTConfig) -> list[Rule]:
-    c = config
-    D, N, H = c.embed_dim, c.num_patches, c.mlp_hidden_dim
-    P, C = c.patch_size, c.in_chans
-    out: list[Rule] = [
-        same("patch_embed.proj.weight", "embeddings.patch_embedding.weight", (D, C, P, P)),
-        same("patch_embed.proj.bias", "embeddings.patch_embedding.bias", (D,)),
-        same("pos_embed", "embeddings.position_embedding.weight", (N, D)),
+def rules(config: ViTConfig, prefix: str = _PREFIX) -> list[Rule]:
+    """vitkit <-> SigLIP vision tower names, the tower's under `prefix`."""
+    c, D = config, config.embed_dim
+    out = [
+        *pair("patch_embed.proj", "embeddings.patch_embedding"),
+        same("pos_embed", "embeddings.position_embedding.weight", (c.num_patches, D)),
     ]
     for i in range(c.depth):
         out += layer_rules(c, i)
+    in_proj = "head.attention.in_proj_"
     out += [
-        *norm("norm", "post_layernorm", D),
-        same("attn_pool.latent", "head.probe", (1, 1, D)),
-        (
-            ("attn_pool.q.weight", "attn_pool.kv.weight"),
-            (("head.attention.in_proj_weight", (3 * D, D)),),
-        ),
-        (("attn_pool.q.bias", "attn_pool.kv.bias"), (("head.attention.in_proj_bias", (3 * D,)),)),
-        *linear("attn_pool.proj", "head.attention.out_proj", D, D),
-        *norm("attn_pool.norm", "head.layernorm", D),
-        *linear("attn_pool.mlp.fc1", "head.mlp.fc1", H, D),
-        *linear("attn_pool.mlp.fc2", "head.mlp.fc2", D, H),
+        *pair("norm", "post_layernorm"),
+        same("attn_pool.latent", "head.probe"),
+        Rule(("attn_pool.q.weight", "attn_pool.kv.weight"), ((f"{in_proj}weight", (3 * D, D)),)),
+        Rule(("attn_pool.q.bias", "attn_pool.kv.bias"), ((f"{in_proj}bias", (3 * D,)),)),
+        *pair("attn_pool.proj", "head.attention.out_proj"),
+        *pair("attn_pool.norm", "head.layernorm"),
+        *pair("attn_pool.mlp.fc1", "head.mlp.fc1"),
+        *pair("attn_pool.mlp.fc2", "head.mlp.fc2"),
     ]
-    return out
+    return under(out, prefix)
 
 
 def state_dict_from_hf(
@@ -96,7 +88,7 @@ def state_dict_from_hf(
     """vitkit weights from a SigLIP vision (or full SigLIP) state dict."""
     prefix = find_prefix(sd, "embeddings.patch_embedding.weight", source=source, what="SigLIP")
     ignore = ("text_model.", "logit_scale", "logit_bias", f"{prefix}embeddings.position_ids")
-    return rename_from(sd, rules(config), config, prefix=prefix, ignore=ignore, source=source)
+    return rename_from(sd, rules(config, prefix), config, ignore=ignore, source=source)
 
 
 def unsupported(config: ViTConfig) -> list[str]:
@@ -106,22 +98,10 @@ def unsupported(config: ViTConfig) -> list[str]:
 
 
 def config_to_hf(config: ViTConfig) -> dict[str, Any]:
-    c = config
-    return {
-        "architectures": ["SiglipVisionModel"],
-        "model_type": "siglip_vision_model",
-        "hidden_size": c.embed_dim,
-        "intermediate_size": c.mlp_hidden_dim,
-        "num_hidden_layers": c.depth,
-        "num_attention_heads": c.num_heads,
-        "num_channels": c.in_chans,
-        "image_size": c.image_hw[0],
-        "patch_size": c.patch_size,
-        "hidden_act": HF_ACT_TO[c.act],
-        "layer_norm_eps": c.layer_norm_eps,
-        "attention_dropout": c.attn_drop_rate,
-    }
+    return tower_fields(
+        config, architectures=["SiglipVisionModel"], model_type="siglip_vision_model"
+    )
 
 
 def state_dict_to_hf(sd: Mapping[str, Tensor], config: ViTConfig) -> dict[str, Tensor]:
-    return rename_to(sd, rules(config), prefix=_PREFIX)
+    return rename_to(sd, rules(config))

@@ -22,6 +22,7 @@ The original code uses the tanh approximation of GELU, so loads default to act="
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import zipfile
@@ -33,14 +34,26 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from vitkit.checkpoints._common import check_state_dict, mismatch_error
+from vitkit.checkpoints._common import (
+    Hook,
+    Rule,
+    check_state_dict,
+    expected_shapes,
+    rename_from,
+    rename_to,
+    same,
+)
 from vitkit.checkpoints._safety import check_float_dtypes, check_zip_sizes
 from vitkit.config import ViTConfig
 from vitkit.errors import CheckpointError, ConfigError
 
 _PREFIXES = ("params/img/", "params/", "opt/target/", "")
-_OFFICIAL = {"attn": "MultiHeadDotProductAttention_1", "ln2": "LayerNorm_2", "mlp": "MlpBlock_3"}
-_BIG_VISION = {"attn": "MultiHeadDotProductAttention_0", "ln2": "LayerNorm_1", "mlp": "MlpBlock_0"}
+_OFFICIAL = dict(attn="MultiHeadDotProductAttention_1", ln2="LayerNorm_2", mlp="MlpBlock_3",
+                 pos="Transformer/posembed_input/pos_embedding")  # fmt: skip
+_BIG_VISION = dict(attn="MultiHeadDotProductAttention_0", ln2="LayerNorm_1", mlp="MlpBlock_0",
+                   pos="pos_embedding")  # no row for [CLS]  # fmt: skip
+_STACKED = "Transformer/encoderblock/"  # big_vision: every block's arrays, depth first
+_MAP = "MAPHead_0/"
 
 
 def load_npz(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
@@ -81,9 +94,7 @@ def _read_npy(f: Any, info: zipfile.ZipInfo, path: Path) -> np.ndarray:
         raise CheckpointError(f"{where}: unsupported .npy version {version}")
     if dtype.hasobject:
         raise CheckpointError(f"{where}: object arrays are refused (they need unpickling)")
-    count = 1
-    for n in shape:
-        count *= n
+    count = math.prod(shape)
     nbytes = count * dtype.itemsize
     if f.tell() + nbytes != info.file_size:  # f.tell(): the end of the header
         raise CheckpointError(
@@ -103,29 +114,32 @@ def _read_npy(f: Any, info: zipfile.ZipInfo, path: Path) -> np.ndarray:
     return array.reshape(shape)
 
 
-def _strip_prefix(w: Mapping[str, np.ndarray], source: str) -> dict[str, np.ndarray]:
+def _arrays(w: Mapping[str, np.ndarray], source: str) -> dict[str, np.ndarray]:
     """The model's arrays (an optimizer's integer counters beside them are left out), each
-    floating point as the file holds it."""
-    for prefix in _PREFIXES:
-        if f"{prefix}embedding/kernel" in w:
-            out = {k[len(prefix) :]: v for k, v in w.items() if k.startswith(prefix)}
-            check_float_dtypes(out, source)
-            return out
-    if any("conv_root" in k or "block1/unit1" in k for k in w):
+    floating point as the file holds it, with stacked blocks split into one per block."""
+    prefix = next((p for p in _PREFIXES if f"{p}embedding/kernel" in w), None)
+    if prefix is None and any("conv_root" in k or "block1/unit1" in k for k in w):
         raise CheckpointError(
             f"{source} is a hybrid (ResNet + ViT) checkpoint; vitkit builds pure ViTs only"
         )
-    raise CheckpointError(
-        f"{source} has no 'embedding/kernel'; is it a ViT .npz? first keys: {sorted(w)[:6]}"
-    )
+    if prefix is None:
+        raise CheckpointError(
+            f"{source} has no 'embedding/kernel'; is it a ViT .npz? first keys: {sorted(w)[:6]}"
+        )
+    out = {k[len(prefix) :]: v for k, v in w.items() if k.startswith(prefix)}
+    check_float_dtypes(out, source)
+    for key in [k for k in out if k.startswith(_STACKED)]:
+        stacked = out.pop(key)
+        for i in range(len(stacked) if stacked.ndim else 0):
+            out[f"Transformer/encoderblock_{i}/{key[len(_STACKED) :]}"] = stacked[i]
+    return out
 
 
-def _layout(w: Mapping[str, np.ndarray]) -> tuple[dict[str, str], bool]:
-    """Sublayer names and whether the blocks are stacked along a leading depth axis."""
-    stacked = "Transformer/encoderblock/LayerNorm_0/scale" in w
-    block = "Transformer/encoderblock/" if stacked else "Transformer/encoderblock_0/"
-    names = _OFFICIAL if f"{block}{_OFFICIAL['attn']}/query/kernel" in w else _BIG_VISION
-    return names, stacked
+def _layout(w: Mapping[str, np.ndarray]) -> dict[str, str]:
+    """Sublayer and position-table names of a file (their layouts may mix)."""
+    official = f"Transformer/encoderblock_0/{_OFFICIAL['attn']}/query/kernel" in w
+    names = _OFFICIAL if official else _BIG_VISION
+    return {**names, "pos": _OFFICIAL["pos"] if _OFFICIAL["pos"] in w else _BIG_VISION["pos"]}
 
 
 def config_from_npz(
@@ -145,38 +159,31 @@ def config_from_npz(
 
 
 def _config_from_npz(weights: Mapping[str, np.ndarray], act: str, source: str) -> ViTConfig:
-    w = _strip_prefix(weights, source)
-    names, stacked = _layout(w)
+    w = _arrays(weights, source)
+    n = _layout(w)
     P, Pw, C, D = w["embedding/kernel"].shape
     if Pw != P:
         raise CheckpointError(f"{source}: non-square patches {P}x{Pw} are not supported")
-    if stacked:
-        depth = w["Transformer/encoderblock/LayerNorm_0/scale"].shape[0]
-    else:
-        depth = 1 + max(
-            int(m.group(1)) for k in w if (m := re.match(r"Transformer/encoderblock_(\d+)/", k))
-        )
-    q = w[_block_key(0, names["attn"] + "/query/kernel", stacked)]
-    q = q[0] if stacked else q
-    heads = q.shape[1]
-    mlp = w[_block_key(0, names["mlp"] + "/Dense_0/kernel", stacked)].shape[-1]
+    blocks = (re.match(r"Transformer/encoderblock_(\d+)/", k) for k in w)
+    depth = 1 + max(int(m.group(1)) for m in blocks if m)
+    heads = w[f"Transformer/encoderblock_0/{n['attn']}/query/kernel"].shape[1]
+    mlp = w[f"Transformer/encoderblock_0/{n['mlp']}/Dense_0/kernel"].shape[-1]
     class_token = "cls" in w
-    pos = w.get("Transformer/posembed_input/pos_embedding", w.get("pos_embedding"))
-    if pos is None:
+    if n["pos"] not in w:
         raise CheckpointError(
             f"{source} has no position embedding (Transformer/posembed_input/"
             f"pos_embedding or pos_embedding)"
         )
-    rows = pos.reshape(-1, D).shape[0]
-    n = rows - int(class_token) if "pos_embedding" not in w else rows
-    side = round(n**0.5)
-    if side * side != n:
+    rows = w[n["pos"]].reshape(-1, D).shape[0]
+    patches = rows - int(class_token) if n["pos"] == _OFFICIAL["pos"] else rows
+    side = round(patches**0.5)
+    if side * side != patches:
         raise CheckpointError(
-            f"{source}: position table with {n} patch rows is not a square "
+            f"{source}: position table with {patches} patch rows is not a square "
             f"grid; pass config=ViTConfig(image_size=(h, w), ...)"
         )
     num_classes = w["head/kernel"].shape[-1] if "head/kernel" in w else 0
-    has_pre_logits = "pre_logits/kernel" in w
+    pre_logits = w["pre_logits/kernel"].shape[-1] if "pre_logits/kernel" in w else None
     map_head = any(k.startswith(_MAP) for k in w)
     if map_head:
         _check_map_head(w, class_token, heads, mlp, source)
@@ -190,25 +197,17 @@ def _config_from_npz(weights: Mapping[str, np.ndarray], act: str, source: str) -
             depth=depth,
             num_heads=heads,
             mlp_ratio=mlp / D,
-            qkv_bias=_block_key(0, names["attn"] + "/query/bias", stacked) in w,
+            qkv_bias=f"Transformer/encoderblock_0/{n['attn']}/query/bias" in w,
             layer_norm_eps=1e-6,
             act=act,  # type: ignore[arg-type]
             global_pool="map" if map_head else "token" if class_token else "avg",
             fc_norm=False,
             class_token=class_token,
-            head="mlp" if has_pre_logits else "linear",
-            head_hidden_dim=(
-                w["pre_logits/kernel"].shape[-1]
-                if has_pre_logits and w["pre_logits/kernel"].shape[-1] != D
-                else None
-            ),
+            head="linear" if pre_logits is None else "mlp",
+            head_hidden_dim=pre_logits if pre_logits != D else None,
         )
     except ConfigError as exc:
         raise CheckpointError(f"{source} does not describe a vitkit ViT: {exc}") from exc
-
-
-_MAP = "MAPHead_0/"
-_MAP_ATTN = _MAP + "MultiHeadDotProductAttention_0/"
 
 
 def _check_map_head(
@@ -216,7 +215,7 @@ def _check_map_head(
 ) -> None:
     """vitkit's attention pool (`global_pool="map"`) has the blocks' heads and MLP width and
     reads the patch tokens only; refuse a MAP head that differs."""
-    map_heads = w[_MAP_ATTN + "query/kernel"].shape[1]
+    map_heads = w[_MAP + "MultiHeadDotProductAttention_0/query/kernel"].shape[1]
     map_mlp = w[_MAP + "MlpBlock_0/Dense_0/kernel"].shape[-1]
     if class_token:
         raise CheckpointError(f"{source}: a MAP head beside a [CLS] token is not supported")
@@ -227,165 +226,109 @@ def _check_map_head(
         )
 
 
-def _block_key(i: int, name: str, stacked: bool) -> str:
-    return f"Transformer/encoderblock/{name}" if stacked else f"Transformer/encoderblock_{i}/{name}"
+# ----------------------------------------------------------------------------- the mapping
+def _kernel(n_in: int) -> Hook:
+    """Flax kernels (in..., out...) with `n_in` input axes <-> PyTorch weights (out, in)."""
+    return (
+        lambda t: t.reshape(math.prod(t.shape[:n_in]), -1).T,
+        lambda t, shape: t.reshape(-1, math.prod(shape[:n_in])).T.reshape(shape),
+    )
+
+
+def _zero_rows(n: int) -> Hook:
+    """A position table without rows for [CLS]/[DIST]: vitkit's has `n` zero rows there."""
+    return (
+        lambda t: torch.cat([t.new_zeros(1, n, t.shape[-1]), t], dim=1),
+        lambda t, shape: t.reshape(1, -1, shape[-1])[:, n:].reshape(shape),
+    )
+
+
+_CONV: Hook = (  # (P, P, C, D) <-> (D, C, P, P)
+    lambda t: t.permute(3, 2, 0, 1),
+    lambda t, s: t.reshape(s[3], s[2], s[0], s[1]).permute(2, 3, 1, 0),
+)
+
+
+def rules(config: ViTConfig, layout: Mapping[str, str] = _OFFICIAL) -> list[Rule]:
+    """vitkit <-> JAX names in `layout` (`_OFFICIAL`, `_BIG_VISION` or what a file mixes)."""
+    c, n, D = config, layout, config.embed_dim
+    shapes = expected_shapes(c)
+
+    def ln(ours: str, theirs: str) -> list[Rule]:
+        return [same(f"{ours}.weight", f"{theirs}/scale"), same(f"{ours}.bias", f"{theirs}/bias")]
+
+    def dense(ours: str, theirs: str) -> list[Rule]:
+        kernel = shapes[f"{ours}.weight"][::-1]
+        return [same(f"{ours}.weight", f"{theirs}/kernel", kernel, _kernel(1)),
+                same(f"{ours}.bias", f"{theirs}/bias")]  # fmt: skip
+
+    def attention(theirs: str, groups: dict[str, str], proj: str, bias: bool) -> list[Rule]:
+        """Flax's query/key/value (D, H, Dh) and out (H, Dh, D) -> `groups` of vitkit Linears."""
+        H, Dh, out = c.num_heads, c.head_dim, []
+        for ours, parts in groups.items():
+            kernels = tuple((f"{theirs}/{p}/kernel", (D, H, Dh)) for p in parts.split())
+            out.append(Rule((f"{ours}.weight",), kernels, _kernel(1)))
+            if bias:
+                biases = tuple((f"{theirs}/{p}/bias", (H, Dh)) for p in parts.split())
+                out.append(Rule((f"{ours}.bias",), biases))
+        return [*out, same(f"{proj}.weight", f"{theirs}/out/kernel", (H, Dh, D), _kernel(2)),
+                same(f"{proj}.bias", f"{theirs}/out/bias")]  # fmt: skip
+
+    P = c.patch_size
+    out = [
+        same("patch_embed.proj.weight", "embedding/kernel", (P, P, c.in_chans, D), _CONV),
+        same("patch_embed.proj.bias", "embedding/bias"),
+    ]
+    if c.class_token:
+        out.append(same("cls_token", "cls"))
+    if n["pos"] == _BIG_VISION["pos"]:
+        prefix = _zero_rows(c.num_pos_prefix_tokens)
+        out.append(same("pos_embed", n["pos"], (1, c.num_patches, D), prefix))
+    else:
+        out.append(same("pos_embed", n["pos"]))
+    for i in range(c.depth):
+        ours, theirs = f"blocks.{i}.", f"Transformer/encoderblock_{i}/"
+        out += ln(f"{ours}norm1", f"{theirs}LayerNorm_0")
+        qkv = {f"{ours}attn.qkv": "query key value"}
+        out += attention(theirs + n["attn"], qkv, f"{ours}attn.proj", c.qkv_bias)
+        out += ln(f"{ours}norm2", theirs + n["ln2"])
+        out += dense(f"{ours}mlp.fc1", f"{theirs}{n['mlp']}/Dense_0")
+        out += dense(f"{ours}mlp.fc2", f"{theirs}{n['mlp']}/Dense_1")
+    out += ln("norm", "Transformer/encoder_norm")
+    if c.global_pool == "map":
+        out.append(same("attn_pool.latent", f"{_MAP}probe"))
+        groups = {"attn_pool.q": "query", "attn_pool.kv": "key value"}
+        out += attention(f"{_MAP}MultiHeadDotProductAttention_0", groups, "attn_pool.proj", True)
+        out += ln("attn_pool.norm", f"{_MAP}LayerNorm_0")
+        out += dense("attn_pool.mlp.fc1", f"{_MAP}MlpBlock_0/Dense_0")
+        out += dense("attn_pool.mlp.fc2", f"{_MAP}MlpBlock_0/Dense_1")
+    if c.head == "mlp":
+        out += dense("pre_logits.fc", "pre_logits")
+    if c.num_classes:
+        out += dense("head", "head")
+    return out
 
 
 def state_dict_from_npz(
     weights: Mapping[str, np.ndarray], config: ViTConfig, *, source: str = "checkpoint"
 ) -> dict[str, Tensor]:
     """vitkit state dict from a JAX checkpoint; every array must be used (else one error)."""
-    w = _strip_prefix(weights, source)
-    names, stacked = _layout(w)
-    required = set(_required_keys(w, config, names, stacked))
-    missing, unused = sorted(required - set(w)), sorted(set(w) - required)
-    if missing or unused:
-        raise mismatch_error(
-            source,
-            missing=missing,
-            unexpected=unused,
-            hint="the arrays do not fit the config read from / given for them",
-        )
-
-    q = w[_block_key(0, names["attn"] + "/query/kernel", stacked)]
-    if q.ndim >= 3 and q.shape[-2] != config.num_heads:  # (D, H, Dh): heads are in the file
+    w = _arrays(weights, source)
+    layout = _layout(w)
+    q = w.get(f"Transformer/encoderblock_0/{layout['attn']}/query/kernel")
+    if q is not None and q.ndim == 3 and q.shape[1] != config.num_heads:  # (D, H, Dh)
         raise CheckpointError(
-            f"{source} has {q.shape[-2]} attention heads but the config says "
+            f"{source} has {q.shape[1]} attention heads but the config says "
             f"num_heads={config.num_heads}"
         )
-
-    for key in sorted(required):
-        kind = w[key].dtype.kind
-        if kind != "f":  # an integer array would be cast silently
+    for key, array in w.items():
+        if array.dtype.kind != "f":  # bfloat16 as raw bytes would be cast silently
             raise CheckpointError(
-                f"{source}: array {key!r} is {w[key].dtype}, not floating point; vitkit does "
+                f"{source}: array {key!r} is {array.dtype}, not floating point; vitkit does "
                 f"not cast integer weights (the file is not a ViT checkpoint or is corrupt)"
             )
-
-    def get(key: str, i: int | None = None) -> Tensor:
-        value = w[key] if i is None or not stacked else w[key][i]
-        return torch.from_numpy(np.asarray(value, dtype=np.float32).copy())
-
-    try:
-        sd = _convert(w, config, names, stacked, get)
-    except (RuntimeError, ValueError, IndexError) as exc:
-        raise CheckpointError(
-            f"{source}: arrays have shapes that do not fit the config "
-            f"({config.embed_dim=}, {config.num_heads=}): {exc}"
-        ) from exc
-    check_state_dict(sd, config, source=source)
-    return sd
-
-
-def _required_keys(
-    w: Mapping[str, np.ndarray], config: ViTConfig, names: dict[str, str], stacked: bool
-) -> list[str]:
-    """Every array a model of `config` reads from the file (all of them must be used)."""
-    keys = [
-        "embedding/kernel",
-        "embedding/bias",
-        "Transformer/encoder_norm/scale",
-        "Transformer/encoder_norm/bias",
-    ]
-    keys.append(
-        "Transformer/posembed_input/pos_embedding"
-        if "Transformer/posembed_input/pos_embedding" in w
-        else "pos_embedding"
-    )
-    if config.class_token:
-        keys.append("cls")
-    a, m = names["attn"], names["mlp"]
-    per_block = [
-        "LayerNorm_0/scale",
-        "LayerNorm_0/bias",
-        f"{a}/out/kernel",
-        f"{a}/out/bias",
-        f"{names['ln2']}/scale",
-        f"{names['ln2']}/bias",
-    ]
-    per_block += [f"{a}/{n}/kernel" for n in ("query", "key", "value")]
-    if config.qkv_bias:
-        per_block += [f"{a}/{n}/bias" for n in ("query", "key", "value")]
-    per_block += [f"{m}/Dense_{j}/{p}" for j in range(2) for p in ("kernel", "bias")]
-    for i in range(1 if stacked else config.depth):
-        keys += [_block_key(i, name, stacked) for name in per_block]
-    if config.global_pool == "map":
-        keys += [_MAP + "probe", _MAP + "LayerNorm_0/scale", _MAP + "LayerNorm_0/bias"]
-        keys += [f"{_MAP_ATTN}{n}/{p}" for n in ("query", "key", "value", "out")
-                 for p in ("kernel", "bias")]  # fmt: skip
-        keys += [f"{_MAP}MlpBlock_0/Dense_{j}/{p}" for j in range(2) for p in ("kernel", "bias")]
-    if config.head == "mlp":
-        keys += ["pre_logits/kernel", "pre_logits/bias"]
-    if config.num_classes:
-        keys += ["head/kernel", "head/bias"]
-    return keys
-
-
-def _convert(
-    w: Mapping[str, np.ndarray], config: ViTConfig, names: dict[str, str], stacked: bool, get: Any
-) -> dict[str, Tensor]:
-
-    D = config.embed_dim
-    sd: dict[str, Tensor] = {
-        "patch_embed.proj.weight": get("embedding/kernel").permute(3, 2, 0, 1),
-        "patch_embed.proj.bias": get("embedding/bias"),
-    }
-    if "cls" in w:
-        sd["cls_token"] = get("cls").reshape(1, 1, D)
-    if "Transformer/posembed_input/pos_embedding" in w:
-        sd["pos_embed"] = get("Transformer/posembed_input/pos_embedding").reshape(1, -1, D)
-    else:  # big_vision: no row for [CLS]; it is added after the positions -> a zero row
-        pos = get("pos_embedding").reshape(1, -1, D)
-        prefix = config.num_pos_prefix_tokens
-        sd["pos_embed"] = torch.cat([pos.new_zeros(1, prefix, D), pos], dim=1)
-    for i in range(config.depth):
-
-        def blk(name: str, i: int = i) -> Tensor:
-            return get(_block_key(i, name, stacked), i)
-
-        a, m, ours = names["attn"], names["mlp"], f"blocks.{i}."
-        sd[ours + "norm1.weight"] = blk("LayerNorm_0/scale")
-        sd[ours + "norm1.bias"] = blk("LayerNorm_0/bias")
-        sd[ours + "attn.qkv.weight"] = torch.cat(
-            [blk(f"{a}/{n}/kernel").reshape(D, -1).T for n in ("query", "key", "value")]
-        )
-        if config.qkv_bias:
-            sd[ours + "attn.qkv.bias"] = torch.cat(
-                [blk(f"{a}/{n}/bias").reshape(-1) for n in ("query", "key", "value")]
-            )
-        sd[ours + "attn.proj.weight"] = blk(f"{a}/out/kernel").reshape(-1, D).T
-        sd[ours + "attn.proj.bias"] = blk(f"{a}/out/bias")
-        sd[ours + "norm2.weight"] = blk(f"{names['ln2']}/scale")
-        sd[ours + "norm2.bias"] = blk(f"{names['ln2']}/bias")
-        for j in range(2):
-            sd[ours + f"mlp.fc{j + 1}.weight"] = blk(f"{m}/Dense_{j}/kernel").T
-            sd[ours + f"mlp.fc{j + 1}.bias"] = blk(f"{m}/Dense_{j}/bias")
-    sd["norm.weight"] = get("Transformer/encoder_norm/scale")
-    sd["norm.bias"] = get("Transformer/encoder_norm/bias")
-    if config.global_pool == "map":  # Flax (D, H, Dh) / (H, Dh, D) kernels, as in the blocks
-        sd["attn_pool.latent"] = get(_MAP + "probe").reshape(1, 1, D)
-        sd["attn_pool.q.weight"] = get(_MAP_ATTN + "query/kernel").reshape(D, -1).T
-        sd["attn_pool.q.bias"] = get(_MAP_ATTN + "query/bias").reshape(-1)
-        sd["attn_pool.kv.weight"] = torch.cat(
-            [get(f"{_MAP_ATTN}{n}/kernel").reshape(D, -1).T for n in ("key", "value")]
-        )
-        sd["attn_pool.kv.bias"] = torch.cat(
-            [get(f"{_MAP_ATTN}{n}/bias").reshape(-1) for n in ("key", "value")]
-        )
-        sd["attn_pool.proj.weight"] = get(_MAP_ATTN + "out/kernel").reshape(-1, D).T
-        sd["attn_pool.proj.bias"] = get(_MAP_ATTN + "out/bias")
-        sd["attn_pool.norm.weight"] = get(_MAP + "LayerNorm_0/scale")
-        sd["attn_pool.norm.bias"] = get(_MAP + "LayerNorm_0/bias")
-        for j in range(2):
-            sd[f"attn_pool.mlp.fc{j + 1}.weight"] = get(f"{_MAP}MlpBlock_0/Dense_{j}/kernel").T
-            sd[f"attn_pool.mlp.fc{j + 1}.bias"] = get(f"{_MAP}MlpBlock_0/Dense_{j}/bias")
-    if config.head == "mlp":
-        sd["pre_logits.fc.weight"] = get("pre_logits/kernel").T
-        sd["pre_logits.fc.bias"] = get("pre_logits/bias")
-    if config.num_classes:
-        sd["head.weight"] = get("head/kernel").T
-        sd["head.bias"] = get("head/bias")
-    return {k: v.contiguous() for k, v in sd.items()}
+    sd = {k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in w.items()}
+    return rename_from(sd, rules(config, layout), config, source=source)
 
 
 def npz_from_state_dict(sd: Mapping[str, Tensor], config: ViTConfig) -> dict[str, np.ndarray]:
@@ -393,7 +336,6 @@ def npz_from_state_dict(sd: Mapping[str, Tensor], config: ViTConfig) -> dict[str
     reads [CLS], big_vision's (unstacked blocks, `pos_embedding` with no [CLS] row) for one
     without [CLS] that pools the patch mean or with a MAP head (SigLIP)."""
     c = config
-    big_vision = not c.class_token
     problems = []
     if c.class_token and c.global_pool != "token":
         problems.append("a [CLS] model to read [CLS] (global_pool='token')")
@@ -408,62 +350,8 @@ def npz_from_state_dict(sd: Mapping[str, Tensor], config: ViTConfig) -> dict[str
     if problems:
         raise CheckpointError("cannot write this model as a JAX .npz: needs " + "; ".join(problems))
     check_state_dict(sd, c, source="model state dict")
-    D, H, Dh = c.embed_dim, c.num_heads, c.head_dim
-    names = _BIG_VISION if big_vision else _OFFICIAL
-
-    def a(t: Tensor) -> np.ndarray:
-        return t.detach().float().cpu().numpy().copy()
-
-    w: dict[str, np.ndarray] = {
-        "embedding/kernel": a(sd["patch_embed.proj.weight"].permute(2, 3, 1, 0)),
-        "embedding/bias": a(sd["patch_embed.proj.bias"]),
-        "Transformer/encoder_norm/scale": a(sd["norm.weight"]),
-        "Transformer/encoder_norm/bias": a(sd["norm.bias"]),
-    }
-    if big_vision:
-        w["pos_embedding"] = a(sd["pos_embed"])
-    else:
-        w["cls"] = a(sd["cls_token"])
-        w["Transformer/posembed_input/pos_embedding"] = a(sd["pos_embed"])
-    for i in range(c.depth):
-        ours, b = f"blocks.{i}.", f"Transformer/encoderblock_{i}/"
-        att = b + names["attn"]
-        w[b + "LayerNorm_0/scale"] = a(sd[ours + "norm1.weight"])
-        w[b + "LayerNorm_0/bias"] = a(sd[ours + "norm1.bias"])
-        for n, part in zip(("query", "key", "value"), sd[ours + "attn.qkv.weight"].chunk(3)):
-            w[f"{att}/{n}/kernel"] = a(part.T.reshape(D, H, Dh))
-        if c.qkv_bias:
-            for n, part in zip(("query", "key", "value"), sd[ours + "attn.qkv.bias"].chunk(3)):
-                w[f"{att}/{n}/bias"] = a(part.reshape(H, Dh))
-        w[f"{att}/out/kernel"] = a(sd[ours + "attn.proj.weight"].T.reshape(H, Dh, D))
-        w[f"{att}/out/bias"] = a(sd[ours + "attn.proj.bias"])
-        w[f"{b}{names['ln2']}/scale"] = a(sd[ours + "norm2.weight"])
-        w[f"{b}{names['ln2']}/bias"] = a(sd[ours + "norm2.bias"])
-        for j in range(2):
-            w[f"{b}{names['mlp']}/Dense_{j}/kernel"] = a(sd[ours + f"mlp.fc{j + 1}.weight"].T)
-            w[f"{b}{names['mlp']}/Dense_{j}/bias"] = a(sd[ours + f"mlp.fc{j + 1}.bias"])
-    if c.global_pool == "map":
-        w[_MAP + "probe"] = a(sd["attn_pool.latent"])
-        q, kv = sd["attn_pool.q.weight"], sd["attn_pool.kv.weight"].chunk(2)
-        for n, part in zip(("query", "key", "value"), (q, *kv)):
-            w[f"{_MAP_ATTN}{n}/kernel"] = a(part.T.reshape(D, H, Dh))
-        biases = (sd["attn_pool.q.bias"], *sd["attn_pool.kv.bias"].chunk(2))
-        for n, part in zip(("query", "key", "value"), biases):
-            w[f"{_MAP_ATTN}{n}/bias"] = a(part.reshape(H, Dh))
-        w[_MAP_ATTN + "out/kernel"] = a(sd["attn_pool.proj.weight"].T.reshape(H, Dh, D))
-        w[_MAP_ATTN + "out/bias"] = a(sd["attn_pool.proj.bias"])
-        w[_MAP + "LayerNorm_0/scale"] = a(sd["attn_pool.norm.weight"])
-        w[_MAP + "LayerNorm_0/bias"] = a(sd["attn_pool.norm.bias"])
-        for j in range(2):
-            w[f"{_MAP}MlpBlock_0/Dense_{j}/kernel"] = a(sd[f"attn_pool.mlp.fc{j + 1}.weight"].T)
-            w[f"{_MAP}MlpBlock_0/Dense_{j}/bias"] = a(sd[f"attn_pool.mlp.fc{j + 1}.bias"])
-    if c.head == "mlp":
-        w["pre_logits/kernel"] = a(sd["pre_logits.fc.weight"].T)
-        w["pre_logits/bias"] = a(sd["pre_logits.fc.bias"])
-    if c.num_classes:
-        w["head/kernel"] = a(sd["head.weight"].T)
-        w["head/bias"] = a(sd["head.bias"])
-    return w
+    arrays = rename_to(sd, rules(c, _OFFICIAL if c.class_token else _BIG_VISION))
+    return {k: v.detach().float().cpu().numpy().copy() for k, v in arrays.items()}
 
 
 def save_npz(model: Any, path: str | os.PathLike[str]) -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import warnings
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -27,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from vitkit.checkpoints._common import expected_state, mismatch_error
+from vitkit.checkpoints._common import check_state_dict
 from vitkit.checkpoints._safety import (
     check_finite,
     check_float_dtypes,
@@ -63,7 +62,9 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
                 f"truncated or corrupt: download it again"
             ) from exc
     elif path.suffix in PICKLE_SUFFIXES:
-        sd = _read_pickle(path)
+        from vitkit.checkpoints.timm import unwrap_state_dict
+
+        sd = unwrap_state_dict(torch_load(path), source=str(path))
     else:
         raise CheckpointError(
             f"{path}: unknown weights format {path.suffix!r}; vitkit reads "
@@ -71,12 +72,6 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
         )
     check_float_dtypes(sd, str(path))
     return sd
-
-
-def _read_pickle(path: Path) -> dict[str, Tensor]:
-    from vitkit.checkpoints.timm import unwrap_state_dict
-
-    return unwrap_state_dict(torch_load(path), source=str(path))
 
 
 def torch_load(path: Path) -> Any:
@@ -119,10 +114,6 @@ def _read_weights(files: Mapping[str, Path]) -> tuple[dict[str, Tensor], str]:
     )
 
 
-def _folder_files(folder: Path) -> dict[str, Path]:
-    return {p.name: p for p in folder.iterdir() if p.is_file()}
-
-
 # ------------------------------------------------------------------------------ loading
 STATE_FILE = "state.pt"  # a `vitkit train` checkpoint: {model, model_config, optimizer, ...}
 
@@ -159,26 +150,13 @@ def load_folder(
 ) -> tuple[ViTConfig, dict[str, Tensor], str, dict[str, Path]]:
     """(config, vitkit state dict, weights file name, the folder's files) of a checkpoint folder
     (or of the files a hub snapshot resolved to)."""
-    if isinstance(folder, Path):
-        where, files = folder, _folder_files(folder)
-    else:
-        files = dict(folder)
-    cfg, sd, name = _load_folder(files, where or Path("."), model_name, config)
-    return cfg, sd, name, files
-
-
-def load_path(
-    path: Path, model_name: str | None = None, config: ViTConfig | None = None
-) -> tuple[ViTConfig, dict[str, Tensor], str]:
-    """(config, vitkit state dict, file name) of a single weights file."""
-    return _load_file(path, model_name, config)
-
-
-def _load_folder(
-    files: Mapping[str, Path], where: Path, model_name: str | None, config: ViTConfig | None
-) -> tuple[ViTConfig, dict[str, Tensor], str]:
     from vitkit.checkpoints import hf, open_clip, timm
 
+    if isinstance(folder, Path):
+        where, files = folder, {p.name: p for p in folder.iterdir() if p.is_file()}
+    else:
+        files = dict(folder)
+    where = where or Path(".")
     if "config.json" not in files and open_clip.CONFIG_FILE in files:  # an open_clip snapshot
         weights = next((files[n] for n in open_clip.WEIGHTS_FILES if n in files), None)
         if weights is None:
@@ -187,7 +165,7 @@ def _load_folder(
         cfg, sd = open_clip.load(
             raw, config_file=files[open_clip.CONFIG_FILE], config=config, source=str(weights)
         )
-        return cfg, sd, str(weights)
+        return cfg, sd, str(weights), files
     if "config.json" not in files:
         raise CheckpointError(
             f"{where} has no config.json; pass the weights file itself with "
@@ -205,13 +183,13 @@ def _load_folder(
         raise CheckpointError(f"{where}: {exc}") from exc
     model_type = data.get("model_type")
     if model_type in hf.MODEL_TYPES:
-        return (*hf.load_hf(data, raw, name, config=config), name)
+        return (*hf.load_hf(data, raw, name, config=config), name, files)
     if model_type == "vitkit":
         try:
             cfg = config or ViTConfig.from_dict(data)
         except ConfigError as exc:
             raise CheckpointError(f"{files['config.json']}: {exc}") from exc
-        return cfg, raw, name
+        return cfg, raw, name, files
     if "architecture" in data:  # timm hub layout
         arch = model_name or data["architecture"]
         sd = timm.unwrap_state_dict(raw, source=name)
@@ -219,16 +197,17 @@ def _load_folder(
         labels = data.get("label_names") or (data.get("pretrained_cfg") or {}).get("label_names")
         if labels and len(labels) == cfg.num_classes and config is None:
             cfg = cfg.replace(id2label=dict(enumerate(labels)))
-        return cfg, timm.state_dict_from_timm(sd, cfg, source=name), name
+        return cfg, timm.state_dict_from_timm(sd, cfg, source=name), name, files
     raise CheckpointError(
         f"{files['config.json']}: model_type {model_type!r} is not one vitkit "
         f"reads ({', '.join(hf.MODEL_TYPES)}, 'vitkit', or a timm config with 'architecture')"
     )
 
 
-def _load_file(
-    path: Path, model_name: str | None, config: ViTConfig | None
+def load_path(
+    path: Path, model_name: str | None = None, config: ViTConfig | None = None
 ) -> tuple[ViTConfig, dict[str, Tensor], str]:
+    """(config, vitkit state dict, file name) of a single weights file."""
     from vitkit.checkpoints import jax, open_clip, timm
 
     name = str(path)
@@ -294,36 +273,14 @@ def build_model(
     except (ConfigError, ValueError) as exc:
         raise CheckpointError(f"{source}: {exc}") from exc
 
-    meta = expected_state(config)
-    expected = {k: tuple(v.shape) for k, v in meta.items()}
+    fresh = ("head.", "head_dist.") if new_head else ()
+    meta = check_state_dict(sd, config, source=source, strict=strict, fresh=fresh)
     # never cast integer weights silently; integer buffers of the model itself (BatchNorm's step
     # count in a convolutional stem) load as integers
-    integers = [k for k, v in meta.items() if not v.is_floating_point()]
-    check_float_dtypes(sd, source, allow=integers)
+    check_float_dtypes(sd, source, allow=[k for k, v in meta.items() if not v.is_floating_point()])
     check_finite(sd, source)  # NaN weights would give NaN logits and a silent "nan%"
-    fresh = {k for k in expected if k.startswith(("head.", "head_dist."))} if new_head else set()
-    missing = [k for k in expected if k not in sd and k not in fresh]
-    unexpected = [k for k in sd if k not in expected]
-    conflicts = {
-        k: (expected[k], tuple(v.shape))
-        for k, v in sd.items()
-        if k in expected and tuple(v.shape) != expected[k]
-    }
-    if conflicts or (strict and (missing or unexpected)):
-        raise mismatch_error(
-            source,
-            missing=missing,
-            unexpected=unexpected,
-            conflicts=conflicts,
-            hint="pass strict=False to load what matches"
-            if not conflicts
-            else "check model_name/config, num_classes and image_size",
-        )
-    if missing or unexpected:
-        warnings.warn(
-            str(mismatch_error(source, missing=missing, unexpected=unexpected)), stacklevel=3
-        )
-    sd = {k: v for k, v in sd.items() if k in expected}
+    missing = any(k not in sd for k in meta if not k.startswith(fresh))
+    sd = {k: v for k, v in sd.items() if k in meta}
     if missing:  # strict=False: what the file lacks keeps its fresh initialisation
         model = VisionTransformer(config)
         model.load_state_dict(sd, strict=False)
@@ -351,9 +308,6 @@ def save_pretrained(model: Any, directory: str | os.PathLike[str], format: str =
     Each file is written atomically, weights first, so config.json appears only when the
     weights are complete.
     """
-    from safetensors.torch import save_file
-
-    from vitkit._io import atomic_path, atomic_write_text
     from vitkit.checkpoints import hf
 
     config: ViTConfig = model.config
@@ -369,6 +323,16 @@ def save_pretrained(model: Any, directory: str | os.PathLike[str], format: str =
     else:
         meta = json.loads(config.to_json())
         weights = sd
+    return write_folder(directory, meta, weights)
+
+
+def write_folder(directory: str | os.PathLike[str], meta: dict, weights: dict[str, Tensor]) -> Path:
+    """config.json (`meta`) and model.safetensors, each atomically and weights first, so
+    config.json appears only when the weights are complete."""
+    from safetensors.torch import save_file
+
+    from vitkit._io import atomic_path, atomic_write_text
+
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     with atomic_path(directory / "model.safetensors") as tmp:

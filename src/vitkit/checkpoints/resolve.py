@@ -10,16 +10,17 @@
                                         or JAX .npz
     a hub id ("google/vit-base-...")    through the huggingface_hub cache
 
-and returns the model together with the `ImageProcessor` its checkpoint was trained with: the
-folder's preprocessor_config.json, else a timm `pretrained_cfg` in config.json (or an
-open_clip config's preprocess_cfg), else transformers' defaults at the model's size.
+and returns the model together with the `ImageProcessor` its checkpoint was trained with, as
+its library applies it (`vitkit.checkpoints.preprocessing`; `ImageProcessor.from_pretrained`
+gives a folder the same one): the folder's preprocessor_config.json, else a timm
+`pretrained_cfg` in config.json (or an open_clip config's preprocess_cfg), else transformers'
+defaults at the model's size.
 `from_pretrained`, `vitkit train --init/--teacher`, `eval`, `predict`, `pretrain`, `export`,
 `serve` and `explain` all come through here.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from vitkit.checkpoints import open_clip
+from vitkit.checkpoints import open_clip, preprocessing
 from vitkit.checkpoints.pretrained import (
     STATE_FILE,
     build_model,
@@ -35,13 +36,8 @@ from vitkit.checkpoints.pretrained import (
     load_path,
     read_training_state,
 )
-from vitkit.config import ViTConfig, read_json
-from vitkit.data.processor import (
-    CONFIG_NAME,
-    IMAGENET_DEFAULT_MEAN,
-    IMAGENET_DEFAULT_STD,
-    ImageProcessor,
-)
+from vitkit.config import ViTConfig
+from vitkit.data.processor import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, ImageProcessor
 from vitkit.errors import CheckpointError, ConfigError
 
 if TYPE_CHECKING:
@@ -99,15 +95,8 @@ def resolve(
         raise ConfigError(f"processor={processor!r}; choose one of {PROCESSOR_CHOICES}")
     text = os.fspath(source)
     path = Path(text).expanduser()
-    build = dict(
-        num_classes=num_classes,
-        image_size=image_size,
-        dtype=dtype,
-        device=device,
-        strict=strict,
-        overrides=overrides,
-        antialias=resample_antialias,
-    )
+    build = dict(num_classes=num_classes, image_size=image_size, dtype=dtype, device=device,
+                 strict=strict, overrides=overrides, antialias=resample_antialias)  # fmt: skip
     if not path.exists() and _is_preset(text):
         if not allow_preset:
             raise CheckpointError(
@@ -137,7 +126,7 @@ def resolve(
         cfg, sd, name, files = _load_hub(text, model_name, config, revision, cache_dir)
         folder = next(iter(files.values())).parent  # the snapshot folder
     model = build_model(cfg, sd, source=name, **build)
-    found = _processor_from_files(files)
+    found = preprocessing.stated(files)
     proc = _processor(found, model.config, processor, text, image_size)
     return Resolved(model, proc, text, folder)
 
@@ -211,33 +200,14 @@ def processor_for(
     """The processor a model folder states for a model of `config` (see `resolve`)."""
     path = Path(folder) if folder is not None else None
     files = {p.name: p for p in path.iterdir() if p.is_file()} if path and path.is_dir() else {}
-    return _processor(_processor_from_files(files), config, choice, str(path or ""))
-
-
-def _processor_from_files(files: dict[str, Path]) -> ImageProcessor | None:
-    """The processor a checkpoint's files state: preprocessor_config.json, else timm's
-    pretrained_cfg inside config.json; None when neither says anything."""
-    if CONFIG_NAME in files:
-        return ImageProcessor.from_pretrained(files[CONFIG_NAME])
-    if "config.json" not in files and open_clip.CONFIG_FILE in files:
-        return open_clip.processor(files[open_clip.CONFIG_FILE])
-    config_file = files.get("config.json")
-    if config_file is None:
-        return None
-    try:
-        data = read_json(config_file, "config")
-    except ConfigError:
-        return None
-    if isinstance(data, dict) and isinstance(data.get("pretrained_cfg"), dict):
-        return ImageProcessor.from_timm_cfg(data["pretrained_cfg"], backend="pil")  # as timm
-    return None
+    return _processor(preprocessing.stated(files), config, choice, str(path or ""))
 
 
 def _processor_from_dict(data: Any, source: str) -> ImageProcessor | None:
     if not isinstance(data, dict):
         return None
     try:
-        return ImageProcessor.from_hf_dict(data)
+        return preprocessing.from_hf_dict(data)
     except ConfigError as exc:
         raise CheckpointError(f"{source}: saved preprocessor: {exc}") from None
 
@@ -249,29 +219,24 @@ def _processor(
     source: str,
     size: int | tuple[int, int] | None = None,
 ) -> ImageProcessor:
-    """The checkpoint's processor (or transformers' defaults at the model's size), with the
-    geometry of `choice` and as many channels as the model takes; producing `size` when one
-    was asked for (a checkpoint's own processor may differ from its config's size on purpose:
-    DINOv2's crops 224 for a 518 position table)."""
-    base = found or ImageProcessor.for_model(config)
+    """The checkpoint's processor as its library applies it (`checkpoints.preprocessing`), or
+    transformers' defaults at the model's size, with the geometry of `choice` ("hf" resizes
+    with torchvision like transformers, "timm" with PIL like timm) and as many channels as the
+    model takes; producing `size` when one was asked for (a checkpoint's own processor may
+    differ from its config's size on purpose: DINOv2's crops 224 for a 518 position table)."""
+    processor = found or ImageProcessor.for_model(config, backend="tensor")
     if choice == "hf":
-        processor = ImageProcessor.hf_vit(config.image_hw, mean=base.mean, std=base.std)
+        processor = ImageProcessor.hf_vit(
+            config.image_hw, mean=processor.mean, std=processor.std, backend="tensor"
+        )
     elif choice == "timm":
         deit = config.distilled or "deit" in Path(source).name.lower()
         mean, std = (
-            (base.mean, base.std) if found else (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+            (found.mean, found.std) if found else (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
         )
         processor = ImageProcessor.timm_eval(
-            config.image_hw, crop_pct=0.875 if deit else 0.9, mean=mean, std=std
+            config.image_hw, crop_pct=0.875 if deit else 0.9, mean=mean, std=std, backend="pil"
         )
-    else:
-        processor = base
-    # resize the way the checkpoint's own library does: timm with PIL, transformers (and
-    # vitkit) with torchvision on uint8 tensors, transformers' default backend
-    timm_style = choice == "timm" or (
-        choice == "auto" and found is not None and found.backend == "pil"
-    )
-    processor = dataclasses.replace(processor, backend="pil" if timm_style else "tensor")
     if size is not None:
         processor = processor.at_size(size)
     return processor.with_channels(config.in_chans)

@@ -317,7 +317,7 @@ def timm_kwargs(config: ViTConfig) -> dict[str, Any]:
             "timm ties the patch bias to the pre-encoder norm (pre_norm drops it); this model "
             f"has pre_norm={c.pre_norm} and patch_bias={c.patch_bias}"
         )
-    if c.no_embed_class:
+    if c.no_embed_class or _no_embed_class(c):
         kwargs["no_embed_class"] = True
     if c.mlp_layer == "swiglu":
         from timm.layers import SwiGLUPacked
@@ -325,8 +325,6 @@ def timm_kwargs(config: ViTConfig) -> dict[str, Any]:
         kwargs.update(mlp_layer=SwiGLUPacked, act_layer=nn.SiLU)
     if c.pos_embed == "none":
         kwargs["pos_embed"] = "none"
-    if _no_embed_class(c):
-        kwargs["no_embed_class"] = True
     if c.act == "gelu_tanh" and c.mlp_layer == "mlp":
         kwargs["act_layer"] = partial(nn.GELU, approximate="tanh")
     if c.act == "quick_gelu" and c.mlp_layer == "mlp":

@@ -5,33 +5,34 @@ the four choices that matter (resize rule, interpolation, crop, rescale + normal
 reproduces both conventions found on the hub:
 
 - transformers' `ViTImageProcessor`: resize straight to 224x224 (aspect ignored), bilinear,
-  x/255, mean = std = 0.5 (`ImageProcessor.hf_vit()`, or `from_pretrained(folder)` reading
-  preprocessor_config.json);
+  x/255, mean = std = 0.5 (`ImageProcessor.hf_vit()`);
 - timm's eval transform: shorter side to floor(size / crop_pct), centre crop, bicubic,
-  per-model mean/std (`ImageProcessor.timm_eval()`, `from_timm_cfg(model.pretrained_cfg)`).
+  per-model mean/std (`ImageProcessor.timm_eval()`).
 
 Two execution paths give the same numbers (docs/preprocessing.md has the measured gaps):
 PIL images and files are resized by PIL on 8-bit RGB, exactly as transformers' PIL backend and
 timm do; numpy arrays and tensors are resized batched with torchvision.transforms.v2 (on any
-device), exactly as transformers' default torchvision backend does.
+device), exactly as transformers' default torchvision backend does. Which one a checkpoint
+gets, and the translation of preprocessor_config.json and timm's pretrained_cfg, live in
+`vitkit.checkpoints.preprocessing`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import numpy as np
 import torch
 from PIL import Image
 
 from vitkit import limits
-from vitkit.config import read_json
+from vitkit._fields import POSITIVE, In, over_limit, problems
+from vitkit.config import pair
 from vitkit.data.images import MAX_PIXELS, WHITE, load_image
 from vitkit.errors import ConfigError, ImageError
 from vitkit.limits import is_finite, is_int
@@ -41,34 +42,7 @@ IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
 IMAGENET_STANDARD_MEAN = (0.5, 0.5, 0.5)
 IMAGENET_STANDARD_STD = (0.5, 0.5, 0.5)
 
-CONFIG_NAME = "preprocessor_config.json"
-
 Interpolation = Literal["nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"]
-# PIL's integer codes, which is what transformers stores as "resample"
-_PIL_CODES: dict[str, int] = {
-    "nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5,
-}  # fmt: skip
-_PIL_NAMES = {code: name for name, code in _PIL_CODES.items()}
-
-# Defaults of the transformers processors the encoder families ship with, for keys a file omits.
-# CLIP and BiT (DINOv2) read an integer `size` as the shortest edge (default_to_square=False).
-_OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-_OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-_HF_DEFAULTS: dict[str, dict[str, Any]] = {
-    "CLIPImageProcessor": dict(
-        size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224},
-        do_center_crop=True, resample=3, image_mean=_OPENAI_CLIP_MEAN, image_std=_OPENAI_CLIP_STD,
-    ),
-    "BitImageProcessor": dict(
-        size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224},
-        do_center_crop=True, resample=3, image_mean=_OPENAI_CLIP_MEAN, image_std=_OPENAI_CLIP_STD,
-    ),
-    "SiglipImageProcessor": dict(
-        size={"height": 224, "width": 224}, resample=3,
-        image_mean=IMAGENET_STANDARD_MEAN, image_std=IMAGENET_STANDARD_STD,
-    ),
-}  # fmt: skip
-_SHORTEST_EDGE_INT = ("CLIPImageProcessor", "BitImageProcessor")
 
 
 @dataclasses.dataclass
@@ -82,94 +56,45 @@ class ImageProcessor:
     crop_rounding: "round" places an odd margin like torchvision/timm, "floor" like transformers.
     rescale_factor: multiplies 8-bit values (1/255); None leaves them in 0..255. Float inputs are
         taken to be in [0, 1] already, so the default treats them as 8-bit / 255.
-    mean, std: per-channel normalization after rescaling, or None for none.
+    mean, std: per-channel normalization after rescaling (one value for every channel, or one
+        per channel), or None for none.
     num_channels: 3 (RGB) or 1 (grayscale, ITU-R 601 luma) for single-channel models.
     backend: "auto" resizes PIL images/files with PIL and arrays/tensors with torchvision;
         "pil" or "tensor" forces one path for everything.
     background, max_pixels: passed to `vitkit.data.images.load_image` for files.
     """
 
-    resize: int | tuple[int, int] | None = (224, 224)
-    crop_size: tuple[int, int] | None = None
+    resize: Annotated[int | tuple[int, int] | None, POSITIVE] = (224, 224)
+    crop_size: Annotated[tuple[int, int] | None, POSITIVE] = None
     interpolation: Interpolation = "bilinear"
     crop_rounding: Literal["floor", "round"] = "floor"
-    rescale_factor: float | None = 1 / 255
+    rescale_factor: Annotated[float | None, In("(0, inf)", "1/255 for 8-bit images")] = 1 / 255
     mean: tuple[float, ...] | None = IMAGENET_STANDARD_MEAN
-    std: tuple[float, ...] | None = IMAGENET_STANDARD_STD
-    num_channels: int = 3
+    std: Annotated[tuple[float, ...] | None, In("(0, inf)", "e.g. 0.5 or 0.229")] = (
+        IMAGENET_STANDARD_STD
+    )
+    num_channels: Literal[1, 3] = 3
     backend: Literal["auto", "pil", "tensor"] = "auto"
-    background: tuple[int, int, int] | None = WHITE
-    max_pixels: int | None = MAX_PIXELS
+    background: Annotated[tuple[int, int, int] | None, In("[0, 255]")] = WHITE
+    max_pixels: Annotated[int | None, POSITIVE] = MAX_PIXELS
 
     def __post_init__(self) -> None:
-        errors: list[str] = []
-
-        def pair_or_none(name: str) -> None:
-            value = getattr(self, name)
-            if value is None or (name == "resize" and is_int(value)):
-                return
-            try:
-                setattr(self, name, _pair(value, name))
-            except ConfigError as exc:
-                errors.append(str(exc))
-
-        pair_or_none("resize")
-        pair_or_none("crop_size")
-        for key in ("mean", "std"):
-            value = getattr(self, key)
-            if value is None:
-                continue
-            try:
-                setattr(self, key, _floats(value, key))
-            except ConfigError as exc:
-                errors.append(str(exc))
-        if errors:
-            raise ConfigError("invalid ImageProcessor: " + "; ".join(errors))
-        if not isinstance(self.interpolation, str) or self.interpolation not in _PIL_CODES:
-            errors.append(
-                f"interpolation={self.interpolation!r} is not one of {sorted(_PIL_CODES)}"
-            )
-        if is_int(self.resize) and self.resize <= 0:
-            errors.append(f"resize={self.resize} must be positive")
-        for name in ("resize", "crop_size"):
-            value = getattr(self, name)
-            try:
-                if is_int(value):  # the shorter side: the longer one is checked per image
-                    limits.check(value, "IMAGE_SIDE", name)
-                elif value is not None:
-                    limits.check(max(value), "IMAGE_SIDE", f"{name} side")
-                    limits.check(value[0] * value[1], "INPUT_PIXELS", f"{name} pixels")
-            except ConfigError as exc:
-                errors.append(str(exc))
-        if self.crop_rounding not in ("floor", "round"):
-            errors.append(f"crop_rounding={self.crop_rounding!r} must be 'floor' or 'round'")
-        if self.backend not in ("auto", "pil", "tensor"):
-            errors.append(f"backend={self.backend!r} must be 'auto', 'pil' or 'tensor'")
-        if not is_int(self.num_channels) or self.num_channels not in (1, 3):
-            errors.append(f"num_channels={self.num_channels!r} must be 1 or 3")
-        if self.rescale_factor is not None and not (
-            is_finite(self.rescale_factor) and self.rescale_factor > 0
-        ):
-            errors.append(
-                f"rescale_factor={self.rescale_factor!r} must be a positive number (1/255 for "
-                "8-bit images) or None"
-            )
-        if (self.mean is None) != (self.std is None):
-            errors.append("mean and std must both be set or both be None")
-        for key in ("mean", "std"):
-            v = getattr(self, key)
-            if v is not None and len(v) not in (1, self.num_channels):
-                errors.append(f"{key} has {len(v)} values for {self.num_channels} channels")
-        if self.std is not None and any(s <= 0 for s in self.std):
-            errors.append(f"std={list(self.std)} must be positive (e.g. 0.5 or 0.229)")
-        if self.background is not None and not (
-            isinstance(self.background, (tuple, list))
-            and len(self.background) == 3
-            and all(is_int(v) and 0 <= v <= 255 for v in self.background)
-        ):
-            errors.append(f"background={self.background!r} must be (R, G, B) in 0..255 or None")
-        if self.max_pixels is not None and not (is_int(self.max_pixels) and self.max_pixels > 0):
-            errors.append(f"max_pixels={self.max_pixels!r} must be a positive integer or None")
+        errors = problems(self)
+        if not errors:
+            n = self.num_channels
+            errors = [
+                f"{key} has {len(v)} values for {n} channels"
+                for key, v in (("mean", self.mean), ("std", self.std))
+                if v is not None and len(v) not in (1, n)
+            ]
+            if (self.mean is None) != (self.std is None):
+                errors.append("mean and std must both be set or both be None")
+            for name, size in (("resize", self.resize), ("crop_size", self.crop_size)):
+                if is_int(size):  # the shorter side: the longer one is checked per image
+                    errors += over_limit(size, "IMAGE_SIDE", name)  # type: ignore[arg-type]
+                elif size is not None:
+                    errors += over_limit(max(size), "IMAGE_SIDE", f"{name} side")
+                    errors += over_limit(size[0] * size[1], "INPUT_PIXELS", f"{name} pixels")
         if errors:
             raise ConfigError("invalid ImageProcessor: " + "; ".join(errors))
 
@@ -179,8 +104,7 @@ class ImageProcessor:
     def hf_vit(cls, image_size: int | tuple[int, int] = 224, **overrides: Any) -> ImageProcessor:
         """transformers' ViTImageProcessor defaults: squash-resize to image_size, bilinear,
         x/255, mean = std = 0.5, no crop."""
-        fields: dict[str, Any] = dict(resize=_pair(image_size, "image_size"))
-        return cls(**{**fields, **overrides})
+        return cls(**{"resize": pair(image_size, "image_size"), **overrides})
 
     @classmethod
     def timm_eval(
@@ -200,54 +124,22 @@ class ImageProcessor:
         Non-square sizes with "center" resize the shorter side to the scaled size of that side
         (timm's ResizeKeepRatio rounds slightly differently there).
         """
-        h, w = _pair(image_size, "image_size")
-        if not (is_finite(crop_pct) and 0 < crop_pct <= 1):
-            raise ConfigError(f"crop_pct={crop_pct!r} must be a number in (0, 1], e.g. 0.9")
+        h, w = pair(image_size, "image_size")
         limits.check(max(h, w), "IMAGE_SIDE", "image_size")
-        scaled = (math.floor(h / crop_pct), math.floor(w / crop_pct))
-        if crop_mode == "squash":
-            resize: int | tuple[int, int] = scaled
-        elif crop_mode == "center":
-            resize = scaled[0] if h <= w else scaled[1]
-        else:
+        if not (is_finite(crop_pct) and 0 < crop_pct <= 1 and math.isfinite(h / crop_pct)):
+            raise ConfigError(f"crop_pct={crop_pct!r} must be a number in (0, 1], e.g. 0.9")
+        scaled = (math.floor(h / crop_pct), math.floor(w / crop_pct))  # checked as resize
+        if crop_mode not in ("center", "squash"):
             raise ConfigError(
                 f"crop_mode={crop_mode!r} is not supported; use 'center' or 'squash' "
                 "(timm's 'border' pads with the mean colour, which vitkit does not reproduce)"
             )
+        resize = scaled if crop_mode == "squash" else scaled[0] if h <= w else scaled[1]
         fields: dict[str, Any] = dict(
             resize=resize, crop_size=(h, w), interpolation=interpolation, crop_rounding="round",
-            rescale_factor=1 / 255, mean=tuple(mean), std=tuple(std),
+            rescale_factor=1 / 255, mean=mean, std=std,
         )  # fmt: skip
         return cls(**{**fields, **overrides})
-
-    @classmethod
-    def from_timm_cfg(cls, pretrained_cfg: dict[str, Any], **overrides: Any) -> ImageProcessor:
-        """From timm's `model.pretrained_cfg` or `resolve_data_config(...)` dict (input_size,
-        interpolation, crop_pct, crop_mode, mean, std)."""
-        if not isinstance(pretrained_cfg, dict):
-            raise ConfigError(f"pretrained_cfg must be a mapping, got {type(pretrained_cfg)}")
-        cfg = dict(pretrained_cfg)
-        input_size = cfg.get("input_size", (3, 224, 224))
-        if not (
-            isinstance(input_size, (list, tuple))
-            and len(input_size) == 3
-            and all(is_int(v) and v > 0 for v in input_size)
-        ):
-            raise ConfigError(f"input_size={input_size!r} must be [channels, height, width]")
-        channels, h, w = (int(v) for v in input_size)
-        interpolation = cfg.get("interpolation") or "bicubic"
-        if interpolation == "random":
-            interpolation = "bilinear"
-        crop_pct = cfg.get("crop_pct")
-        return cls.timm_eval(
-            image_size=(h, w),
-            crop_pct=0.875 if crop_pct is None else crop_pct,
-            interpolation=interpolation,
-            mean=_floats(cfg.get("mean") or IMAGENET_DEFAULT_MEAN, "mean"),
-            std=_floats(cfg.get("std") or IMAGENET_DEFAULT_STD, "std"),
-            crop_mode=cfg.get("crop_mode") or "center",
-            **{"num_channels": 1 if channels == 1 else 3, **overrides},
-        )
 
     @classmethod
     def for_model(cls, config: Any, **overrides: Any) -> ImageProcessor:
@@ -258,120 +150,17 @@ class ImageProcessor:
             fields = dict(num_channels=1, mean=(0.5,), std=(0.5,))
         return cls.hf_vit(config.image_hw, **{**fields, **overrides})
 
-    # ---- transformers preprocessor_config.json ----------------------------------------------
+    # ---- files: preprocessor_config.json, timm's pretrained_cfg ---------------------------
+    # The formats are other libraries', so `vitkit.checkpoints.preprocessing` translates them and
+    # installs these entry points when it is imported (by `import vitkit`): data/ must not import
+    # checkpoints/. `from_pretrained(folder)` gives what `vitkit.resolve(folder).processor` does.
+    from_pretrained: ClassVar[Callable[[str | os.PathLike[str]], ImageProcessor]]
+    save_pretrained: ClassVar[Callable[[ImageProcessor, str | os.PathLike[str]], Path]]
+    from_hf_dict: ClassVar[Callable[..., ImageProcessor]]
+    to_hf_dict: ClassVar[Callable[[ImageProcessor], dict[str, Any]]]
+    from_timm_cfg: ClassVar[Callable[..., ImageProcessor]]
 
-    @classmethod
-    def from_pretrained(cls, path: str | os.PathLike[str], **overrides: Any) -> ImageProcessor:
-        """Read a transformers preprocessor_config.json (a folder holding one, or the file)."""
-        path = Path(path)
-        file = path / CONFIG_NAME if path.is_dir() else path
-        if not file.is_file():
-            raise ConfigError(f"{file}: no {CONFIG_NAME} found")
-        data = read_json(file, "preprocessor config")
-        if not isinstance(data, dict):
-            raise ConfigError(f"{file}: expected a JSON object, found {type(data).__name__}")
-        try:
-            return cls.from_hf_dict(data, **overrides)
-        except ConfigError as exc:
-            raise ConfigError(f"{file}: {exc}") from None
-
-    @classmethod
-    def from_hf_dict(cls, data: dict[str, Any], **overrides: Any) -> ImageProcessor:
-        """From the dict of a transformers image processor config. Keys a file omits take the
-        defaults of its `image_processor_type` (CLIPImageProcessor, BitImageProcessor for
-        DINOv2, SiglipImageProcessor, their Fast/Pil variants) or else ViTImageProcessor's.
-        Every value is type-checked and bounded (docs/security.md)."""
-        if not isinstance(data, dict):
-            raise ConfigError(f"expected a mapping of preprocessor keys, got {type(data).__name__}")
-        kind = str(data.get("image_processor_type", "")).removesuffix("Fast").removesuffix("Pil")
-        data = {**_HF_DEFAULTS.get(kind, {}), **data}
-
-        def flag(key: str, default: bool) -> bool:
-            value = data.get(key)
-            if value is None:
-                return default
-            if not isinstance(value, bool):
-                raise ConfigError(f"{key}={value!r} must be true or false")
-            return value
-
-        fields: dict[str, Any] = {}
-        if flag("do_resize", True):
-            size = data.get("size")
-            size = {"height": 224, "width": 224} if size is None else size
-            if is_int(size) and kind in _SHORTEST_EDGE_INT:
-                size = {"shortest_edge": size}
-            fields["resize"] = _hf_size(size, "size")
-        else:
-            fields["resize"] = None
-        if flag("do_center_crop", False) and data.get("crop_size") is not None:
-            crop = _hf_size(data["crop_size"], "crop_size")
-            fields["crop_size"] = (crop, crop) if isinstance(crop, int) else crop
-        crop_pct = data.get("crop_pct")
-        if crop_pct is not None and not (is_finite(crop_pct) and 0 < crop_pct <= 1):
-            raise ConfigError(f"crop_pct={crop_pct!r} must be a number in (0, 1]")
-        resample = data.get("resample", 2)
-        if isinstance(resample, str) and resample.lower() in _PIL_CODES:
-            resample = _PIL_CODES[resample.lower()]
-        if not is_int(resample) or resample not in _PIL_NAMES:
-            raise ConfigError(f"resample={resample!r} is not a PIL resampling code 0..5")
-        fields["interpolation"] = _PIL_NAMES[resample]
-        if flag("do_rescale", True):
-            factor = data.get("rescale_factor", 1 / 255)
-            if not (is_finite(factor) and factor > 0):
-                raise ConfigError(f"rescale_factor={factor!r} must be a positive number (1/255)")
-            fields["rescale_factor"] = float(factor)
-        else:
-            fields["rescale_factor"] = None
-        if flag("do_normalize", True):
-            fields["mean"] = _floats(data.get("image_mean", IMAGENET_STANDARD_MEAN), "image_mean")
-            fields["std"] = _floats(data.get("image_std", IMAGENET_STANDARD_STD), "image_std")
-            if any(v <= 0 for v in fields["std"]):
-                raise ConfigError(f"image_std={list(fields['std'])} must be positive")
-        else:
-            fields["mean"] = fields["std"] = None
-        extra = data.get("vitkit") or {}
-        if not isinstance(extra, dict):
-            raise ConfigError(f"vitkit={extra!r} must be an object like {{'crop_rounding': ...}}")
-        if extra.get("crop_rounding") is not None:
-            if extra["crop_rounding"] not in ("floor", "round"):
-                raise ConfigError(
-                    f"vitkit.crop_rounding={extra['crop_rounding']!r} must be 'floor' or 'round'"
-                )
-            fields["crop_rounding"] = extra["crop_rounding"]
-        return cls(**{**fields, **overrides})
-
-    def to_hf_dict(self) -> dict[str, Any]:
-        """The transformers ViTImageProcessor config that reproduces this processor."""
-        if isinstance(self.resize, int):
-            size: dict[str, int] = {"shortest_edge": self.resize}
-        elif self.resize is not None:
-            size = {"height": self.resize[0], "width": self.resize[1]}
-        else:
-            size = {"height": 224, "width": 224}
-        out: dict[str, Any] = {
-            "image_processor_type": "ViTImageProcessor",
-            "do_resize": self.resize is not None,
-            "size": size,
-            "resample": _PIL_CODES[self.interpolation],
-            "do_center_crop": self.crop_size is not None,
-            "do_rescale": self.rescale_factor is not None,
-            "rescale_factor": self.rescale_factor if self.rescale_factor is not None else 1 / 255,
-            "do_normalize": self.mean is not None,
-            "image_mean": list(self.mean or IMAGENET_STANDARD_MEAN),
-            "image_std": list(self.std or IMAGENET_STANDARD_STD),
-        }
-        if self.crop_size is not None:
-            out["crop_size"] = {"height": self.crop_size[0], "width": self.crop_size[1]}
-        out["vitkit"] = {"crop_rounding": self.crop_rounding}
-        return out
-
-    def save_pretrained(self, folder: str | os.PathLike[str]) -> Path:
-        """Write `folder/preprocessor_config.json` (atomically); transformers loads it back."""
-        from vitkit._io import atomic_write_text
-
-        file = Path(folder) / CONFIG_NAME
-        atomic_write_text(file, json.dumps(self.to_hf_dict(), indent=2) + "\n")
-        return file
+    # ---- variants --------------------------------------------------------------------------
 
     def with_channels(self, channels: int) -> ImageProcessor:
         """The same rule for a model of `channels` inputs: grayscale (mean and std averaged over
@@ -386,7 +175,7 @@ class ImageProcessor:
     def at_size(self, hw: int | tuple[int, int]) -> ImageProcessor:
         """The same rule producing (H, W) outputs (one int: square): a crop becomes `hw` with
         the resize scaled alike (timm's crop_pct is kept); a squash-resize becomes `hw`."""
-        hw = _pair(hw, "hw")
+        hw = pair(hw, "hw")
         if self.output_hw == hw:
             return self
         if self.crop_size is not None:
@@ -479,10 +268,8 @@ class ImageProcessor:
     # -- PIL path: resample 8-bit RGB with PIL, like transformers' PIL backend and timm
 
     def _use_pil(self, item: Any) -> bool:
-        if self.backend == "pil":
-            return True
-        if self.backend == "tensor":
-            return False
+        if self.backend != "auto":
+            return self.backend == "pil"
         if isinstance(item, (np.ndarray, torch.Tensor)):
             return self.interpolation in ("box", "hamming")  # torchvision lacks these modes
         return True
@@ -497,7 +284,7 @@ class ImageProcessor:
         if self.resize is not None:
             h, w = self._resized_hw(image.height, image.width)
             if (h, w) != (image.height, image.width):
-                image = image.resize((w, h), resample=_PIL_CODES[self.interpolation])
+                image = image.resize((w, h), resample=Image.Resampling[self.interpolation.upper()])
         if self.crop_size is not None:
             top, left = self._crop_offsets(image.height, image.width)
             ch, cw = self.crop_size
@@ -528,20 +315,15 @@ class ImageProcessor:
         return self._normalize(x, integer_scale=255.0)
 
     def _channels(self, x: torch.Tensor) -> torch.Tensor:
-        c = x.shape[1]
-        if c == 4:  # RGBA array: composite onto the background like load_image does
+        if x.shape[1] == 4:  # RGBA array: composite onto the background like load_image does
             xf = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
             alpha = xf[:, 3:4]
             rgb = xf[:, :3]
             if self.background is not None:
                 bg = torch.tensor(self.background, dtype=xf.dtype, device=x.device) / 255.0
                 rgb = rgb * alpha + bg.view(1, 3, 1, 1) * (1 - alpha)
-            x = (
-                (rgb * 255.0).round().clamp(0, 255).to(torch.uint8)
-                if x.dtype == torch.uint8
-                else rgb
-            )
-            c = 3
+            integers = x.dtype == torch.uint8
+            x = (rgb * 255.0).round().clamp(0, 255).to(torch.uint8) if integers else rgb
         return match_channels(x, self.num_channels)
 
     def _crop_tensor(self, x: torch.Tensor) -> torch.Tensor:
@@ -592,48 +374,6 @@ class ImageProcessor:
         if self.crop_rounding == "round":  # torchvision / timm
             return round((h - ch) / 2.0), round((w - cw) / 2.0)
         return (h - ch) // 2, (w - cw) // 2  # transformers
-
-
-def _pair(value: Any, name: str) -> tuple[int, int]:
-    """An int or (height, width) of positive ints; floats, bools and strings are refused."""
-    if is_int(value):
-        value = (value, value)
-    if not (isinstance(value, (list, tuple)) and len(value) == 2 and all(map(is_int, value))):
-        raise ConfigError(f"{name}={value!r} must be an int or (height, width) of ints")
-    h, w = int(value[0]), int(value[1])
-    if h <= 0 or w <= 0:
-        raise ConfigError(f"{name}={value!r} must be positive")
-    return (h, w)
-
-
-def _hf_size(size: Any, key: str) -> int | tuple[int, int]:
-    """transformers size: int (square), {"height", "width"} or {"shortest_edge"}."""
-    if is_int(size) or isinstance(size, (list, tuple)):
-        return _pair(size, key)
-    if isinstance(size, dict):
-        if "height" in size and "width" in size:
-            return _pair((size["height"], size["width"]), key)
-        if set(size) == {"shortest_edge"}:
-            edge = size["shortest_edge"]
-            if not is_int(edge) or edge <= 0:
-                raise ConfigError(f"{key}.shortest_edge={edge!r} must be a positive integer")
-            return int(edge)
-    raise ConfigError(
-        f"{key}={size!r} is not supported; use {{'height': H, 'width': W}} or {{'shortest_edge': S}}"
-    )
-
-
-def _floats(value: Any, key: str) -> tuple[float, ...]:
-    """One finite number (for every channel) or a list of 1 to 4 of them."""
-    if is_finite(value):
-        return (float(value),) * 3
-    if (
-        isinstance(value, (list, tuple, np.ndarray))
-        and 1 <= len(value) <= 4
-        and all(is_finite(v) for v in value)
-    ):
-        return tuple(float(v) for v in value)
-    raise ConfigError(f"{key}={value!r} must be a finite number or a list of 1 to 4 of them")
 
 
 def _as_list(images: Any) -> list[Any]:
