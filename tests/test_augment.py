@@ -145,12 +145,12 @@ def test_file_datasets_get_the_same_elastic_knob():
     import numpy as np
     from PIL import Image
 
-    from vitkit.data.transforms import sample_transform
+    from vitkit.data.transforms import Augmentation
 
     image = Image.fromarray((np.random.default_rng(0).random((28, 28)) * 255).astype(np.uint8))
-    plain = sample_transform(28, 1, train=True)(image)
+    plain = Augmentation().per_image(28, 1)(image)
     torch.manual_seed(0)
-    bent = sample_transform(28, 1, train=True, elastic=(34.0, 4.0))(image)
+    bent = Augmentation(elastic=(34.0, 4.0)).per_image(28, 1)(image)
     assert bent.shape == plain.shape == (1, 28, 28)
     assert (bent - plain).abs().mean() > 0.01
 

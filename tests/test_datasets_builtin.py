@@ -2,7 +2,7 @@ import torch
 
 from vitkit.data.builtin import load_digits
 from vitkit.data.datasets import epoch_order, shard_indices
-from vitkit.data.transforms import augment_batch, random_hflip, random_shift
+from vitkit.data.transforms import Augmentation, random_hflip, random_shift
 
 
 def test_digits_split_is_stratified_and_fixed():
@@ -48,7 +48,8 @@ def test_flip_and_batch_pipeline_are_seeded():
     flipped = [torch.equal(f[i], x[i].flip(-1)) for i in range(32)]
     kept = [torch.equal(f[i], x[i]) for i in range(32)]
     assert all(a or b for a, b in zip(flipped, kept)) and any(flipped) and any(kept)
-    kw = dict(random_shift_px=1, hflip=True, rrc_scale=(0.5, 1.0))
-    a = augment_batch(x, generator=torch.Generator().manual_seed(5), **kw)
-    b = augment_batch(x, generator=torch.Generator().manual_seed(5), **kw)
+    aug = Augmentation(random_shift=1, hflip=True, rrc_scale=(0.5, 1.0))
+    a = aug.batch(x, torch.Generator().manual_seed(5))
+    b = aug.batch(x, torch.Generator().manual_seed(5))
     assert torch.equal(a, b) and a.shape == x.shape
+    assert torch.equal(Augmentation().batch(x, torch.Generator()), x)  # nothing enabled

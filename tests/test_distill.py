@@ -51,6 +51,13 @@ def test_hard_and_soft_losses_equal_hand_computation():
     kl = (p_t * (p_t.log() - F.log_softmax(dist / 2, dim=1))).sum() * 4 / dist.numel()
     assert torch.allclose(soft, 0.5 * F.cross_entropy(cls, y) + 0.5 * kl, atol=1e-6)
 
+    class TupleTeacher(_FixedTeacher):  # a foreign model: (logits, ...) out
+        def forward(self, x):
+            return (super().forward(x), None)
+
+    from_tuple = DistillationLoss(TupleTeacher(teacher_out), nn.CrossEntropyLoss())(x, out, y)
+    assert torch.equal(from_tuple, DistillationLoss(teacher, nn.CrossEntropyLoss())(x, out, y))
+
     none = DistillationLoss(None, nn.CrossEntropyLoss(), "none")(x, out, y)
     assert torch.allclose(none, F.cross_entropy(cls, y))
 

@@ -151,6 +151,20 @@ def test_distilled_logits_average_both_heads():
     torch.testing.assert_close(out.logits, (out.cls_logits + dist) / 2)
 
 
+def test_logits_of_every_kind_of_output():
+    from vitkit.errors import ConfigError
+    from vitkit.models.vit import logits_of
+
+    model = tiny(distilled=True)
+    x = torch.randn(2, 3, 32, 32)
+    out = model(x)
+    assert logits_of(out) is out.logits  # the mean of both heads
+    assert logits_of(out.logits) is out.logits  # a plain module's tensor
+    assert logits_of((out.cls_logits, "extra")) is out.cls_logits  # a foreign tuple output
+    with pytest.raises(ConfigError, match="forward_features"):
+        logits_of(model.forward_features(x))
+
+
 def test_backbone_without_head():
     model = tiny(num_classes=0)
     out = model(torch.randn(2, 3, 32, 32))

@@ -124,15 +124,13 @@ def test_auto_choice_follows_cpu_flags_and_runtimes(cpu):
 def test_auto_falls_back_when_top1_changes(model, pixels, monkeypatch):
     info = dict(CPUS["zen4"], cuda=False, cpu_capability="x", openvino=False, onnxruntime=False)
     monkeypatch.setattr(P, "machine", lambda: info)
-    real_build = P._build
+    real_torch_fn = P._torch_fn
 
-    def broken_bf16(model, precision, backend, device, example):
-        fn, note = real_build(model, precision, backend, device, example)
-        if precision == "bf16":
-            return (lambda x: -fn(x)), note  # every top-1 changes
-        return fn, note
+    def broken_bf16(model, precision, device):
+        fn = real_torch_fn(model, precision, device)
+        return (lambda x: -fn(x)) if precision == "bf16" else fn  # every top-1 changes
 
-    monkeypatch.setattr(P, "_build", broken_bf16)
+    monkeypatch.setattr(P, "_torch_fn", broken_bf16)
     said = []
     runner = prepare(model, "auto", log=said.append)
     assert not runner.ready  # waits for real images to check its pick
@@ -143,7 +141,7 @@ def test_auto_falls_back_when_top1_changes(model, pixels, monkeypatch):
     assert "bf16 on torch keeps only 0.0% top-1 agreement with fp32" in said[0]
     assert said[-1].startswith("auto picked fp32 on torch")
 
-    monkeypatch.setattr(P, "_build", real_build)
+    monkeypatch.setattr(P, "_torch_fn", real_torch_fn)
     said.clear()
     runner = prepare(model, "auto", log=said.append, calibration=pixels)
     assert (runner.precision, runner.backend) == ("bf16", "torch")
@@ -177,3 +175,22 @@ def test_load_resolves_a_folder_with_its_processor(model, pixels, tmp_path):
     with torch.inference_mode():
         ref = model(pixels).logits
     assert torch.equal(runner(pixels).argmax(-1), ref.argmax(-1))
+
+
+@pytest.mark.skipif(not _available("onnxruntime"), reason="onnxruntime not installed")
+@pytest.mark.parametrize("flags", [{"avx2"}, {"avx2", "avx512f", "avx512_vnni"}])
+def test_onnx_int8_takes_seven_bit_weights_without_vnni(model, tmp_path, monkeypatch, flags):
+    import onnx
+    from onnx import numpy_helper
+
+    from vitkit.infer import _graph
+
+    monkeypatch.setattr(_graph, "cpu_flags", lambda: frozenset(flags))
+    _graph.to_onnx(_graph.LogitsModule(model).eval(), torch.zeros(1, 3, 32, 32),
+                   tmp_path / "fp32.onnx", dynamic=None, input_name="x", output_names=["y"])  # fmt: skip
+    _graph.quantize_onnx(tmp_path / "fp32.onnx", tmp_path / "int8.onnx")
+    weights = [
+        numpy_helper.to_array(t) for t in onnx.load(tmp_path / "int8.onnx").graph.initializer
+    ]
+    largest = max(int(abs(w.astype(int)).max()) for w in weights if w.dtype.name == "int8")
+    assert largest <= 64 if "avx512_vnni" not in flags else largest == 127

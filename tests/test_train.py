@@ -72,7 +72,9 @@ def test_shipped_recipes_load():
 def test_cli_trains_digits_and_writes_everything(tmp_path, capsys):
     out = tmp_path / "run"
     sets = [
-        f"--set={k}={json.dumps(v)}" for k, v in TINY.items() if k not in ("epochs", "batch_size")
+        f"--set={k}={json.dumps(v)}"
+        for k, v in TINY.items()
+        if k not in ("epochs", "batch_size", "progress")
     ]
     rc = main(
         [
@@ -93,9 +95,11 @@ def test_cli_trains_digits_and_writes_everything(tmp_path, capsys):
         ]
     )
     assert rc == 0
-    text = capsys.readouterr().out
+    captured = capsys.readouterr()
+    text = captured.out
     assert "test accuracy" in text and str(out / "best") in text
-    # no bars (progress=False), but still one line per epoch for a log, with its time
+    # bars on, but stderr is no terminal: no bar frames, one line per epoch, with its time
+    assert "\r" not in captured.err and "it/s" not in captured.err
     epochs = [line for line in text.splitlines() if line.startswith("epoch ")]
     assert [line.split()[1] for line in epochs] == ["1/2", "2/2"]
     assert all("val_acc" in line and line.endswith(" s") for line in epochs)
@@ -114,6 +118,35 @@ def test_cli_trains_digits_and_writes_everything(tmp_path, capsys):
     config, weights = _weights(out / "best")
     assert config.embed_dim == 32 and config.id2label[3] == "3"
     assert set(weights) == set(state["model"])
+
+
+def test_progress_bars_only_on_a_terminal(monkeypatch):
+    import io
+    import sys
+    from types import SimpleNamespace
+
+    from vitkit.train.trainer import _bar
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    def bar(stderr, progress=True, is_main=True):
+        monkeypatch.setattr(sys, "stderr", stderr)
+        run = SimpleNamespace(info=SimpleNamespace(is_main=is_main), start_step=0, epoch=0,
+                              recipe=SimpleNamespace(progress=progress, epochs=2),
+                              data=SimpleNamespace(steps_per_epoch=3))  # fmt: skip
+        b = _bar(run)
+        on = not b.disable
+        b.update(1)
+        b.close()
+        return on, stderr.getvalue()
+
+    on, shown = bar(Terminal())
+    assert on and "epoch 1/2" in shown and "\r" in shown
+    assert bar(io.StringIO()) == (False, "")  # a redirected log
+    assert bar(Terminal(), progress=False) == (False, "")
+    assert bar(Terminal(), is_main=False) == (False, "")
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
@@ -258,14 +291,15 @@ def test_fine_tuning_keeps_the_checkpoints_preprocessing(tmp_path, capsys):
 
 def test_label_fraction_trains_and_selects_on_that_fraction_of_the_labels(tmp_path):
     from vitkit.data.datasets import build_data
+    from vitkit.data.transforms import Augmentation
 
     recipe = Recipe(**{**TINY, "label_fraction": 0.1, "batch_size": 8, "output": str(tmp_path)})
-    data = build_data(recipe, in_chans=1, image_size=8)
+    data = build_data(recipe, augmentation=Augmentation(), in_chans=1, image_size=8)
     counts = torch.bincount(data.train.labels, minlength=10)
     assert len(data.train) == 129 and counts.min() >= 12 and counts.max() <= 14  # 10% per class
     val_counts = torch.bincount(data.val.labels, minlength=10)
     assert len(data.val) == 12 and val_counts.min() == 1 and val_counts.max() == 2  # of 142
-    full = build_data(Recipe(**TINY), in_chans=1, image_size=8)
+    full = build_data(Recipe(**TINY), augmentation=Augmentation(), in_chans=1, image_size=8)
     seen = {tuple(x.flatten().tolist()) for x in full.train.images}
     assert all(tuple(x.flatten().tolist()) in seen for x in data.train.images)  # a subset
     train(recipe)

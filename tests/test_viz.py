@@ -7,8 +7,8 @@ from PIL import Image
 
 from vitkit import VisionTransformer, ViTConfig
 from vitkit.errors import VitkitError
+from vitkit.explain import attention_map
 from vitkit.viz import (
-    cls_attention_map,
     plot_confusion_matrix,
     plot_curves,
     read_metrics,
@@ -63,18 +63,6 @@ def test_confusion_matrix_png(tmp_path):
         plot_confusion_matrix(np.zeros((2, 3)), None, tmp_path / "bad.png")
 
 
-def test_cls_attention_map_picks_cls_row_and_averages_heads():
-    t = 1 + 4
-    att = torch.zeros(2, t, t)
-    att[0, 0, 1:] = torch.tensor([0.1, 0.2, 0.3, 0.4])
-    att[1, 0, 1:] = torch.tensor([0.3, 0.2, 0.1, 0.0])
-    m = cls_attention_map(att)
-    assert m.shape == (2, 2)
-    assert np.allclose(m, [[0.2, 0.2], [0.2, 0.2]])
-    with pytest.raises(VitkitError, match="grid"):
-        cls_attention_map(torch.zeros(2, 6, 6))
-
-
 def test_save_attention_maps_from_a_model(tmp_path):
     cfg = ViTConfig(
         image_size=32,
@@ -88,18 +76,18 @@ def test_save_attention_maps_from_a_model(tmp_path):
     )
     model = VisionTransformer(cfg).eval()
     x = torch.rand(3, 3, 32, 32)
-    with torch.no_grad():
-        out = model(x, output_attentions=[-1])
-    att = out.attentions[-1]
-    assert att.shape == (3, 2, cfg.num_prefix_tokens + 16, cfg.num_prefix_tokens + 16)
-    png = save_attention_maps(
-        x,
-        att,
-        tmp_path / "att.png",
-        num_prefix_tokens=cfg.num_prefix_tokens,
-        titles=["a", "b", "c"],
-    )
-    _is_png(png)
+    maps = attention_map(model, x)
+    png = save_attention_maps(x, maps, tmp_path / "att.png", titles=["a", "b", "c"], per_head=True)
+    # three rows of image | mean | 2 heads, 32 px enlarged x3 to 96, 14 px title bands
+    assert _is_png(png) == (4 * 96 + 3 * 4 * 3, 3 * (96 + 14) + 2 * 4)
+    with Image.open(png) as im:
+        row = np.asarray(im.convert("RGB"), dtype=np.float64)[14 : 14 + 96]  # below the title
+    image, head = row[:, :96], row[:, 2 * 108 : 2 * 108 + 96]  # panels 96 px, 12 px apart
+    colour = (head - 0.45 * image) / 0.55  # the map's colour under alpha 0.55
+    m = maps.head_maps[0, 0]  # (4, 4) patches of 24 px each
+    for value, rgb in ((m.max(), [252, 255, 164]), (m.min(), [0, 0, 4])):  # inferno's ends
+        i, j = (m == value).nonzero()[0].tolist()
+        assert np.abs(colour[24 * i + 12, 24 * j + 12] - rgb).max() < 2
 
 
 def test_step_rows_are_placed_by_steps_per_epoch():

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from vitkit.errors import VitkitError
+from vitkit.models.vit import logits_of
 
 __all__ = [
     "EvalResult",
@@ -98,18 +99,6 @@ def _split_batch(batch: Any) -> tuple[Tensor, Tensor]:
     return images, torch.as_tensor(labels)
 
 
-def _logits(output: Any) -> Tensor:
-    if isinstance(output, Tensor):
-        return output
-    logits = getattr(output, "logits", None)
-    if logits is None:
-        raise VitkitError(
-            "the model returned no logits: it has no classification head "
-            "(num_classes=0); give it one with model.reset_classifier(K)"
-        )
-    return logits
-
-
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -147,7 +136,7 @@ def evaluate(
             images = images.to(device, non_blocking=True)
             labels = labels.to(device).long().view(-1)
             with autocast:
-                logits = _logits(model(images))
+                logits = logits_of(model(images))
             logits = logits.float()
             if logits.ndim != 2 or logits.shape[0] != labels.shape[0]:
                 raise VitkitError(
@@ -203,7 +192,6 @@ def open_eval_data(spec: str, split: str = "test", *, mode: str = "RGB") -> tupl
     splits training uses), or all of a plain class-folder tree or list file. Items are
     (PIL image or [0, 1] tensor, label)."""
     from vitkit.data import folders
-    from vitkit.data.builtin import TensorData
     from vitkit.data.datasets import open_splits
 
     path = Path(spec).expanduser()
@@ -219,22 +207,7 @@ def open_eval_data(spec: str, split: str = "test", *, mode: str = "RGB") -> tupl
     ds = splits.get(split)
     if ds is None:
         raise VitkitError(f"--data {spec} has no {split} split; pick another --split")
-    if isinstance(ds, TensorData):
-        ds = _TensorItems(ds.images, ds.labels)
     return ds, splits.classes
-
-
-class _TensorItems:
-    """(image tensor, label) items of an in-memory set (built-in datasets)."""
-
-    def __init__(self, images: Tensor, labels: Tensor):
-        self.images, self.labels = images, labels
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int) -> tuple[Tensor, int]:
-        return self.images[i], int(self.labels[i])
 
 
 def match_classes(
@@ -289,6 +262,12 @@ class _Collate:
             return x
         return (x - torch.tensor(p.mean).view(-1, 1, 1)) / torch.tensor(p.std).view(-1, 1, 1)
 
+    def loader(self, data: Any, batch_size: int, num_workers: int) -> Any:
+        """`data` in order, in batches of this collation."""
+        return torch.utils.data.DataLoader(
+            data, batch_size=batch_size, num_workers=num_workers, collate_fn=self
+        )
+
     def __call__(self, items: list[tuple[Any, int] | None]) -> tuple[Tensor, Tensor]:
         items = [it for it in items if it is not None]  # unreadable: skipped and counted
         if not items:
@@ -323,13 +302,7 @@ def evaluate_on(
         raise VitkitError("the model has no classification head (num_classes=0)")
     dataset, classes = open_eval_data(data, split, mode="L" if config.in_chans == 1 else "RGB")
     names, remap = match_classes(classes, config)
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=num_workers,
-        collate_fn=_Collate(processor, config.image_hw, remap),
-    )
+    loader = _Collate(processor, config.image_hw, remap).loader(dataset, batch_size, num_workers)
     result = evaluate(model, loader, device=device, amp_dtype=amp_dtype,
                       num_classes=config.num_classes, class_names=names)  # fmt: skip
     return result, list(getattr(dataset, "skipped", []))
@@ -352,7 +325,6 @@ def evaluate_frozen(
     `split` parts: weighted k-NN top-1 with the training part as memory, and/or a linear probe
     fitted on the training part with its L2 chosen on the validation part."""
     from vitkit import features
-    from vitkit.data.builtin import TensorData
     from vitkit.data.datasets import open_splits
 
     splits = open_splits(data, mode="L" if model.config.in_chans == 1 else "RGB", on_error="none")
@@ -360,12 +332,9 @@ def evaluate_frozen(
         raise VitkitError(f"--data {data} has no {split} split to score")
 
     def feats(part: Any) -> tuple[Tensor, Tensor]:
-        if isinstance(part, TensorData):
-            part = _TensorItems(part.images, part.labels)
-        loader = torch.utils.data.DataLoader(
-            part, batch_size=batch_size, num_workers=num_workers,
-            collate_fn=_Collate(processor, model.config.image_hw, None),
-        )  # fmt: skip
+        loader = _Collate(processor, model.config.image_hw, None).loader(
+            part, batch_size, num_workers
+        )
         return features.extract(model, loader, pool=pool, device=device)
 
     train, query = feats(splits.train), feats(splits.get(split))  # (features, labels)

@@ -11,7 +11,6 @@ only PIL and numpy. Every PNG is written atomically.
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,7 +23,6 @@ from vitkit.errors import VitkitError
 from vitkit.limits import is_finite
 
 __all__ = [
-    "cls_attention_map",
     "colorize",
     "heatmap_overlay",
     "plot_confusion_matrix",
@@ -240,13 +238,16 @@ def plot_confusion_matrix(
     return _save(fig, out_png)
 
 
+def _array(x: Any) -> np.ndarray:
+    """A tensor (any device or dtype) or array-like -> float32 numpy."""
+    return np.asarray(x.detach().float().cpu() if hasattr(x, "detach") else x, dtype=np.float32)
+
+
 def _to_hwc(image: Any) -> np.ndarray:
     """A PIL image, (C, H, W) / (H, W, C) / (H, W) array or tensor -> float (H, W, 3) in [0, 1]."""
     if hasattr(image, "convert"):
         return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-    a = np.asarray(
-        image.detach().float().cpu() if hasattr(image, "detach") else image, dtype=np.float32
-    )
+    a = _array(image)
     if a.ndim == 3 and a.shape[0] in (1, 3) and a.shape[-1] not in (1, 3):
         a = a.transpose(1, 2, 0)
     if a.ndim == 2:
@@ -257,39 +258,6 @@ def _to_hwc(image: Any) -> np.ndarray:
     if lo < 0.0 or hi > 1.0:  # normalised tensor or 0..255: stretch for display
         a = (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
     return a
-
-
-def cls_attention_map(
-    attention: Any, grid: tuple[int, int] | None = None, num_prefix_tokens: int = 1
-) -> np.ndarray:
-    """(H, T, T) or (T, T) attention of one image -> (gh, gw) [CLS]->patch map, head-averaged.
-
-    T = num_prefix_tokens + gh * gw; the grid is taken as square when not given.
-    """
-    a = np.asarray(
-        attention.detach().float().cpu() if hasattr(attention, "detach") else attention,
-        dtype=np.float32,
-    )
-    if a.ndim == 3:
-        a = a.mean(axis=0)
-    if a.ndim != 2:
-        raise VitkitError(f"attention must be (heads, T, T) or (T, T), got shape {a.shape}")
-    return _patch_grid(a[0, num_prefix_tokens:], grid, num_prefix_tokens)
-
-
-def _patch_grid(row: np.ndarray, grid: tuple[int, int] | None, num_prefix_tokens: int):
-    """(..., N) per-patch values -> (..., gh, gw); a square grid unless `grid` is given."""
-    n = row.shape[-1]
-    if grid is None:
-        side = math.isqrt(n)
-        if side * side != n:
-            raise VitkitError(f"{n} patch tokens are not a square grid: pass grid=")
-        grid = (side, side)
-    if grid[0] * grid[1] != n:
-        raise VitkitError(
-            f"grid {grid} does not match {n} patch tokens (with {num_prefix_tokens} prefix tokens)"
-        )
-    return row.reshape(*row.shape[:-1], *grid)
 
 
 # The "inferno" colour map of matplotlib, sampled at 9 evenly spaced stops (dark -> bright).
@@ -339,10 +307,7 @@ def heatmap_overlay(
         scale = max_side / max(base.size)
         size = (max(1, round(base.width * scale)), max(1, round(base.height * scale)))
         base = base.resize(size, Image.Resampling.BILINEAR)
-    maps = np.asarray(
-        heatmap.detach().float().cpu() if hasattr(heatmap, "detach") else heatmap,
-        dtype=np.float32,
-    )
+    maps = _array(heatmap)
     if maps.ndim == 2:
         maps = maps[None]
     if maps.ndim != 3 or 0 in maps.shape:
@@ -358,14 +323,23 @@ def heatmap_overlay(
         )
         blend = (1.0 - alpha) * pixels + alpha * colorize(up).astype(np.float32)
         panels.append(Image.fromarray(np.rint(blend).astype(np.uint8)))
-    if len(panels) == 1:
-        return panels[0]
-    width = sum(p.width for p in panels) + _PANEL_GAP * (len(panels) - 1)
-    canvas = Image.new("RGB", (width, base.height), (255, 255, 255))
-    x = 0
-    for p in panels:
-        canvas.paste(p, (x, 0))
-        x += p.width + _PANEL_GAP
+    return _tile(panels)
+
+
+def _tile(images: list[Any], *, vertical: bool = False) -> Any:
+    """PIL images side by side (or one above the other), `_PANEL_GAP` white pixels apart."""
+    from PIL import Image
+
+    if len(images) == 1:
+        return images[0]
+    along = [im.height if vertical else im.width for im in images]
+    across = max(im.width if vertical else im.height for im in images)
+    size = (sum(along) + _PANEL_GAP * (len(images) - 1), across)
+    canvas = Image.new("RGB", size[::-1] if vertical else size, (255, 255, 255))
+    at = 0
+    for im, n in zip(images, along):
+        canvas.paste(im, (0, at) if vertical else (at, 0))
+        at += n + _PANEL_GAP
     return canvas
 
 
@@ -396,47 +370,34 @@ def png_bytes(image: Any) -> bytes:
 
 def save_attention_maps(
     images: Any,
-    attentions: Any,
+    explanation: Any,
     out_png: PathLike,
     *,
-    num_prefix_tokens: int = 1,
-    grid: tuple[int, int] | None = None,
     titles: Sequence[str] | None = None,
     max_images: int = 8,
     alpha: float = 0.55,
     per_head: bool = False,
     max_side: int | None = 224,
 ) -> Path:
-    """One row per image: the image, its [CLS]->patch attention averaged over heads drawn over
-    it, and with `per_head` each head's map after that.
+    """One row per image: the image, its relevance map drawn over it, and with `per_head` each
+    head's map after that (nearest upsampling: one block per patch).
 
-    `images`: a batch (B, C, H, W) tensor/array or a list of PIL images / arrays.
-    `attentions`: the last layer's probabilities, (B, heads, T, T) (e.g. `out.attentions[-1]`
-    from `model(x, output_attentions=[-1])`). Use `num_prefix_tokens=model.config.num_prefix_tokens`
-    for DeiT or register models. Maps are drawn with nearest upsampling (one block per patch).
+    `images`: the batch (B, C, H, W) the maps were computed on, or a list of PIL images.
+    `explanation`: a `vitkit.explain.Explanation` of them (its `maps` and `head_maps`; viz sits
+    below explain and does not import it), e.g. `attention_map(model, images)` for the last
+    layer's attention from the readout token ([CLS]) to the patches.
     """
     from PIL import Image, ImageDraw
 
-    n = min(len(images), len(attentions), max_images)
+    n = min(len(images), len(explanation.maps), max_images)
     if n == 0:
         raise VitkitError("save_attention_maps: no images given")
+    heads = explanation.head_maps if per_head else None
     rows = []
     for i in range(n):
-        a = np.asarray(
-            attentions[i].detach().float().cpu()
-            if hasattr(attentions[i], "detach")
-            else attentions[i],
-            dtype=np.float32,
-        )
-        if a.ndim == 2:
-            a = a[None]
-        maps = [cls_attention_map(a, grid, num_prefix_tokens)]
-        if per_head:
-            maps += [cls_attention_map(h, grid, num_prefix_tokens) for h in a]
-        image = images[i] if hasattr(images[i], "convert") else _to_hwc(images[i])
-        row = heatmap_overlay(
-            image, np.stack(maps), alpha=alpha, smooth=False, max_side=max_side, with_image=True
-        )
+        maps = [explanation.maps[i], *(heads[i] if heads is not None else ())]  # (gh, gw) each
+        row = heatmap_overlay(images[i], np.stack([_array(m) for m in maps]), alpha=alpha,
+                              smooth=False, max_side=max_side, with_image=True)  # fmt: skip
         if max_side and max(row.height, 1) < 96:  # tiny images: enlarge so the maps are visible
             k = -(-96 // row.height)
             row = row.resize((row.width * k, row.height * k), Image.Resampling.NEAREST)
@@ -446,15 +407,7 @@ def save_attention_maps(
             ImageDraw.Draw(band).text((2, 1), str(titles[i]), fill=(0, 0, 0))
             row = band
         rows.append(row)
-    width = max(r.width for r in rows)
-    sheet = Image.new(
-        "RGB", (width, sum(r.height for r in rows) + _PANEL_GAP * (n - 1)), (255, 255, 255)
-    )
-    y = 0
-    for r in rows:
-        sheet.paste(r, (0, y))
-        y += r.height + _PANEL_GAP
-    return save_png(sheet, out_png)
+    return save_png(_tile(rows, vertical=True), out_png)
 
 
 def save_reconstruction(
@@ -485,7 +438,4 @@ def save_reconstruction(
                 a = np.repeat(a, 3, 2)
             cells += [a, np.full((a.shape[0], 2, 3), 128, np.uint8)]
         rows.append(np.concatenate(cells[:-1], axis=1))
-    out = Path(out_png)
-    with atomic_path(out) as tmp:
-        Image.fromarray(np.concatenate(rows, axis=0)).save(tmp, format="PNG")
-    return out
+    return save_png(Image.fromarray(np.concatenate(rows, axis=0)), out_png)

@@ -71,9 +71,7 @@ class MixupCutmix:
         self.label_smoothing = float(label_smoothing)
         self.generator = generator
         self.last_lam: float = 1.0
-        self.last_box: tuple[int, int, int, int] | None = (
-            None  # (y0, y1, x0, x1) of the last cutmix
-        )
+        self.last_box: tuple[int, int, int, int] | None = None  # (y0, y1, x0, x1) of a cutmix
 
     @property
     def enabled(self) -> bool:

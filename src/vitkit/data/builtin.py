@@ -28,6 +28,10 @@ class TensorData:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        """(image (C, H, W), label): the items a file dataset gives, as tensors."""
+        return self.images[i], int(self.labels[i])
+
 
 def _split(x: np.ndarray, y: np.ndarray, test_size: float, seed: int):
     try:

@@ -18,7 +18,7 @@ and N processes see exactly what one process with the same global batch sees.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from vitkit.data.builtin import BUILTIN, TensorData, load_builtin
-from vitkit.data.transforms import augment_batch, sample_transform
+from vitkit.data.transforms import Augmentation
 from vitkit.errors import ConfigError
 
 SPLITS = ("train", "val", "test")
@@ -75,13 +75,7 @@ class TrainData:
     rank: int = 0
     world: int = 1
     seed: int = 0
-    random_shift: int = 0
-    hflip: bool = False
-    rrc_scale: tuple[float, float] | None = None
-    auto_augment: str | None = None
-    rotate: float = 0.0
-    zoom: tuple[float, float] | None = None
-    elastic: tuple[float, float] | None = None
+    augmentation: Augmentation = field(default_factory=Augmentation)  # of the training images
     num_workers: int = 0
     mean: tuple[float, ...] = (0.5,)
     std: tuple[float, ...] = (0.5,)
@@ -146,33 +140,13 @@ class TrainData:
             gen = torch.Generator().manual_seed(_mix(self.seed, epoch, step))
             # augment the whole global batch, then take this process's shares: the same pixels
             # whatever the number of processes and accumulation steps
-            x = augment_batch(
-                self._resize(data.images[idx]),
-                generator=gen,
-                random_shift_px=self.random_shift,
-                hflip=self.hflip,
-                rrc_scale=self.rrc_scale,
-                rotate=self.rotate,
-                zoom=self.zoom,
-                elastic=self.elastic,
-            )
+            x = self.augmentation.batch(self._resize(data.images[idx]), gen)
             x, y = self.normalize(x), data.labels[idx]
             los = [a * micro + self.rank * share for a in range(self.accum_steps)]
             yield step, [(x[lo : lo + share], y[lo : lo + share]) for lo in los]
 
     def _file_batches(self, order: Tensor, epoch: int, start: int):
-        tf = sample_transform(
-            self.image_size,
-            self.in_chans,
-            train=True,
-            random_shift_px=self.random_shift,
-            hflip=self.hflip,
-            rrc_scale=self.rrc_scale,
-            auto_augment=self.auto_augment,
-            rotate=self.rotate,
-            zoom=self.zoom,
-            elastic=self.elastic,
-        )
+        tf = self.augmentation.per_image(self.image_size, self.in_chans)
         ds = _SeededDataset(self.train, tf, _mix(self.seed, epoch))
         sampler = [
             idx.tolist()
@@ -201,7 +175,7 @@ class TrainData:
                 x = self._resize(data.images[i : i + batch_size])
                 yield self.normalize(x), data.labels[i : i + batch_size]
             return
-        tf = self.eval_transform or sample_transform(self.image_size, self.in_chans, train=False)
+        tf = self.eval_transform or Augmentation().per_image(self.image_size, self.in_chans)
         ds = _SeededDataset(data, tf, 0)
         loader = torch.utils.data.DataLoader(
             ds, batch_size=batch_size, num_workers=self.num_workers
@@ -284,15 +258,9 @@ def open_splits(
     elif (root / "train").is_dir():
         train = folders.ImageFolderDataset(root / "train", **extra)
         val_dir = next((root / n for n in _VAL_NAMES if (root / n).is_dir()), None)
-        val = (
-            folders.ImageFolderDataset(val_dir, classes=train.classes, **extra) if val_dir else None
-        )
+        val = _open_part(val_dir, train.classes, mode, on_error) if val_dir else None
         test_dir = root / "test"
-        test = (
-            folders.ImageFolderDataset(test_dir, classes=train.classes, **extra)
-            if test_dir.is_dir()
-            else None
-        )
+        test = _open_part(test_dir, train.classes, mode, on_error) if test_dir.is_dir() else None
     elif not labelled:
         return Splits(folders.ImageFilesDataset(root, **extra), None, None, [])
     elif val_data:
@@ -312,7 +280,7 @@ def open_splits(
     return Splits(train, val, test, classes)
 
 
-def _open_part(spec: str, classes: list[str], mode: str, on_error: str) -> Any:
+def _open_part(spec: str | Path, classes: list[str], mode: str, on_error: str) -> Any:
     from vitkit.data import folders
 
     path = Path(spec).expanduser()
@@ -375,6 +343,7 @@ class _Subset:
 def build_data(
     recipe: Any,
     *,
+    augmentation: Augmentation,
     in_chans: int,
     image_size: int,
     rank: int = 0,
@@ -383,7 +352,8 @@ def build_data(
     std: tuple[float, ...] = (0.5,),
     eval_transform: Any = None,
 ) -> TrainData:
-    """The `TrainData` of a recipe: its splits (`open_splits`), batching and augmentation.
+    """The `TrainData` of a recipe: its splits (`open_splits`) and batching, with the run's
+    `augmentation` (the trainer's `Augmentation.from_recipe(recipe)`).
 
     Self-supervised objectives train on the whole training part (validation included; test too
     with `recipe.all_data`) without labels; where the source has labels, the validation part
@@ -435,13 +405,7 @@ def build_data(
         rank=rank,
         world=world,
         seed=recipe.seed,
-        random_shift=recipe.random_shift,
-        hflip=recipe.hflip,
-        rrc_scale=recipe.rrc_scale,
-        auto_augment=recipe.auto_augment,
-        rotate=recipe.rotate,
-        zoom=recipe.zoom,
-        elastic=recipe.elastic,
+        augmentation=augmentation,
         num_workers=recipe.num_workers,
         mean=tuple(mean),
         std=tuple(std),

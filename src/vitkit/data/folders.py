@@ -83,7 +83,8 @@ def _check_file(path: Path, verify: str, mode: str) -> str | None:
 
 
 class _FileDataset:
-    """Shared machinery: a list of (path, label) with checking, lazy decoding and fallback."""
+    """Shared machinery: a list of (path, label) with checking, lazy decoding (`_decode`, which
+    a dataset held in memory overrides) and fallback."""
 
     classes: list[str]
 
@@ -126,10 +127,13 @@ class _FileDataset:
         return {name: i for i, name in enumerate(self.classes)}
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.targets)
+
+    def _decode(self, i: int) -> Image.Image:
+        return _open_image(self.samples[i][0], self.mode)
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
-        n = len(self.samples)
+        n = len(self)
         if not -n <= index < n:
             raise IndexError(f"index {index} out of range for {n} samples")
         index %= n
@@ -139,18 +143,18 @@ class _FileDataset:
                 if self.on_error == "none":
                     return None  # type: ignore[return-value]
                 continue
-            path, label = self.samples[i]
             try:
-                image = _open_image(path, self.mode)
+                image = self._decode(i)
             except Exception as exc:
                 if i not in self._failed:  # each bad file is recorded once
                     self._failed.add(i)
+                    path = self.samples[i][0]
                     self.skipped.append((path, f"{type(exc).__name__}: {exc}".strip()))
                     warnings.warn(f"skipping unreadable image {path}: {exc}", stacklevel=2)
                 if self.on_error == "none":
                     return None  # type: ignore[return-value]
                 continue
-            return (self.transform(image) if self.transform else image), label
+            return (self.transform(image) if self.transform else image), self.targets[i]
         raise VitkitError(
             f"none of the {n} images of this dataset could be decoded; "
             f"first failure: {self.skipped[-1] if self.skipped else '?'}"
@@ -499,8 +503,9 @@ def _names(values: Any) -> list[str]:
     return [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in values]
 
 
-class CIFARDataset:
-    """CIFAR-10 or CIFAR-100 (fine labels) from the published python pickles in a local folder.
+class CIFARDataset(_FileDataset):
+    """CIFAR-10 or CIFAR-100 (fine labels) from the published python pickles in a local folder,
+    held in memory (no file to fail later).
 
     `root` may be the batches folder itself or its parent. Images are 32x32 PIL RGB.
     """
@@ -513,11 +518,9 @@ class CIFARDataset:
         *,
         mode: str = "RGB",
     ):
+        super().__init__([], transform, mode, "none")
         self.root, kind = _find_cifar_dir(Path(root))
-        self.transform = transform
-        self.mode = mode
         self.train = train
-        self.skipped: list[tuple[Path, str]] = []
         if kind == 10:
             files = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
             meta_file, meta_key, label_key = "batches.meta", b"label_names", b"labels"
@@ -556,25 +559,6 @@ class CIFARDataset:
         self.data = np.concatenate(arrays).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy()
         self.targets = targets
 
-    @property
-    def num_skipped(self) -> int:
-        return 0
-
-    @property
-    def class_to_idx(self) -> dict[str, int]:
-        return {name: i for i, name in enumerate(self.classes)}
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, index: int) -> tuple[Any, int]:
-        image = Image.fromarray(self.data[index])
-        if self.mode != "RGB":
-            image = image.convert(self.mode)
-        return (self.transform(image) if self.transform else image), self.targets[index]
-
-    def __repr__(self) -> str:
-        split = "train" if self.train else "test"
-        return (
-            f"CIFARDataset({self.root}, {split}: {len(self)} images, {len(self.classes)} classes)"
-        )
+    def _decode(self, i: int) -> Image.Image:
+        image = Image.fromarray(self.data[i])
+        return image if self.mode == "RGB" else image.convert(self.mode)

@@ -1,32 +1,25 @@
-"""Training augmentation.
+"""Training augmentation: one settings object, `Augmentation` (built from a `Recipe`), drives
+two paths with the same steps:
 
-Two paths with the same knobs (`Recipe.random_shift`, `hflip`, `rrc_scale`, `rotate`, `zoom`,
-`elastic`, `auto_augment`):
-
-- batch ops on in-memory tensors (built-in datasets): vectorised over the batch and driven by an
-  explicit `torch.Generator`, so a run is reproducible step by step and resumable bit for bit;
-- per-image torchvision.transforms.v2 pipelines for file datasets (`sample_transform`).
+- `Augmentation.batch`: batch ops on in-memory tensors (built-in datasets), vectorised over the
+  batch and driven by an explicit `torch.Generator`, so a run is reproducible step by step and
+  resumable bit for bit;
+- `Augmentation.per_image`: a torchvision.transforms.v2 pipeline for file datasets.
 
 DINO's multi-crop views (`MultiCrop`) cut the batch path's random-resized-crop boxes.
 
-Pixels stay in [0, 1] until `normalize` maps them to [-1, 1] (mean = std = 0.5).
+Pixels stay in [0, 1]; the run's mean / std apply after (`TrainData.normalize`).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-MEAN = 0.5
-STD = 0.5
-
-
-def normalize(x: Tensor) -> Tensor:
-    """[0, 1] pixels -> [-1, 1], the normalisation every vitkit recipe trains with."""
-    return (x - MEAN) / STD
 
 
 def random_shift(x: Tensor, pad: int, generator: torch.Generator) -> Tensor:
@@ -112,29 +105,67 @@ def random_elastic(x: Tensor, alpha: float, sigma: float, generator: torch.Gener
     return F.grid_sample(x, grid.to(x), mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
-def augment_batch(
-    x: Tensor,
-    *,
-    generator: torch.Generator,
-    random_shift_px: int = 0,
-    hflip: bool = False,
-    rrc_scale: tuple[float, float] | None = None,
-    rotate: float = 0.0,
-    zoom: tuple[float, float] | None = None,
-    elastic: tuple[float, float] | None = None,
-) -> Tensor:
-    """The batch-tensor augmentation pipeline: crop, rotate / zoom, elastic distortion, shift,
-    flip (each only when enabled)."""
-    if rrc_scale is not None:
-        x = resized_crop(x, random_boxes(len(x), rrc_scale, generator))
-    if rotate or zoom is not None:
-        x = random_affine(x, rotate, zoom or (1.0, 1.0), generator)
-    if elastic is not None:
-        x = random_elastic(x, elastic[0], elastic[1], generator)
-    x = random_shift(x, random_shift_px, generator)
-    if hflip:
-        x = random_hflip(x, generator)
-    return x
+@dataclass(frozen=True)
+class Augmentation:
+    """A run's training augmentation, one object for both paths (`Recipe` fields of the same
+    names; each step only when enabled): `batch` for in-memory tensors, `per_image` for files.
+
+    random_shift: pixels of random translation (zero padded).  hflip: random left-right flips.
+    rrc_scale: RandomResizedCrop's area range (instead of the shift).  rotate: +- degrees.
+    zoom: scale range.  elastic: (alpha, sigma) of torchvision's ElasticTransform.
+    auto_augment: "randaugment" | "trivialaugment" (the per-image path only).
+    """
+
+    random_shift: int = 0
+    hflip: bool = False
+    rrc_scale: tuple[float, float] | None = None
+    rotate: float = 0.0
+    zoom: tuple[float, float] | None = None
+    elastic: tuple[float, float] | None = None
+    auto_augment: str | None = None
+
+    @classmethod
+    def from_recipe(cls, recipe: Any) -> Augmentation:
+        return cls(**{f.name: getattr(recipe, f.name) for f in fields(cls)})
+
+    def batch(self, x: Tensor, generator: torch.Generator) -> Tensor:
+        """Images (B, C, H, W) in [0, 1] -> augmented: crop, rotate / zoom, elastic distortion,
+        shift, flip, every random number from `generator`."""
+        if self.rrc_scale is not None:
+            x = resized_crop(x, random_boxes(len(x), self.rrc_scale, generator))
+        if self.rotate or self.zoom is not None:
+            x = random_affine(x, self.rotate, self.zoom or (1.0, 1.0), generator)
+        if self.elastic is not None:
+            x = random_elastic(x, self.elastic[0], self.elastic[1], generator)
+        x = random_shift(x, self.random_shift, generator)
+        return random_hflip(x, generator) if self.hflip else x
+
+    def per_image(self, image_size: int, in_chans: int) -> Any:
+        """A torchvision.transforms.v2 pipeline for one PIL image or tensor -> (C, S, S) float in
+        [0, 1]: resize (or RandomResizedCrop, or resize then a padded random crop), then the
+        enabled steps; `Augmentation()` only resizes (evaluation)."""
+        from torchvision.transforms import v2
+
+        ops: list = [v2.ToImage(), v2.Grayscale(1) if in_chans == 1 else v2.RGB()]
+        size = (image_size, image_size)
+        if self.rrc_scale is not None:
+            ops.append(v2.RandomResizedCrop(size, scale=tuple(self.rrc_scale), antialias=True))
+        else:
+            ops.append(v2.Resize(size, antialias=True))
+            if self.random_shift:
+                ops.append(v2.RandomCrop(size, padding=self.random_shift))
+        if self.rotate or self.zoom is not None:
+            ops.append(v2.RandomAffine(degrees=self.rotate, scale=self.zoom))
+        if self.elastic is not None:
+            ops.append(v2.ElasticTransform(alpha=self.elastic[0], sigma=self.elastic[1]))
+        if self.hflip:
+            ops.append(v2.RandomHorizontalFlip())
+        if self.auto_augment == "randaugment":
+            ops.append(v2.RandAugment())
+        elif self.auto_augment == "trivialaugment":
+            ops.append(v2.TrivialAugmentWide())
+        ops.append(v2.ToDtype(torch.float32, scale=True))
+        return v2.Compose(ops)
 
 
 class MultiCrop:
@@ -185,42 +216,3 @@ class MultiCrop:
     def batch(self, images: Tensor, generator: torch.Generator | None = None) -> list[Tensor]:
         """The views of a batch (B, C, H, W), drawn for these B images."""
         return self.cut(images, self.draw(len(images), generator))
-
-
-def sample_transform(
-    image_size: int,
-    in_chans: int,
-    *,
-    train: bool,
-    random_shift_px: int = 0,
-    hflip: bool = False,
-    rrc_scale: tuple[float, float] | None = None,
-    auto_augment: str | None = None,
-    rotate: float = 0.0,
-    zoom: tuple[float, float] | None = None,
-    elastic: tuple[float, float] | None = None,
-):
-    """A torchvision.transforms.v2 pipeline for one PIL image or tensor -> (C, S, S) float in
-    [0, 1]. Training adds RandomResizedCrop or padding+random crop, flips and Rand/TrivialAugment."""
-    from torchvision.transforms import v2
-
-    ops: list = [v2.ToImage(), v2.Grayscale(1) if in_chans == 1 else v2.RGB()]
-    size = (image_size, image_size)
-    if train and rrc_scale is not None:
-        ops.append(v2.RandomResizedCrop(size, scale=tuple(rrc_scale), antialias=True))
-    else:
-        ops.append(v2.Resize(size, antialias=True))
-        if train and random_shift_px:
-            ops.append(v2.RandomCrop(size, padding=random_shift_px))
-    if train and (rotate or zoom is not None):
-        ops.append(v2.RandomAffine(degrees=rotate, scale=zoom))
-    if train and elastic is not None:
-        ops.append(v2.ElasticTransform(alpha=elastic[0], sigma=elastic[1]))
-    if train and hflip:
-        ops.append(v2.RandomHorizontalFlip())
-    if train and auto_augment == "randaugment":
-        ops.append(v2.RandAugment())
-    elif train and auto_augment == "trivialaugment":
-        ops.append(v2.TrivialAugmentWide())
-    ops.append(v2.ToDtype(torch.float32, scale=True))
-    return v2.Compose(ops)

@@ -10,6 +10,7 @@ paths (`vitkit.infer.precision`) and the exporter (`vitkit.infer.export`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ from torch import Tensor, nn
 
 from vitkit._warnings import ignoring
 from vitkit.errors import ConfigError, VitkitError
+from vitkit.models.vit import logits_of
 
 MAX_SIDE = 8192  # largest image side an exported graph accepts (a bound torch.export needs)
 
@@ -37,12 +39,6 @@ class LogitsModule(nn.Module):
 
     def forward(self, pixel_values: Tensor) -> Tensor:
         return logits_of(self.model(pixel_values.to(self.dtype))).float()
-
-
-def logits_of(out: Any) -> Tensor:
-    """The (B, K) tensor of a forward pass: a model output's logits, or the tensor a plain
-    module (e.g. `vitkit.features.Embedder`) returns."""
-    return out if isinstance(out, Tensor) else out.logits
 
 
 class PreprocessedModule(nn.Module):
@@ -191,12 +187,30 @@ def to_onnx(module: nn.Module, example: Tensor, path: Path, *, dynamic: dict | N
 
 
 def quantize_onnx(src: Path, dst: Path) -> None:
-    """onnxruntime dynamic quantization: int8 weights, int8 activations quantized per call."""
+    """onnxruntime dynamic quantization: int8 weights, int8 activations quantized per call.
+
+    Without VNNI, onnxruntime's x86 kernels multiply u8 x s8 pairs into int16 sums that
+    saturate; its documentation's remedy is 7-bit weights (`reduce_range`), taken here on such
+    CPUs (on a Zen 3 the full range was 0.104 off fp32 on a fitted model, past the 0.1 bound)."""
     need("onnxruntime", "export")
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    reduce_range = not ({"avx512_vnni", "avx_vnni"} & cpu_flags())
     with quiet():
-        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, reduce_range=reduce_range)
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where it does not exist)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
 
 
 def onnx_session(path: Path | bytes, threads: int | None = None) -> Any:

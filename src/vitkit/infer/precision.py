@@ -22,7 +22,6 @@ falls back to the next candidate when they disagree.
 from __future__ import annotations
 
 import copy
-import functools
 import os
 import sys
 import tempfile
@@ -36,6 +35,7 @@ from torch import Tensor, nn
 
 from vitkit.errors import ConfigError, VitkitError
 from vitkit.infer import _graph
+from vitkit.models.vit import logits_of
 
 PRECISIONS = ("fp32", "bf16", "fp16", "int8", "auto")
 BACKENDS = ("torch", "onnxruntime", "openvino")
@@ -51,22 +51,9 @@ def is_plain(precision: str, backend: str | None) -> bool:
 
 
 # ------------------------------------------------------------------------------ the machine
-@functools.cache
-def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags from /proc/cpuinfo (empty where it does not exist)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
-
-
 def machine() -> dict[str, Any]:
     """What the precision choice depends on: ISA level, bf16/int8 instructions, CUDA, runtimes."""
-    flags = cpu_flags()
+    flags = _graph.cpu_flags()
     return {
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "avx2": "avx2" in flags,
@@ -121,18 +108,9 @@ def choose(device: torch.device | str = "cpu", info: dict[str, Any] | None = Non
 
 
 def default_backend(precision: str, device: torch.device | str = "cpu") -> str:
-    """The backend `prepare` uses for `precision` when none is named."""
-    device = torch.device(device)
-    info = machine()
-    if device.type == "cuda" or precision in ("fp32", "fp16"):
-        return "torch"
-    if precision == "bf16":
-        return "openvino" if info["openvino"] and native_bf16(info) else "torch"
-    if precision == "int8":
-        if info["openvino"]:
-            return "openvino"
-        return "onnxruntime" if info["onnxruntime"] else "torch"
-    raise ConfigError(f"precision={precision!r} is not one of {PRECISIONS}")
+    """The backend `prepare` uses for `precision` when none is named: `auto`'s first candidate
+    at that precision (`choose`), else torch."""
+    return next((b for p, b, _ in choose(device) if p == precision), "torch")
 
 
 # ------------------------------------------------------------------------------ the runner
@@ -169,8 +147,7 @@ class Runner:
         return self
 
     def __call__(self, pixels: Tensor) -> Tensor:
-        if self._fn is None:
-            self._build(pixels)
+        self.calibrate(pixels)
         with torch.inference_mode():
             return self._fn(pixels)  # type: ignore[misc]
 
@@ -205,16 +182,28 @@ class Runner:
         return (out.argmax(-1) == reference.argmax(-1)).float().mean().item()
 
     def _build(self, calibration: Tensor | None) -> None:
-        checked = bool(self.candidates)  # `auto`: check each pick against fp32
+        """Build the path, or for `auto` the first candidate that keeps fp32's answers on
+        `calibration`; torch paths wrap the model, the others convert a copy of it."""
+        auto = bool(self.candidates)
         candidates = self.candidates or [(self.precision, self.backend, "")]
-        fp32 = _torch_fn(self.model, "fp32", self.device) if checked else None
-        reference = None
+        fp32 = _torch_fn(self.model, "fp32", self.device) if len(candidates) > 1 else None
+        example, reference = calibration, None
+        if example is None:  # the other paths convert from the input's shape alone
+            example = torch.zeros(1, self.config.in_chans, *self.config.image_hw)
         for i, (precision, backend, why) in enumerate(candidates):
             last = i == len(candidates) - 1
             try:
-                fn, note = _build(self.model, precision, backend, self.device, calibration)
+                if backend == "torch":
+                    fn = _torch_fn(self.model, precision, self.device)
+                    note = _TORCH_NOTES[precision]
+                elif precision == "int8" and calibration is None:
+                    raise VitkitError(f"static int8 on {backend} needs calibration images")
+                else:
+                    module = _graph.LogitsModule(copy.deepcopy(self.model).float().cpu()).eval()
+                    make = _onnxruntime_fn if backend == "onnxruntime" else _openvino_fn
+                    fn, note = make(module, precision, example.detach().float().cpu(), self.device)
             except Exception as exc:  # a runtime that cannot take this model: `auto` moves on
-                if not checked or last:
+                if not auto or last:
                     raise
                 self._say(f"auto: {precision} on {backend} failed ({exc}); trying the next path")
                 continue
@@ -231,8 +220,8 @@ class Runner:
                     continue
                 self._agreement = agree
             self.precision, self.backend, self._fn = precision, backend, fn
-            self.note = f"auto: {why}; {note}" if checked else note
-            if checked:
+            self.note = f"auto: {why}; {note}" if auto else note
+            if auto:
                 self._say(f"auto picked {self.describe()}")
             return
 
@@ -269,12 +258,6 @@ def prepare(
         if backend is not None:
             candidates = [c for c in candidates if c[1] == backend]
         candidates = candidates or [("fp32", "torch", "fallback: exact")]
-        if len(candidates) == 1 or candidates[0][0] == "fp32":
-            precision, backend, why = candidates[0]
-            runner = Runner(model, precision, backend, device, note=f"auto: {why}", log=log)
-            runner._fn = _build(model, precision, backend, device, calibration)[0]
-            runner._say(f"auto picked {runner.describe()}")
-            return runner
         runner = Runner(model, "auto", "auto", device, candidates=candidates, log=log)
     else:
         backend = backend or default_backend(precision, device)
@@ -311,9 +294,10 @@ def load(
 
 
 def _needs_calibration(runner: Runner) -> bool:
-    """Static int8 needs real images, and `auto` checks its pick on them; the other paths
-    convert from the model's input shape alone."""
-    return bool(runner.candidates) or (runner.precision == "int8" and runner.backend != "torch")
+    """Static int8 needs real images, and `auto` checks its pick on them (among several); the
+    other paths convert from the model's input shape alone."""
+    picks = runner.candidates or [(runner.precision, runner.backend, "")]
+    return len(picks) > 1 or any(p == "int8" and b != "torch" for p, b, _ in picks)
 
 
 def _check_supported(precision: str, backend: str, device: torch.device) -> None:
@@ -344,24 +328,6 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 # ------------------------------------------------------------------------------ the paths
-def _build(
-    model: nn.Module, precision: str, backend: str, device: torch.device, example: Tensor | None
-) -> tuple[Fn, str]:
-    """-> (fn: pixels -> float32 logits on `device`, a note saying what runs)."""
-    if backend == "torch":
-        return _torch_fn(model, precision, device), _TORCH_NOTES[precision]
-    if example is None:
-        if precision == "int8":
-            raise VitkitError(f"static int8 on {backend} needs calibration images")
-        config = model.config  # type: ignore[attr-defined]
-        example = torch.zeros(1, config.in_chans, *config.image_hw)
-    module = _graph.LogitsModule(copy.deepcopy(model).float().cpu()).eval()
-    example = example.detach().float().cpu()
-    if backend == "onnxruntime":
-        return _onnxruntime_fn(module, precision, example, device)
-    return _openvino_fn(module, precision, example, device)
-
-
 _TORCH_NOTES = {
     "fp32": "PyTorch, exact",
     "bf16": "PyTorch, bf16 weights",
@@ -386,7 +352,7 @@ def _torch_fn(model: nn.Module, precision: str, device: torch.device) -> Fn:
     net.eval()
 
     def fn(pixels: Tensor) -> Tensor:
-        return _graph.logits_of(net(pixels.to(device=device, dtype=dtype))).float()
+        return logits_of(net(pixels.to(device=device, dtype=dtype))).float()
 
     fn.module = net  # type: ignore[attr-defined]
     return fn
@@ -398,8 +364,8 @@ def _onnxruntime_fn(
     name = _graph.input_name(False, False)
     with tempfile.TemporaryDirectory(prefix="vitkit-ort-") as tmp:
         path = Path(tmp) / "model.onnx"
-        dyn = _graph.dynamic_shapes(module, example, patch=_patch(module), preprocessing=False,
-                                    channels_last=False)  # fmt: skip
+        dyn = _graph.dynamic_shapes(module, example, patch=module.model.config.patch_size,
+                                    preprocessing=False, channels_last=False)  # fmt: skip
         _graph.to_onnx(module, example[:1], path, dynamic=dyn, input_name=name,
                        output_names=["logits"])  # fmt: skip
         if precision == "int8":
@@ -449,11 +415,6 @@ def _openvino_fn(
     fn.compiled = compiled  # type: ignore[attr-defined]
     threads = compiled.get_property("INFERENCE_NUM_THREADS")
     return fn, f"OpenVINO {note}, {threads} threads".replace("  ", " ")
-
-
-def _patch(module: nn.Module) -> int:
-    config = getattr(getattr(module, "model", module), "config", None)
-    return int(getattr(config, "patch_size", 16))
 
 
 def describe_machine() -> str:

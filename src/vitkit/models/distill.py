@@ -22,21 +22,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vitkit.errors import ConfigError
+from vitkit.models.vit import logits_of
 
 _TYPES = ("hard", "soft", "none")
-
-
-def teacher_logits(teacher: nn.Module, images: Tensor) -> Tensor:
-    """Class scores of any classifier: a vitkit model's `.logits`, a tensor, or `out[0]`."""
-    out = teacher(images)
-    if isinstance(out, Tensor):
-        return out
-    logits = getattr(out, "logits", None)
-    if isinstance(logits, Tensor):
-        return logits
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
-        return out[0]
-    raise TypeError(f"the teacher returned {type(out).__name__}; expected logits")
 
 
 class DistillationLoss(nn.Module):
@@ -92,7 +80,7 @@ class DistillationLoss(nn.Module):
         assert teacher is not None
         teacher.eval()
         with torch.no_grad():
-            t = teacher_logits(teacher, images).float()
+            t = logits_of(teacher(images)).float()
         if self.distillation_type == "hard":
             dist = F.cross_entropy(dist_logits, t.argmax(dim=1))
         else:

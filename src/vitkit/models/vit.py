@@ -60,6 +60,23 @@ class ViTOutput:
     image_embeds: Tensor | None = None
 
 
+def logits_of(output: Any) -> Tensor:
+    """The (B, K) scores of any classifier's forward pass: a `ViTOutput`'s (or any output
+    object's) `logits`, the tensor a plain module returns (`vitkit.features.Embedder`, a traced
+    graph), or the first tensor of a tuple (a foreign teacher)."""
+    if isinstance(output, Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, Tensor):
+        return logits
+    if isinstance(output, tuple | list) and output and isinstance(output[0], Tensor):
+        return output[0]
+    raise ConfigError(
+        f"the model returned {type(output).__name__} without logits: give it a classification "
+        "head with model.reset_classifier(K), or call the model, not forward_features"
+    )
+
+
 class VisionTransformer(nn.Module):
     """A ViT built from a `ViTConfig`. Parameter names are vitkit's own; see `vitkit.checkpoints`."""
 
@@ -293,7 +310,8 @@ class VisionTransformer(nn.Module):
         materialise their attention probabilities, the others keep the fast SDPA kernel.
         """
         x = self.embed(pixel_values, bool_masked_pos)
-        wanted = self._attention_layers(output_attentions)
+        asked = range(len(self.blocks)) if output_attentions is True else output_attentions
+        wanted = self._block_indices(asked or ())  # the layers that materialise attention
         hidden: list[Tensor] = []
         attentions: list[Tensor] = []
         for i, block in enumerate(self.blocks):
@@ -317,21 +335,8 @@ class VisionTransformer(nn.Module):
             image_embeds=self.projection(pooled) if self.projection is not None else None,
             hidden_states=tuple(hidden) if output_hidden_states else None,
             attentions=tuple(attentions) if wanted else None,
-            attention_layers=tuple(sorted(wanted)) if wanted else None,
+            attention_layers=tuple(wanted) if wanted else None,
         )
-
-    def _attention_layers(self, request: bool | Sequence[int]) -> set[int]:
-        depth = len(self.blocks)
-        if request is True:
-            return set(range(depth))
-        if request is False or request is None:
-            return set()
-        layers = set()
-        for i in request:
-            if not -depth <= i < depth:
-                raise IndexError(f"attention layer {i} out of range for a {depth}-layer model")
-            layers.add(i % depth)
-        return layers
 
     def pool(self, tokens: Tensor) -> Tensor:
         """(B, T, D) -> (B, D'): [CLS] token, mean of the patch tokens, attention pooling over
@@ -406,7 +411,12 @@ class VisionTransformer(nn.Module):
         """
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
-        take = self._block_indices(indices)
+        depth = len(self.blocks)
+        if isinstance(indices, int):  # the last n blocks
+            if not 0 < indices <= depth:
+                raise IndexError(f"cannot take the last {indices} blocks of a {depth}-block model")
+            indices = range(depth - indices, depth)
+        take = self._block_indices(range(depth) if indices is None else indices)
         B, _, H, W = pixel_values.shape
         gh, gw = self.patch_embed.grid_size(H, W)
         n = self.config.num_prefix_tokens
@@ -425,20 +435,13 @@ class VisionTransformer(nn.Module):
             return maps
         return self.norm(x), maps
 
-    def _block_indices(self, indices: int | Sequence[int] | None) -> list[int]:
+    def _block_indices(self, indices: Sequence[int]) -> list[int]:
+        """Block (layer) indices, negative ones counting from the end -> sorted, unique."""
         depth = len(self.blocks)
-        if indices is None:
-            return list(range(depth))
-        if isinstance(indices, int):
-            if not 0 < indices <= depth:
-                raise IndexError(f"cannot take the last {indices} blocks of a {depth}-block model")
-            return list(range(depth - indices, depth))
-        out = []
-        for i in indices:
-            if not -depth <= i < depth:
-                raise IndexError(f"block {i} out of range for a {depth}-block model")
-            out.append(i % depth)
-        return sorted(set(out))
+        bad = [i for i in indices if not -depth <= i < depth]
+        if bad:
+            raise IndexError(f"block {bad[0]} out of range for a {depth}-block model")
+        return sorted({i % depth for i in indices})
 
     # ------------------------------------------------------------------------------ misc
     def num_params(self, trainable_only: bool = False) -> int:

@@ -15,6 +15,7 @@ micro-batch) that draws randomness for the *global* micro-batch; each process ke
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,10 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vitkit.config import ViTConfig
+from vitkit.data.augment import soft_target_cross_entropy
 from vitkit.models.vit import VisionTransformer, rebuild
-
-SELF_SUPERVISED = ("simmim", "mae", "dino")
-OBJECTIVES = ("classify", *SELF_SUPERVISED)
 
 
 @dataclass
@@ -42,9 +41,11 @@ class Shard:
 
 
 class Objective(nn.Module):
-    """Base: `encoder_key` names the `VisionTransformer` the run trains and exports."""
+    """Base: `encoder_key` names the `VisionTransformer` the run exports; `trained_key` the copy
+    the optimizer updates, where that is another one (DINO's student)."""
 
     encoder_key = "model"
+    trained_key: str | None = None
     uses_labels = True  # evaluated by accuracy on labelled validation data
 
     def __init__(self) -> None:
@@ -75,10 +76,11 @@ class Objective(nn.Module):
 
     # the model's own protocol, seen through the wrapper
     def no_weight_decay(self) -> set[str]:
-        return {f"{self.encoder_key}.{n}" for n in self.encoder.no_weight_decay()}
+        key = self.trained_key or self.encoder_key
+        return {f"{key}.{n}" for n in self.encoder.no_weight_decay()}
 
     def layer_id(self, name: str) -> int:
-        prefix = self.encoder_key + "."
+        prefix = (self.trained_key or self.encoder_key) + "."
         if name.startswith(prefix):
             return self.encoder.layer_id(name[len(prefix) :])
         return self.encoder.num_layers - 1  # decoders and heads: with the encoder's head
@@ -112,7 +114,7 @@ class Classify(Objective):
 
     def criterion(self, logits: Tensor, target: Tensor) -> Tensor:
         if target.ndim == 2:  # soft targets (smoothing already applied by the mixer)
-            return torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean()
+            return soft_target_cross_entropy(logits, target)
         return F.cross_entropy(logits, target, label_smoothing=self.label_smoothing)
 
     def forward(self, images: Tensor, labels: Tensor, rng: torch.Generator) -> Tensor:
@@ -229,6 +231,7 @@ class DINOObjective(Objective):
     is the encoder kept (DINO evaluates it). Crops and flips are drawn for the global batch."""
 
     encoder_key = "dino.teacher.backbone"
+    trained_key = "dino.student.backbone"
     uses_labels = False
 
     def __init__(self, config: ViTConfig, *, out_dim: int = 1024, local_crops: int = 4,
@@ -259,16 +262,6 @@ class DINOObjective(Objective):
         self.progress = 0.0
         self._sums: dict[str, float] = {}
 
-    def no_weight_decay(self) -> set[str]:
-        student = self.dino.student.backbone.no_weight_decay()
-        return {f"dino.student.backbone.{n}" for n in student}
-
-    def layer_id(self, name: str) -> int:
-        prefix = "dino.student.backbone."
-        if name.startswith(prefix):
-            return self.encoder.layer_id(name[len(prefix) :])
-        return self.num_layers - 1
-
     def views(self, images: Tensor, rng: torch.Generator | None) -> list[Tensor]:
         rows = len(images)
         draws = self.crops.draw(rows * self.shard.world, rng)
@@ -297,22 +290,12 @@ class DINOObjective(Objective):
     def begin_step(self, step: int, total_steps: int) -> None:
         self.progress = step / max(1, total_steps - 1)  # the teacher temperature's schedule
 
-    def draw(self, images: Tensor, run_dir: Path) -> Path | None:
-        from vitkit.errors import VitkitError
+    def draw(self, images: Tensor, run_dir: Path) -> Path:
+        from vitkit.explain import attention_map
         from vitkit.viz import save_attention_maps
 
-        enc = self.encoder
-        out = enc.forward_features(images, output_attentions=[-1])
-        try:
-            return save_attention_maps(
-                images,
-                out.attentions[-1],
-                run_dir / "attention.png",
-                num_prefix_tokens=enc.config.num_prefix_tokens,
-                grid=enc.patch_embed.grid_size(*images.shape[-2:]),
-            )
-        except VitkitError:  # matplotlib is optional
-            return None
+        maps = attention_map(self.encoder, images)  # the teacher's last-layer [CLS] attention
+        return save_attention_maps(images, maps, run_dir / "attention.png")
 
 
 def _without_mask_token(encoder: VisionTransformer) -> VisionTransformer:
@@ -323,39 +306,50 @@ def _without_mask_token(encoder: VisionTransformer) -> VisionTransformer:
     return plain.to(next(encoder.parameters()).device)
 
 
+def _classify(recipe: Any, model: VisionTransformer, teacher: nn.Module | None,
+              mixer: Any) -> Objective:  # fmt: skip
+    kw = dict(label_smoothing=recipe.label_smoothing, mixer=mixer)
+    if teacher is not None:
+        return Distill(model, teacher, kind=recipe.distillation, alpha=recipe.distillation_alpha,
+                       tau=recipe.distillation_tau, **kw)  # fmt: skip
+    return Classify(model, **kw)
+
+
+def _simmim(recipe: Any, config: ViTConfig, *_: Any) -> Objective:
+    return SimMIMObjective(config, mask_ratio=recipe.mask_ratio or 0.6,
+                           mask_patch_size=recipe.mask_patch_size)  # fmt: skip
+
+
+def _mae(recipe: Any, config: ViTConfig, *_: Any) -> Objective:
+    return MAEObjective(config, mask_ratio=recipe.mask_ratio or 0.75,
+                        decoder_dim=recipe.decoder_dim, decoder_depth=recipe.decoder_depth,
+                        decoder_heads=recipe.decoder_heads,
+                        norm_pix_loss=recipe.norm_pix_loss)  # fmt: skip
+
+
+def _dino(recipe: Any, config: ViTConfig, *_: Any) -> Objective:
+    return DINOObjective(config, out_dim=recipe.out_dim, local_crops=recipe.local_crops,
+                         hflip=recipe.hflip, head_bn=recipe.head_bn,
+                         global_scale=recipe.global_crop_scale,
+                         local_scale=recipe.local_crop_scale,
+                         momentum_teacher=recipe.momentum_teacher,
+                         teacher_temp=recipe.teacher_temp,
+                         warmup_teacher_temp=recipe.warmup_teacher_temp)  # fmt: skip
+
+
+# A builder for each name of `recipe.Objective` (the names `Recipe.validate` accepts):
+# (recipe, model or encoder config, teacher, mixer) -> Objective
+OBJECTIVES: dict[str, Callable[..., Objective]] = {
+    "classify": _classify, "simmim": _simmim, "mae": _mae, "dino": _dino,
+}  # fmt: skip
+
+
 def build_objective(recipe: Any, model_or_config: VisionTransformer | ViTConfig,
-                    teacher: nn.Module | None = None, mixer=None) -> Objective:  # fmt: skip
-    """The recipe's objective around a model (supervised) or an encoder config (pre-training)."""
-    name = recipe.objective
-    if name == "classify":
-        kw = dict(label_smoothing=recipe.label_smoothing, mixer=mixer)
-        if teacher is not None:
-            return Distill(model_or_config, teacher, kind=recipe.distillation,
-                           alpha=recipe.distillation_alpha, tau=recipe.distillation_tau, **kw)  # fmt: skip
-        return Classify(model_or_config, **kw)
-    config = model_or_config if isinstance(model_or_config, ViTConfig) else model_or_config.config
-    config = config.replace(num_classes=0, id2label=None)
-    if name == "simmim":
-        return SimMIMObjective(config, mask_ratio=recipe.mask_ratio or 0.6,
-                               mask_patch_size=recipe.mask_patch_size)  # fmt: skip
-    if name == "mae":
-        return MAEObjective(
-            config,
-            mask_ratio=recipe.mask_ratio or 0.75,
-            decoder_dim=recipe.decoder_dim,
-            decoder_depth=recipe.decoder_depth,
-            decoder_heads=recipe.decoder_heads,
-            norm_pix_loss=recipe.norm_pix_loss,
-        )
-    return DINOObjective(
-        config,
-        out_dim=recipe.out_dim,
-        local_crops=recipe.local_crops,
-        hflip=recipe.hflip,
-        head_bn=recipe.head_bn,
-        global_scale=recipe.global_crop_scale,
-        local_scale=recipe.local_crop_scale,
-        momentum_teacher=recipe.momentum_teacher,
-        teacher_temp=recipe.teacher_temp,
-        warmup_teacher_temp=recipe.warmup_teacher_temp,
-    )
+                    teacher: nn.Module | None = None, mixer: Any = None) -> Objective:  # fmt: skip
+    """The recipe's objective around a model (classify) or an encoder config (pre-training,
+    always headless)."""
+    target = model_or_config
+    if recipe.objective != "classify":
+        config = target if isinstance(target, ViTConfig) else target.config
+        target = config.replace(num_classes=0, id2label=None)
+    return OBJECTIVES[recipe.objective](recipe, target, teacher, mixer)

@@ -32,6 +32,7 @@ from vitkit import distributed as D
 from vitkit._io import atomic_write_text
 from vitkit.data.datasets import TrainData, _mix, build_data
 from vitkit.data.processor import ImageProcessor
+from vitkit.data.transforms import Augmentation
 from vitkit.errors import ConfigError, VitkitError
 from vitkit.eval import evaluate
 from vitkit.models.vit import VisionTransformer, rebuild
@@ -191,6 +192,7 @@ def _build(recipe: Recipe, info: D.DistInfo, run_dir: Path, state, lock) -> Run:
     image_size = cfg0.image_hw[0]
     data = build_data(
         recipe,
+        augmentation=Augmentation.from_recipe(recipe),
         in_chans=cfg0.in_chans,
         image_size=image_size,
         rank=info.rank,
@@ -618,12 +620,14 @@ def _plot(run_dir: Path) -> None:
 
 
 def _bar(run: Run):
+    """The epoch's progress bar, on stderr and only when it is a terminal (as `vitkit predict`
+    does): a redirected log gets the one line per epoch, not carriage-return frames."""
     from tqdm.auto import tqdm
 
-    enabled = run.info.is_main and run.recipe.progress
+    on = run.info.is_main and run.recipe.progress
     return tqdm(total=run.data.steps_per_epoch, initial=run.start_step, leave=False,
                 desc=f"epoch {run.epoch + 1}/{run.recipe.epochs}", dynamic_ncols=True,
-                disable=not enabled)  # fmt: skip
+                file=sys.stderr, disable=None if on else True)  # fmt: skip
 
 
 def _tqdm_write(msg: str) -> None:
