@@ -146,12 +146,14 @@ def test_vitkit_format_for_variants_transformers_cannot_express(tmp_path):
 
 
 def test_failed_save_leaves_no_files(tmp_path, monkeypatch):
-    import safetensors.torch
+    from vitkit.checkpoints import pretrained
 
     def boom(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", boom)
+    monkeypatch.setattr(
+        pretrained, "save_file", boom
+    )  # safetensors' writer, as pretrained calls it
     with pytest.raises(OSError, match="disk full"):
         vitkit.save_pretrained(_random(), tmp_path)
     assert list(tmp_path.iterdir()) == []

@@ -20,6 +20,7 @@ from typing import Annotated, Any, Literal
 
 from vitkit import limits
 from vitkit._fields import AT_LEAST_0, POSITIVE, RATE, In, over_limit, problems
+from vitkit._io import atomic_write_text
 from vitkit.errors import ConfigError
 from vitkit.limits import is_int
 
@@ -320,8 +321,6 @@ class ViTConfig:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the config as JSON atomically."""
-        from vitkit._io import atomic_write_text
-
         atomic_write_text(Path(path), self.to_json() + "\n")
 
     @classmethod

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from vitkit.errors import VitkitError
+
 
 @dataclass
 class DistInfo:
@@ -32,8 +34,6 @@ class DistInfo:
 def pick_device(name: str | None = "auto") -> torch.device:
     """`--device`: "auto" or None (CUDA when there is one), "cpu", "cuda", "cuda:N"; one clear
     error for a name torch does not know or a GPU that is not there."""
-    from vitkit.errors import VitkitError
-
     if name in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

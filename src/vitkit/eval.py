@@ -24,8 +24,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from vitkit import features
+from vitkit._io import atomic_write_text
+from vitkit.data import folders
+from vitkit.data.datasets import open_splits
 from vitkit.errors import VitkitError
+from vitkit.infer.predictor import preprocess
 from vitkit.models.vit import logits_of
+from vitkit.viz import plot_confusion_matrix
 
 __all__ = [
     "EvalResult",
@@ -191,9 +197,6 @@ def open_eval_data(spec: str, split: str = "test", *, mode: str = "RGB") -> tupl
     """(dataset, class names) to score: one split of a data source (`open_splits`, the same
     splits training uses), or all of a plain class-folder tree or list file. Items are
     (PIL image or [0, 1] tensor, label)."""
-    from vitkit.data import folders
-    from vitkit.data.datasets import open_splits
-
     path = Path(spec).expanduser()
     if path.is_file():
         ds = folders.ImageListDataset(path, mode=mode, on_error="none")
@@ -272,9 +275,7 @@ class _Collate:
         items = [it for it in items if it is not None]  # unreadable: skipped and counted
         if not items:
             return torch.zeros(0), torch.zeros(0, dtype=torch.long)
-        from vitkit.infer.predictor import preprocess  # the checkpoint's backend, as predict
-
-        images = [
+        images = [  # the checkpoint's backend, as predict
             self._tensor(im) if isinstance(im, Tensor) else preprocess(im, self.processor)
             for im, _ in items
         ]
@@ -324,9 +325,6 @@ def evaluate_frozen(
     """Judge a frozen encoder (a headless one too) on a labelled source with training and
     `split` parts: weighted k-NN top-1 with the training part as memory, and/or a linear probe
     fitted on the training part with its L2 chosen on the validation part."""
-    from vitkit import features
-    from vitkit.data.datasets import open_splits
-
     splits = open_splits(data, mode="L" if model.config.in_chans == 1 else "RGB", on_error="none")
     if splits.get(split) is None:
         raise VitkitError(f"--data {data} has no {split} split to score")
@@ -353,8 +351,6 @@ def evaluate_frozen(
 
 def write_report(result: EvalResult, out: Path, **meta: Any) -> None:
     """metrics.json (every number, the confusion matrix) and confusion.png under `out`."""
-    from vitkit._io import atomic_write_text
-
     skipped = meta.pop("skipped", [])
     data = {
         **meta,
@@ -364,8 +360,6 @@ def write_report(result: EvalResult, out: Path, **meta: Any) -> None:
     }
     atomic_write_text(Path(out) / "metrics.json", json.dumps(data, indent=2) + "\n")
     try:
-        from vitkit.viz import plot_confusion_matrix
-
         plot_confusion_matrix(result.confusion, result.class_names, Path(out) / "confusion.png")
     except VitkitError as exc:  # matplotlib missing: the numbers are already written
         print(f"note: confusion.png not written ({exc})", file=sys.stderr)

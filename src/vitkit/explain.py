@@ -28,8 +28,10 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor
 
+from vitkit.data.images import load_image
 from vitkit.errors import ConfigError
 from vitkit.models.vit import VisionTransformer
+from vitkit.viz import heatmap_overlay
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -117,9 +119,6 @@ def explain_image(
     for "attention" followed by one panel per head when `per_head`. Raises `ImageError` for an
     unreadable image.
     """
-    from vitkit.data.images import load_image
-    from vitkit.viz import heatmap_overlay
-
     picture = load_image(image, background=processor.background, max_pixels=processor.max_pixels)
     device = next(model.parameters()).device
     pixels = processor([picture]).to(device)  # (1, C, H, W), as `vitkit predict` prepares it

@@ -14,6 +14,7 @@ from typing import Any
 
 from vitkit.config import ViTConfig
 from vitkit.errors import ConfigError
+from vitkit.models.vit import VisionTransformer
 
 # width, depth, heads (paper table 1; Ti and S from DeiT)
 SIZES: dict[str, tuple[int, int, int]] = {
@@ -204,8 +205,6 @@ def create_model(name: str | ViTConfig, **overrides: Any):
 
     >>> model = create_model("vit_base_patch16_224", num_classes=10, drop_path_rate=0.1)
     """
-    from vitkit.models.vit import VisionTransformer
-
     if isinstance(name, ViTConfig):
         config = name.replace(**overrides) if overrides else name
     else:

@@ -10,6 +10,7 @@ only PIL and numpy. Every PNG is written atomically.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from collections.abc import Sequence
@@ -17,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image, ImageDraw
 
-from vitkit._io import atomic_path
+from vitkit._io import atomic_open, atomic_path
 from vitkit.errors import VitkitError
 from vitkit.limits import is_finite
 
@@ -300,8 +302,6 @@ def heatmap_overlay(
     with_image: put the plain image before the panels.
     Returns an RGB PIL image (save it with `save_png`, or `png_bytes` for HTTP).
     """
-    from PIL import Image
-
     base = image.convert("RGB") if hasattr(image, "convert") else _pil_from_hwc(_to_hwc(image))
     if max_side and max(base.size) > max_side:
         scale = max_side / max(base.size)
@@ -328,8 +328,6 @@ def heatmap_overlay(
 
 def _tile(images: list[Any], *, vertical: bool = False) -> Any:
     """PIL images side by side (or one above the other), `_PANEL_GAP` white pixels apart."""
-    from PIL import Image
-
     if len(images) == 1:
         return images[0]
     along = [im.height if vertical else im.width for im in images]
@@ -344,15 +342,11 @@ def _tile(images: list[Any], *, vertical: bool = False) -> Any:
 
 
 def _pil_from_hwc(a: np.ndarray) -> Any:
-    from PIL import Image
-
     return Image.fromarray(np.rint(a * 255.0).astype(np.uint8))
 
 
 def save_png(image: Any, out_png: PathLike) -> Path:
     """Write a PIL image as PNG atomically; returns the path."""
-    from vitkit._io import atomic_open
-
     out = Path(out_png)
     with atomic_open(out, "wb") as f:
         image.save(f, format="PNG")
@@ -361,8 +355,6 @@ def save_png(image: Any, out_png: PathLike) -> Path:
 
 def png_bytes(image: Any) -> bytes:
     """A PIL image encoded as PNG."""
-    import io
-
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
@@ -387,8 +379,6 @@ def save_attention_maps(
     below explain and does not import it), e.g. `attention_map(model, images)` for the last
     layer's attention from the readout token ([CLS]) to the patches.
     """
-    from PIL import Image, ImageDraw
-
     n = min(len(images), len(explanation.maps), max_images)
     if n == 0:
         raise VitkitError("save_attention_maps: no images given")
@@ -424,8 +414,6 @@ def save_reconstruction(
     Each image is min-max scaled (from the original's range) to 0..255 and enlarged by `scale`
     (nearest neighbour) so that 8x8 digits stay visible.
     """
-    from PIL import Image
-
     rows = []
     for i in range(min(max_images, images.shape[0])):
         lo, hi = images[i].min(), images[i].max()

@@ -78,13 +78,14 @@ def test_kill_9_inside_a_librarys_own_temp_file_is_cleaned_by_the_next_save(tmp_
     src = (
         "import sys, tempfile, time\n"
         "from pathlib import Path\n"
-        "import safetensors.torch, vitkit\n"
+        "import vitkit\n"
+        "from vitkit.checkpoints import pretrained\n"
         "def save_file(tensors, filename, metadata=None):\n"
         "    with tempfile.NamedTemporaryFile(dir=Path(filename).parent, prefix='.tmp',\n"
         "                                     delete=False) as f:\n"
         "        f.write(b'x' * 1000); f.flush()\n"
         "    print('writing', flush=True); time.sleep(60)\n"
-        "safetensors.torch.save_file = save_file\n"
+        "pretrained.save_file = save_file\n"
         "m = vitkit.create_model('vit_tiny_patch16_224', num_classes=3)\n"
         f"vitkit.save_pretrained(m, {str(tmp_path / 'model')!r})\n"
     )

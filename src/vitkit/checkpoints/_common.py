@@ -15,6 +15,7 @@ from torch import Tensor
 from vitkit.config import ViTConfig
 from vitkit.errors import CheckpointError
 from vitkit.limits import is_finite, is_int
+from vitkit.models.vit import VisionTransformer
 
 _MAX_LISTED = 12
 
@@ -22,8 +23,6 @@ _MAX_LISTED = 12
 def expected_state(config: ViTConfig) -> dict[str, Tensor]:
     """The state dict a `VisionTransformer(config)` has, as `meta` tensors (names, shapes and
     dtypes, nothing allocated)."""
-    from vitkit.models.vit import VisionTransformer
-
     with torch.device("meta"):
         return VisionTransformer(config).state_dict()
 

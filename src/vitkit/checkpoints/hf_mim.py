@@ -37,6 +37,8 @@ from vitkit.checkpoints.hf_vit import config_from_hf, config_to_hf
 from vitkit.checkpoints.pretrained import read_state_dict, write_folder
 from vitkit.config import ViTConfig, read_json
 from vitkit.errors import CheckpointError, ConfigError
+from vitkit.layers.pos_embed import sincos_2d_pos_embed
+from vitkit.models.mim import SimMIM
 
 
 def _encoder(config: ViTConfig, names: dict) -> list[Rule]:
@@ -78,8 +80,6 @@ def save_simmim(model: Any, directory: str | os.PathLike[str]) -> Path:
 
 def load_simmim(directory: str | os.PathLike[str]) -> Any:
     """Read a transformers `ViTForMaskedImageModeling` folder into a vitkit `SimMIM`."""
-    from vitkit.models.mim import SimMIM
-
     hf, sd, source = _read_folder(directory)
     config = config_from_hf({**hf, "architectures": ["ViTForMaskedImageModeling"]})
     model = SimMIM(config, encoder_stride=integer(hf, "encoder_stride", config.patch_size))
@@ -163,8 +163,6 @@ def mae_state_dict_from_hf(
 
 def _check_sincos(table: Tensor, grid: tuple[int, int], dim: int, name: str, source: str) -> None:
     """vitkit computes MAE's fixed tables; refuse a file whose table is something else."""
-    from vitkit.layers.pos_embed import sincos_2d_pos_embed
-
     want = sincos_2d_pos_embed(grid, dim)
     got = table.reshape(-1, table.shape[-1]).float()
     if (
@@ -182,8 +180,6 @@ def _check_sincos(table: Tensor, grid: tuple[int, int], dim: int, name: str, sou
 def mae_state_dict_to_hf(sd: Mapping[str, Tensor], config: ViTConfig) -> dict[str, Tensor]:
     """vitkit `MaskedAutoencoder` state dict -> transformers v4 names, with the sin-cos
     tables written out as transformers stores them."""
-    from vitkit.layers.pos_embed import sincos_2d_pos_embed
-
     dim = sd["decoder.embed.weight"].shape[0]
     out = rename_to(sd, mae_rules(config, dim, _depth(sd, "decoder.blocks.")))
     for name, width in (

@@ -12,7 +12,9 @@ import os
 import re
 from pathlib import Path
 
+from vitkit.checkpoints import open_clip
 from vitkit.checkpoints._safety import check_relative_name
+from vitkit.config import read_json
 from vitkit.errors import CheckpointError, ConfigError
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
@@ -103,8 +105,6 @@ def resolve_hub(
     where = "the local cache" + (f" {cache}" if cache else " ($HF_HUB_CACHE)")
     config = fetch("config.json")
     if config is None:
-        from vitkit.checkpoints import open_clip
-
         clip = fetch(open_clip.CONFIG_FILE)
         weights = next(
             ((n, p) for n in open_clip.WEIGHTS_FILES if (p := fetch(n)) is not None), None
@@ -140,8 +140,6 @@ def resolve_hub(
 def shard_names(index: Path) -> list[str]:
     """The shard files a `*.safetensors.index.json` names, each a plain relative name (no `..`,
     not absolute): the caller joins them to the index's own folder."""
-    from vitkit.config import read_json
-
     try:
         data = read_json(index, "shard index")
     except ConfigError as exc:

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from vitkit._io import atomic_open
 from vitkit.checkpoints._common import (
     Hook,
     Rule,
@@ -357,8 +358,6 @@ def npz_from_state_dict(sd: Mapping[str, Tensor], config: ViTConfig) -> dict[str
 def save_npz(model: Any, path: str | os.PathLike[str]) -> None:
     """Write a vitkit model as a JAX `.npz` atomically, in the layout `npz_from_state_dict`
     picks (timm's `_load_weights` and the original JAX code read it)."""
-    from vitkit._io import atomic_open
-
     arrays = npz_from_state_dict(model.state_dict(), model.config)
     with atomic_open(path, "wb") as f:
         np.savez(f, **arrays)

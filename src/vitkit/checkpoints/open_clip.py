@@ -23,8 +23,10 @@ from typing import Any
 
 from torch import Tensor
 
+from vitkit.checkpoints import timm
 from vitkit.checkpoints._common import find_prefix, integer
 from vitkit.config import ViTConfig, read_json
+from vitkit.data.processor import ImageProcessor
 from vitkit.errors import CheckpointError, ConfigError
 
 CONFIG_FILE = "open_clip_config.json"
@@ -115,8 +117,6 @@ def load(
     source: str,
 ) -> tuple[ViTConfig, dict[str, Tensor]]:
     """(config, vitkit state dict) of an open_clip state dict, its config file if there is one."""
-    from vitkit.checkpoints import timm
-
     sd = to_timm(raw, source=source)
     if config is None:
         found = read_config(config_file)
@@ -139,8 +139,6 @@ def load(
 def processor(config_file: Path) -> Any:
     """The preprocessing an open_clip config states at its image size (open_clip's default
     resize_mode "shortest": shorter side to the size, centre crop, bicubic), or None."""
-    from vitkit.data.processor import ImageProcessor
-
     found = read_config(config_file)
     pre, image_size = found["preprocess"], found["image_size"]
     if pre is None or image_size is None:

@@ -23,6 +23,8 @@ from typing import Any
 
 from PIL import Image
 
+from vitkit._io import atomic_write_text
+from vitkit.checkpoints import open_clip
 from vitkit.config import pair, read_json
 from vitkit.data.processor import (
     IMAGENET_DEFAULT_MEAN,
@@ -142,8 +144,6 @@ def read(file: Path) -> ImageProcessor:
 
 def save(processor: ImageProcessor, folder: str | os.PathLike[str]) -> Path:
     """Write `folder/preprocessor_config.json` (atomically); transformers loads it back."""
-    from vitkit._io import atomic_write_text
-
     file = Path(folder) / CONFIG_NAME
     atomic_write_text(file, json.dumps(to_hf_dict(processor), indent=2) + "\n")
     return file
@@ -197,8 +197,6 @@ def stated(files: Mapping[str, Path]) -> ImageProcessor | None:
     """The processor a checkpoint's files state (name -> path), with its library's backend:
     preprocessor_config.json, else an open_clip config, else timm's pretrained_cfg inside
     config.json; None when they state nothing."""
-    from vitkit.checkpoints import open_clip
-
     if CONFIG_NAME in files:
         return read(files[CONFIG_NAME])
     if "config.json" not in files and open_clip.CONFIG_FILE in files:

@@ -21,11 +21,15 @@ import pickle
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from vitkit._io import atomic_path, atomic_write_text
+from vitkit.checkpoints import hf, jax, open_clip, timm
 from vitkit.checkpoints._common import check_state_dict
 from vitkit.checkpoints._safety import (
     check_finite,
@@ -33,12 +37,13 @@ from vitkit.checkpoints._safety import (
     check_torch_archive,
     confine,
 )
+from vitkit.checkpoints.hf import state_dict_from_hf
 from vitkit.checkpoints.hub import shard_names
+from vitkit.checkpoints.timm import unwrap_state_dict
 from vitkit.config import ViTConfig, read_json
 from vitkit.errors import CheckpointError, ConfigError
-
-if TYPE_CHECKING:
-    from vitkit.models.vit import VisionTransformer
+from vitkit.layers.pos_embed import resample_pos_embed
+from vitkit.models.vit import VisionTransformer
 
 PICKLE_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt")
 
@@ -51,9 +56,6 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
     if not path.is_file():
         raise CheckpointError(f"no such checkpoint file: {path}")
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
         try:
             sd = load_file(str(path), device="cpu")
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
@@ -62,8 +64,6 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
                 f"truncated or corrupt: download it again"
             ) from exc
     elif path.suffix in PICKLE_SUFFIXES:
-        from vitkit.checkpoints.timm import unwrap_state_dict
-
         sd = unwrap_state_dict(torch_load(path), source=str(path))
     else:
         raise CheckpointError(
@@ -150,8 +150,6 @@ def load_folder(
 ) -> tuple[ViTConfig, dict[str, Tensor], str, dict[str, Path]]:
     """(config, vitkit state dict, weights file name, the folder's files) of a checkpoint folder
     (or of the files a hub snapshot resolved to)."""
-    from vitkit.checkpoints import hf, open_clip, timm
-
     if isinstance(folder, Path):
         where, files = folder, {p.name: p for p in folder.iterdir() if p.is_file()}
     else:
@@ -208,8 +206,6 @@ def load_path(
     path: Path, model_name: str | None = None, config: ViTConfig | None = None
 ) -> tuple[ViTConfig, dict[str, Tensor], str]:
     """(config, vitkit state dict, file name) of a single weights file."""
-    from vitkit.checkpoints import jax, open_clip, timm
-
     name = str(path)
     if path.suffix == ".npz":
         weights = jax.load_npz(path)
@@ -226,8 +222,6 @@ def load_path(
                 f"{path} holds transformers (HF) weights; pass the folder with "
                 f"its config.json, or config=ViTConfig(...)"
             )
-        from vitkit.checkpoints.hf import state_dict_from_hf
-
         return config, state_dict_from_hf(raw, config, source=name), name
     cfg = timm.config_from_timm(raw, model_name=model_name, config=config, source=name)
     return cfg, timm.state_dict_from_timm(raw, cfg, source=name), name
@@ -248,9 +242,6 @@ def build_model(
 ) -> VisionTransformer:
     """A `VisionTransformer(config)` holding `sd` (vitkit names), with an optional new head
     and resampled positions; every key and shape is checked first. In eval mode."""
-    from vitkit.layers.pos_embed import resample_pos_embed
-    from vitkit.models.vit import VisionTransformer
-
     try:
         if overrides:
             config = config.replace(**overrides)
@@ -308,8 +299,6 @@ def save_pretrained(model: Any, directory: str | os.PathLike[str], format: str =
     Each file is written atomically, weights first, so config.json appears only when the
     weights are complete.
     """
-    from vitkit.checkpoints import hf
-
     config: ViTConfig = model.config
     if format not in ("auto", "hf", "vitkit"):
         raise ValueError(f"format must be 'auto', 'hf' or 'vitkit', got {format!r}")
@@ -329,10 +318,6 @@ def save_pretrained(model: Any, directory: str | os.PathLike[str], format: str =
 def write_folder(directory: str | os.PathLike[str], meta: dict, weights: dict[str, Tensor]) -> Path:
     """config.json (`meta`) and model.safetensors, each atomically and weights first, so
     config.json appears only when the weights are complete."""
-    from safetensors.torch import save_file
-
-    from vitkit._io import atomic_path, atomic_write_text
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     with atomic_path(directory / "model.safetensors") as tmp:

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from vitkit.checkpoints import open_clip, preprocessing
+from vitkit.checkpoints.hub import looks_like_hub_id, resolve_hub
 from vitkit.checkpoints.pretrained import (
     STATE_FILE,
     build_model,
@@ -39,6 +40,7 @@ from vitkit.checkpoints.pretrained import (
 from vitkit.config import ViTConfig
 from vitkit.data.processor import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, ImageProcessor
 from vitkit.errors import CheckpointError, ConfigError
+from vitkit.presets import create_model, list_models
 
 if TYPE_CHECKING:
     from vitkit.models.vit import VisionTransformer
@@ -157,14 +159,10 @@ def run_folder(path: Path) -> Path | None:
 
 # ---------------------------------------------------------------------------------- presets
 def _is_preset(name: str) -> bool:
-    from vitkit.presets import list_models
-
     return name in list_models()
 
 
 def _preset(name: str, **changes: Any) -> VisionTransformer:
-    from vitkit.presets import create_model
-
     return create_model(name, **{k: v for k, v in changes.items() if v is not None})
 
 
@@ -176,8 +174,6 @@ def _load_hub(
     revision: str | None,
     cache_dir: str | os.PathLike[str] | None,
 ):
-    from vitkit.checkpoints.hub import looks_like_hub_id, resolve_hub
-
     if not looks_like_hub_id(repo_id):
         raise CheckpointError(
             f"{repo_id} is neither a file, a folder, a preset nor a hub id (org/name)"

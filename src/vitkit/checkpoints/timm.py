@@ -21,14 +21,18 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from functools import partial
 from typing import Any
 
 import torch
-from torch import Tensor
+from safetensors.torch import save_file
+from torch import Tensor, nn
 
+from vitkit._io import atomic_path
 from vitkit.checkpoints._common import check_state_dict
 from vitkit.config import ViTConfig
 from vitkit.errors import CheckpointError, ConfigError
+from vitkit.presets import FAMILIES, GIANT, SIZES, get_config
 
 # timm parameters of variants vitkit does not build (identities in the models it does build)
 _UNSUPPORTED = (
@@ -72,8 +76,6 @@ def _family_config(name: str) -> ViTConfig | None:
     """The config a timm family name stands for (`deit3_*`, `vit_*_dinov2`, `vit_*_clip_*`,
     `vit_*_siglip_*`), or None for other names. Width, depth, patch and image size are then read
     from the weights; heads and activation come from here."""
-    from vitkit.presets import FAMILIES, GIANT, SIZES
-
     m = _FAMILY_NAME.fullmatch(name)
     if m is None:
         return None
@@ -127,8 +129,6 @@ def config_from_timm(
                 f"(width {D}, depth {depth}, patch {P}); pass model_name='vit_..._patch{P}_...' "
                 f"(see `vitkit models`) or config=ViTConfig(...)"
             )
-        from vitkit.presets import get_config
-
         config = _family_config(base_name(model_name))
         if config is None:
             try:
@@ -283,10 +283,6 @@ def _timm_unsupported(config: ViTConfig) -> None:
 def timm_kwargs(config: ViTConfig) -> dict[str, Any]:
     """Keyword arguments for timm's `VisionTransformer` (or `VisionTransformerDistilled` when
     `config.distilled`) that build the same architecture as `config`."""
-    from functools import partial
-
-    from torch import nn
-
     _timm_unsupported(config)
     c = config
     kwargs: dict[str, Any] = dict(
@@ -341,10 +337,6 @@ def export_timm(model: torch.nn.Module) -> dict[str, Tensor]:
 def save_timm(model: torch.nn.Module, path: str) -> None:
     """Write `export_timm(model)` to a `.safetensors` file atomically (timm's
     `load_checkpoint(model, path)` and `pretrained_cfg_overlay=dict(file=path)` read it)."""
-    from safetensors.torch import save_file
-
-    from vitkit._io import atomic_path
-
     sd = export_timm(model)
     with atomic_path(path) as tmp:
         save_file(sd, str(tmp), metadata={"format": "pt"})

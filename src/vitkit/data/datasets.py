@@ -25,7 +25,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from vitkit.data import folders
 from vitkit.data.builtin import BUILTIN, TensorData, load_builtin
+from vitkit.data.processor import match_channels
 from vitkit.data.transforms import Augmentation
 from vitkit.errors import ConfigError
 
@@ -237,8 +239,6 @@ def open_splits(
     gives: the next good one ("next", training keeps its batch size) or None ("none",
     evaluation counts each image once).
     """
-    from vitkit.data import folders
-
     if data in BUILTIN:  # in memory, grayscale: in `mode`'s channels, as files are read
         train, test = (_in_mode(part, mode) for part in load_builtin(data))
         train, val = carve(train, val_fraction)
@@ -281,8 +281,6 @@ def open_splits(
 
 
 def _open_part(spec: str | Path, classes: list[str], mode: str, on_error: str) -> Any:
-    from vitkit.data import folders
-
     path = Path(spec).expanduser()
     extra = {"classes": classes, "mode": mode, "on_error": on_error}
     if path.is_file():
@@ -418,8 +416,6 @@ def build_data(
 def _in_mode(data: TensorData, mode: str) -> TensorData:
     """An in-memory set with 3 channels for mode "RGB" and 1 for "L" (`match_channels`), so an
     RGB checkpoint fine-tunes on digits or MNIST as it would on a folder of grayscale files."""
-    from vitkit.data.processor import match_channels
-
     images = match_channels(data.images, 1 if mode == "L" else 3).contiguous()
     return data if images is data.images else TensorData(images, data.labels, data.classes)
 

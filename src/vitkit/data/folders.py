@@ -23,11 +23,13 @@ builtin containers, strings, numbers and numpy arrays; anything else is refused 
 
 from __future__ import annotations
 
+import builtins
 import csv
 import io
 import json
 import os
 import pickle
+import pickletools
 import re
 import warnings
 from collections.abc import Callable, Sequence
@@ -418,8 +420,6 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str) -> Any:
         if module in ("builtins", "__builtin__") and name in _ALLOWED_BUILTINS:
-            import builtins
-
             kind = getattr(builtins, name)
             return _no_size(kind) if name in ("bytes", "bytearray") else kind
         if (module, name) in _ALLOWED_GLOBALS:
@@ -446,8 +446,6 @@ def read_cifar_pickle(path: PathLike) -> dict[bytes, Any]:
     building anything, so a length field that claims more bytes than the file holds is refused
     before the unpickler would allocate it.
     """
-    import pickletools
-
     path = Path(path)
     try:
         size = path.stat().st_size

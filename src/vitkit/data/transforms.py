@@ -92,6 +92,7 @@ def random_elastic(x: Tensor, alpha: float, sigma: float, generator: torch.Gener
     each image gets its own displacement field, uniform noise in [-1, 1] smoothed by a Gaussian
     of `sigma` pixels and scaled so that `alpha` moves a pixel by alpha / 2 times the smoothed
     value (bilinear, zero fill)."""
+    # lazy: torchvision loads torch._dynamo (~1.5 s)
     from torchvision.transforms.v2.functional import gaussian_blur
 
     B, _, H, W = x.shape
@@ -144,6 +145,7 @@ class Augmentation:
         """A torchvision.transforms.v2 pipeline for one PIL image or tensor -> (C, S, S) float in
         [0, 1]: resize (or RandomResizedCrop, or resize then a padded random crop), then the
         enabled steps; `Augmentation()` only resizes (evaluation)."""
+        # lazy: torchvision loads torch._dynamo (~1.5 s)
         from torchvision.transforms import v2
 
         ops: list = [v2.ToImage(), v2.Grayscale(1) if in_chans == 1 else v2.RGB()]

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
+import inspect
 import logging
 import os
 from collections.abc import Iterator
@@ -20,6 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.export import Dim
 
 from vitkit._warnings import ignoring
 from vitkit.errors import ConfigError, VitkitError
@@ -116,8 +119,6 @@ def dynamic_shapes(module: nn.Module, example: Tensor, *, patch: int, preprocess
                    channels_last: bool) -> dict[str, dict[int, Any]]:  # fmt: skip
     """torch.export dynamic shapes: batch, height and width (multiples of the patch for a bare
     model, since the patch embedding needs them; any size with preprocessing)."""
-    from torch.export import Dim
-
     batch = Dim("batch", min=1, max=4096)
     name = next(iter(_forward_args(module)))
     if preprocessing:
@@ -130,8 +131,6 @@ def dynamic_shapes(module: nn.Module, example: Tensor, *, patch: int, preprocess
 
 
 def _forward_args(module: nn.Module) -> list[str]:
-    import inspect
-
     return list(inspect.signature(module.forward).parameters)
 
 
@@ -162,8 +161,6 @@ def quiet() -> Iterator[None]:
 
 def need(module: str, extra: str) -> Any:
     """Import an optional dependency or say which extra brings it."""
-    import importlib
-
     try:
         return importlib.import_module(module)
     except ImportError:

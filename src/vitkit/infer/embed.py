@@ -20,9 +20,15 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.numpy import save_file
 from torch import Tensor, nn
 
+from vitkit import distributed as D
+from vitkit._io import atomic_path, atomic_write_text
 from vitkit.errors import ConfigError
+from vitkit.features import Embedder
+from vitkit.infer.precision import is_plain, prepare
+from vitkit.infer.predictor import expand_inputs, load_or_reason, pipelined
 
 FORMATS = (".npy", ".safetensors")
 
@@ -60,11 +66,6 @@ def embed_paths(
     `precision` / `backend` run the pooled rows on a precision path (`vitkit.infer.prepare`;
     `auto` checks its pick by the rows' cosine similarity to fp32); feature maps (`layers`) are
     fp32 only."""
-    from vitkit import distributed as D
-    from vitkit.features import Embedder
-    from vitkit.infer.precision import is_plain, prepare
-    from vitkit.infer.predictor import expand_inputs, load_or_reason, pipelined
-
     if batch_size < 1:
         raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
     if layers and not is_plain(precision, backend):
@@ -108,8 +109,6 @@ def embed_paths(
 def write_embeddings(output: str | os.PathLike[str], rows: np.ndarray, paths: list[str]) -> Path:
     """`rows` as .npy or .safetensors (key "embeddings"), atomically, and beside it
     `<output>.paths.txt` with the path of each row, in row order."""
-    from vitkit._io import atomic_path, atomic_write_text
-
     output = Path(output)
     if output.suffix not in FORMATS:
         raise ConfigError(f"--output {output}: write {' or '.join(FORMATS)}")
@@ -118,8 +117,6 @@ def write_embeddings(output: str | os.PathLike[str], rows: np.ndarray, paths: li
             with open(tmp, "wb") as f:
                 np.save(f, np.ascontiguousarray(rows, dtype=np.float32))
         else:
-            from safetensors.numpy import save_file
-
             save_file({"embeddings": np.ascontiguousarray(rows, dtype=np.float32)}, str(tmp))
     atomic_write_text(paths_file(output), "".join(f"{p}\n" for p in paths))
     return output

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from vitkit._io import atomic_path
+from vitkit.data.labels import id2label_for
 from vitkit.errors import ConfigError, VitkitError
 from vitkit.infer import _graph
 
@@ -180,8 +181,6 @@ def _format_from_suffix(output: Path) -> str:
 
 
 def _labels(config: Any) -> dict[int, str]:
-    from vitkit.data.labels import id2label_for
-
     return id2label_for(config) if config.num_classes else {}
 
 

@@ -22,6 +22,7 @@ falls back to the next candidate when they disagree.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import os
 import sys
 import tempfile
@@ -32,7 +33,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.ao.quantization import quantize_dynamic
 
+from vitkit.checkpoints.resolve import resolve
 from vitkit.errors import ConfigError, VitkitError
 from vitkit.infer import _graph
 from vitkit.models.vit import logits_of
@@ -68,8 +71,6 @@ def machine() -> dict[str, Any]:
 
 
 def _installed(name: str) -> bool:
-    import importlib.util
-
     return importlib.util.find_spec(name) is not None
 
 
@@ -284,8 +285,6 @@ def load(
         runner = load("google/vit-base-patch16-224", "auto")
         probs = runner(runner.processor(["cat.jpg"])).softmax(-1)
     """
-    from vitkit.checkpoints.resolve import resolve
-
     resolved = resolve(source, device=device, **resolve_kwargs)
     runner = prepare(resolved.model, precision, backend=backend, device=device,
                      calibration=calibration, log=log)  # fmt: skip
@@ -344,8 +343,6 @@ def _torch_fn(model: nn.Module, precision: str, device: torch.device) -> Fn:
         dtype = torch.bfloat16 if precision == "bf16" else torch.float16
         net = copy.deepcopy(model).to(device=device, dtype=dtype)
     else:  # int8: dynamic quantization of every Linear, CPU only
-        from torch.ao.quantization import quantize_dynamic
-
         with _graph.quiet():
             net = quantize_dynamic(copy.deepcopy(model).cpu().float(), {nn.Linear}, torch.qint8)
         dtype = torch.float32

@@ -24,9 +24,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor, nn
 
+from vitkit.data.images import is_image_file, load_image, quiet_bomb_warning, size_problem
+from vitkit.data.labels import id2label_for
 from vitkit.data.processor import ImageProcessor
 from vitkit.errors import ImageError, VitkitError
 from vitkit.infer.precision import prepare
@@ -73,8 +77,6 @@ class Predictor:
         labels: dict[int, str] | None = None,
         log: Any = None,
     ) -> None:
-        from vitkit.data.labels import id2label_for
-
         config = model.config  # type: ignore[attr-defined]
         if not config.num_classes:
             raise VitkitError("the model has no classification head (num_classes=0)")
@@ -211,11 +213,6 @@ def decode(source: Any, processor: ImageProcessor) -> Tensor:
     Plain JPEG files (RGB or grayscale) decode with torchvision; everything else, and anything
     torchvision refuses, goes through `load_image` (PIL), which names the reason on failure.
     """
-    import numpy as np
-    from PIL import Image
-
-    from vitkit.data.images import load_image
-
     if isinstance(source, (str, os.PathLike)):
         fast = _decode_jpeg(source, processor.max_pixels)
         if fast is not None:
@@ -229,10 +226,8 @@ def decode(source: Any, processor: ImageProcessor) -> Tensor:
 
 
 def _decode_jpeg(path: str | os.PathLike[str], max_pixels: int | None) -> Tensor | None:
-    from PIL import Image
+    # lazy: torchvision loads torch._dynamo (~1.5 s)
     from torchvision.io import ImageReadMode, decode_jpeg, read_file
-
-    from vitkit.data.images import quiet_bomb_warning, size_problem
 
     try:
         with quiet_bomb_warning(), Image.open(path) as im:  # reads the header only
@@ -253,8 +248,6 @@ def expand_inputs(inputs: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
     Folders expand to the image files under them, sorted; a folder with none is a failure.
     Files are kept whatever their extension (the decoder decides); missing paths fail here.
     """
-    from vitkit.data.images import is_image_file
-
     paths: list[str] = []
     failures: list[tuple[str, str]] = []
     for arg in inputs:

@@ -31,10 +31,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from vitkit.checkpoints.resolve import resolve
+from vitkit.data.labels import id2label_for
+from vitkit.distributed import pick_device
 from vitkit.errors import ConfigError, VitkitError
-from vitkit.infer.precision import BACKENDS, PRECISIONS
+from vitkit.explain import HEAD_FUSIONS, METHODS, explain_image, label_index
+from vitkit.features import Embedder
+from vitkit.infer.precision import BACKENDS, PRECISIONS, prepare
+from vitkit.infer.predictor import load_folder, preprocess
 from vitkit.serve.batcher import Batcher
 from vitkit.serve.metrics import CONTENT_TYPE, Metrics
+from vitkit.viz import png_bytes
 
 ENV_SETTINGS = "VITKIT_SERVE_SETTINGS"
 """Environment variable carrying `Settings` as JSON to each worker process (`--workers N`)."""
@@ -105,14 +112,9 @@ class Service:
     # ---------------------------------------------------------------------- model thread
     def load(self) -> None:
         """Resolve, place and warm up the model (runs in the model thread)."""
-        from vitkit.checkpoints.resolve import resolve
-        from vitkit.data.labels import id2label_for
-
         s = self.settings
         if s.threads:
             torch.set_num_threads(s.threads)
-        from vitkit.distributed import pick_device
-
         self.device = pick_device(s.device)
         resolved = resolve(
             s.model, device=self.device, allow_preset=s.allow_preset, image_size=s.image_size
@@ -122,9 +124,6 @@ class Service:
         self.model = resolved.model.eval()
         self.processor = resolved.processor
         self.labels = id2label_for(self.model.config)
-        from vitkit.features import Embedder
-        from vitkit.infer.precision import prepare
-        from vitkit.infer.predictor import load_folder
 
         # --precision: the same runners as `vitkit predict` and `vitkit embed`
         calibration = load_folder(s.calibration, self.processor) if s.calibration else None
@@ -155,9 +154,6 @@ class Service:
         return list(self.embed_runner(pixels.to(self.device)).float().cpu())
 
     def explain(self, data: bytes, method: str, label: int | None, options: dict) -> tuple:
-        from vitkit.explain import explain_image
-        from vitkit.viz import png_bytes
-
         result, picture = explain_image(
             self.model,
             self.processor,
@@ -174,8 +170,6 @@ class Service:
     # ---------------------------------------------------------------------- decode pool
     def preprocess(self, data: bytes) -> Tensor:
         """Encoded image bytes -> (C, H, W), exactly as `vitkit predict` preprocesses a file."""
-        from vitkit.infer.predictor import preprocess
-
         return preprocess(data, self.processor)
 
     def describe(self) -> dict[str, Any]:
@@ -346,8 +340,6 @@ async def _explain(request):
       400: {description: 'not an image, or a bad parameter'}
     """
     from starlette.responses import Response
-
-    from vitkit.explain import HEAD_FUSIONS, METHODS, label_index
 
     service = _ready(request)
     q = request.query_params

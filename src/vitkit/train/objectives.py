@@ -26,7 +26,15 @@ from torch import Tensor, nn
 
 from vitkit.config import ViTConfig
 from vitkit.data.augment import soft_target_cross_entropy
+from vitkit.data.transforms import MultiCrop
+from vitkit.explain import attention_map
+from vitkit.models.dino import DINO, teacher_momentum
+from vitkit.models.distill import DistillationLoss
+from vitkit.models.mae import MaskedAutoencoder
+from vitkit.models.mim import SimMIM, mask_block_for, simmim_mask
 from vitkit.models.vit import VisionTransformer, rebuild
+from vitkit.train.ema import ModelEMA
+from vitkit.viz import save_attention_maps, save_reconstruction
 
 
 @dataclass
@@ -127,8 +135,6 @@ class Distill(Classify):
 
     def __init__(self, model: VisionTransformer, teacher: nn.Module, *, kind: str = "hard",
                  alpha: float = 0.5, tau: float = 1.0, **kwargs: Any):  # fmt: skip
-        from vitkit.models.distill import DistillationLoss
-
         super().__init__(model, **kwargs)
         self.loss = DistillationLoss(teacher, self.criterion, kind, alpha=alpha, tau=tau)
 
@@ -146,16 +152,12 @@ class SimMIMObjective(Objective):
     uses_labels = False
 
     def __init__(self, config: ViTConfig, *, mask_ratio: float = 0.6, mask_patch_size=None):
-        from vitkit.models.mim import SimMIM, mask_block_for
-
         super().__init__()
         self.mim = SimMIM(config)
         self.mask_ratio = mask_ratio
         self.block = mask_block_for(self.mim.config, mask_patch_size)
 
     def mask(self, images: Tensor, rng: torch.Generator | None) -> Tensor:
-        from vitkit.models.mim import simmim_mask
-
         grid = self.encoder.patch_embed.grid_size(*images.shape[-2:])
         rows = len(images)
         full = simmim_mask(rows * self.shard.world, grid, mask_ratio=self.mask_ratio,
@@ -170,8 +172,6 @@ class SimMIMObjective(Objective):
         return _without_mask_token(self.encoder)
 
     def draw(self, images: Tensor, run_dir: Path) -> Path:
-        from vitkit.viz import save_reconstruction
-
         mask = self.mask(images, torch.Generator().manual_seed(0))
         recon = self.mim(images, bool_masked_pos=mask).reconstruction
         p = self.encoder.config.patch_size
@@ -190,8 +190,6 @@ class MAEObjective(Objective):
 
     def __init__(self, config: ViTConfig, *, mask_ratio: float = 0.75, decoder_dim: int = 64,
                  decoder_depth: int = 2, decoder_heads: int = 4, norm_pix_loss: bool = True):  # fmt: skip
-        from vitkit.models.mae import MaskedAutoencoder
-
         super().__init__()
         self.mae = MaskedAutoencoder(
             config,
@@ -219,8 +217,6 @@ class MAEObjective(Objective):
         return rebuild(self.encoder, global_pool="avg")
 
     def draw(self, images: Tensor, run_dir: Path) -> Path:
-        from vitkit.viz import save_reconstruction
-
         masked, recon = self.mae.reconstruct(images, self.noise(images, torch.Generator()))
         return save_reconstruction(images, masked, recon, run_dir / "reconstruction.png")
 
@@ -239,10 +235,6 @@ class DINOObjective(Objective):
                  global_scale: tuple[float, float] = (0.4, 1.0),
                  local_scale: tuple[float, float] = (0.05, 0.4),
                  teacher_temp: float = 0.07, warmup_teacher_temp: float = 0.04):  # fmt: skip
-        from vitkit.data.transforms import MultiCrop
-        from vitkit.models.dino import DINO
-        from vitkit.train.ema import ModelEMA
-
         super().__init__()
         self.dino = DINO(
             config,
@@ -282,8 +274,6 @@ class DINOObjective(Objective):
         return out
 
     def after_step(self, step: int, total_steps: int) -> None:
-        from vitkit.models.dino import teacher_momentum
-
         m = teacher_momentum(step, total_steps, self.momentum_teacher)
         self.teacher_ema.update(self.dino.student, m)
 
@@ -291,9 +281,6 @@ class DINOObjective(Objective):
         self.progress = step / max(1, total_steps - 1)  # the teacher temperature's schedule
 
     def draw(self, images: Tensor, run_dir: Path) -> Path:
-        from vitkit.explain import attention_map
-        from vitkit.viz import save_attention_maps
-
         maps = attention_map(self.encoder, images)  # the teacher's last-layer [CLS] attention
         return save_attention_maps(images, maps, run_dir / "attention.png")
 

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import yaml
+
 from vitkit._fields import AT_LEAST_0, POSITIVE, RATE, In, problems
 from vitkit.errors import ConfigError
 
@@ -173,8 +175,6 @@ class Recipe:
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike[str]) -> Recipe:
-        import yaml
-
         path = Path(path)
         try:
             data = yaml.safe_load(path.read_text()) or {}
@@ -195,8 +195,6 @@ class Recipe:
     def with_overrides(self, pairs: list[str]) -> Recipe:
         """Apply `key=value` strings; values are parsed as YAML (`lr=1e-3`, `betas=[0.9,0.95]`,
         `model_overrides.depth=6`)."""
-        import yaml
-
         d = self.to_dict()
         for pair in pairs:
             key, sep, text = pair.partition("=")

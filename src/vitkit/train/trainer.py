@@ -27,15 +27,20 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from vitkit import distributed as D
 from vitkit._io import atomic_write_text
+from vitkit.checkpoints.resolve import resolve
+from vitkit.data.augment import MixupCutmix
 from vitkit.data.datasets import TrainData, _mix, build_data
 from vitkit.data.processor import ImageProcessor
 from vitkit.data.transforms import Augmentation
 from vitkit.errors import ConfigError, VitkitError
 from vitkit.eval import evaluate
+from vitkit.features import extract, knn_accuracy
 from vitkit.models.vit import VisionTransformer, rebuild
+from vitkit.presets import create_model, get_config
 from vitkit.train.ema import ModelEMA
 from vitkit.train.objectives import Objective, build_objective
 from vitkit.train.optim import build_optimizer, lr_at, set_lr
@@ -50,6 +55,7 @@ from vitkit.train.state import (
     restore_rng,
     save_state,
 )
+from vitkit.viz import plot_curves
 
 _AMP = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -183,8 +189,6 @@ def _build(recipe: Recipe, info: D.DistInfo, run_dir: Path, state, lock) -> Run:
     if resolved is not None:
         cfg0 = resolved.model.config
     else:
-        from vitkit.presets import get_config
-
         cfg0 = get_config(recipe.model, **recipe.model_overrides)
         if recipe.image_size is not None:
             cfg0 = cfg0.replace(image_size=recipe.image_size)
@@ -254,8 +258,6 @@ def _build(recipe: Recipe, info: D.DistInfo, run_dir: Path, state, lock) -> Run:
 
 
 def _resolve(source: str, recipe: Recipe, device: torch.device):
-    from vitkit.checkpoints.resolve import resolve
-
     return resolve(source, image_size=recipe.image_size, device=device)
 
 
@@ -269,8 +271,6 @@ def _classifier(recipe: Recipe, num_classes: int, resolved) -> VisionTransformer
     if recipe.dropout is not None:
         changes["drop_rate"] = recipe.dropout
     if resolved is None:
-        from vitkit.presets import create_model
-
         if recipe.image_size is not None:
             changes["image_size"] = recipe.image_size
         return create_model(recipe.model, num_classes=num_classes, **changes)
@@ -284,8 +284,6 @@ def _classifier(recipe: Recipe, num_classes: int, resolved) -> VisionTransformer
 
 
 def _teacher(recipe: Recipe, device: torch.device) -> nn.Module:
-    from vitkit.checkpoints.resolve import resolve
-
     teacher = resolve(recipe.teacher, allow_preset=True, device=device).model
     return teacher.eval().requires_grad_(False)
 
@@ -303,8 +301,6 @@ def _run_processor(recipe: Recipe, config, found: ImageProcessor | None) -> Imag
 def _mixer(recipe: Recipe, num_classes: int):
     if recipe.mixup_alpha <= 0 and recipe.cutmix_alpha <= 0:
         return None
-    from vitkit.data.augment import MixupCutmix
-
     return MixupCutmix(
         num_classes,
         mixup_alpha=recipe.mixup_alpha,
@@ -422,7 +418,6 @@ def _knn_due(run: Run) -> bool:
 def _knn(run: Run) -> float:
     """Weighted k-NN top-1 (k = 20) of the encoder's features: validation images against the
     rest of the training part; labels are used by the vote only."""
-    from vitkit.features import extract, knn_accuracy
 
     def feats(data: Any):
         batches = run.data.eval_batches(data)
@@ -507,8 +502,6 @@ def finish(run: Run, seconds: float) -> TrainResult:
     export_model(run.run_dir / "last", run.objective.export(), run.processor)
     result.model_dir = result.best_dir or run.run_dir / "last"
     if result.best_dir is not None and run.data.test is not None:
-        from vitkit.checkpoints.resolve import resolve
-
         chosen = resolve(best, device=run.info.device).model
         row: dict[str, Any] = {}
         _score(run, chosen, "test", row, "test_")
@@ -611,8 +604,6 @@ def _seed_everything(seed: int) -> None:
 
 
 def _plot(run_dir: Path) -> None:
-    from vitkit.viz import plot_curves
-
     try:
         plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
     except Exception as exc:  # a plot must never fail a finished run
@@ -622,8 +613,6 @@ def _plot(run_dir: Path) -> None:
 def _bar(run: Run):
     """The epoch's progress bar, on stderr and only when it is a terminal (as `vitkit predict`
     does): a redirected log gets the one line per epoch, not carriage-return frames."""
-    from tqdm.auto import tqdm
-
     on = run.info.is_main and run.recipe.progress
     return tqdm(total=run.data.steps_per_epoch, initial=run.start_step, leave=False,
                 desc=f"epoch {run.epoch + 1}/{run.recipe.epochs}", dynamic_ncols=True,
@@ -632,7 +621,5 @@ def _bar(run: Run):
 
 def _tqdm_write(msg: str) -> None:
     """A line above any bar; flushed, so a log file followed with `tail -f` shows it now."""
-    from tqdm.auto import tqdm
-
     tqdm.write(msg)
     sys.stdout.flush()
