@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import free_port
@@ -33,11 +34,13 @@ RECIPE = dict(
 )  # SGD: AdamW would amplify float-order noise on flat losses
 
 
-# DINO (vitkit pretrain) with flips: crops and flips are drawn for the global batch; no
-# BatchNorm in the head, for the reason above
-DINO = dict(model_overrides={"embed_dim": 32, "depth": 1, "num_heads": 2}, out_dim=32,
-            local_crops=2, head_bn=False, hflip=True, batch_size=64, epochs=1, progress=False,
-            plot=False, threads=1, optimizer="sgd", lr=0.05, weight_decay=0.0)  # fmt: skip
+# `vitkit pretrain`: MAE draws its masks, DINO its crops and flips, for the global batch; no
+# BatchNorm in DINO's head, for the reason above
+PRETRAIN = dict(model_overrides={"embed_dim": 32, "depth": 1, "num_heads": 2}, batch_size=64,
+                epochs=1, progress=False, plot=False, threads=1, optimizer="sgd", lr=0.05,
+                weight_decay=0.0)  # fmt: skip
+MAE = dict(PRETRAIN, decoder_dim=16, decoder_depth=1, decoder_heads=2)
+DINO = dict(PRETRAIN, out_dim=32, local_crops=2, head_bn=False, hflip=True)
 
 
 def _run(out: Path, nproc: int, command=("train",), recipe=RECIPE, **changes) -> None:
@@ -79,11 +82,12 @@ def test_dino_processes_cut_the_crops_of_one():
         assert torch.equal(whole, torch.cat(halves))
 
 
-def test_dino_two_processes_match_one(tmp_path):
-    """DINO draws its crops for the global batch and keeps its rows (as MAE its noise), and
-    averages its center over the processes: two processes train to one's weights."""
+@pytest.mark.parametrize(("method", "recipe"), [("mae", MAE), ("dino", DINO)])
+def test_pretraining_two_processes_match_one(tmp_path, method, recipe):
+    """MAE's masks and DINO's crops are drawn for the global batch and each process keeps its
+    rows (DINO averages its center over the processes): two processes train to one's weights."""
     for nproc in (1, 2):
-        _run(tmp_path / str(nproc), nproc, ("pretrain", "--method", "dino"), DINO)
+        _run(tmp_path / str(nproc), nproc, ("pretrain", "--method", method), recipe)
     a, b = load_state(tmp_path / "1"), load_state(tmp_path / "2")
     assert a["global_step"] == b["global_step"] == 1437 // 64
     for part in ("model", "objective"):
