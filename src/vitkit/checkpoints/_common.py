@@ -127,7 +127,7 @@ def same(
     return Rule((ours,), ((theirs, shape),), hook)
 
 
-def pair(ours: str, theirs: str) -> list[Rule]:
+def weight_and_bias(ours: str, theirs: str) -> list[Rule]:
     """A layer's weight and bias under another name, same shapes (a Linear or a LayerNorm)."""
     return [same(f"{ours}.weight", f"{theirs}.weight"), same(f"{ours}.bias", f"{theirs}.bias")]
 
@@ -148,12 +148,12 @@ def block_rules(
     sublayers `names` spells (keys ln1, q, k, v, o, ln2, fc1, fc2)."""
     n = {k: theirs + v for k, v in names.items()}
     return [
-        *pair(f"{ours}norm1", n["ln1"]),
+        *weight_and_bias(f"{ours}norm1", n["ln1"]),
         *fused_qkv(f"{ours}attn.qkv", [n["q"], n["k"], n["v"]], dim, qkv_bias),
-        *pair(f"{ours}attn.proj", n["o"]),
-        *pair(f"{ours}norm2", n["ln2"]),
-        *pair(f"{ours}mlp.fc1", n["fc1"]),
-        *pair(f"{ours}mlp.fc2", n["fc2"]),
+        *weight_and_bias(f"{ours}attn.proj", n["o"]),
+        *weight_and_bias(f"{ours}norm2", n["ln2"]),
+        *weight_and_bias(f"{ours}mlp.fc1", n["fc1"]),
+        *weight_and_bias(f"{ours}mlp.fc2", n["fc2"]),
     ]
 
 

@@ -29,11 +29,11 @@ from vitkit.checkpoints._common import (
     hf_fields,
     integer,
     number,
-    pair,
     rename_from,
     rename_to,
     same,
     under,
+    weight_and_bias,
 )
 from vitkit.config import ViTConfig
 from vitkit.errors import CheckpointError, ConfigError
@@ -125,11 +125,11 @@ def rules(config: ViTConfig, prefix: str = _PREFIX) -> list[Rule]:
         same("cls_token", "embeddings.class_embedding", (D,)),
         same("patch_embed.proj.weight", "embeddings.patch_embedding.weight"),
         same("pos_embed", "embeddings.position_embedding.weight", (1 + N, D)),
-        *pair("norm_pre", "pre_layrnorm"),
+        *weight_and_bias("norm_pre", "pre_layrnorm"),
     ]
     for i in range(config.depth):
         out += layer_rules(config, i)
-    out = under([*out, *pair("norm", "post_layernorm")], prefix)
+    out = under([*out, *weight_and_bias("norm", "post_layernorm")], prefix)
     if config.projection_dim is not None:
         out.append(same("projection.weight", "visual_projection.weight"))
     return out

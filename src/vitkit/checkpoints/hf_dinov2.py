@@ -34,11 +34,11 @@ from vitkit.checkpoints._common import (
     hf_labels,
     integer,
     number,
-    pair,
     rename_from,
     rename_to,
     same,
     under,
+    weight_and_bias,
 )
 from vitkit.config import ViTConfig
 from vitkit.errors import CheckpointError, ConfigError
@@ -103,7 +103,7 @@ def rules(config: ViTConfig, prefix: str = "") -> list[Rule]:
     out = [
         same("cls_token", "embeddings.cls_token"),
         same("pos_embed", "embeddings.position_embeddings"),
-        *pair("patch_embed.proj", "embeddings.patch_embeddings.projection"),
+        *weight_and_bias("patch_embed.proj", "embeddings.patch_embeddings.projection"),
     ]
     if c.use_mask_token:
         out.append(same("mask_token", "embeddings.mask_token", (1, D)))
@@ -117,8 +117,8 @@ def rules(config: ViTConfig, prefix: str = "") -> list[Rule]:
         ours, theirs = f"blocks.{i}.", f"encoder.layer.{i}."
         out += block_rules(ours, theirs, names, D, c.qkv_bias)
         out += [same(f"{ours}ls{j}.gamma", f"{theirs}layer_scale{j}.lambda1") for j in (1, 2)]
-    out = under([*out, *pair("norm", "layernorm")], prefix)
-    return out + pair("head", "classifier") if c.num_classes else out
+    out = under([*out, *weight_and_bias("norm", "layernorm")], prefix)
+    return out + weight_and_bias("head", "classifier") if c.num_classes else out
 
 
 def state_dict_from_hf(

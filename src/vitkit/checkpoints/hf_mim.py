@@ -27,11 +27,11 @@ from vitkit.checkpoints._common import (
     expected_shapes,
     integer,
     number,
-    pair,
     rename_from,
     rename_to,
     same,
     under,
+    weight_and_bias,
 )
 from vitkit.checkpoints.hf_vit import config_from_hf, config_to_hf
 from vitkit.checkpoints.pretrained import read_state_dict, write_folder
@@ -53,7 +53,7 @@ def _encoder_shapes(config: ViTConfig) -> dict[str, tuple[int, ...]]:
 # ------------------------------------------------------------------------------------ SimMIM
 def simmim_rules(config: ViTConfig, names: dict = hf_vit.V4) -> list[Rule]:
     """vitkit `SimMIM` <-> `ViTForMaskedImageModeling`: its 1x1 conv decoder keeps its name."""
-    return [*_encoder(config, names), *pair("decoder.0", "decoder.0")]
+    return [*_encoder(config, names), *weight_and_bias("decoder.0", "decoder.0")]
 
 
 def simmim_state_dict_from_hf(
@@ -125,15 +125,15 @@ def mae_rules(config: ViTConfig, dim: int, depth: int, names: dict = hf_vit.V4) 
     """vitkit `MaskedAutoencoder` <-> `ViTMAEForPreTraining` for a decoder of `depth` layers
     of width `dim`; the fixed sin-cos tables are computed, not mapped."""
     out = _encoder(config.replace(pos_embed="sincos2d"), names)
-    out += pair("decoder.embed", "decoder.decoder_embed")
+    out += weight_and_bias("decoder.embed", "decoder.decoder_embed")
     out.append(same("decoder.mask_token", "decoder.mask_token"))
     for i in range(depth):
         theirs = f"decoder.decoder_layers.{i}."
         out += block_rules(f"decoder.blocks.{i}.", theirs, names, dim, config.qkv_bias)
     return [
         *out,
-        *pair("decoder.norm", "decoder.decoder_norm"),
-        *pair("decoder.pred", "decoder.decoder_pred"),
+        *weight_and_bias("decoder.norm", "decoder.decoder_norm"),
+        *weight_and_bias("decoder.pred", "decoder.decoder_pred"),
     ]
 
 

@@ -21,11 +21,11 @@ from vitkit.checkpoints._common import (
     Rule,
     differences,
     find_prefix,
-    pair,
     rename_from,
     rename_to,
     same,
     under,
+    weight_and_bias,
 )
 from vitkit.checkpoints.hf_clip import common_fields, layer_rules, tower_fields, vision_config
 from vitkit.config import ViTConfig
@@ -63,21 +63,21 @@ def rules(config: ViTConfig, prefix: str = _PREFIX) -> list[Rule]:
     """vitkit <-> SigLIP vision tower names, the tower's under `prefix`."""
     c, D = config, config.embed_dim
     out = [
-        *pair("patch_embed.proj", "embeddings.patch_embedding"),
+        *weight_and_bias("patch_embed.proj", "embeddings.patch_embedding"),
         same("pos_embed", "embeddings.position_embedding.weight", (c.num_patches, D)),
     ]
     for i in range(c.depth):
         out += layer_rules(c, i)
     in_proj = "head.attention.in_proj_"
     out += [
-        *pair("norm", "post_layernorm"),
+        *weight_and_bias("norm", "post_layernorm"),
         same("attn_pool.latent", "head.probe"),
         Rule(("attn_pool.q.weight", "attn_pool.kv.weight"), ((f"{in_proj}weight", (3 * D, D)),)),
         Rule(("attn_pool.q.bias", "attn_pool.kv.bias"), ((f"{in_proj}bias", (3 * D,)),)),
-        *pair("attn_pool.proj", "head.attention.out_proj"),
-        *pair("attn_pool.norm", "head.layernorm"),
-        *pair("attn_pool.mlp.fc1", "head.mlp.fc1"),
-        *pair("attn_pool.mlp.fc2", "head.mlp.fc2"),
+        *weight_and_bias("attn_pool.proj", "head.attention.out_proj"),
+        *weight_and_bias("attn_pool.norm", "head.layernorm"),
+        *weight_and_bias("attn_pool.mlp.fc1", "head.mlp.fc1"),
+        *weight_and_bias("attn_pool.mlp.fc2", "head.mlp.fc2"),
     ]
     return under(out, prefix)
 

@@ -38,10 +38,10 @@ from vitkit.checkpoints._common import (
     hf_labels,
     integer,
     number,
-    pair,
     rename_from,
     rename_to,
     same,
+    weight_and_bias,
 )
 from vitkit.config import ViTConfig
 from vitkit.errors import CheckpointError, ConfigError
@@ -128,7 +128,7 @@ def config_from_hf(hf_config: Mapping[str, Any], *, source: str = "config.json")
 
 
 def _single(c: Mapping[str, Any], key: str, default: int, source: str) -> int:
-    """A square size given as one number or a pair (transformers writes both)."""
+    """A square size given as one number or a weight_and_bias (transformers writes both)."""
     value = c.get(key, default)
     if isinstance(value, list | tuple) and len(value) == 2 and value[0] == value[1]:
         value = value[0]
@@ -198,7 +198,7 @@ def rules(config: ViTConfig, prefix: str = "", names: dict = V4) -> list[Rule]:
     """vitkit <-> transformers ViT / DeiT; `prefix` is the encoder's ("vit.", "deit.", "")."""
     c, emb = config, f"{prefix}embeddings."
     out = [same("cls_token", f"{emb}cls_token")]
-    out += pair("patch_embed.proj", f"{emb}patch_embeddings.projection")
+    out += weight_and_bias("patch_embed.proj", f"{emb}patch_embeddings.projection")
     if c.pos_embed == "learned":  # MAE's fixed sin-cos table is computed (hf_mim)
         out.append(same("pos_embed", f"{emb}position_embeddings"))
     if c.distilled:
@@ -208,13 +208,13 @@ def rules(config: ViTConfig, prefix: str = "", names: dict = V4) -> list[Rule]:
     for i in range(c.depth):
         theirs = f"{prefix}{names['layer']}{i}."
         out += block_rules(f"blocks.{i}.", theirs, names, c.embed_dim, c.qkv_bias)
-    out += pair("norm", f"{prefix}layernorm")
+    out += weight_and_bias("norm", f"{prefix}layernorm")
     if c.head == "mlp":
-        out += pair("pre_logits.fc", f"{prefix}pooler.dense")
+        out += weight_and_bias("pre_logits.fc", f"{prefix}pooler.dense")
     if c.num_classes:
-        out += pair("head", "cls_classifier" if c.distilled else "classifier")
+        out += weight_and_bias("head", "cls_classifier" if c.distilled else "classifier")
     if c.num_classes and c.distilled:
-        out += pair("head_dist", "distillation_classifier")
+        out += weight_and_bias("head_dist", "distillation_classifier")
     return out
 
 
