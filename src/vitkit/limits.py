@@ -34,6 +34,8 @@ DEFAULTS: dict[str, int] = {
     "REGISTER_TOKENS": 256,  # DINOv2: 4
     "STEM_LAYERS": 16,  # convolutions before the patch projection (stem_channels); ViTc: 4-5
     "CLASSES": 1_048_576,  # num_classes, labels of a dataset; GLDv2: 203,094
+    "VOCAB": 1_048_576,  # a text tower's token table; CLIP 49,408, SigLIP 32,000 (i18n 250,000)
+    "TEXT_TOKENS": 4_096,  # a text tower's context; CLIP 77, SigLIP 64
     "PARAMS": 25_000_000_000,  # parameters a config may describe; ViT-22B: 21.7e9
     # images and preprocessing
     "INPUT_PIXELS": 4096 * 4096,  # H x W a processor may resize or crop to

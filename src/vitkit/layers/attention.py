@@ -35,7 +35,9 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop) if proj_drop > 0 else nn.Identity()
 
-    def forward(self, x: Tensor, need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
+    def forward(
+        self, x: Tensor, need_weights: bool = False, attn_mask: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
         """x: (B, T, D) -> (output (B, T, D), probabilities (B, H, T, T) or None)."""
         B, T, D = x.shape
         qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
@@ -44,9 +46,11 @@ class Attention(nn.Module):
         weights = None
         if need_weights or self.implementation == "eager":
             scores = (q * self.scale) @ k.transpose(-2, -1)  # (B, H, T, T)
+            if attn_mask is not None:
+                scores = scores.masked_fill(~attn_mask, float("-inf"))
             weights = scores.softmax(dim=-1)
             x = F.dropout(weights, dropout) @ v if dropout else weights @ v
         else:
-            x = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
         x = x.transpose(1, 2).reshape(B, T, D)
         return self.proj_drop(self.proj(x)), (weights if need_weights else None)

@@ -78,8 +78,10 @@ class Block(nn.Module):
         self.ls2 = LayerScale(dim, layer_scale_init) if layer_scale_init else nn.Identity()
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, x: Tensor, need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
-        y, weights = self.attn(self.norm1(x), need_weights=need_weights)
+    def forward(
+        self, x: Tensor, need_weights: bool = False, attn_mask: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        y, weights = self.attn(self.norm1(x), need_weights=need_weights, attn_mask=attn_mask)
         x = x + self.drop_path(self.ls1(y))
         x = x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
         return x, weights
