@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from vitkit.errors import ConfigError
-from vitkit.tokenizer import TokenizedText, Tokenizer, load_tokenizer
+from vitkit.tokenizer import TokenizedText, Tokenizer, load_tokenizer, write_clip_vocab
 
 pytest.importorskip("tokenizers")
 pytest.importorskip("sentencepiece")
@@ -84,16 +84,8 @@ def _open_clip_vocab() -> Path:
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory):
     """(a vocab.json + merges.txt folder, a folder saved by transformers, its tokenizer)."""
-    from open_clip.tokenizer import bytes_to_unicode  # the construction open_clip's BPE uses
-
-    lines = gzip.decompress(_open_clip_vocab().read_bytes()).decode("utf-8").split("\n")
-    merges = lines[1 : 49152 - 256 - 2 + 1]
-    units = list(bytes_to_unicode().values())
-    vocab = [*units, *(u + "</w>" for u in units), *(m.replace(" ", "") for m in merges)]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    plain = tmp_path_factory.mktemp("clip_plain")
-    (plain / "vocab.json").write_text(json.dumps({v: i for i, v in enumerate(vocab)}), "utf-8")
-    (plain / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", "utf-8")
+    _open_clip_vocab()
+    plain = write_clip_vocab(tmp_path_factory.mktemp("clip_plain"))
     saved = tmp_path_factory.mktemp("clip_hf")
     transformers.CLIPTokenizer.from_pretrained(plain, model_max_length=77).save_pretrained(saved)
     assert (saved / "tokenizer.json").is_file()

@@ -490,29 +490,12 @@ def _load_open_clip(files: _Files, context_length: int | None) -> Tokenizer:
     length = min(length, context_length) if context_length else length
 
     path = files.path(OPEN_CLIP_VOCAB) or _installed_open_clip_vocab()
-    if path is None:
-        raise ConfigError(
-            f"{files.folder}: no {OPEN_CLIP_VOCAB} in it, and open_clip is not installed to "
-            f"take it from (pip install open_clip_torch, or copy the file into the folder)"
-        )
-    cap = limits.limit("JSON_BYTES")
+    vocab, merges = open_clip_vocabulary(path, where=files.folder)
     try:
-        with gzip.GzipFile(fileobj=io.BytesIO(_read_limited(path))) as f:
-            data = f.read(cap + 1)
-        if len(data) > cap:
-            limits.check(len(data), "JSON_BYTES", "uncompressed size in bytes", str(path))
-        lines = data.decode("utf-8").split("\n")
-        merges = [tuple(m.split()) for m in lines[1 : 49152 - 256 - 2 + 1]]
-        byte_encoder = _bytes_to_unicode()
-        units = list(byte_encoder.values())
-        words = units + [u + "</w>" for u in units]
-        words += ["".join(m) for m in merges] + list(_OPEN_CLIP_SPECIALS)
-        vocab = dict(zip(words, range(len(words))))
         bpe = BPE(vocab=vocab, merges=merges, end_of_word_suffix="</w>")
-    except ConfigError:
-        raise
     except Exception as exc:
-        raise ConfigError(f"{path}: not open_clip's BPE vocabulary ({exc})") from None
+        raise ConfigError(f"{files.folder}: not open_clip's BPE vocabulary ({exc})") from None
+    byte_encoder = _bytes_to_unicode()
     specials = {s: vocab[s] for s in _OPEN_CLIP_SPECIALS}
     sot, eot = specials["<start_of_text>"], specials["<end_of_text>"]
     split = _open_clip_splitter(tk)
@@ -532,6 +515,56 @@ def _load_open_clip(files: _Files, context_length: int | None) -> Tokenizer:
         return [sot, *ids[: length - 2], eot]
 
     return Tokenizer("open_clip", length, 0, eot, encode, pad_to_max=True, source=str(path))
+
+
+def open_clip_vocabulary(
+    path: Path | None = None, *, where: Path | str = "."
+) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """(vocabulary, merges) of open_clip's `bpe_simple_vocab_16e6.txt.gz` (at `path`, else the
+    installed open_clip's), the BPE of OpenAI's CLIP: 256 byte units, the same with "</w>",
+    48,894 merges, then `<start_of_text>` (49406) and `<end_of_text>` (49407)."""
+    path = path or _installed_open_clip_vocab()
+    if path is None:
+        raise ConfigError(
+            f"{where}: no {OPEN_CLIP_VOCAB} in it, and open_clip is not installed to "
+            f"take it from (pip install open_clip_torch, or copy the file into the folder)"
+        )
+    cap = limits.limit("JSON_BYTES")
+    try:
+        with gzip.GzipFile(fileobj=io.BytesIO(_read_limited(path))) as f:
+            data = f.read(cap + 1)
+        if len(data) > cap:
+            limits.check(len(data), "JSON_BYTES", "uncompressed size in bytes", str(path))
+        lines = data.decode("utf-8").split("\n")
+    except ConfigError:
+        raise
+    except Exception as exc:
+        raise ConfigError(f"{path}: not open_clip's BPE vocabulary ({exc})") from None
+    merges = [tuple(m.split()) for m in lines[1 : 49152 - 256 - 2 + 1]]
+    if not merges or any(len(m) != 2 for m in merges):
+        raise ConfigError(f"{path}: not open_clip's BPE vocabulary (merges are not pairs)")
+    units = list(_bytes_to_unicode().values())
+    words = units + [u + "</w>" for u in units]
+    words += ["".join(m) for m in merges] + list(_OPEN_CLIP_SPECIALS)
+    return dict(zip(words, range(len(words)))), merges  # type: ignore[return-value]
+
+
+def write_clip_vocab(folder: str | Path, source: Path | None = None) -> Path:
+    """Write open_clip's vocabulary (`open_clip_vocabulary`) into `folder` as a transformers
+    CLIP tokenizer reads it, `vocab.json` + `merges.txt` (the special tokens spelled
+    `<|startoftext|>` / `<|endoftext|>`, the same ids): a folder saved from an open_clip
+    checkpoint then carries its tokenizer."""
+    from vitkit._io import atomic_write_text
+
+    vocab, merges = open_clip_vocabulary(source)
+    names = dict(zip(_OPEN_CLIP_SPECIALS, ("<|startoftext|>", "<|endoftext|>")))
+    vocab = {names.get(word, word): i for word, i in vocab.items()}
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(folder / "vocab.json", json.dumps(vocab, ensure_ascii=False))
+    text = "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges)
+    atomic_write_text(folder / "merges.txt", text)
+    return folder
 
 
 def _installed_open_clip_vocab() -> Path | None:
