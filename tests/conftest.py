@@ -1,6 +1,8 @@
+import io
 import json
 import os
 import pickle
+import random
 import signal
 import socket
 import struct
@@ -146,3 +148,42 @@ def kill_at_first_checkpoint(recipe: dict, run: Path, timeout: float = 240) -> N
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+
+
+# ------------------------------------------------------------------------------ text towers
+IMAGENET_CLASSES = Path(__file__).parents[1] / "src" / "vitkit" / "data" / "imagenet_classes.txt"
+
+
+def _spiece_sentences(n: int = 600) -> list[str]:
+    rng = random.Random(0)
+    words = [
+        w
+        for line in IMAGENET_CLASSES.read_text("utf-8").splitlines()[:400]
+        for w in line.split(", ")
+    ]
+    extra = ["photo", "picture", "of", "a", "the", "this", "is", "123", "2024", "café", "東京"]
+    return [
+        " ".join(rng.choice(words + extra) for _ in range(rng.randint(2, 9)))
+        + rng.choice([".", "!", "", " 42"])
+        for _ in range(n)
+    ]
+
+
+def train_spiece(odd: bool = False) -> bytes:
+    """A small SentencePiece unigram model with SigLIP's piece ids: SigLIP-like (T5's normalization), or with byte fallback and spaces kept as they are."""
+    import sentencepiece as spm
+
+    out = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_spiece_sentences()),
+        model_writer=out,
+        model_type="unigram",
+        vocab_size=800,
+        pad_id=0, eos_id=1, unk_id=2, bos_id=-1,  # SigLIP's (T5's): <pad> 0, </s> 1, <unk> 2
+        pad_piece="<pad>", eos_piece="</s>", unk_piece="<unk>",
+        character_coverage=1.0,
+        byte_fallback=odd,
+        remove_extra_whitespaces=not odd,
+        minloglevel=2,
+    )  # fmt: skip
+    return out.getvalue()
