@@ -134,9 +134,9 @@ def test_only_the_layers_a_method_needs_materialise_attention(monkeypatch):
     calls = []
     forward = Attention.forward
 
-    def counting(self, x, need_weights=False):
+    def counting(self, x, need_weights=False, attn_mask=None):
         calls.append(need_weights)
-        return forward(self, x, need_weights)
+        return forward(self, x, need_weights, attn_mask)
 
     monkeypatch.setattr(Attention, "forward", counting)
     x = torch.randn(1, 3, SIZE, SIZE)

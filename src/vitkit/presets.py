@@ -4,7 +4,8 @@ Names follow timm: `vit_{size}_patch{P}_{resolution}` for the paper's sizes, `de
 and small-image presets for 8x8 digits, 28x28 MNIST and 32x32 CIFAR used by the shipped recipes.
 The encoders people start from today have their public sizes under their family's name:
 `dinov2_{size}[_reg4]_patch14_518`, `clip_vit_{size}_patch{P}_224`, `siglip_base_patch16_{res}`,
-`deit3_{size}_patch16_{res}` (docs/families.md).
+`deit3_{size}_patch16_{res}` (docs/families.md). The CLIP and SigLIP presets also have their
+text tower (`get_image_text_config`, `create_image_text_model`, `list_models(text=True)`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from typing import Any
 
 from vitkit.config import ViTConfig
 from vitkit.errors import ConfigError
+from vitkit.models.image_text import ImageTextConfig, ImageTextModel, Scores
+from vitkit.models.text import TextConfig
 from vitkit.models.vit import VisionTransformer
 
 # width, depth, heads (paper table 1; Ti and S from DeiT)
@@ -42,13 +45,33 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "deit3": dict(layer_scale_init=1e-6, no_embed_class=True),
 }
 
+# The text towers of the image-text families (sizes are added below). CLIP (Radford et al.
+# 2021, table 20; openai/clip-vit-*): causal, the end-of-text token is the largest id (its
+# transformers configs say eos_token_id=2, the legacy rule), quick-GELU, no projection bias.
+# SigLIP (Zhai et al. 2023; google/siglip-base-patch16-*): both ways, the last position of
+# texts padded to 64 tokens, tanh-GELU, a projection with bias, SentencePiece's "</s>" = 1.
+TEXT_FAMILIES: dict[str, dict[str, Any]] = {
+    "clip": dict(vocab_size=49_408, context_length=77, depth=12, act="quick_gelu",
+                 layer_norm_eps=1e-5, causal=True, pool="argmax", eos_token_id=49_407),
+    "siglip": dict(vocab_size=32_000, context_length=64, width=768, depth=12, num_heads=12,
+                   act="gelu_tanh", layer_norm_eps=1e-6, causal=False, pool="last",
+                   eos_token_id=1, projection_dim=768, projection_bias=True),
+}  # fmt: skip
+
 _PRESETS: dict[str, dict[str, Any]] = {}
+_TEXT_TOWERS: dict[str, tuple[dict[str, Any], Scores]] = {}  # preset -> text tower, scores
 
 
 def register_preset(name: str, **fields: Any) -> None:
     """Add a named preset; `fields` are `ViTConfig` fields."""
     ViTConfig(**fields)  # validate now, not when a user asks for it
     _PRESETS[name] = fields
+
+
+def register_text_tower(name: str, scores: Scores = "softmax", **fields: Any) -> None:
+    """Give preset `name` a text tower (`TextConfig` fields) and the `scores` of the pair."""
+    ImageTextConfig(ViTConfig(**_PRESETS[name]), TextConfig(**fields), scores)  # validate now
+    _TEXT_TOWERS[name] = (fields, scores)
 
 
 def _register_defaults() -> None:
@@ -162,18 +185,21 @@ def _register_families() -> None:
                 num_register_tokens=reg,
                 pos_embed_antialias=bool(reg),
             )
-    for size, patch, proj in (("base", 32, 512), ("base", 16, 512), ("large", 14, 768)):
+    # CLIP's text towers: width 512 with 8 heads for B, 768 with 12 for L; 12 layers each
+    for size, patch, proj, (width, heads) in (
+        ("base", 32, 512, (512, 8)), ("base", 16, 512, (512, 8)), ("large", 14, 768, (768, 12))
+    ):  # fmt: skip
+        name = f"clip_vit_{size}_patch{patch}_224"
         register_preset(
-            f"clip_vit_{size}_patch{patch}_224",
-            **FAMILIES["clip"],
-            **sized(size),
-            patch_size=patch,
-            projection_dim=proj,
+            name, **FAMILIES["clip"], **sized(size), patch_size=patch, projection_dim=proj
+        )
+        register_text_tower(
+            name, **TEXT_FAMILIES["clip"], width=width, num_heads=heads, projection_dim=proj
         )
     for res in (224, 256, 384, 512):
-        register_preset(
-            f"siglip_base_patch16_{res}", **FAMILIES["siglip"], **sized("base"), image_size=res
-        )
+        name = f"siglip_base_patch16_{res}"
+        register_preset(name, **FAMILIES["siglip"], **sized("base"), image_size=res)
+        register_text_tower(name, "sigmoid", **TEXT_FAMILIES["siglip"])
     for size in ("small", "base", "large"):
         for res in (224, 384):
             register_preset(
@@ -184,9 +210,11 @@ def _register_families() -> None:
 _register_defaults()
 
 
-def list_models(pattern: str = "*") -> list[str]:
-    """Preset names matching a shell-style `pattern` (e.g. `"vit_base_*"`), sorted."""
-    return sorted(n for n in _PRESETS if fnmatch.fnmatch(n, pattern))
+def list_models(pattern: str = "*", *, text: bool = False) -> list[str]:
+    """Preset names matching a shell-style `pattern` (e.g. `"vit_base_*"`), sorted; with
+    `text=True` only those with a text tower (CLIP, SigLIP)."""
+    names = _TEXT_TOWERS if text else _PRESETS
+    return sorted(n for n in names if fnmatch.fnmatch(n, pattern))
 
 
 def get_config(name: str, **overrides: Any) -> ViTConfig:
@@ -210,3 +238,30 @@ def create_model(name: str | ViTConfig, **overrides: Any):
     else:
         config = get_config(name, **overrides)
     return VisionTransformer(config)
+
+
+def get_image_text_config(name: str, **overrides: Any) -> ImageTextConfig:
+    """Both towers of preset `name` (a CLIP or SigLIP one) with `overrides` applied
+    (`ImageTextConfig.replace`: a field both towers have changes both)."""
+    vision = get_config(name)
+    if name not in _TEXT_TOWERS:
+        raise ConfigError(
+            f"preset {name!r} has no text tower; the presets with one are "
+            f"{', '.join(list_models(text=True))}"
+        )
+    fields, scores = _TEXT_TOWERS[name]
+    config = ImageTextConfig(vision, TextConfig(**fields), scores)
+    return config.replace(**overrides) if overrides else config
+
+
+def create_image_text_model(name: str | ImageTextConfig, **overrides: Any) -> ImageTextModel:
+    """A randomly initialised CLIP / SigLIP model (both towers) from a preset name or an
+    `ImageTextConfig`.
+
+    >>> model = create_image_text_model("clip_vit_base_patch32_224")
+    """
+    if isinstance(name, ImageTextConfig):
+        config = name.replace(**overrides) if overrides else name
+    else:
+        config = get_image_text_config(name, **overrides)
+    return ImageTextModel(config)

@@ -15,21 +15,51 @@ from torch import Tensor
 from vitkit.config import ViTConfig
 from vitkit.errors import CheckpointError
 from vitkit.limits import is_finite, is_int
+from vitkit.models.image_text import ImageTextConfig, ImageTextModel
+from vitkit.models.text import TextConfig, TextTransformer
 from vitkit.models.vit import VisionTransformer
 
 _MAX_LISTED = 12
 
+AnyConfig = ViTConfig | TextConfig | ImageTextConfig
+"""What a checkpoint holds: an image model, a text tower, or both towers (CLIP / SigLIP)."""
 
-def expected_state(config: ViTConfig) -> dict[str, Tensor]:
-    """The state dict a `VisionTransformer(config)` has, as `meta` tensors (names, shapes and
-    dtypes, nothing allocated)."""
+
+def model_class(config: AnyConfig) -> type[torch.nn.Module]:
+    """The vitkit module a config builds: `VisionTransformer`, `TextTransformer` or
+    `ImageTextModel`."""
+    if isinstance(config, ImageTextConfig):
+        return ImageTextModel
+    return TextTransformer if isinstance(config, TextConfig) else VisionTransformer
+
+
+def expected_state(config: AnyConfig) -> dict[str, Tensor]:
+    """The state dict the model of `config` has (`model_class`), as `meta` tensors (names,
+    shapes and dtypes, nothing allocated)."""
     with torch.device("meta"):
-        return VisionTransformer(config).state_dict()
+        return model_class(config)(config).state_dict()
 
 
-def expected_shapes(config: ViTConfig) -> dict[str, tuple[int, ...]]:
-    """Names and shapes of the state dict a `VisionTransformer(config)` has."""
+def expected_shapes(config: AnyConfig) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the state dict the model of `config` has."""
     return {k: tuple(v.shape) for k, v in expected_state(config).items()}
+
+
+def no_text_tower(source: str, what: str) -> CheckpointError:
+    """The error for a checkpoint loaded with its text tower that has none."""
+    return CheckpointError(
+        f"{source} has no text tower: it is {what}. Zero-shot classification and text "
+        f"embeddings need a CLIP or SigLIP checkpoint with both towers (a transformers "
+        f"CLIPModel / SiglipModel folder, an open_clip checkpoint, or a vitkit image-text folder)"
+    )
+
+
+def with_text(text: bool | str, has_text: bool, *, source: str, what: str) -> bool:
+    """Whether to load a checkpoint's text tower: `text=True` needs one (else `no_text_tower`),
+    "auto" takes it when there is one, False never."""
+    if text is True and not has_text:
+        raise no_text_tower(source, what)
+    return has_text and text in (True, "auto")
 
 
 def _listing(keys: Iterable[str]) -> str:
@@ -69,7 +99,7 @@ def mismatch_error(
 
 def check_state_dict(
     sd: Mapping[str, Tensor],
-    config: ViTConfig,
+    config: AnyConfig,
     *,
     source: str,
     hint: str = "",
@@ -145,11 +175,18 @@ def block_rules(
     ours: str, theirs: str, names: Mapping[str, str], dim: int, qkv_bias: bool = True
 ) -> list[Rule]:
     """One transformer block: vitkit's at `ours` ("blocks.3.") <-> a layer at `theirs` whose
-    sublayers `names` spells (keys ln1, q, k, v, o, ln2, fc1, fc2)."""
+    sublayers `names` spells (keys ln1, q, k, v, o, ln2, fc1, fc2; or `qkv` instead of q, k, v
+    for one fused projection whose tensors are `{qkv}weight` and `{qkv}bias`, as
+    `nn.MultiheadAttention`'s `in_proj_`)."""
     n = {k: theirs + v for k, v in names.items()}
+    if "qkv" in n:
+        qkv = [same(f"{ours}attn.qkv.weight", f"{n['qkv']}weight")]
+        qkv += [same(f"{ours}attn.qkv.bias", f"{n['qkv']}bias")] if qkv_bias else []
+    else:
+        qkv = fused_qkv(f"{ours}attn.qkv", [n["q"], n["k"], n["v"]], dim, qkv_bias)
     return [
         *weight_and_bias(f"{ours}norm1", n["ln1"]),
-        *fused_qkv(f"{ours}attn.qkv", [n["q"], n["k"], n["v"]], dim, qkv_bias),
+        *qkv,
         *weight_and_bias(f"{ours}attn.proj", n["o"]),
         *weight_and_bias(f"{ours}norm2", n["ln2"]),
         *weight_and_bias(f"{ours}mlp.fc1", n["fc1"]),
@@ -168,7 +205,7 @@ def under(rules: Iterable[Rule], theirs: str = "", ours: str = "") -> list[Rule]
 def rename_from(
     sd: Mapping[str, Tensor],
     rules: Iterable[Rule],
-    expected: ViTConfig | Mapping[str, tuple[int, ...]],
+    expected: AnyConfig | Mapping[str, tuple[int, ...]],
     *,
     ignore: Iterable[str] = (),
     source: str,
@@ -177,7 +214,7 @@ def rename_from(
     names and shapes; a name it lacks takes the file's shape). Keys starting with an entry of
     `ignore` are skipped on purpose; anything else that does not map, a missing key or a shape
     other than the rule's raises one `CheckpointError` that names the file's keys."""
-    if isinstance(expected, ViTConfig):
+    if not isinstance(expected, Mapping):
         expected = expected_shapes(expected)
     ignore, rules = tuple(ignore), list(rules)
     out: dict[str, Tensor] = {}
@@ -293,8 +330,8 @@ HF_ACT_FROM = {
 HF_ACT_TO = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "quick_gelu": "quick_gelu"}
 
 
-def hf_act(name: str, *, source: str) -> str:
-    if name not in HF_ACT_FROM:
+def hf_act(name: Any, *, source: str) -> str:
+    if not isinstance(name, str) or name not in HF_ACT_FROM:
         raise CheckpointError(
             f"{source}: hidden_act={name!r} is not supported; vitkit has exact GELU ('gelu'), "
             f"its tanh approximation ('gelu_pytorch_tanh') and 'quick_gelu'"

@@ -1,15 +1,24 @@
-"""transformers CLIP image towers <-> vitkit.
+"""transformers CLIP <-> vitkit: image towers, text towers and both together.
 
     CLIPVisionModel                 pre_norm, patch_bias=False, [CLS] after post_layernorm
     CLIPVisionModelWithProjection   the same + `visual_projection` (no bias) -> `projection`
-    CLIPModel (model_type "clip")   the vision tower and `visual_projection`; the text tower,
-                                    `text_projection` and `logit_scale` are left aside
+    CLIPModel (model_type "clip")   as an image model: the vision tower and `visual_projection`
+                                    (the rest is left aside); with its text tower: an
+                                    `ImageTextModel` (`vision.*`, `text.*`, `logit_scale`)
+    CLIPTextModel                   a `TextTransformer` without projection: causal attention,
+                                    positions (T, D) -> pos_embed (1, T, D), final_layer_norm
+    CLIPTextModelWithProjection     the same + `text_projection` (no bias) -> `projection`
+
+The text tower pools the end-of-text token as transformers does: the largest id of each row
+when `eos_token_id` is 2 (the legacy configs, e.g. openai/clip-vit-base-patch32:
+`pool="argmax"`, written back as 2), else the first `eos_token_id` (`pool="eos"`).
 
 transformers' CLIP returns `last_hidden_state` *before* `post_layernorm` (only the pooled [CLS]
 is normalised); vitkit's `last_hidden_state` is after its final norm, as timm's
 `forward_features`. `pooler_output` and `image_embeds` are the same in both.
 Files written by transformers 5 keep `vision_model.` on CLIPVisionModelWithProjection and drop it
-on CLIPVisionModel; both are read, and vitkit writes `vision_model.` (the layout on the Hub).
+on CLIPVisionModel (and `text_model.` on CLIPTextModel); both are read, and vitkit writes the
+prefixes (the layout on the Hub).
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ from typing import Any
 from torch import Tensor
 
 from vitkit.checkpoints._common import (
+    HF_ACT_TO,
     HF_BASE,
     Rule,
     block_rules,
@@ -37,24 +47,43 @@ from vitkit.checkpoints._common import (
 )
 from vitkit.config import ViTConfig
 from vitkit.errors import CheckpointError, ConfigError
+from vitkit.models.image_text import ImageTextConfig
+from vitkit.models.text import TextConfig
 
 ARCHITECTURES = ("CLIPVisionModel", "CLIPVisionModelWithProjection", "CLIPModel")
+TEXT_ARCHITECTURES = ("CLIPTextModel", "CLIPTextModelWithProjection")
 _PREFIX = "vision_model."
+TEXT_PREFIX = "text_model."
+LEGACY_EOS = 2  # transformers pools the largest id for this eos_token_id (configs before #24773)
 LAYER = dict(ln1="layer_norm1", q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj",
              o="self_attn.out_proj", ln2="layer_norm2", fc1="mlp.fc1", fc2="mlp.fc2")  # fmt: skip
 
 
-def layer_rules(config: ViTConfig, i: int) -> list[Rule]:
-    """One encoder layer in the CLIP / SigLIP layout (`encoder.layers.{i}.self_attn.q_proj`)."""
-    return block_rules(f"blocks.{i}.", f"encoder.layers.{i}.", LAYER, config.embed_dim,
-                       config.qkv_bias)  # fmt: skip
+def layer_rules(i: int, dim: int, qkv_bias: bool = True) -> list[Rule]:
+    """One encoder layer in the CLIP / SigLIP layout (`encoder.layers.{i}.self_attn.q_proj`),
+    of either tower."""
+    return block_rules(f"blocks.{i}.", f"encoder.layers.{i}.", LAYER, dim, qkv_bias)
 
 
-def vision_config(data: Mapping[str, Any]) -> dict[str, Any]:
+def vision_config(data: Mapping[str, Any], source: str = "config.json") -> dict[str, Any]:
     """The vision part of a CLIP/SigLIP config.json (the whole dict for a vision model)."""
-    if data.get("model_type") in ("clip", "siglip"):
-        return dict(data.get("vision_config") or {})
-    return dict(data)
+    return _part(data, "vision_config", source)
+
+
+def text_part(data: Mapping[str, Any], source: str = "config.json") -> dict[str, Any]:
+    """The text part of a CLIP/SigLIP config.json (the whole dict for a text model)."""
+    return _part(data, "text_config", source)
+
+
+def _part(data: Mapping[str, Any], key: str, source: str) -> dict[str, Any]:
+    if data.get("model_type") not in ("clip", "siglip"):
+        return dict(data)
+    # early CLIP configs state the towers in `text_config_dict` / `vision_config_dict`, which
+    # transformers builds in full (defaults included) and puts over `text_config`
+    part = data.get(f"{key}_dict") or data.get(key) or {}
+    if not isinstance(part, dict):
+        raise CheckpointError(f"{source}: {key} must be a JSON object")
+    return dict(part)
 
 
 def common_fields(v: Mapping[str, Any], defaults: Mapping[str, Any], source: str) -> dict:
@@ -102,10 +131,12 @@ def architecture(data: Mapping[str, Any]) -> str:
 
 def config_from_hf(data: Mapping[str, Any], *, source: str = "config.json") -> ViTConfig:
     arch = architecture(data)
-    v = vision_config(data)
+    v = vision_config(data, source)
     projection = None
     if arch != "CLIPVisionModel":
-        stated = next((d for d in (data, v) if d.get("projection_dim")), {})  # CLIPModel's first
+        # CLIPModel's visual_projection is the top-level projection_dim's (transformers' default
+        # 512); CLIPVisionModelWithProjection's its own
+        stated = data if arch == "CLIPModel" else v
         projection = integer(stated, "projection_dim", 512, source=source)
     try:
         return ViTConfig(
@@ -128,7 +159,7 @@ def rules(config: ViTConfig, prefix: str = _PREFIX) -> list[Rule]:
         *weight_and_bias("norm_pre", "pre_layrnorm"),
     ]
     for i in range(config.depth):
-        out += layer_rules(config, i)
+        out += layer_rules(i, D, config.qkv_bias)
     out = under([*out, *weight_and_bias("norm", "post_layernorm")], prefix)
     if config.projection_dim is not None:
         out.append(same("projection.weight", "visual_projection.weight"))
@@ -170,3 +201,223 @@ def tower_fields(config: ViTConfig, **extra: Any) -> dict[str, Any]:
 
 def state_dict_to_hf(sd: Mapping[str, Tensor], config: ViTConfig) -> dict[str, Tensor]:
     return rename_to(sd, rules(config))
+
+
+# ------------------------------------------------------------------------------ text towers
+_TEXT_DEFAULTS = dict(  # transformers' CLIPTextConfig
+    vocab_size=49_408,
+    hidden_size=512,
+    intermediate_size=2048,
+    num_hidden_layers=12,
+    num_attention_heads=8,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    layer_norm_eps=1e-5,
+    eos_token_id=49_407,
+)
+
+
+def text_fields(t: Mapping[str, Any], defaults: Mapping[str, Any], source: str) -> dict:
+    """`TextConfig` fields that CLIP and SigLIP text configs spell the same way."""
+    c = {**defaults, **{k: val for k, val in t.items() if val is not None}}
+    hidden = integer(c, "hidden_size", source=source)
+    return dict(
+        vocab_size=integer(c, "vocab_size", source=source),
+        context_length=integer(c, "max_position_embeddings", source=source),
+        width=hidden,
+        depth=integer(c, "num_hidden_layers", source=source),
+        num_heads=integer(c, "num_attention_heads", source=source),
+        mlp_ratio=integer(c, "intermediate_size", source=source) / hidden,
+        act=hf_act(c["hidden_act"], source=source),
+        layer_norm_eps=number(c, "layer_norm_eps", 1e-5, source=source),
+        attn_drop_rate=number(c, "attention_dropout", 0.0, source=source),
+    )
+
+
+def text_tower_fields(config: TextConfig, **extra: Any) -> dict[str, Any]:
+    """config.json of a CLIP / SigLIP text tower (`text_fields` reads it back)."""
+    c = config
+    return {
+        "vocab_size": c.vocab_size,
+        "max_position_embeddings": c.context_length,
+        "hidden_size": c.width,
+        "intermediate_size": c.mlp_hidden_dim,
+        "num_hidden_layers": c.depth,
+        "num_attention_heads": c.num_heads,
+        "hidden_act": HF_ACT_TO[c.act],
+        "layer_norm_eps": c.layer_norm_eps,
+        "attention_dropout": c.attn_drop_rate,
+        **extra,
+    }
+
+
+def text_architecture(data: Mapping[str, Any]) -> str:
+    """CLIPTextModel[WithProjection], or CLIPModel for a whole model's config."""
+    if data.get("model_type") == "clip":
+        return "CLIPModel"
+    archs = data.get("architectures") or ["CLIPTextModel"]
+    if not isinstance(archs, list) or archs[0] not in TEXT_ARCHITECTURES:
+        raise CheckpointError(f"unsupported CLIP text architecture {archs!r}; vitkit reads "
+                              f"{TEXT_ARCHITECTURES} and CLIPModel")  # fmt: skip
+    return archs[0]
+
+
+def text_config_from_hf(data: Mapping[str, Any], *, source: str = "config.json") -> TextConfig:
+    """The `TextConfig` of a CLIPModel's `text_config` (its projection is the top-level
+    `projection_dim`) or of a CLIPTextModel[WithProjection] config.json."""
+    arch = text_architecture(data)
+    t = text_part(data, source)
+    projection = None
+    if arch != "CLIPTextModel":
+        projection = integer(data if arch == "CLIPModel" else t, "projection_dim", 512,
+                             source=source)  # fmt: skip
+    fields = text_fields(t, _TEXT_DEFAULTS, source)
+    eos = {**_TEXT_DEFAULTS, **{k: v for k, v in t.items() if v is not None}}["eos_token_id"]
+    if isinstance(eos, list):
+        raise CheckpointError(f"{source}: text_config eos_token_id={eos!r}: CLIP pools one "
+                              f"end-of-text id")  # fmt: skip
+    eos = integer({"eos_token_id": eos}, "eos_token_id", source=source, minimum=0)
+    pool = dict(pool="argmax") if eos == LEGACY_EOS else dict(pool="eos", eos_token_id=eos)
+    try:
+        return TextConfig(**fields, **pool, causal=True, projection_dim=projection)
+    except ConfigError as exc:
+        raise CheckpointError(f"{source} describes an invalid text tower: {exc}") from exc
+
+
+def text_tower_rules(config: TextConfig) -> list[Rule]:
+    """Embeddings, encoder layers and final norm of a CLIP / SigLIP text tower (no prefix)."""
+    D, T = config.width, config.context_length
+    out = [
+        same("token_embed.weight", "embeddings.token_embedding.weight"),
+        same("pos_embed", "embeddings.position_embedding.weight", (T, D)),
+    ]
+    for i in range(config.depth):
+        out += layer_rules(i, D)
+    return out + weight_and_bias("norm", "final_layer_norm")
+
+
+def text_rules(config: TextConfig, prefix: str = TEXT_PREFIX) -> list[Rule]:
+    """vitkit <-> CLIP text tower names, the tower's under `prefix`, `text_projection` beside."""
+    out = under(text_tower_rules(config), prefix)
+    if config.projection_dim is not None:
+        out.append(same("projection.weight", "text_projection.weight"))
+    return out
+
+
+def text_state_dict_from_hf(
+    sd: Mapping[str, Tensor], config: TextConfig, *, source: str = "state dict"
+) -> dict[str, Tensor]:
+    """vitkit `TextTransformer` weights from a CLIP text (or full CLIP) state dict."""
+    prefix = find_prefix(sd, "embeddings.token_embedding.weight", source=source,
+                         what="CLIP text")  # fmt: skip
+    ignore = [_PREFIX, "visual_projection.", "logit_scale", f"{prefix}embeddings.position_ids"]
+    if config.projection_dim is None:
+        ignore.append("text_projection.")
+    return rename_from(sd, text_rules(config, prefix), config, ignore=ignore, source=source)
+
+
+def text_unsupported(config: TextConfig, *, projection: bool = False) -> list[str]:
+    """Reasons CLIPTextModel[WithProjection] (`projection`: CLIPModel's, which has one) cannot
+    hold `config` (empty if it can)."""
+    c, reasons = config, []
+    for name, have, allowed in (
+        ("causal", c.causal, (True,)),
+        ("pool", c.pool, ("argmax", "eos")),
+        ("projection_bias", c.projection_bias, (False,)),
+    ):
+        if have not in allowed:
+            reasons.append(f"text {name}={have!r} (CLIP has {' or '.join(map(repr, allowed))})")
+    if c.pool == "eos" and c.eos_token_id == LEGACY_EOS:
+        reasons.append(f"text eos_token_id={LEGACY_EOS} with pool='eos' (transformers reads "
+                       f"{LEGACY_EOS} as the legacy largest-id rule)")  # fmt: skip
+    if projection and c.projection_dim is None:
+        reasons.append("a text tower without projection (CLIPModel has text_projection)")
+    if c.mlp_hidden_dim != round(c.width * c.mlp_ratio, 6):
+        reasons.append(f"text mlp_ratio={c.mlp_ratio} gives a fractional hidden size")
+    return reasons
+
+
+def text_config_to_hf(config: TextConfig) -> dict[str, Any]:
+    """config.json of CLIPTextModelWithProjection (CLIPTextModel without projection)."""
+    c = config
+    arch = "CLIPTextModelWithProjection" if c.projection_dim is not None else "CLIPTextModel"
+    out = _text_config(c, architectures=[arch])
+    return {**out, "projection_dim": c.projection_dim} if c.projection_dim is not None else out
+
+
+def _text_config(config: TextConfig, **extra: Any) -> dict[str, Any]:
+    eos = LEGACY_EOS if config.pool == "argmax" else config.eos_token_id
+    return text_tower_fields(config, model_type="clip_text_model", eos_token_id=eos, **extra)
+
+
+def text_state_dict_to_hf(sd: Mapping[str, Tensor], config: TextConfig) -> dict[str, Tensor]:
+    return rename_to(sd, text_rules(config))
+
+
+# ------------------------------------------------------------------------------ both towers
+def image_text_config_from_hf(
+    data: Mapping[str, Any], *, source: str = "config.json"
+) -> ImageTextConfig:
+    """The `ImageTextConfig` of a CLIPModel config.json (`logit_scale_init_value` is only an
+    initial value; the weights hold the scale)."""
+    vision, text = config_from_hf(data, source=source), text_config_from_hf(data, source=source)
+    try:
+        return ImageTextConfig(vision=vision, text=text, scores="softmax")
+    except ConfigError as exc:
+        raise CheckpointError(f"{source} describes an invalid model: {exc}") from exc
+
+
+def image_text_rules(
+    config: ImageTextConfig, vision_prefix: str = _PREFIX, text_prefix: str = TEXT_PREFIX
+) -> list[Rule]:
+    """vitkit's `ImageTextModel` <-> CLIPModel names."""
+    return [
+        *under(rules(config.vision, vision_prefix), ours="vision."),
+        *under(text_rules(config.text, text_prefix), ours="text."),
+        same("logit_scale", "logit_scale"),
+    ]
+
+
+def image_text_state_dict_from_hf(
+    sd: Mapping[str, Tensor], config: ImageTextConfig, *, source: str = "state dict"
+) -> dict[str, Tensor]:
+    """vitkit `ImageTextModel` weights from a CLIPModel state dict."""
+    vision = find_prefix(sd, "embeddings.patch_embedding.weight", source=source, what="CLIP")
+    text = find_prefix(sd, "embeddings.token_embedding.weight", source=source, what="CLIP")
+    ignore = [f"{vision}embeddings.position_ids", f"{text}embeddings.position_ids"]
+    table = image_text_rules(config, vision, text)
+    return rename_from(sd, table, config, ignore=ignore, source=source)
+
+
+def image_text_unsupported(config: ImageTextConfig) -> list[str]:
+    """Reasons CLIPModel cannot hold `config` (empty if it can)."""
+    reasons = [] if config.scores == "softmax" else [
+        f"scores={config.scores!r} (CLIP has 'softmax')"]  # fmt: skip
+    if config.vision.projection_dim is None:
+        reasons.append("an image tower without projection (CLIPModel has visual_projection)")
+    return reasons + unsupported(config.vision) + text_unsupported(config.text, projection=True)
+
+
+def image_text_config_to_hf(
+    config: ImageTextConfig, sd: Mapping[str, Tensor] | None = None
+) -> dict[str, Any]:
+    """CLIPModel's config.json; `logit_scale_init_value` is the weights' scale when `sd` is
+    given."""
+    projection = config.text.projection_dim
+    scale = float(sd["logit_scale"]) if sd is not None else 2.6592
+    return {
+        "architectures": ["CLIPModel"],
+        "model_type": "clip",
+        "projection_dim": projection,
+        "logit_scale_init_value": scale,
+        "text_config": _text_config(config.text, projection_dim=projection),
+        "vision_config": tower_fields(
+            config.vision, model_type="clip_vision_model", projection_dim=projection
+        ),
+    }
+
+
+def image_text_state_dict_to_hf(
+    sd: Mapping[str, Tensor], config: ImageTextConfig
+) -> dict[str, Tensor]:
+    return rename_to(sd, image_text_rules(config))

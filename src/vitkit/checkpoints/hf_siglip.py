@@ -1,9 +1,14 @@
-"""transformers SigLIP image towers <-> vitkit.
+"""transformers SigLIP <-> vitkit: image towers, text towers and both together.
 
     SiglipVisionModel             no [CLS], positions for the patches only, tanh-GELU, then the
                                   attention-pooling head `head` (`global_pool="map"`; its fused
                                   `in_proj` becomes `attn_pool.q` + `attn_pool.kv`)
-    SiglipModel ("siglip")        the vision tower; the text tower and logit scale/bias are left
+    SiglipModel ("siglip")        as an image model: the vision tower (the rest is left aside);
+                                  with its text tower: an `ImageTextModel` with sigmoid scores,
+                                  `logit_scale` and `logit_bias` (shape (1,) in the file)
+    SiglipTextModel               a `TextTransformer` attending both ways (`causal=False`) that
+                                  reads the last position (`pool="last"`) through `head` (a
+                                  Linear with bias, `projection_size` wide) -> `projection`
 
 The encoder layers are named as CLIP's (`hf_clip.layer_rules`). transformers' SigLIP pools every
 token of `last_hidden_state` (after `post_layernorm`), which is vitkit's with no prefix tokens.
@@ -21,15 +26,28 @@ from vitkit.checkpoints._common import (
     Rule,
     differences,
     find_prefix,
+    integer,
     rename_from,
     rename_to,
     same,
     under,
     weight_and_bias,
 )
-from vitkit.checkpoints.hf_clip import common_fields, layer_rules, tower_fields, vision_config
+from vitkit.checkpoints.hf_clip import (
+    TEXT_PREFIX,
+    common_fields,
+    layer_rules,
+    text_fields,
+    text_part,
+    text_tower_fields,
+    text_tower_rules,
+    tower_fields,
+    vision_config,
+)
 from vitkit.config import ViTConfig
 from vitkit.errors import CheckpointError, ConfigError
+from vitkit.models.image_text import ImageTextConfig
+from vitkit.models.text import TextConfig
 
 _PREFIX = "vision_model."
 _DEFAULTS = dict(
@@ -46,7 +64,7 @@ _DEFAULTS = dict(
 
 
 def config_from_hf(data: Mapping[str, Any], *, source: str = "config.json") -> ViTConfig:
-    v = vision_config(data)
+    v = vision_config(data, source)
     if not v.get("vision_use_head", True):
         raise CheckpointError(
             f"{source}: vision_use_head=false (no pooled output) is not supported"
@@ -67,7 +85,7 @@ def rules(config: ViTConfig, prefix: str = _PREFIX) -> list[Rule]:
         same("pos_embed", "embeddings.position_embedding.weight", (c.num_patches, D)),
     ]
     for i in range(c.depth):
-        out += layer_rules(c, i)
+        out += layer_rules(i, D, c.qkv_bias)
     in_proj = "head.attention.in_proj_"
     out += [
         *weight_and_bias("norm", "post_layernorm"),
@@ -105,3 +123,148 @@ def config_to_hf(config: ViTConfig) -> dict[str, Any]:
 
 def state_dict_to_hf(sd: Mapping[str, Tensor], config: ViTConfig) -> dict[str, Tensor]:
     return rename_to(sd, rules(config))
+
+
+# ------------------------------------------------------------------------------ text towers
+_TEXT_DEFAULTS = dict(  # transformers' SiglipTextConfig
+    vocab_size=32_000,
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    max_position_embeddings=64,
+    hidden_act="gelu_pytorch_tanh",
+    layer_norm_eps=1e-6,
+)
+SIGLIP_EOS = 1  # the end-of-text id of SigLIP's SentencePiece vocabulary ("</s>")
+
+
+def text_config_from_hf(data: Mapping[str, Any], *, source: str = "config.json") -> TextConfig:
+    """The `TextConfig` of a SiglipModel's `text_config` or a SiglipTextModel config.json.
+    The last position is pooled whatever the end-of-text id; `eos_token_id` keeps the file's
+    when it lies in the vocabulary (transformers' default, 49407, does not), else SigLIP's."""
+    t = text_part(data, source)
+    fields = text_fields(t, _TEXT_DEFAULTS, source)
+    eos = t.get("eos_token_id")
+    if isinstance(eos, int) and not isinstance(eos, bool) and 0 <= eos < fields["vocab_size"]:
+        fields["eos_token_id"] = eos
+    else:
+        fields["eos_token_id"] = SIGLIP_EOS
+    width = fields["width"]
+    projection = integer({"projection_size": t.get("projection_size") or width},
+                         "projection_size", source=source)  # fmt: skip
+    try:
+        return TextConfig(**fields, causal=False, pool="last", projection_dim=projection,
+                          projection_bias=True)  # fmt: skip
+    except ConfigError as exc:
+        raise CheckpointError(f"{source} describes an invalid text tower: {exc}") from exc
+
+
+def text_rules(config: TextConfig, prefix: str = TEXT_PREFIX) -> list[Rule]:
+    """vitkit <-> SigLIP text tower names, the tower (and its `head`) under `prefix`."""
+    return under([*text_tower_rules(config), *weight_and_bias("projection", "head")], prefix)
+
+
+def text_state_dict_from_hf(
+    sd: Mapping[str, Tensor], config: TextConfig, *, source: str = "state dict"
+) -> dict[str, Tensor]:
+    """vitkit `TextTransformer` weights from a SigLIP text (or full SigLIP) state dict."""
+    prefix = find_prefix(sd, "embeddings.token_embedding.weight", source=source,
+                         what="SigLIP text")  # fmt: skip
+    ignore = (_PREFIX, "logit_scale", "logit_bias", f"{prefix}embeddings.position_ids")
+    return rename_from(sd, text_rules(config, prefix), config, ignore=ignore, source=source)
+
+
+def text_unsupported(config: TextConfig) -> list[str]:
+    """Reasons SiglipTextModel cannot hold `config` (empty if it can)."""
+    c, reasons = config, []
+    for name, have, want in (
+        ("causal", c.causal, False),
+        ("pool", c.pool, "last"),
+        ("projection_bias", c.projection_bias, True),
+    ):
+        if have != want:
+            reasons.append(f"text {name}={have!r} (SigLIP has {want!r})")
+    if c.projection_dim is None:
+        reasons.append("a text tower without projection (SigLIP's has a head)")
+    if c.mlp_hidden_dim != round(c.width * c.mlp_ratio, 6):
+        reasons.append(f"text mlp_ratio={c.mlp_ratio} gives a fractional hidden size")
+    return reasons
+
+
+def text_config_to_hf(config: TextConfig) -> dict[str, Any]:
+    return _text_config(config, architectures=["SiglipTextModel"])
+
+
+def _text_config(config: TextConfig, **extra: Any) -> dict[str, Any]:
+    return text_tower_fields(
+        config,
+        model_type="siglip_text_model",
+        projection_size=config.projection_dim,
+        eos_token_id=config.eos_token_id,
+        **extra,
+    )
+
+
+def text_state_dict_to_hf(sd: Mapping[str, Tensor], config: TextConfig) -> dict[str, Tensor]:
+    return rename_to(sd, text_rules(config))
+
+
+# ------------------------------------------------------------------------------ both towers
+def image_text_config_from_hf(
+    data: Mapping[str, Any], *, source: str = "config.json"
+) -> ImageTextConfig:
+    """The `ImageTextConfig` of a SiglipModel config.json (sigmoid scores)."""
+    vision, text = config_from_hf(data, source=source), text_config_from_hf(data, source=source)
+    try:
+        return ImageTextConfig(vision=vision, text=text, scores="sigmoid")
+    except ConfigError as exc:
+        raise CheckpointError(f"{source} describes an invalid model: {exc}") from exc
+
+
+def image_text_rules(
+    config: ImageTextConfig, vision_prefix: str = _PREFIX, text_prefix: str = TEXT_PREFIX
+) -> list[Rule]:
+    """vitkit's `ImageTextModel` <-> SiglipModel names (its scale and bias are (1,) there)."""
+    return [
+        *under(rules(config.vision, vision_prefix), ours="vision."),
+        *under(text_rules(config.text, text_prefix), ours="text."),
+        same("logit_scale", "logit_scale", (1,)),
+        same("logit_bias", "logit_bias", (1,)),
+    ]
+
+
+def image_text_state_dict_from_hf(
+    sd: Mapping[str, Tensor], config: ImageTextConfig, *, source: str = "state dict"
+) -> dict[str, Tensor]:
+    """vitkit `ImageTextModel` weights from a SiglipModel state dict."""
+    vision = find_prefix(sd, "embeddings.patch_embedding.weight", source=source, what="SigLIP")
+    text = find_prefix(sd, "embeddings.token_embedding.weight", source=source, what="SigLIP")
+    ignore = [f"{vision}embeddings.position_ids", f"{text}embeddings.position_ids"]
+    table = image_text_rules(config, vision, text)
+    return rename_from(sd, table, config, ignore=ignore, source=source)
+
+
+def image_text_unsupported(config: ImageTextConfig) -> list[str]:
+    """Reasons SiglipModel cannot hold `config` (empty if it can)."""
+    reasons = [] if config.scores == "sigmoid" else [
+        f"scores={config.scores!r} (SigLIP has 'sigmoid')"]  # fmt: skip
+    return reasons + unsupported(config.vision) + text_unsupported(config.text)
+
+
+def image_text_config_to_hf(
+    config: ImageTextConfig, sd: Mapping[str, Tensor] | None = None
+) -> dict[str, Any]:
+    """SiglipModel's config.json (the scale and bias live in the weights only)."""
+    return {
+        "architectures": ["SiglipModel"],
+        "model_type": "siglip",
+        "text_config": _text_config(config.text),
+        "vision_config": tower_fields(config.vision, model_type="siglip_vision_model"),
+    }
+
+
+def image_text_state_dict_to_hf(
+    sd: Mapping[str, Tensor], config: ImageTextConfig
+) -> dict[str, Tensor]:
+    return rename_to(sd, image_text_rules(config))

@@ -3,14 +3,18 @@
 `vitkit.checkpoints.resolve` decides what a source is; this module reads what it finds:
 
     folder with config.json + model.safetensors (or pytorch_model.bin, or a sharded index):
-        model_type "vit"/"deit" (transformers), "vitkit" (ours), or a timm hub config
-        ({"architecture": "vit_base_patch16_224", ...})
+        model_type "vit"/"deit"/... (transformers), "vitkit" or "vitkit_image_text" (ours), or
+        a timm hub config ({"architecture": "vit_base_patch16_224", ...})
     hub id "google/vit-base-patch16-224"   resolved through the huggingface_hub cache
     file.safetensors / .pth / .bin         a timm state dict (needs model_name or config)
     file.npz                               Google JAX (vision_transformer or big_vision)
 
 Files are untrusted: safetensors is preferred, pickles are read with `weights_only=True` only,
 and a mismatch is reported once with every missing/unexpected key and shape conflict.
+
+`text=True` reads a checkpoint with both towers (CLIPModel, SiglipModel, open_clip, vitkit's
+image-text folders) as an `ImageTextConfig` and `ImageTextModel` weights (`vision.*`, `text.*`,
+`logit_scale`, `logit_bias`); "auto" does so when the checkpoint has a text tower.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from torch import Tensor
 
 from vitkit._io import atomic_path, atomic_write_text
 from vitkit.checkpoints import hf, jax, open_clip, timm
-from vitkit.checkpoints._common import check_state_dict
+from vitkit.checkpoints._common import AnyConfig, check_state_dict, model_class, with_text
 from vitkit.checkpoints._safety import (
     check_finite,
     check_float_dtypes,
@@ -43,7 +47,9 @@ from vitkit.checkpoints.timm import unwrap_state_dict
 from vitkit.config import ViTConfig, read_json
 from vitkit.errors import CheckpointError, ConfigError
 from vitkit.layers.pos_embed import resample_pos_embed
-from vitkit.models.vit import VisionTransformer
+from vitkit.models.image_text import MODEL_TYPE as IMAGE_TEXT_TYPE
+from vitkit.models.image_text import ImageTextConfig
+from vitkit.models.text import TextConfig
 
 PICKLE_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt")
 
@@ -144,12 +150,13 @@ def read_training_state(path: str | os.PathLike[str]) -> dict[str, Any]:
 def load_folder(
     folder: Path | Mapping[str, Path],
     model_name: str | None = None,
-    config: ViTConfig | None = None,
+    config: ViTConfig | ImageTextConfig | None = None,
     *,
     where: Path | None = None,
-) -> tuple[ViTConfig, dict[str, Tensor], str, dict[str, Path]]:
+    text: bool | str = False,
+) -> tuple[ViTConfig | ImageTextConfig, dict[str, Tensor], str, dict[str, Path]]:
     """(config, vitkit state dict, weights file name, the folder's files) of a checkpoint folder
-    (or of the files a hub snapshot resolved to)."""
+    (or of the files a hub snapshot resolved to). `text`: see the module docstring."""
     if isinstance(folder, Path):
         where, files = folder, {p.name: p for p in folder.iterdir() if p.is_file()}
     else:
@@ -160,9 +167,7 @@ def load_folder(
         if weights is None:
             raise CheckpointError(f"{where}: no {' or '.join(open_clip.WEIGHTS_FILES)}")
         raw = read_state_dict(weights)
-        cfg, sd = open_clip.load(
-            raw, config_file=files[open_clip.CONFIG_FILE], config=config, source=str(weights)
-        )
+        cfg, sd = _load_open_clip(raw, files[open_clip.CONFIG_FILE], config, str(weights), text)
         return cfg, sd, str(weights), files
     if "config.json" not in files:
         raise CheckpointError(
@@ -180,15 +185,24 @@ def load_folder(
     except CheckpointError as exc:
         raise CheckpointError(f"{where}: {exc}") from exc
     model_type = data.get("model_type")
-    if model_type in hf.MODEL_TYPES:
-        return (*hf.load_hf(data, raw, name, config=config), name, files)
-    if model_type == "vitkit":
+    if model_type in hf.MODEL_TYPES or model_type in tuple(hf.TEXT_ONLY):
+        return (*hf.load_hf(data, raw, name, config=config, text=text), name, files)
+    if model_type in ("vitkit", IMAGE_TEXT_TYPE):
+        joint = with_text(text, model_type == IMAGE_TEXT_TYPE, source=str(where),
+                          what="a vitkit VisionTransformer")  # fmt: skip
         try:
-            cfg = config or ViTConfig.from_dict(data)
+            if model_type == "vitkit":
+                return config or ViTConfig.from_dict(data), raw, name, files
+            found = ImageTextConfig.from_dict(data)
         except ConfigError as exc:
             raise CheckpointError(f"{files['config.json']}: {exc}") from exc
-        return cfg, raw, name, files
+        if joint:
+            return config or found, raw, name, files
+        # its image tower alone, as a CLIP / SigLIP folder loads without text=True
+        vision = {k.removeprefix("vision."): v for k, v in raw.items() if k.startswith("vision.")}
+        return config or found.vision, vision, name, files
     if "architecture" in data:  # timm hub layout
+        with_text(text, False, source=str(where), what=f"a timm {data['architecture']!r} model")
         arch = model_name or data["architecture"]
         sd = timm.unwrap_state_dict(raw, source=name)
         cfg = timm.config_from_timm(sd, model_name=arch, config=config, source=name)
@@ -203,11 +217,17 @@ def load_folder(
 
 
 def load_path(
-    path: Path, model_name: str | None = None, config: ViTConfig | None = None
-) -> tuple[ViTConfig, dict[str, Tensor], str]:
-    """(config, vitkit state dict, file name) of a single weights file."""
+    path: Path,
+    model_name: str | None = None,
+    config: ViTConfig | ImageTextConfig | None = None,
+    *,
+    text: bool | str = False,
+) -> tuple[ViTConfig | ImageTextConfig, dict[str, Tensor], str]:
+    """(config, vitkit state dict, file name) of a single weights file. `text`: see the module
+    docstring (only open_clip files hold a text tower)."""
     name = str(path)
     if path.suffix == ".npz":
+        with_text(text, False, source=name, what="a JAX .npz (vitkit reads its image tower)")
         weights = jax.load_npz(path)
         cfg = config or jax.config_from_npz(weights, source=name)
         return cfg, jax.state_dict_from_npz(weights, cfg, source=name), name
@@ -215,7 +235,8 @@ def load_path(
     if open_clip.is_open_clip(raw):
         beside = path.parent / open_clip.CONFIG_FILE
         config_file = beside if beside.is_file() else None
-        return (*open_clip.load(raw, config_file=config_file, config=config, source=name), name)
+        return (*_load_open_clip(raw, config_file, config, name, text), name)
+    with_text(text, False, source=name, what="an image model's state dict (timm or transformers)")
     if any("embeddings.patch_embeddings.projection" in k for k in raw):
         if config is None:
             raise CheckpointError(
@@ -227,8 +248,24 @@ def load_path(
     return cfg, timm.state_dict_from_timm(raw, cfg, source=name), name
 
 
+def _load_open_clip(
+    raw: dict[str, Tensor],
+    config_file: Path | None,
+    config: ViTConfig | ImageTextConfig | None,
+    source: str,
+    text: bool | str,
+) -> tuple[ViTConfig | ImageTextConfig, dict[str, Tensor]]:
+    """An open_clip state dict as its image tower, or with `text` both towers."""
+    has_text = open_clip.has_text_tower(raw)
+    if with_text(text, has_text, source=source, what="an open_clip image tower alone"):
+        joint = config if isinstance(config, ImageTextConfig) else None
+        return open_clip.load_image_text(raw, config_file=config_file, config=joint, source=source)
+    vision = config if isinstance(config, ViTConfig) else None
+    return open_clip.load(raw, config_file=config_file, config=vision, source=source)
+
+
 def build_model(
-    config: ViTConfig,
+    config: AnyConfig,
     sd: dict[str, Tensor],
     *,
     source: str,
@@ -239,24 +276,33 @@ def build_model(
     strict: bool = True,
     overrides: Mapping[str, Any] | None = None,
     antialias: bool = False,
-) -> VisionTransformer:
-    """A `VisionTransformer(config)` holding `sd` (vitkit names), with an optional new head
-    and resampled positions; every key and shape is checked first. In eval mode."""
+) -> Any:
+    """The model of `config` holding `sd` (vitkit names): a `VisionTransformer` with an
+    optional new head and resampled positions, an `ImageTextModel` (both towers; `image_size`
+    resamples the image tower's positions, `overrides` reach the towers that have the field,
+    no new head) or a `TextTransformer`; every key and shape is checked first. In eval mode."""
+    vision_key = "vision.pos_embed" if isinstance(config, ImageTextConfig) else "pos_embed"
     try:
         if overrides:
             config = config.replace(**overrides)
         if image_size is not None:
-            new = config.replace(image_size=image_size)
-            pos = sd.get("pos_embed")
-            if new.grid_size != config.grid_size and pos is not None and pos.ndim == 3:
-                sd["pos_embed"] = resample_pos_embed(
+            if isinstance(config, TextConfig):
+                raise ConfigError("image_size: a text tower has no image size")
+            vision = config.vision if isinstance(config, ImageTextConfig) else config
+            new = vision.replace(image_size=image_size)
+            pos = sd.get(vision_key)
+            if new.grid_size != vision.grid_size and pos is not None and pos.ndim == 3:
+                sd[vision_key] = resample_pos_embed(
                     pos,
                     new.grid_size,
-                    old_grid=config.grid_size,
-                    num_prefix_tokens=config.num_pos_prefix_tokens,
+                    old_grid=vision.grid_size,
+                    num_prefix_tokens=vision.num_pos_prefix_tokens,
                     antialias=antialias,
                 )
-            config = new
+            config = config.replace(image_size=image_size)
+        if num_classes is not None and not isinstance(config, ViTConfig):
+            raise ConfigError(f"num_classes={num_classes}: only an image model takes a new head "
+                              f"(this checkpoint holds a text tower)")  # fmt: skip
         new_head = num_classes is not None and num_classes != config.num_classes
         if new_head:
             sd = {k: v for k, v in sd.items() if not k.startswith(("head.", "head_dist."))}
@@ -272,12 +318,13 @@ def build_model(
     check_finite(sd, source)  # NaN weights would give NaN logits and a silent "nan%"
     missing = any(k not in sd for k in meta if not k.startswith(fresh))
     sd = {k: v for k, v in sd.items() if k in meta}
+    cls = model_class(config)
     if missing:  # strict=False: what the file lacks keeps its fresh initialisation
-        model = VisionTransformer(config)
+        model = cls(config)
         model.load_state_dict(sd, strict=False)
     else:  # skip the random initialisation of parameters the file overwrites anyway
         with torch.device("meta"):
-            model = VisionTransformer(config)
+            model = cls(config)
         model.load_state_dict(sd, strict=False, assign=True)
     if new_head:
         model.reset_classifier(num_classes, zero_init=True)
@@ -293,13 +340,15 @@ def save_pretrained(model: Any, directory: str | os.PathLike[str], format: str =
     (`ViTForImageClassification`, `ViTModel` for a headless model with pooler,
     `DeiTForImageClassificationWithTeacher`, `Dinov2[WithRegisters]Model`,
     `Dinov2[WithRegisters]ForImageClassification`, `CLIPVisionModel[WithProjection]`,
-    `SiglipVisionModel`; see `hf.save_hf`);
-    "vitkit": our config (model_type "vitkit") and parameter names, for every variant;
+    `SiglipVisionModel`; for an `ImageTextModel` `CLIPModel` or `SiglipModel`; for a
+    `TextTransformer` `CLIPTextModel[WithProjection]` or `SiglipTextModel`; see `hf.save_hf`);
+    "vitkit": our config (model_type "vitkit", or "vitkit_image_text" for both towers) and
+    parameter names, for every variant (a text tower alone has no vitkit format);
     "auto": "hf" when transformers can express the model, else "vitkit".
     Each file is written atomically, weights first, so config.json appears only when the
     weights are complete.
     """
-    config: ViTConfig = model.config
+    config: AnyConfig = model.config
     if format not in ("auto", "hf", "vitkit"):
         raise ValueError(f"format must be 'auto', 'hf' or 'vitkit', got {format!r}")
     if format == "auto":
@@ -309,8 +358,15 @@ def save_pretrained(model: Any, directory: str | os.PathLike[str], format: str =
     if format == "hf":
         meta, weights = hf.save_hf(config, sd)
         meta["dtype"] = str(dtype).removeprefix("torch.")
+    elif isinstance(config, TextConfig):
+        raise CheckpointError(
+            "a text tower alone is written in transformers' format only (format='hf', where "
+            "CLIPTextModel or SiglipTextModel can hold it); save the ImageTextModel it belongs "
+            "to in vitkit's format"
+        )
     else:
-        meta = json.loads(config.to_json())
+        meta = config.to_dict() if isinstance(config, ImageTextConfig) else json.loads(
+            config.to_json())  # fmt: skip
         weights = sd
     return write_folder(directory, meta, weights)
 

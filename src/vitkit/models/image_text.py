@@ -11,6 +11,7 @@ learned bias, so each label gets its own probability (`scores`).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -42,6 +43,9 @@ class ImageTextConfig:
             self.vision = ViTConfig.from_dict(self.vision)
         if isinstance(self.text, dict):
             self.text = TextConfig.from_dict(self.text)
+        if not isinstance(self.vision, ViTConfig) or not isinstance(self.text, TextConfig):
+            raise ConfigError("an image-text config needs a 'vision' and a 'text' mapping of "
+                              "fields")  # fmt: skip
         if self.scores not in ("softmax", "sigmoid"):
             raise ConfigError(f"scores={self.scores!r} must be 'softmax' or 'sigmoid'")
         image = self.vision.projection_dim or self.vision.pooled_dim
@@ -51,6 +55,23 @@ class ImageTextConfig:
                 f"{self.text.embed_dim}-d ones (and the image tower must have no head, "
                 f"num_classes={self.vision.num_classes}); they must meet in one space"
             )
+
+    def replace(self, **changes: Any) -> ImageTextConfig:
+        """A copy with `changes` applied (and validated): `scores`, and fields of either tower;
+        a field both towers have (depth, act, attn_implementation, ...) changes both."""
+        scores = changes.pop("scores", self.scores)
+        vision_fields = {f.name for f in dataclasses.fields(ViTConfig)}
+        text_fields = {f.name for f in dataclasses.fields(TextConfig)}
+        unknown = set(changes) - vision_fields - text_fields
+        if unknown:
+            raise ConfigError(f"unknown ViTConfig / TextConfig field(s) {sorted(unknown)}")
+        vision = {k: v for k, v in changes.items() if k in vision_fields}
+        text = {k: v for k, v in changes.items() if k in text_fields}
+        return ImageTextConfig(
+            vision=self.vision.replace(**vision) if vision else self.vision,
+            text=self.text.replace(**text) if text else self.text,
+            scores=scores,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {"model_type": MODEL_TYPE, "vision": self.vision.to_dict(),

@@ -110,9 +110,15 @@ class TextTransformer(nn.Module):
         self.token_embed = nn.Embedding(c.vocab_size, c.width)
         self.pos_embed = nn.Parameter(torch.zeros(1, c.context_length, c.width))
         self.blocks = nn.ModuleList(
-            Block(dim=c.width, num_heads=c.num_heads, mlp_hidden_dim=c.mlp_hidden_dim,
-                  eps=c.layer_norm_eps, act=c.act, attn_drop=c.attn_drop_rate,
-                  attn_implementation=c.attn_implementation)  # fmt: skip
+            Block(
+                dim=c.width,
+                num_heads=c.num_heads,
+                mlp_hidden_dim=c.mlp_hidden_dim,
+                eps=c.layer_norm_eps,
+                act=c.act,
+                attn_drop=c.attn_drop_rate,
+                attn_implementation=c.attn_implementation,
+            )
             for _ in range(c.depth)
         )
         self.norm = nn.LayerNorm(c.width, eps=c.layer_norm_eps)
@@ -151,12 +157,12 @@ class TextTransformer(nn.Module):
 
     def forward_features(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """(B, T) ids -> (B, T, D) tokens after the final norm."""
-        B, T = input_ids.shape
-        if T > self.config.context_length:
-            raise ValueError(f"{T} tokens; this text tower reads at most "
+        length = input_ids.shape[1]
+        if length > self.config.context_length:
+            raise ValueError(f"{length} tokens; this text tower reads at most "
                              f"{self.config.context_length}")  # fmt: skip
-        x = self.token_embed(input_ids) + self.pos_embed[:, :T]
-        mask = self.attention_mask(attention_mask, T)
+        x = self.token_embed(input_ids) + self.pos_embed[:, :length]
+        mask = self.attention_mask(attention_mask, length)
         for block in self.blocks:
             x, _ = block(x, attn_mask=mask)
         return self.norm(x)
