@@ -1,3 +1,5 @@
+from __future__ import annotations
+
 import io
 import json
 import os
@@ -8,6 +10,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -187,3 +190,76 @@ def train_spiece(odd: bool = False) -> bytes:
         minloglevel=2,
     )  # fmt: skip
     return out.getvalue()
+
+
+# ------------------------------------------------------------------------------ vitkit serve
+TIMEOUT = 60  # seconds: a bound on every wait of the serve tests, never expected to be reached
+
+
+class Server:
+    """uvicorn in a thread on a pre-bound free port of 127.0.0.1."""
+
+    def __init__(self, settings, **app_kwargs):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        import uvicorn
+
+        from vitkit.serve.app import create_app
+
+        self.app = create_app(settings, **app_kwargs)
+        config = uvicorn.Config(self.app, log_level="warning", timeout_graceful_shutdown=5)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True
+        )
+
+    def __enter__(self) -> Server:
+        self.thread.start()
+        deadline = time.monotonic() + TIMEOUT
+        while not self.server.started:
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.02)
+        return self
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + TIMEOUT
+        while http(self.port, "GET", "/healthz")[0] != 200:
+            assert time.monotonic() < deadline, "model did not load"
+            time.sleep(0.05)
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(TIMEOUT)
+        self.sock.close()
+
+
+def http(port, method, path, body=None, headers=None, timeout=TIMEOUT):
+    """One request on a new connection -> (status, headers, body bytes)."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        r = conn.getresponse()
+        return r.status, dict(r.getheaders()), r.read()
+    finally:
+        conn.close()
+
+
+def multipart(data: bytes, field: str = "file", filename: str = "image.png"):
+    boundary = "vitkit-test-boundary"
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; '
+            f'filename="{filename}"\r\nContent-Type: application/octet-stream\r\n\r\n'
+        ).encode()
+        + data
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+
+def post_json(port, path, data: bytes, **headers):
+    status, _, body = http(port, "POST", path, data, headers)
+    return status, json.loads(body)

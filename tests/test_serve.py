@@ -22,22 +22,20 @@ import skimage.data
 import torch
 from PIL import Image
 
-from conftest import free_port, png_header
+from conftest import TIMEOUT, Server, free_port, http, multipart, png_header, post_json
 
 pytest.importorskip("uvicorn")
 pytest.importorskip("starlette")
 pytest.importorskip("multipart")
 
-import uvicorn
 
 import vitkit
 from vitkit.data.processor import ImageProcessor
-from vitkit.serve.app import Settings, create_app
+from vitkit.serve.app import Settings
 from vitkit.serve.metrics import parse
 
 LABELS = {0: "astronaut", 1: "rocket", 2: "flag", 3: "helmet", 4: "coffee"}
 SRC = str(Path(vitkit.__file__).resolve().parents[1])
-TIMEOUT = 60  # seconds: a bound on every wait, never expected to be reached
 
 
 # ---------------------------------------------------------------------------------- fixtures
@@ -67,40 +65,6 @@ def photos(tmp_path_factory):
     return files
 
 
-class Server:
-    """uvicorn in a thread on a pre-bound free port of 127.0.0.1."""
-
-    def __init__(self, settings: Settings, **app_kwargs):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.app = create_app(settings, **app_kwargs)
-        config = uvicorn.Config(self.app, log_level="warning", timeout_graceful_shutdown=5)
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(
-            target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True
-        )
-
-    def __enter__(self) -> Server:
-        self.thread.start()
-        deadline = time.monotonic() + TIMEOUT
-        while not self.server.started:
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.02)
-        return self
-
-    def wait_ready(self) -> None:
-        deadline = time.monotonic() + TIMEOUT
-        while http(self.port, "GET", "/healthz")[0] != 200:
-            assert time.monotonic() < deadline, "model did not load"
-            time.sleep(0.05)
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(TIMEOUT)
-        self.sock.close()
-
-
 @pytest.fixture(scope="module")
 def server(model_dir):
     settings = Settings(model=str(model_dir), max_batch=8, max_wait_ms=50, max_body_mb=1)
@@ -110,37 +74,6 @@ def server(model_dir):
 
 
 # ---------------------------------------------------------------------------------- clients
-def http(port, method, path, body=None, headers=None, timeout=TIMEOUT):
-    """One request on a new connection -> (status, headers, body bytes)."""
-    import http.client
-
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        conn.request(method, path, body=body, headers=headers or {})
-        r = conn.getresponse()
-        return r.status, dict(r.getheaders()), r.read()
-    finally:
-        conn.close()
-
-
-def multipart(data: bytes, field: str = "file", filename: str = "image.png"):
-    boundary = "vitkit-test-boundary"
-    body = (
-        (
-            f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; '
-            f'filename="{filename}"\r\nContent-Type: application/octet-stream\r\n\r\n'
-        ).encode()
-        + data
-        + f"\r\n--{boundary}--\r\n".encode()
-    )
-    return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
-
-
-def post_json(port, path, data: bytes, **headers):
-    status, _, body = http(port, "POST", path, data, headers)
-    return status, json.loads(body)
-
-
 def metrics(port) -> dict[str, float]:
     status, _, body = http(port, "GET", "/metrics")
     assert status == 200
@@ -223,7 +156,7 @@ def test_healthz_metrics_page_and_openapi(server):
     assert json.loads(body) == {
         "status": "ok", "model": server.app.state.service.settings.model, "precision": "fp32",
         "runtime": "fp32 on torch (PyTorch, exact)", "device": "cpu", "pid": os.getpid(),
-        "input_size": [64, 64],
+        "input_size": [64, 64], "zero_shot": False, "num_classes": 5,
     }  # fmt: skip
 
     status, headers, body = http(server.port, "GET", "/")
@@ -262,7 +195,7 @@ def test_bad_requests_get_a_clear_4xx_and_the_server_keeps_serving(server, photo
         (jpeg.getvalue()[:3000], {}, 400, "truncated"),
         (png_header(12_000, 12_000), {}, 400, "decompression bomb"),
         (b"", {}, 400, "empty request"),
-        (*multipart(good, field="photo"), 400, "no file field named 'file'"),
+        (*multipart(good, field="photo"), 400, "send the image as 'file'"),
         (b"--x\r\nnot really multipart", {"Content-Type": "multipart/form-data"}, 400, ""),
     ]
     for body, headers, code, reason in cases:

@@ -121,3 +121,43 @@ def check_output(
             )
         return path
     return path  # nothing exists, not even "." (a deleted working folder): the writer will say
+
+
+def add_zero_shot(p: argparse.ArgumentParser, *, labels: bool = True) -> None:
+    """`--labels`/`--labels-file` (with `labels`) and `--template`/`--templates-file`: zero-shot
+    classification with a CLIP or SigLIP checkpoint's text tower; read with `zero_shot(args)`."""
+    g = p.add_argument_group("zero-shot (CLIP / SigLIP checkpoints with their text tower)")
+    if labels:
+        g.add_argument("--labels", nargs="+", metavar="LABEL",
+                       help='class names in words, e.g. cat dog "red car"')  # fmt: skip
+        g.add_argument("--labels-file", metavar="FILE", help="class names, one per line")
+    g.add_argument("--template", metavar="TEXT",
+                   help='the prompt around each label (default: "This is a photo of {}.", as '
+                   "transformers' zero-shot pipeline)")  # fmt: skip
+    g.add_argument("--templates-file", metavar="FILE",
+                   help="a prompt ensemble, one template per line: a label's text embedding "
+                   "is the mean of its prompts' (CLIP's ImageNet recipe)")  # fmt: skip
+
+
+def zero_shot(args: argparse.Namespace) -> tuple[list[str] | None, list[str]]:
+    """(labels, templates) of `add_zero_shot`'s flags; labels None when none were given."""
+    from vitkit.errors import ConfigError
+    from vitkit.infer.zero_shot import DEFAULT_TEMPLATE, check_labels, read_lines
+
+    labels = None
+    given = getattr(args, "labels", None), getattr(args, "labels_file", None)
+    if all(v is not None for v in given):
+        raise ConfigError("give --labels or --labels-file, not both")
+    if given[0] is not None:
+        labels = list(given[0])
+    elif given[1] is not None:
+        labels = read_lines(given[1], "labels")
+        if not labels:
+            raise ConfigError(f"--labels-file {given[1]} has no labels")
+    if args.template is not None and args.templates_file is not None:
+        raise ConfigError("give --template or --templates-file, not both")
+    templates = [args.template] if args.template is not None else [DEFAULT_TEMPLATE]
+    if args.templates_file is not None:
+        templates = read_lines(args.templates_file, "templates")
+    check_labels(labels if labels is not None else ["x"], templates)  # before any model loads
+    return labels, templates

@@ -3,12 +3,14 @@
 vitkit embed photos/ --model facebook/dinov2-small --output emb.npy --normalize
 vitkit embed photos/ --model my_vit/ --output maps.npy --layers -4 -1     # feature maps
 torchrun --nproc_per_node 2 -m vitkit embed photos/ --model my_vit/ --output emb.npy
+vitkit embed --text "a cat" "a red car" --model openai/clip-vit-base-patch32 --output text.npy
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from vitkit.cli._args import add_image_size, add_model, add_precision, check_output, image_size
 
@@ -21,7 +23,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "OUTPUT.paths.txt with the image of each row. Folders expand to the images inside. "
         "Unreadable images are reported on stderr and skipped; the exit code is then 1.",
     )
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders")
+    p.add_argument("images", nargs="*", metavar="IMAGE", help="image files or folders")
+    p.add_argument(
+        "--text",
+        nargs="+",
+        metavar="TEXT",
+        help="instead of images: embed these texts with a CLIP / SigLIP text tower, "
+        "in the space of its image embeddings (OUTPUT.texts.txt lists them)",
+    )
+    p.add_argument("--text-file", metavar="FILE", help="the texts, one per line")
     add_model(p, presets=False)
     add_image_size(p)
     p.add_argument("--output", "-o", required=True, help="emb.npy or emb.safetensors")
@@ -39,7 +49,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     from vitkit import distributed as D
     from vitkit.checkpoints.resolve import resolve
@@ -53,6 +62,10 @@ def run(args: argparse.Namespace) -> int:
     check_output(paths_file(output), flag=f"--output {output}: the list of paths")
     if output.exists() and not args.overwrite:
         raise ConfigError(f"{output} exists; pass --overwrite to replace it")
+    if args.text is not None or args.text_file is not None:
+        return _texts(args, output)
+    if not args.images:
+        raise ConfigError("give images (files or folders) to embed, or --text / --text-file")
     info = D.setup(args.device)
     try:
         resolved = resolve(args.model, device=info.device, image_size=image_size(args))
@@ -74,3 +87,29 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {len(paths)} rows of shape {tuple(rows.shape[1:])} to {output} "
           f"(paths in {output}.paths.txt)")  # fmt: skip
     return 1 if failures else 0
+
+
+def _texts(args: argparse.Namespace, output: Path) -> int:
+    from vitkit.checkpoints.resolve import resolve
+    from vitkit.distributed import pick_device
+    from vitkit.errors import ConfigError
+    from vitkit.infer.embed import write_embeddings
+    from vitkit.infer.zero_shot import encode_texts, read_lines, text_dtype_for
+
+    if args.images or (args.text is not None and args.text_file is not None):
+        raise ConfigError("embed images or texts (--text or --text-file), one kind per run")
+    texts = list(args.text) if args.text is not None else read_lines(args.text_file, "text")
+    if not texts:
+        raise ConfigError(f"--text-file {args.text_file} has no text")
+    if args.layers or args.pool != "model":
+        raise ConfigError("--layers and --pool are for images; texts give their embedding")
+    dtype = text_dtype_for(args.precision, strict=True)
+    resolved = resolve(args.model, device=pick_device(args.device), text=True)
+    if resolved.tokenizer is None:
+        raise ConfigError(f"{args.model} has no tokenizer files: texts cannot be read")
+    rows = encode_texts(resolved.image_text, resolved.tokenizer, texts, dtype=dtype,
+                        batch_size=args.batch_size, normalize=args.normalize)  # fmt: skip
+    write_embeddings(output, rows.numpy(), texts, listing="texts")
+    print(f"wrote {len(texts)} rows of shape {tuple(rows.shape[1:])} to {output} "
+          f"(texts in {output}.texts.txt)")  # fmt: skip
+    return 0

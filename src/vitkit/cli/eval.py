@@ -11,6 +11,9 @@ Preprocessing: the checkpoint's own (`vitkit.resolve`: its preprocessor_config.j
 transformers' defaults at the model's size). --mean / --std override the statistics. Built-in
 datasets are [0, 1] tensors already: they are resized (bilinear) and normalised.
 
+--zero-shot scores a CLIP or SigLIP checkpoint with no classifier: the data's class names
+(underscores read as spaces) become the labels its text tower embeds.
+
 Splits are the ones training uses (`vitkit.data.datasets.open_splits`): for a built-in set,
 "test" is its held-out 20%, "val" the validation part carved from the training 80%.
 """
@@ -22,7 +25,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from vitkit.cli._args import add_image_size, add_model, add_precision, check_output, image_size
+from vitkit.cli._args import (
+    add_image_size,
+    add_model,
+    add_precision,
+    add_zero_shot,
+    check_output,
+    image_size,
+    zero_shot,
+)
 
 SPLITS = ("train", "val", "test")
 
@@ -72,6 +83,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="logistic regression on frozen features (L2 chosen on validation)")  # fmt: skip
     g.add_argument("--pool", choices=("model", "cls", "mean"), default="model",
                    help="features: the model's pooled output (default), [CLS], or patch mean")  # fmt: skip
+    p.add_argument("--zero-shot", action="store_true",
+                   help="classify by the data's class names with a CLIP / SigLIP text tower")  # fmt: skip
+    add_zero_shot(p, labels=False)
     p.add_argument("--mean", type=float, nargs="+", help="normalisation mean (default: 0.5)")
     p.add_argument("--std", type=float, nargs="+", help="normalisation std (default: 0.5)")
     p.set_defaults(func=run)
@@ -92,14 +106,26 @@ def run(args: argparse.Namespace) -> int:
         check_output(args.out, kind="folder")
     from vitkit.distributed import pick_device
 
+    _, templates = zero_shot(args)
+    if args.zero_shot and (args.knn is not None or args.linear_probe):
+        raise VitkitError("--zero-shot scores by class names; --knn / --linear-probe by "
+                          "features: choose one")  # fmt: skip
     device = pick_device(args.device)
-    resolved = resolve(args.model, device=device, image_size=image_size(args))
+    resolved = resolve(args.model, device=device, image_size=image_size(args), text=args.zero_shot)
     model, processor = resolved.model, resolved.processor
     if args.knn is not None or args.linear_probe:
         return _frozen(args, model, processor, device)
+    if args.zero_shot:
+        from vitkit.eval import open_eval_data
+        from vitkit.infer.zero_shot import classifier_for
+
+        _, names = open_eval_data(args.data, args.split)
+        labels = [name.replace("_", " ") for name in names]
+        model = classifier_for(resolved, labels, templates, precision=args.precision, names=names)
     if not model.config.num_classes:
         raise VitkitError(
-            f"{args.model} has no classification head (num_classes=0): nothing to evaluate"
+            f"{args.model} has no classification head (num_classes=0): nothing to evaluate "
+            "(--knn or --linear-probe judge its features; --zero-shot a CLIP / SigLIP)"
         )
     if args.mean or args.std:
         processor = dataclasses.replace(

@@ -1,5 +1,8 @@
 """`vitkit predict IMAGES... --model SOURCE`: top-k classes for image files and folders.
 
+With `--labels` (or `--labels-file`) a CLIP or SigLIP checkpoint classifies zero-shot: the
+labels are embedded once by its text tower (`vitkit.infer.zero_shot`).
+
 Bad files never stop the run: each is reported on stderr as `path: reason` (and as an
 {"path", "error"} line with --json), and the exit code is 1 if any image failed.
 """
@@ -10,7 +13,14 @@ import argparse
 import json
 import sys
 
-from vitkit.cli._args import add_image_size, add_model, add_precision, image_size
+from vitkit.cli._args import (
+    add_image_size,
+    add_model,
+    add_precision,
+    add_zero_shot,
+    image_size,
+    zero_shot,
+)
 
 _PROGRESS_MIN_IMAGES = 32  # fewer than this finish too fast for a progress bar to help
 
@@ -54,6 +64,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "checkpoint's library does (transformers: tensor, timm: pil)",
     )
     add_precision(p, what="the classifier")
+    add_zero_shot(p)
     p.add_argument(
         "--workers", type=int, default=None, help="decoding threads (default: CPU count, <= 8)"
     )
@@ -66,12 +77,14 @@ def run(args: argparse.Namespace) -> int:
     from vitkit.distributed import pick_device
     from vitkit.errors import VitkitError
     from vitkit.infer.predictor import Predictor, expand_inputs
+    from vitkit.infer.zero_shot import classifier_for
 
     if args.top_k < 1:
         raise VitkitError(f"--top-k must be at least 1, got {args.top_k}")
     if args.batch_size < 1:
         raise VitkitError(f"--batch-size must be at least 1, got {args.batch_size}")
 
+    labels, templates = zero_shot(args)
     paths, failures = expand_inputs(args.images)
     for path, reason in failures:
         _report_failure(path, reason, as_json=args.json)
@@ -87,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
         processor=args.processor,
         allow_preset=True,
         image_size=image_size(args),
+        text=labels is not None,
     )
     if resolved.random_weights:
         print(
@@ -95,10 +109,13 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     model, processor = resolved.model, resolved.processor
+    if labels is not None:
+        model = classifier_for(resolved, labels, templates, precision=args.precision)
     config = model.config
     if not config.num_classes:
         raise VitkitError(
-            f"{args.model} has no classification head (num_classes=0); use a classifier checkpoint"
+            f"{args.model} has no classification head (num_classes=0); use a classifier "
+            "checkpoint, or --labels with a CLIP or SigLIP checkpoint"
         )
     if args.processor_backend:
         processor.backend = args.processor_backend

@@ -41,6 +41,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="how long the first request of a batch waits for company (20)",
     )
     p.add_argument("--max-body-mb", type=float, default=10.0, help="larger requests get 413 (10)")
+    p.add_argument("--max-labels", type=int, default=100,
+                   help="zero-shot labels per request (CLIP / SigLIP; 100); more get 400")  # fmt: skip
+    p.add_argument("--max-text-chars", type=int, default=1000,
+                   help="characters of one label prompt or text (1000); longer get 400")  # fmt: skip
     p.add_argument(
         "--workers",
         type=int,
@@ -80,6 +84,8 @@ def run(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         max_wait_ms=args.max_wait_ms,
         max_body_mb=args.max_body_mb,
+        max_labels=args.max_labels,
+        max_text_chars=args.max_text_chars,
         threads=args.threads,
         calibration=args.calibration,
         image_size=image_size(args),

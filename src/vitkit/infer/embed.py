@@ -106,9 +106,12 @@ def embed_paths(
     return np.stack([r for _, r in all_rows]), [paths[i] for i, _ in all_rows], failures
 
 
-def write_embeddings(output: str | os.PathLike[str], rows: np.ndarray, paths: list[str]) -> Path:
+def write_embeddings(
+    output: str | os.PathLike[str], rows: np.ndarray, paths: list[str], *, listing: str = "paths"
+) -> Path:
     """`rows` as .npy or .safetensors (key "embeddings"), atomically, and beside it
-    `<output>.paths.txt` with the path of each row, in row order."""
+    `<output>.paths.txt` with the path of each row, in row order (`listing="texts"`:
+    `<output>.texts.txt`, the text of each row on one line)."""
     output = Path(output)
     if output.suffix not in FORMATS:
         raise ConfigError(f"--output {output}: write {' or '.join(FORMATS)}")
@@ -118,9 +121,10 @@ def write_embeddings(output: str | os.PathLike[str], rows: np.ndarray, paths: li
                 np.save(f, np.ascontiguousarray(rows, dtype=np.float32))
         else:
             save_file({"embeddings": np.ascontiguousarray(rows, dtype=np.float32)}, str(tmp))
-    atomic_write_text(paths_file(output), "".join(f"{p}\n" for p in paths))
+    lines = (" ".join(p.splitlines()) for p in paths)  # a text with line breaks: one line
+    atomic_write_text(paths_file(output, listing), "".join(f"{p}\n" for p in lines))
     return output
 
 
-def paths_file(output: str | os.PathLike[str]) -> Path:
-    return Path(f"{output}.paths.txt")
+def paths_file(output: str | os.PathLike[str], listing: str = "paths") -> Path:
+    return Path(f"{output}.{listing}.txt")

@@ -60,6 +60,8 @@ class Predictor:
         `auto` calibrate on the first batch when no calibration is given).
     batch_size: images per forward pass. workers: decoding threads (default: CPU count, <= 8).
     top_k: classes per result. labels: {index: name} (default: the model's id2label).
+    Probabilities are a softmax over the classes, or the model's own `probabilities` (a
+    SigLIP zero-shot classifier scores each label with a sigmoid).
     """
 
     def __init__(
@@ -93,11 +95,12 @@ class Predictor:
         self.workers = workers or max(1, min(os.cpu_count() or 1, 8))
         self.top_k = min(top_k, config.num_classes)
         self.labels = labels if labels is not None else id2label_for(config)
+        self.probabilities = getattr(model, "probabilities", lambda logits: logits.softmax(-1))
 
     # ---- tensors -------------------------------------------------------------------------
     def predict_tensors(self, pixels: Tensor) -> Tensor:
         """Preprocessed (B, C, H, W) pixels -> (B, K) probabilities (float32)."""
-        return self.runner(pixels).float().softmax(-1).cpu()
+        return self.probabilities(self.runner(pixels).float()).cpu()
 
     def top(self, probs: Tensor) -> list[list[tuple[int, str, float]]]:
         """(B, K) probabilities -> per row [(index, label, probability)] of the top k."""

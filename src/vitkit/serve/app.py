@@ -1,7 +1,10 @@
 """The HTTP app of `vitkit serve`: one model behind an ASGI (Starlette) application.
 
-    POST /v1/classify?top_k=5   image (multipart field `file`, or the raw body) -> top-k labels
-    POST /v1/embed              image -> the pooled representation {"embedding", "dim"}
+    POST /v1/classify?top_k=5   image (multipart field `file`, or the raw body) -> top-k labels;
+                                with `labels` (query or form fields) a CLIP / SigLIP model
+                                scores those names zero-shot (`vitkit.infer.zero_shot`)
+    POST /v1/embed              image -> the pooled representation {"embedding", "dim"};
+                                `text` (query or form field) -> its text embedding instead
     POST /v1/explain?method=rollout[&label=L]   image -> PNG heat map over it
     GET  /healthz               200 once the model is loaded and warmed, 503 before
     GET  /metrics               Prometheus text: requests, latency, batch sizes
@@ -16,6 +19,7 @@ after the server starts listening, which is what a readiness probe expects.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import os
@@ -29,6 +33,7 @@ from importlib import resources
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from vitkit.checkpoints.resolve import resolve
@@ -39,6 +44,7 @@ from vitkit.explain import HEAD_FUSIONS, METHODS, explain_image, label_index
 from vitkit.features import Embedder
 from vitkit.infer.precision import BACKENDS, PRECISIONS, prepare
 from vitkit.infer.predictor import load_folder, preprocess
+from vitkit.infer.zero_shot import DEFAULT_TEMPLATE, check_labels, encode_texts, text_dtype_for
 from vitkit.serve.batcher import Batcher
 from vitkit.serve.metrics import CONTENT_TYPE, Metrics
 from vitkit.viz import png_bytes
@@ -49,6 +55,7 @@ ENV_FAILED = "VITKIT_SERVE_FAILED"
 """A path a worker process writes, then stops the parent, when its model cannot be loaded."""
 
 EXPLAIN_MAX_SIDE = 512  # pixels: the longer side of the PNG /v1/explain returns
+TEXT_CACHE = 4096  # text embeddings kept between zero-shot requests
 
 
 @dataclass
@@ -66,6 +73,8 @@ class Settings:
     allow_preset: bool = True
     calibration: str | None = None  # a folder of images for static int8 / auto
     image_size: int | tuple[int, int] | None = None  # None: the checkpoint's
+    max_labels: int = 100  # labels per zero-shot request
+    max_text_chars: int = 1000  # characters of one label (with its template) or text
 
     def __post_init__(self) -> None:
         if isinstance(self.image_size, list):  # back from JSON (--workers)
@@ -80,6 +89,8 @@ class Settings:
             raise ConfigError(f"--max-wait-ms must be >= 0, got {self.max_wait_ms}")
         if self.max_body_mb <= 0:
             raise ConfigError(f"--max-body-mb must be positive, got {self.max_body_mb}")
+        if self.max_labels < 1 or self.max_text_chars < 1:
+            raise ConfigError("--max-labels and --max-text-chars must be at least 1")
 
     @property
     def max_body_bytes(self) -> int:
@@ -108,6 +119,9 @@ class Service:
         self.processor: Any = None
         self.labels: dict[int, str] = {}
         self.device = torch.device("cpu")
+        self.image_text: Any = None  # CLIP / SigLIP: both towers, for zero-shot and text
+        self.tokenizer: Any = None
+        self.text_cache: collections.OrderedDict[str, Tensor] = collections.OrderedDict()
 
     # ---------------------------------------------------------------------- model thread
     def load(self) -> None:
@@ -116,14 +130,15 @@ class Service:
         if s.threads:
             torch.set_num_threads(s.threads)
         self.device = pick_device(s.device)
-        resolved = resolve(
-            s.model, device=self.device, allow_preset=s.allow_preset, image_size=s.image_size
-        )
+        resolved = resolve(s.model, device=self.device, allow_preset=s.allow_preset,
+                           image_size=s.image_size, text="auto")  # fmt: skip
         if resolved.random_weights:
             _log(f"warning: {s.model!r} is a preset name: RANDOM weights, meaningless answers")
         self.model = resolved.model.eval()
         self.processor = resolved.processor
         self.labels = id2label_for(self.model.config)
+        if resolved.image_text is not None and resolved.tokenizer is not None:
+            self.image_text, self.tokenizer = resolved.image_text, resolved.tokenizer
 
         # --precision: the same runners as `vitkit predict` and `vitkit embed`
         calibration = load_folder(s.calibration, self.processor) if s.calibration else None
@@ -153,6 +168,29 @@ class Service:
         has a projection, e.g. CLIP), as `vitkit embed` computes it; float32 on the CPU."""
         return list(self.embed_runner(pixels.to(self.device)).float().cpu())
 
+    def text_rows(self, texts: list[str]) -> Tensor:
+        """(N, E) text embeddings (not normalised), float32 on the CPU; the last
+        `TEXT_CACHE` texts are kept, so a page's labels are embedded once."""
+        todo = list(dict.fromkeys(t for t in texts if t not in self.text_cache))
+        if todo:
+            dtype = text_dtype_for(self.settings.precision)
+            rows = encode_texts(self.image_text, self.tokenizer, todo, dtype=dtype, normalize=False)
+            for text, row in zip(todo, rows):
+                self.text_cache[text] = row
+        for text in texts:
+            self.text_cache.move_to_end(text)
+        rows = torch.stack([self.text_cache[t] for t in texts])
+        while len(self.text_cache) > TEXT_CACHE:
+            self.text_cache.popitem(last=False)
+        return rows
+
+    def zero_shot(self, image: Tensor, texts: Tensor) -> Tensor:
+        """An image embedding (E,) and label embeddings (K, E) -> (K,) zero-shot scores."""
+        model = self.image_text
+        image, texts = F.normalize(image, dim=-1), F.normalize(texts, dim=-1)
+        with torch.no_grad():
+            return model.scores(model.logits(image[None], texts.to(image.device)).float())[0]
+
     def explain(self, data: bytes, method: str, label: int | None, options: dict) -> tuple:
         result, picture = explain_image(
             self.model,
@@ -178,6 +216,8 @@ class Service:
             "precision": _model_fields(self)["precision"],
             "runtime": self.runner.describe() if self.runner is not None else "fp32 on torch",
             "device": str(self.device),
+            "zero_shot": self.image_text is not None,
+            "num_classes": self.model.config.num_classes if self.model is not None else None,
             "input_size": (  # None while loading
                 list(self.processor.output_hw or self.model.config.image_hw)
                 if self.model is not None
@@ -275,53 +315,84 @@ def settings_from_env(text: str) -> Settings:
 async def _classify(request):
     """Classify one image.
     ---
-    summary: Top-k classes of an image (the same probabilities as `vitkit predict --json`)
+    summary: Top-k classes of an image (the same probabilities as `vitkit predict --json`);
+      with `labels`, zero-shot scores of those names (a CLIP or SigLIP model, as
+      `vitkit predict --labels`)
     parameters:
       - {name: top_k, in: query, schema: {type: integer, default: 5, minimum: 1}}
+      - {name: labels, in: query, description: 'class names (repeat the parameter; also as
+         form fields)', schema: {type: array, items: {type: string}}, style: form, explode: true}
+      - {name: template, in: query, description: 'prompt around each label, default
+         "This is a photo of {}."', schema: {type: string}}
     requestBody:
       description: the image as the raw body, or as the multipart/form-data field `file`
       content: {"image/*": {}, "multipart/form-data": {}}
     responses:
       200: {description: '{"top_k": [{"label", "index", "probability"}], "model", "precision"}'}
-      400: {description: 'not an image, corrupt, a decompression bomb, or a bad parameter'}
+      400: {description: 'not an image, corrupt, a decompression bomb, or a bad parameter
+        (which label, which limit)'}
       413: {description: 'body over --max-body-mb'}
       503: {description: 'the model is still loading'}
     """
     service = _ready(request)
     top_k = _int_param(request, "top_k", 5, minimum=1)
-    if not service.model.config.num_classes:
-        _fail(400, "this model has no classification head (num_classes=0); use /v1/embed")
-    pixels = await _decode(service, await _image_bytes(request, service))
-    probs = await service.batcher.submit(pixels)
+    data, fields = await _read_request(request, service)
+    labels = fields.get("labels", [])
+    if labels:
+        template = _one(fields, "template", DEFAULT_TEMPLATE)
+        prompts = _prompts(service, labels, template)
+        pixels = await _decode(service, _image_of(data))
+        image = await service.embed_batcher.submit(pixels)
+        loop = asyncio.get_running_loop()
+        texts = await loop.run_in_executor(service.model_pool, service.text_rows, prompts)
+        probs, names = service.zero_shot(image, texts), dict(enumerate(labels))
+        answered_by = service.embed_runner
+    else:
+        if not service.model.config.num_classes:
+            hint = "send labels to classify zero-shot" if service.image_text is not None else (
+                "use /v1/embed")  # fmt: skip
+            _fail(400, f"this model has no classification head (num_classes=0); {hint}")
+        pixels = await _decode(service, _image_of(data))
+        probs, names, answered_by = await service.batcher.submit(pixels), service.labels, None
     p, idx = probs.topk(min(top_k, probs.shape[0]))
     top = [
-        {"label": service.labels.get(int(c), str(int(c))), "index": int(c), "probability": float(q)}
+        {"label": names.get(int(c), str(int(c))), "index": int(c), "probability": float(q)}
         for q, c in zip(p, idx)
     ]
-    return _json({"top_k": top, **_model_fields(service)})
+    return _json({"top_k": top, **_model_fields(service, answered_by)})
 
 
 async def _embed(request):
-    """Embed one image.
+    """Embed one image, or one text.
     ---
-    summary: The pooled representation the head reads ([CLS] or patch mean)
+    summary: The pooled representation the head reads ([CLS] or patch mean; CLIP's image
+      embedding), or with `text` the text tower's embedding in the same space (CLIP, SigLIP)
+    parameters:
+      - {name: text, in: query, description: 'embed this text instead of an image (also a
+         form field)', schema: {type: string}}
     requestBody:
       content: {"image/*": {}, "multipart/form-data": {}}
     responses:
       200: {description: '{"embedding": [floats], "dim": D, "model", "precision"}'}
-      400: {description: 'not an image'}
+      400: {description: 'not an image, a text too long, or no text tower'}
       413: {description: 'body too large'}
     """
     service = _ready(request)
-    pixels = await _decode(service, await _image_bytes(request, service))
-    pooled = await service.embed_batcher.submit(pixels)
-    return _json(
-        {
-            "embedding": pooled.tolist(),
-            "dim": int(pooled.shape[0]),
-            **_model_fields(service, service.embed_runner),
-        }
-    )
+    data, fields = await _read_request(request, service)
+    if "text" in fields:
+        if data:
+            _fail(400, "send an image or a text, not both")
+        text = _one(fields, "text", "")
+        _check_text(service, text, "text")
+        loop = asyncio.get_running_loop()
+        rows = await loop.run_in_executor(service.model_pool, service.text_rows, [text])
+        row, runner = rows[0], None
+    else:
+        pixels = await _decode(service, _image_of(data))
+        row, runner = await service.embed_batcher.submit(pixels), service.embed_runner
+    fields = _model_fields(service, runner) if runner is not None else {
+        "model": service.settings.model, "precision": _text_precision(service)}  # fmt: skip
+    return _json({"embedding": row.tolist(), "dim": int(row.shape[0]), **fields})
 
 
 async def _explain(request):
@@ -433,9 +504,22 @@ def _ready(request) -> Service:
 
 
 async def _image_bytes(request, service: Service) -> bytes:
-    """The image of a request: the multipart field `file`, else the raw body. The body is
-    refused with 413 as soon as it is known to exceed the limit: from Content-Length before
-    reading, else while it streams in."""
+    """The image of a request: the multipart field `file`, else the raw body."""
+    data, _ = await _read_request(request, service)
+    return _image_of(data)
+
+
+def _image_of(data: bytes) -> bytes:
+    if not data:
+        _fail(400, "empty request: send the image as the body or as the multipart field 'file'")
+    return data
+
+
+async def _read_request(request, service: Service) -> tuple[bytes, dict[str, list[str]]]:
+    """(image bytes, possibly empty; text fields) of a request: the multipart field `file`,
+    else the raw body; the fields are the query's and a form's (multipart or urlencoded). The
+    body is refused with 413 as soon as it is known to exceed the limit: from Content-Length
+    before reading, else while it streams in."""
     limit = service.settings.max_body_bytes
     too_large = f"request body over the limit of {service.settings.max_body_mb:g} MB"
     length = request.headers.get("content-length")
@@ -451,14 +535,27 @@ async def _image_bytes(request, service: Service) -> bytes:
             _fail(413, too_large)
         chunks.append(chunk)
     body = b"".join(chunks)
-    if request.headers.get("content-type", "").startswith("multipart/form-data"):
-        body = await _multipart_file(request, body)
-    if not body:
-        _fail(400, "empty request: send the image as the body or as the multipart field 'file'")
-    return body
+    fields: dict[str, list[str]] = {}
+    for key, value in request.query_params.multi_items():
+        fields.setdefault(key, []).append(value)
+    kind = request.headers.get("content-type", "")
+    if kind.startswith("multipart/form-data"):
+        body = await _multipart(request, body, fields)
+    elif kind.startswith("application/x-www-form-urlencoded"):
+        from urllib.parse import parse_qsl
+
+        try:
+            pairs = parse_qsl(body.decode("utf-8"), keep_blank_values=True, max_num_fields=1000)
+        except (UnicodeDecodeError, ValueError) as exc:
+            _fail(400, f"bad form body: {exc}")
+        for key, value in pairs:
+            fields.setdefault(key, []).append(value)
+        body = b""
+    return body, fields
 
 
-async def _multipart_file(request, body: bytes) -> bytes:
+async def _multipart(request, body: bytes, fields: dict[str, list[str]]) -> bytes:
+    """The `file` of a multipart body (b"" without one); its text fields go into `fields`."""
     from starlette.datastructures import UploadFile
     from starlette.formparsers import MultiPartException, MultiPartParser
 
@@ -467,16 +564,62 @@ async def _multipart_file(request, body: bytes) -> bytes:
         yield b""
 
     try:
-        form = await MultiPartParser(request.headers, stream(), max_files=1, max_fields=16).parse()
+        form = await MultiPartParser(
+            request.headers, stream(), max_files=1, max_fields=1000
+        ).parse()
     except MultiPartException as exc:
         _fail(400, f"bad multipart body: {exc.message}")
     try:
-        upload = form.get("file")
-        if not isinstance(upload, UploadFile):
+        data = b""
+        for key, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                if key != "file":
+                    _fail(400, f"multipart file field {key!r}: send the image as 'file'")
+                data = await value.read()
+            else:
+                fields.setdefault(key, []).append(value)
+        if not data and "labels" not in fields and "text" not in fields:
             _fail(400, "multipart body has no file field named 'file'")
-        return await upload.read()
+        return data
     finally:
         await form.close()
+
+
+def _one(fields: dict[str, list[str]], name: str, default: str) -> str:
+    values = fields.get(name, [default])
+    if len(values) != 1:
+        _fail(400, f"{name} is given {len(values)} times; give it once")
+    return values[0]
+
+
+def _check_text(service: Service, text: str, what: str) -> None:
+    if service.image_text is None:
+        _fail(400, f"this model has no text tower: {what} needs a CLIP or SigLIP checkpoint "
+                   "with both towers and its tokenizer files")  # fmt: skip
+    cap = service.settings.max_text_chars
+    if len(text) > cap:
+        _fail(400, f"{what} has {len(text):,d} characters, over the limit of {cap:,d} "
+                   "(vitkit serve --max-text-chars)")  # fmt: skip
+
+
+def _prompts(service: Service, labels: list[str], template: str) -> list[str]:
+    """The prompt of each label, or 400 naming the label or the limit at fault."""
+    _check_text(service, template, "template")
+    cap = service.settings.max_labels
+    if len(labels) > cap:
+        _fail(400, f"{len(labels)} labels, over the limit of {cap} (vitkit serve --max-labels)")
+    try:
+        check_labels(labels, [template])
+    except ConfigError as exc:
+        _fail(400, str(exc))
+    prompts = [template.format(label) for label in labels]
+    for label, prompt in zip(labels, prompts):
+        _check_text(service, prompt, f"label {label[:40]!r}")
+    return prompts
+
+
+def _text_precision(service: Service) -> str:
+    return "bf16" if text_dtype_for(service.settings.precision) == torch.bfloat16 else "fp32"
 
 
 async def _decode(service: Service, data: bytes) -> Tensor:

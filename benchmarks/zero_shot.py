@@ -1,0 +1,121 @@
+"""Zero-shot classification end to end: `vitkit predict --labels`'s library path on a folder of
+JPEGs vs transformers' `pipeline("zero-shot-image-classification")` on the same folder.
+
+    PYTHONPATH=src python benchmarks/zero_shot.py --threads 2 --images 32 --rounds 2
+
+The model is a transformers CLIPModel of CLIP ViT-B/32's sizes (random weights, saved with
+save_pretrained beside a CLIPImageProcessor and a CLIPTokenizer of OpenAI's vocabulary, taken
+from the installed open_clip), so both sides load the same checkpoint, tokenizer and
+preprocessing. Each round runs every contender once over the whole folder with the same labels
+(vitkit's time includes embedding the labels, once per run; the pipeline embeds them with every
+image); the table gives the median images/s, the ratio to the pipeline and the largest score
+difference from the pipeline's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import common
+from e2e import make_folder
+
+LABELS = ["astronaut", "cat", "cup of coffee", "rocket", "galaxy", "eye", "colour wheel",
+          "microscope slide", "red car", "dog"]  # fmt: skip
+
+
+def save_model(folder: Path) -> None:
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+    from vitkit.tokenizer import write_clip_vocab
+
+    torch.manual_seed(0)
+    config = CLIPConfig(projection_dim=512, vision_config=dict(patch_size=32))  # ViT-B/32
+    CLIPModel(config).eval().save_pretrained(folder)
+    CLIPTokenizer.from_pretrained(write_clip_vocab(folder / "vocab")).save_pretrained(folder)
+    CLIPImageProcessor().save_pretrained(folder)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--images", type=int, default=32)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--precisions", default="fp32,bf16", help="vitkit paths to time")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from vitkit.infer.precision import describe_machine
+
+    print(common.machine_line(common.machine_info()))
+    print(describe_machine(), flush=True)
+    with tempfile.TemporaryDirectory(prefix="vitkit-zero-shot-") as tmp:
+        return run(args, Path(tmp))
+
+
+def run(args: argparse.Namespace, tmp: Path) -> int:
+    from transformers import pipeline
+
+    from vitkit.checkpoints.resolve import resolve
+    from vitkit.infer.predictor import Predictor
+    from vitkit.infer.zero_shot import classifier_for
+
+    (tmp / "images").mkdir()
+    paths = make_folder(tmp / "images", args.images)
+    save_model(tmp / "model")
+    pipe = pipeline("zero-shot-image-classification", model=str(tmp / "model"), device="cpu")
+    resolved = resolve(tmp / "model", text=True)
+
+    def vitkit_predict(precision: str) -> list:
+        classifier = classifier_for(resolved, LABELS, precision=precision)
+        predictor = Predictor(classifier, resolved.processor, precision=precision,
+                              batch_size=args.batch_size, top_k=len(LABELS))  # fmt: skip
+        return list(predictor.predict(paths))
+
+    contenders = {
+        "transformers pipeline": lambda: pipe(
+            paths, candidate_labels=LABELS, batch_size=args.batch_size
+        )
+    }
+    for precision in args.precisions.split(","):
+        contenders[f"vitkit predict {precision}"] = lambda pr=precision: vitkit_predict(pr)
+    outputs = {k: fn() for k, fn in contenders.items()}  # warm-up, and the scores
+    times: dict[str, list[float]] = {k: [] for k in contenders}
+    for r in range(args.rounds):
+        names = list(contenders)
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            start = time.perf_counter()
+            contenders[name]()
+            times[name].append(time.perf_counter() - start)
+    base = times["transformers pipeline"]
+    want = [{d["label"]: d["score"] for d in row} for row in outputs["transformers pipeline"]]
+    lines = []
+    for name, t in times.items():
+        diff = same = "-"
+        if name != "transformers pipeline":
+            got = [{label: p for _, label, p in g.top_k} for g in outputs[name]]
+            diff = f"{max(abs(w[k] - g[k]) for w, g in zip(want, got) for k in w):.1e}"
+            same = f"{np.mean([max(w, key=w.get) == max(g, key=g.get) for w, g in zip(want, got)]):.0%}"  # fmt: skip
+        ratio = common.median([b / s for b, s in zip(base, t)])
+        lines.append([name, f"{len(paths) / common.median(t):.2f}", f"{ratio:.2f}", same, diff])
+    print(f"{len(paths)} images, {len(LABELS)} labels, batch {args.batch_size}")
+    print(
+        common.format_table(
+            ["contender", "img/s", "x pipeline", "top-1 = pipeline", "max |score diff|"], lines
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
