@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -98,13 +97,7 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
             lambda pr=predictor: list(pr.predict(paths))
         )  # fmt: skip
     outputs = {k: fn() for k, fn in contenders.items()}  # warm-up, and the scores
-    times = {k: [] for k in contenders}
-    for r in range(args.rounds):
-        names = list(contenders)
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            start = time.perf_counter()
-            contenders[name]()
-            times[name].append(time.perf_counter() - start)
+    times = common.round_robin(contenders, repeats=args.rounds, warmup=0)
     base = times["transformers pipeline"]
     label2id = classify.model.config.label2id  # compare by class index: vitkit names an
     want = [  # unlabelled 1000-class model's classes with ImageNet's names, transformers not

@@ -263,3 +263,20 @@ def multipart(data: bytes, field: str = "file", filename: str = "image.png"):
 def post_json(port, path, data: bytes, **headers):
     status, _, body = http(port, "POST", path, data, headers)
     return status, json.loads(body)
+
+
+# ------------------------------------------------------------------------------ parity
+def randomize(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Every parameter drawn from N(0, 0.2^2) (seeded), in eval mode: weights far from any
+    initialisation, so a wrong mapping shows in the outputs."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return module.eval()
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The largest absolute difference of two tensors of one shape."""
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return (a.float() - b.float()).abs().max().item()

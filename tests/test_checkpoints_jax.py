@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import vitkit
+from conftest import max_diff
 from vitkit import CheckpointError, VisionTransformer, ViTConfig
 from vitkit.checkpoints.jax import config_from_npz, load_npz, npz_from_state_dict, save_npz
 
@@ -24,10 +25,6 @@ def _random_vitkit(config: ViTConfig = CFG) -> VisionTransformer:
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     return model
-
-
-def _diff(a, b) -> float:
-    return (a - b).abs().max().item()
 
 
 def _big_vision(w: dict, *, stacked: bool, prefix: str, keep_cls: bool) -> dict:
@@ -71,8 +68,8 @@ def test_official_layout_read_by_timm_and_vitkit(tmp_path):
     assert ours.config.num_heads == 4 and ours.config.image_hw == (32, 32)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        d_timm = _diff(ours(x).logits, theirs(x))
-        d_src = _diff(ours(x).logits, source(x))
+        d_timm = max_diff(ours(x).logits, theirs(x))
+        d_src = max_diff(ours(x).logits, source(x))
     print(f"npz official layout: vitkit vs timm _load_weights {d_timm:.2e}, vs source {d_src:.2e}")
     assert d_timm <= 1e-5 and d_src <= 1e-5
 
@@ -105,7 +102,7 @@ def test_big_vision_gap_without_cls(tmp_path, stacked):
     _load_weights(theirs, str(path))
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        assert _diff(ours(x).logits, theirs(x)) <= 1e-5
+        assert max_diff(ours(x).logits, theirs(x)) <= 1e-5
 
 
 def test_big_vision_token_pooling_pos_without_cls_row(tmp_path):
@@ -118,7 +115,7 @@ def test_big_vision_token_pooling_pos_without_cls_row(tmp_path):
     _load_weights(theirs, str(path))
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        assert _diff(ours(x).logits, theirs(x)) <= 1e-5
+        assert max_diff(ours(x).logits, theirs(x)) <= 1e-5
 
 
 @pytest.mark.parametrize(
@@ -149,7 +146,7 @@ def test_big_vision_without_cls_written_and_read_both_ways(tmp_path, pool, stack
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         want = source(x)
-        assert _diff(theirs(x), want) <= 1e-5 and _diff(ours(x).logits, want) <= 1e-5
+        assert max_diff(theirs(x), want) <= 1e-5 and max_diff(ours(x).logits, want) <= 1e-5
 
 
 def test_a_map_head_vitkit_cannot_hold_is_one_line(tmp_path):
@@ -175,8 +172,8 @@ def test_in21k_pre_logits_become_the_tanh_head(tmp_path):
         cls = out.last_hidden_state[:, 0]
         fc = model.pre_logits.fc
         expected = torch.tanh(cls @ fc.weight.T + fc.bias)
-        assert _diff(out.pooler_output, expected) <= 1e-6
-        assert _diff(out.logits, model(x).logits) <= 1e-5
+        assert max_diff(out.pooler_output, expected) <= 1e-6
+        assert max_diff(out.logits, model(x).logits) <= 1e-5
 
 
 def test_corrupt_and_foreign_npz(tmp_path):

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import vitkit
-from conftest import fake_hub_cache
+from conftest import fake_hub_cache, max_diff
 from vitkit import CheckpointError, VisionTransformer, ViTConfig
 
 transformers = pytest.importorskip("transformers")
@@ -24,10 +24,6 @@ SMALL = dict(
     patch_size=8,
 )
 TINY = ViTConfig(image_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_classes=3)
-
-
-def _diff(a, b) -> float:
-    return (a - b).abs().max().item()
 
 
 def _random(config: ViTConfig = TINY) -> VisionTransformer:
@@ -47,11 +43,11 @@ def test_round_trip_through_transformers(tmp_path):
     assert theirs.config.id2label == {0: "a", 1: "b", 2: "c"}
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        d1 = _diff(ours(x).logits, theirs(x).logits)
+        d1 = max_diff(ours(x).logits, theirs(x).logits)
     theirs.save_pretrained(tmp_path / "theirs")
     back = vitkit.from_pretrained(tmp_path / "theirs")
     with torch.no_grad():
-        d2 = _diff(back(x).logits, ours(x).logits)
+        d2 = max_diff(back(x).logits, ours(x).logits)
     print(f"round trip: vitkit->transformers {d1:.2e}, transformers->vitkit {d2:.2e}")
     assert d1 <= 1e-5 and d2 <= 1e-5
     assert back.config == ours.config
@@ -65,7 +61,7 @@ def test_real_size_vit_b16_parity(tmp_path):
     assert ours.num_params() == 86_567_656
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
-        diff = _diff(ours(x).logits, theirs(x).logits)
+        diff = max_diff(ours(x).logits, theirs(x).logits)
     print(f"ViT-B/16 transformers -> vitkit: {diff:.2e}")
     assert diff <= 1e-5
 
@@ -80,13 +76,13 @@ def test_vit_model_folder_with_and_without_pooler(tmp_path):
         assert ours.config.head == ("mlp" if pooler else "linear")
         with torch.no_grad():
             a, b = ours(x), theirs(x)
-        assert _diff(a.last_hidden_state, b.last_hidden_state) <= 1e-5
+        assert max_diff(a.last_hidden_state, b.last_hidden_state) <= 1e-5
         if pooler:
-            assert _diff(a.pooler_output, b.pooler_output) <= 1e-5
+            assert max_diff(a.pooler_output, b.pooler_output) <= 1e-5
             vitkit.save_pretrained(ours, tmp_path / "again")
             again = transformers.ViTModel.from_pretrained(tmp_path / "again").eval()
             with torch.no_grad():
-                assert _diff(again(x).pooler_output, b.pooler_output) <= 1e-5
+                assert max_diff(again(x).pooler_output, b.pooler_output) <= 1e-5
 
 
 def test_deit_distilled_saves_as_deit_with_teacher(tmp_path):
@@ -98,7 +94,7 @@ def test_deit_distilled_saves_as_deit_with_teacher(tmp_path):
     theirs = transformers.DeiTForImageClassificationWithTeacher.from_pretrained(tmp_path).eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        assert _diff(ours(x).logits, theirs(x).logits) <= 1e-5
+        assert max_diff(ours(x).logits, theirs(x).logits) <= 1e-5
 
 
 def test_384_against_transformers_interpolate_pos_encoding(tmp_path):
@@ -112,8 +108,8 @@ def test_384_against_transformers_interpolate_pos_encoding(tmp_path):
     with torch.no_grad():
         ref = theirs(x, interpolate_pos_encoding=True).logits
         at_load = vitkit.from_pretrained(tmp_path, image_size=384)
-        d_load = _diff(at_load(x).logits, ref)
-        d_run = _diff(vitkit.from_pretrained(tmp_path)(x).logits, ref)
+        d_load = max_diff(at_load(x).logits, ref)
+        d_run = max_diff(vitkit.from_pretrained(tmp_path)(x).logits, ref)
     print(
         f"384 vs transformers interpolate_pos_encoding: at load {d_load:.2e}, per call {d_run:.2e}"
     )
@@ -174,7 +170,7 @@ def test_hub_id_offline_from_cache(tmp_path, monkeypatch):
     model = vitkit.from_pretrained("google/vit-fake", cache_dir=cache)
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
-        assert _diff(model(x).logits, ours(x).logits) <= 1e-5
+        assert max_diff(model(x).logits, ours(x).logits) <= 1e-5
     with pytest.raises(CheckpointError, match="huggingface-cli download google/other"):
         vitkit.from_pretrained("google/other", cache_dir=cache)
 
@@ -198,7 +194,7 @@ def test_timm_hub_folder(tmp_path):
     assert ours.config.id2label == {0: "a", 1: "b", 2: "c", 3: "d"}
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
-        assert _diff(ours(x).logits, theirs(x)) <= 1e-5
+        assert max_diff(ours(x).logits, theirs(x)) <= 1e-5
 
 
 # ------------------------------------------------------------------------------ untrusted files
@@ -287,7 +283,7 @@ def test_masked_image_modeling_folder_keeps_mask_token(tmp_path):
     with torch.no_grad():
         a = ours(x, bool_masked_pos=mask).last_hidden_state
         b = theirs.vit(x, bool_masked_pos=mask).last_hidden_state
-    assert _diff(a, b) <= 1e-5
+    assert max_diff(a, b) <= 1e-5
 
 
 def test_hub_id_without_network_says_how_to_get_the_files(tmp_path, monkeypatch):

@@ -11,6 +11,17 @@ def test_models_verbose_prints_counts(capsys):
     assert "86,567,656" in capsys.readouterr().out
 
 
+def test_models_text_lists_the_presets_with_a_text_tower(capsys):
+    assert main(["models", "--text", "-v", "clip_*"]) == 0
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[1:]}
+    assert sorted(rows) == ["clip_vit_base_patch16_224", "clip_vit_base_patch32_224",
+                            "clip_vit_large_patch14_224"]  # fmt: skip
+    # CLIPTextModelWithProjection's counts (B: width 512; L: 768)
+    assert rows["clip_vit_base_patch32_224"][-1] == "63,428,096"
+    assert rows["clip_vit_large_patch14_224"][-1] == "123,650,304"
+    assert main(["models", "--text", "vit_base_*"]) == 1  # no text tower there
+
+
 def test_info_reports_shapes_and_resampling(capsys):
     assert main(["info", "vit_base_patch16_224", "--image-size", "384"]) == 0
     out = capsys.readouterr().out

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import vitkit
+from conftest import max_diff, randomize
 from vitkit import from_pretrained, resolve, save_pretrained
 from vitkit.checkpoints import hf as hf_ckpt
 from vitkit.checkpoints.timm import config_from_timm, export_timm, state_dict_from_timm
@@ -31,19 +32,6 @@ timm = pytest.importorskip("timm")
 
 TOL = 1e-5
 NATIVE, OTHER = (56, 56), (42, 70)  # patch 14: a 4x4 grid, then 3x5
-
-
-def _randomize(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return module.eval()
-
-
-def _diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return (a.float() - b.float()).abs().max().item()
 
 
 def _images(hw: tuple[int, int], seed: int = 1) -> torch.Tensor:
@@ -112,12 +100,12 @@ def _compare(model, peer, hw) -> float:
     with torch.no_grad():
         theirs = _hf_outputs(peer, x, model.norm)
         ours = _ours(model, x, theirs)
-    return max(_diff(ours[k], theirs[k]) for k in theirs)
+    return max(max_diff(ours[k], theirs[k]) for k in theirs)
 
 
 def hf_parity(case: str, tmp_path) -> dict[str, dict[str, float]]:
     """Max abs differences {direction: {size: diff}} of one transformers class."""
-    peer = _randomize(HF_CASES[case]())
+    peer = randomize(HF_CASES[case]())
     folder = tmp_path / "theirs"
     peer.save_pretrained(folder)
     ours = from_pretrained(folder)
@@ -125,7 +113,7 @@ def hf_parity(case: str, tmp_path) -> dict[str, dict[str, float]]:
     for label, hw in (("native", NATIVE), ("other", OTHER)):
         result["load"][label] = _compare(ours, peer, hw)
 
-    fresh = _randomize(VisionTransformer(ours.config), seed=2)
+    fresh = randomize(VisionTransformer(ours.config), seed=2)
     save_pretrained(fresh, tmp_path / "ours", format="hf")
     back, info = type(peer).from_pretrained(tmp_path / "ours", output_loading_info=True)
     problems = {k: v for k, v in info.items() if v}
@@ -145,7 +133,7 @@ def test_transformers_both_ways(case, tmp_path):
 
 
 def test_dinov2_mask_token_matches(tmp_path):
-    peer = _randomize(HF_CASES["Dinov2Model"]())
+    peer = randomize(HF_CASES["Dinov2Model"]())
     peer.save_pretrained(tmp_path)
     ours = from_pretrained(tmp_path)
     x = _images(NATIVE)
@@ -154,8 +142,8 @@ def test_dinov2_mask_token_matches(tmp_path):
         a = ours(x, bool_masked_pos=mask).last_hidden_state
         b = peer(pixel_values=x, bool_masked_pos=mask).last_hidden_state
         unmasked = ours(x).last_hidden_state
-    assert _diff(a, b) <= TOL
-    assert _diff(a, unmasked) > 1e-2  # the mask token changed something
+    assert max_diff(a, b) <= TOL
+    assert max_diff(a, unmasked) > 1e-2  # the mask token changed something
 
 
 def test_each_peer_keeps_its_own_interpolation_rule(tmp_path):
@@ -164,7 +152,7 @@ def test_each_peer_keeps_its_own_interpolation_rule(tmp_path):
     from vitkit.models.vit import rebuild
 
     for case, antialias in (("Dinov2WithRegistersModel", True), ("Dinov2Model", False)):
-        peer = _randomize(HF_CASES[case]())
+        peer = randomize(HF_CASES[case]())
         peer.save_pretrained(tmp_path / case)
         ours = from_pretrained(tmp_path / case)
         assert ours.config.pos_embed_antialias is antialias
@@ -190,7 +178,7 @@ def test_vision_tower_of_a_full_model_folder(full, vision, tmp_path):
         peer = T.CLIPModel(T.CLIPConfig(vision_config=vis, text_config=text, projection_dim=32))
     else:
         peer = T.SiglipModel(T.SiglipConfig(vision_config=vis, text_config=text))
-    _randomize(peer).save_pretrained(tmp_path)
+    randomize(peer).save_pretrained(tmp_path)
     ours = from_pretrained(tmp_path)
     x = _images(NATIVE)
     with torch.no_grad():
@@ -198,12 +186,12 @@ def test_vision_tower_of_a_full_model_folder(full, vision, tmp_path):
         features = features if isinstance(features, torch.Tensor) else features.pooler_output
         out = ours(x)
     embeds = out.image_embeds if full == "CLIPModel" else out.pooler_output
-    assert _diff(embeds, features) <= TOL
+    assert max_diff(embeds, features) <= TOL
     assert hf_ckpt.save_hf(ours.config, ours.state_dict())[0]["architectures"] == [vision]
 
 
 def test_unexpected_keys_next_to_the_text_tower_are_errors(tmp_path):
-    peer = _randomize(HF_CASES["CLIPVisionModel"]())
+    peer = randomize(HF_CASES["CLIPVisionModel"]())
     sd = {f"vision_model.{k}": v for k, v in peer.state_dict().items()}
     sd["text_model.anything"] = torch.zeros(1)  # ignored on purpose
     cfg = hf_ckpt.hf_clip.config_from_hf(
@@ -216,7 +204,7 @@ def test_unexpected_keys_next_to_the_text_tower_are_errors(tmp_path):
 
 
 def test_dinov2_classifier_keeps_its_labels_and_reads_cls_beside_the_patch_mean(tmp_path):
-    peer = _randomize(HF_CASES["Dinov2ForImageClassification"]())
+    peer = randomize(HF_CASES["Dinov2ForImageClassification"]())
     peer.save_pretrained(tmp_path / "theirs")
     ours = from_pretrained(tmp_path / "theirs")
     c = ours.config
@@ -230,7 +218,7 @@ def test_dinov2_classifier_keeps_its_labels_and_reads_cls_beside_the_patch_mean(
         out = ours(x)
         tokens = out.last_hidden_state
     want = torch.cat([tokens[:, 0], tokens[:, 1:].mean(1)], -1)  # transformers' linear input
-    assert out.pooler_output.shape == (2, 128) and _diff(out.pooler_output, want) == 0.0
+    assert out.pooler_output.shape == (2, 128) and max_diff(out.pooler_output, want) == 0.0
     assert ours.num_params() == sum(p.numel() for p in peer.parameters())
     assert abs(c.estimated_params() / ours.num_params() - 1) < 0.03
 
@@ -267,7 +255,7 @@ def test_what_transformers_cannot_hold_is_refused_and_auto_falls_back(tmp_path):
     back = from_pretrained(tmp_path / "auto")
     x = _images((32, 32))
     with torch.no_grad():
-        assert _diff(back(x).pooler_output, deit3.eval()(x).pooler_output) == 0.0
+        assert max_diff(back(x).pooler_output, deit3.eval()(x).pooler_output) == 0.0
 
 
 # ------------------------------------------------------------------------------ timm
@@ -313,12 +301,12 @@ def _compare_timm(model, peer, hw) -> float:
     with torch.no_grad():
         theirs = _timm_outputs(peer, x)
         ours = _ours_timm(model, x, theirs)
-    return max(_diff(ours[k], theirs[k]) for k in theirs)
+    return max(max_diff(ours[k], theirs[k]) for k in theirs)
 
 
 def timm_parity(name: str) -> dict[str, dict[str, float]]:
     peer, size = _timm_small(name)
-    _randomize(peer)
+    randomize(peer)
     if "clip" in name and peer.num_classes:
         peer.head.bias.data.zero_()  # timm's CLIP: the projection is a zero-bias head
     sd = peer.state_dict()
@@ -332,7 +320,7 @@ def timm_parity(name: str) -> dict[str, dict[str, float]]:
     result["load"]["native"] = _compare_timm(ours, peer, (size, size))
     result["load"]["other"] = _compare_timm(ours, dynamic, other)
 
-    fresh = _randomize(VisionTransformer(config), seed=2)
+    fresh = randomize(VisionTransformer(config), seed=2)
     back, _ = _timm_small(name)
     back.load_state_dict(export_timm(fresh), strict=True)
     back_dynamic, _ = _timm_small(name, dynamic_img_size=True)
@@ -385,7 +373,7 @@ def test_open_clip_checkpoints_load_with_their_config_and_preprocessing(tmp_path
 
     peer = timm.create_model("vit_base_patch32_clip_quickgelu_224", pretrained=False, img_size=64,
                              embed_dim=128, depth=2, num_heads=2, num_classes=32).eval()  # fmt: skip
-    _randomize(peer)
+    randomize(peer)
     peer.head.bias.data.zero_()
     theirs = _open_clip_names(peer.state_dict())
     back = checkpoint_filter_fn(theirs, peer)  # timm's reading of the same file
@@ -543,7 +531,7 @@ def test_presets_save_to_the_transformers_class_they_name(tmp_path):
 # ------------------------------------------------------------------------------ dense features
 def test_forward_intermediates_match_timm():
     peer, size = _timm_small("vit_small_patch14_reg4_dinov2")
-    _randomize(peer)
+    randomize(peer)
     sd = peer.state_dict()
     config = config_from_timm(sd, model_name="vit_small_patch14_reg4_dinov2")
     ours = VisionTransformer(config).eval()
@@ -561,7 +549,7 @@ def test_forward_intermediates_match_timm():
             flat_a = torch.utils._pytree.tree_leaves(a)
             flat_b = torch.utils._pytree.tree_leaves(b)
             assert len(flat_a) == len(flat_b), kwargs
-            assert max(_diff(p, q) for p, q in zip(flat_a, flat_b, strict=True)) <= TOL, kwargs
+            assert max(max_diff(p, q) for p, q in zip(flat_a, flat_b, strict=True)) <= TOL, kwargs
     maps = ours.forward_intermediates(x, indices=[1], intermediates_only=True)
     assert maps[0].shape == (2, 96, size // 14, size // 14)
 
@@ -597,7 +585,7 @@ def test_family_preprocessing_matches_transformers(family, astronaut, tmp_path):
     ours = ImageProcessor.from_pretrained(tmp_path)
     assert ours.crop_size == ((224, 224) if family != "SigLIP" else None)
     expected = theirs(images=astronaut, return_tensors="pt")["pixel_values"]
-    assert _diff(ours([astronaut]), expected) <= TOL
+    assert max_diff(ours([astronaut]), expected) <= TOL
     pil_class = getattr(T, type(theirs).__name__ + "Pil")
     pil = pil_class(
         **{
@@ -608,13 +596,13 @@ def test_family_preprocessing_matches_transformers(family, astronaut, tmp_path):
     )
     image = Image.fromarray(astronaut)
     expected = pil(images=image, return_tensors="pt")["pixel_values"]
-    assert _diff(dataclasses.replace(ours, backend="pil")([image]), expected) <= TOL
+    assert max_diff(dataclasses.replace(ours, backend="pil")([image]), expected) <= TOL
 
 
 def test_the_resolver_hands_out_the_folders_processor(astronaut, tmp_path):
     """A transformers CLIP folder with its preprocessor_config.json: resolve() returns the
     model and CLIP's own preprocessing, which gives the peer's embedding of the photo."""
-    peer = _randomize(
+    peer = randomize(
         T.CLIPVisionModelWithProjection(
             T.CLIPVisionConfig(
                 hidden_size=64,
@@ -635,7 +623,7 @@ def test_the_resolver_hands_out_the_folders_processor(astronaut, tmp_path):
     with torch.no_grad():
         ours = r.model(r.processor([astronaut])).image_embeds
         theirs = peer(pixel_values=pixels).image_embeds
-    assert _diff(ours, theirs) <= TOL
+    assert max_diff(ours, theirs) <= TOL
 
 
 def test_legacy_integer_sizes_of_clip_configs():

@@ -16,6 +16,7 @@ import json
 import pytest
 import torch
 
+from conftest import max_diff, randomize
 from vitkit import resolve, save_pretrained
 from vitkit.checkpoints import hf_clip, hf_siglip
 from vitkit.checkpoints import open_clip as oc
@@ -41,19 +42,6 @@ IDS = torch.tensor([
     [EOS, 1, 2, 98, 4, 9, 11],
 ])  # fmt: skip
 MASK = (torch.arange(7) < torch.tensor([[3], [5], [7]])).long()
-
-
-def _randomize(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return module.eval()
-
-
-def _diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return (a.float() - b.float()).abs().max().item()
 
 
 def _report(case: str, direction: str, diff: float) -> None:
@@ -94,17 +82,17 @@ def _compare_joint(ours: ImageTextModel, peer) -> float:
             out = ours(x, IDS, mask)
             features = _features(peer.get_text_features(input_ids=IDS, attention_mask=mask))
             diffs += [
-                _diff(out.logits_per_image, theirs.logits_per_image),
-                _diff(out.text_embeds, theirs.text_embeds),
-                _diff(out.image_embeds, theirs.image_embeds),
-                _diff(ours.encode_text(IDS, mask, normalize=False), features),
+                max_diff(out.logits_per_image, theirs.logits_per_image),
+                max_diff(out.text_embeds, theirs.text_embeds),
+                max_diff(out.image_embeds, theirs.image_embeds),
+                max_diff(ours.encode_text(IDS, mask, normalize=False), features),
             ]
     return max(diffs)
 
 
 @pytest.mark.parametrize("case", sorted(JOINT))
 def test_transformers_image_text_both_ways(case, tmp_path):
-    peer = _randomize(JOINT[case]())
+    peer = randomize(JOINT[case]())
     peer.save_pretrained(tmp_path / "theirs")
     resolved = resolve(tmp_path / "theirs", text=True)
     ours = resolved.image_text
@@ -113,7 +101,7 @@ def test_transformers_image_text_both_ways(case, tmp_path):
     assert ours.config.scores == ("sigmoid" if case == "SiglipModel" else "softmax")
     _report(case, "load", _compare_joint(ours, peer))
 
-    fresh = _randomize(ImageTextModel(ours.config), seed=2)
+    fresh = randomize(ImageTextModel(ours.config), seed=2)
     save_pretrained(fresh, tmp_path / "ours")  # "auto": transformers holds it
     meta = json.loads((tmp_path / "ours" / "config.json").read_text())
     assert meta["architectures"] == [type(peer).__name__]
@@ -128,13 +116,13 @@ def test_transformers_image_text_both_ways(case, tmp_path):
 def test_the_pooling_rule_follows_the_eos_id_of_the_config(tmp_path):
     """A legacy config (eos_token_id 2) pools the largest id, a modern one the first eos: the
     two give different embeddings on these ids, so each must be read from the config."""
-    peer = _randomize(JOINT["CLIPModel-eos"]())
+    peer = randomize(JOINT["CLIPModel-eos"]())
     peer.save_pretrained(tmp_path)
     ours = resolve(tmp_path, text=True).image_text
     wrong = ImageTextModel(ours.config.replace(pool="argmax"))
     wrong.load_state_dict(ours.state_dict())
     with torch.no_grad():
-        assert _diff(ours.encode_text(IDS), wrong.eval().encode_text(IDS)) > 1e-2
+        assert max_diff(ours.encode_text(IDS), wrong.eval().encode_text(IDS)) > 1e-2
 
 
 TEXT_ONLY = {
@@ -151,15 +139,15 @@ def _compare_text(ours: TextTransformer, peer) -> float:
         for mask in (None, MASK):
             out = peer(input_ids=IDS, attention_mask=mask)
             theirs = out.text_embeds if hasattr(out, "text_embeds") else out.pooler_output
-            diffs.append(_diff(ours(IDS, mask), theirs))
+            diffs.append(max_diff(ours(IDS, mask), theirs))
             tokens = out.last_hidden_state  # after the final norm in both
-            diffs.append(_diff(ours.forward_features(IDS, mask), tokens))
+            diffs.append(max_diff(ours.forward_features(IDS, mask), tokens))
     return max(diffs)
 
 
 @pytest.mark.parametrize("case", sorted(TEXT_ONLY))
 def test_transformers_text_towers_both_ways(case, tmp_path):
-    peer = _randomize(TEXT_ONLY[case]())
+    peer = randomize(TEXT_ONLY[case]())
     peer.save_pretrained(tmp_path / "theirs")  # transformers 5 drops the text_model. prefix
     family = hf_siglip if case.startswith("Siglip") else hf_clip
     data = json.loads((tmp_path / "theirs" / "config.json").read_text())
@@ -170,7 +158,7 @@ def test_transformers_text_towers_both_ways(case, tmp_path):
     assert isinstance(ours, TextTransformer) and ours.num_params() == peer.num_parameters()
     _report(case, "load", _compare_text(ours, peer))
 
-    fresh = _randomize(TextTransformer(config), seed=3)
+    fresh = randomize(TextTransformer(config), seed=3)
     with pytest.raises(CheckpointError, match="transformers' format only"):
         save_pretrained(fresh, tmp_path / "ours", format="vitkit")
     save_pretrained(fresh, tmp_path / "ours", format="hf")  # the Hub's text_model. layout
@@ -212,15 +200,15 @@ def _compare_open_clip(ours: ImageTextModel, peer) -> float:
         logits, _ = peer.get_logits(x, ids)
         out = ours(x, ids)
         return max(
-            _diff(out.logits_per_image, logits),
-            _diff(ours.encode_text(ids, normalize=False), peer.encode_text(ids)),
-            _diff(out.image_embeds, peer.encode_image(x, normalize=True)),
+            max_diff(out.logits_per_image, logits),
+            max_diff(ours.encode_text(ids, normalize=False), peer.encode_text(ids)),
+            max_diff(out.image_embeds, peer.encode_image(x, normalize=True)),
         )
 
 
 @pytest.mark.parametrize("case", sorted(OPEN_CLIP))
 def test_open_clip_both_towers(case, tmp_path):
-    peer = _randomize(OPEN_CLIP[case]())
+    peer = randomize(OPEN_CLIP[case]())
     folder = tmp_path / "open_clip"
     folder.mkdir()
     torch.save(peer.state_dict(), folder / "open_clip_pytorch_model.bin")
@@ -234,14 +222,14 @@ def test_open_clip_both_towers(case, tmp_path):
     _report(case, "load", _compare_open_clip(ours, peer))
 
     # the text table read the other way: a fresh vitkit text tower in open_clip's names
-    fresh = _randomize(TextTransformer(c.text), seed=5)
+    fresh = randomize(TextTransformer(c.text), seed=5)
     prefix = "text." if "Custom" in case else ""
     theirs = oc.text_state_dict_to_open_clip(fresh.state_dict(), c.text, prefix)
     missing, unexpected = peer.load_state_dict(theirs, strict=False)
     assert not unexpected and all(k.startswith("visual.") or "logit" in k for k in missing)
     ids = _open_clip_ids(c.text.context_length)
     with torch.no_grad():
-        _report(case, "save", _diff(fresh(ids), peer.encode_text(ids)))
+        _report(case, "save", max_diff(fresh(ids), peer.encode_text(ids)))
 
 
 def test_open_clip_file_without_config_reads_the_shapes(tmp_path):
@@ -250,7 +238,7 @@ def test_open_clip_file_without_config_reads_the_shapes(tmp_path):
     act="quick_gelu" both towers switch."""
     text_cfg = dict(context_length=8, vocab_size=99, width=64, heads=1, layers=1)
     vision_cfg = dict(image_size=28, patch_size=14, width=64, layers=1)
-    peer = _randomize(open_clip.model.CLIP(16, vision_cfg, text_cfg, quick_gelu=True))
+    peer = randomize(open_clip.model.CLIP(16, vision_cfg, text_cfg, quick_gelu=True))
     torch.save(peer.state_dict(), tmp_path / "clip.pt")
     ours = resolve(tmp_path / "clip.pt", text=True).image_text
     t = ours.config.text

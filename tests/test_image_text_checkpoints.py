@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import vitkit
+from conftest import randomize
 from vitkit import resolve, save_pretrained
 from vitkit.errors import CheckpointError, ConfigError
 from vitkit.models.image_text import ImageTextConfig, ImageTextModel
@@ -27,14 +28,6 @@ VISION = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, interm
 IDS = torch.tensor([[3, 97, 50, 0], [5, 6, 7, 50]])
 
 
-def _randomize(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return module.eval()
-
-
 def _pixels(size: int = 28) -> torch.Tensor:
     return torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
 
@@ -42,7 +35,7 @@ def _pixels(size: int = 28) -> torch.Tensor:
 @pytest.fixture
 def clip_folder(tmp_path):
     peer = T.CLIPModel(T.CLIPConfig(text_config=TEXT, vision_config=VISION, projection_dim=16))
-    _randomize(peer).save_pretrained(tmp_path / "clip")
+    randomize(peer).save_pretrained(tmp_path / "clip")
     return tmp_path / "clip"
 
 
@@ -142,7 +135,7 @@ def test_vitkit_image_text_folders_round_trip(tmp_path):
             eos_token_id=63, pool="eos"),
         scores="sigmoid",
     )  # fmt: skip
-    model = _randomize(ImageTextModel(config))
+    model = randomize(ImageTextModel(config))
     save_pretrained(model, tmp_path / "ours")  # "auto": no transformers class holds it
     saved = json.loads((tmp_path / "ours" / "config.json").read_text())
     assert saved["model_type"] == "vitkit_image_text"
@@ -206,7 +199,7 @@ def test_hostile_text_configs_are_refused_before_allocating(clip_folder, edit, f
 
 
 def test_hostile_vitkit_image_text_config_is_refused(tmp_path):
-    model = _randomize(create_image_text_model("siglip_base_patch16_224", depth=1, width=32,
+    model = randomize(create_image_text_model("siglip_base_patch16_224", depth=1, width=32,
                                                num_heads=2, vocab_size=10, context_length=4))  # fmt: skip
     save_pretrained(model, tmp_path / "m", format="vitkit")
     _edit_config(tmp_path / "m", lambda d: d["text"].update(vocab_size=10**12))

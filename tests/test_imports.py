@@ -6,6 +6,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 PACKAGE = Path(__file__).parents[1] / "src" / "vitkit"
 
 # importer package -> packages it must never import
@@ -118,3 +120,41 @@ def test_the_checker_sees_function_local_imports():
     edges = _edges(_modules())
     assert "vitkit.checkpoints.resolve" in edges["vitkit.train.trainer"]  # imported in a function
     assert "vitkit.models.vit" in edges["vitkit.presets"]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--help"], ["predict", "--help"], ["serve", "--help"], ["train", "--help"],
+     ["explain", "--help"], ["models"], ["models", "--text"], ["predict"],
+     ["predict", "x.jpg", "-m", "m", "--precision", "nope"]],
+)  # fmt: skip
+def test_the_cli_answers_help_errors_and_models_without_torch(argv):
+    """`vitkit --help`, each command's help, argument errors and `vitkit models` import no
+    torch, numpy or PIL (torch alone takes seconds): issue 28's CLI that answers at once."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\nfrom vitkit.cli import main\n"
+        "try:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+        "print(sorted(m for m in ('torch', 'numpy', 'PIL') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True,
+                          timeout=60)  # fmt: skip
+    assert done.stdout.strip().splitlines()[-1] == "[]", (done.stdout[-300:], done.stderr[-300:])
+
+
+def test_import_vitkit_loads_names_on_first_use():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, vitkit\nassert 'torch' not in sys.modules\n"
+        "from vitkit import VisionTransformer, create_model, ViTConfig\n"
+        "assert 'torch' in sys.modules and vitkit.create_model is create_model\n"
+        "assert set(vitkit.__all__) <= set(dir(vitkit)) and 'resolve' in vitkit.__all__\n"
+        "print(type(create_model('vit_tiny_patch16_224', depth=1)).__name__)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert done.returncode == 0 and done.stdout.strip() == "VisionTransformer", done.stderr[-500:]

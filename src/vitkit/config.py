@@ -1,4 +1,5 @@
-"""`ViTConfig`: the single description of a Vision Transformer.
+"""`ViTConfig`: the single description of a Vision Transformer (and beside it `TextConfig`, a
+CLIP / SigLIP text tower, and `ImageTextConfig`, both towers).
 
 Every model vitkit builds comes from one of these. Each field declares its choices and bounds
 (`vitkit._fields`); the config checks them on creation, with the rules between fields and the
@@ -333,3 +334,144 @@ class ViTConfig:
             return cls.from_dict(data)
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc}") from None
+
+
+# ------------------------------------------------------------------------------ text towers
+TextPool = Literal["argmax", "eos", "last"]
+
+
+@dataclass
+class TextConfig:
+    """Architecture of a CLIP / SigLIP text tower. The defaults are CLIP ViT-B's."""
+
+    vocab_size: Annotated[int, POSITIVE] = 49_408
+    context_length: Annotated[int, POSITIVE] = 77
+    width: Annotated[int, POSITIVE] = 512
+    depth: Annotated[int, POSITIVE] = 12
+    num_heads: Annotated[int, POSITIVE] = 8
+    mlp_ratio: Annotated[float, POSITIVE] = 4.0
+    act: Activation = "quick_gelu"
+    layer_norm_eps: Annotated[float, In("(0, inf)", "e.g. 1e-5")] = 1e-5
+    causal: bool = True
+    pool: TextPool = "argmax"
+    eos_token_id: Annotated[int, In("[0, inf)")] = 49_407
+    projection_dim: Annotated[int | None, POSITIVE] = 512
+    projection_bias: bool = False
+    attn_drop_rate: Annotated[float, RATE] = 0.0
+    attn_implementation: AttnImpl = "sdpa"
+
+    def __post_init__(self) -> None:
+        errors = problems(self)
+        if not errors:
+            d, heads, mlp = self.width, self.num_heads, self.mlp_hidden_dim
+            errors = [m for broken, m in (
+                (d % heads, f"width={d} is not divisible by num_heads={heads}"),
+                (mlp <= 0, f"mlp_ratio={self.mlp_ratio} gives {mlp} MLP units"),
+                (self.pool == "eos" and self.eos_token_id >= self.vocab_size,
+                 f"eos_token_id={self.eos_token_id} is outside the vocabulary ({self.vocab_size})"),
+            ) if broken]  # fmt: skip
+            errors += [message for value, name, what in (
+                (self.vocab_size, "VOCAB", "vocab_size"),
+                (self.context_length, "TEXT_TOKENS", "context_length"),
+                (self.width, "WIDTH", "width"),
+                (self.depth, "DEPTH", "depth"),
+                (self.num_heads, "HEADS", "num_heads"),
+                (max(mlp, self.projection_dim or 0), "MLP_DIM", "MLP size or projection_dim"),
+            ) for message in over_limit(value, name, what)]  # fmt: skip
+            errors = errors or over_limit(self.estimated_params(), "PARAMS", "parameters")
+        if errors:
+            raise ConfigError("invalid TextConfig: " + "; ".join(errors))
+
+    @property
+    def mlp_hidden_dim(self) -> int:
+        return int(round(self.width * self.mlp_ratio, 6))
+
+    @property
+    def embed_dim(self) -> int:
+        """Width of the text embedding: the projection's, or the tower's without one."""
+        return self.projection_dim or self.width
+
+    def estimated_params(self) -> int:
+        d, m, p = self.width, self.mlp_hidden_dim, self.projection_dim or 0
+        block = 4 * d * d + 2 * d * m + m + 9 * d
+        tables = (self.vocab_size + self.context_length) * d
+        return tables + self.depth * block + 2 * d + p * d + (p if self.projection_bias else 0)
+
+    def replace(self, **changes: Any) -> TextConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> TextConfig:
+        if not isinstance(data, dict):
+            raise ConfigError(f"a TextConfig needs a mapping of fields, got {type(data).__name__}")
+        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ConfigError(f"unknown TextConfig field(s) {sorted(unknown)}")
+        return cls(**data)
+
+
+# ------------------------------------------------------------------------------ both towers
+Scores = Literal["softmax", "sigmoid"]
+MODEL_TYPE = "vitkit_image_text"  # config.json of a vitkit folder with both towers
+
+
+@dataclass
+class ImageTextConfig:
+    """The two towers and how their similarities become scores ("softmax": CLIP, "sigmoid":
+    SigLIP, which adds `logit_bias`)."""
+
+    vision: ViTConfig
+    text: TextConfig
+    scores: Scores = "softmax"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.vision, dict):
+            self.vision = ViTConfig.from_dict(self.vision)
+        if isinstance(self.text, dict):
+            self.text = TextConfig.from_dict(self.text)
+        if not isinstance(self.vision, ViTConfig) or not isinstance(self.text, TextConfig):
+            raise ConfigError("an image-text config needs a 'vision' and a 'text' mapping of "
+                              "fields")  # fmt: skip
+        if self.scores not in ("softmax", "sigmoid"):
+            raise ConfigError(f"scores={self.scores!r} must be 'softmax' or 'sigmoid'")
+        image = self.vision.projection_dim or self.vision.pooled_dim
+        if self.vision.num_classes or image != self.text.embed_dim:
+            raise ConfigError(
+                f"the image tower gives {image}-d embeddings and the text tower "
+                f"{self.text.embed_dim}-d ones (and the image tower must have no head, "
+                f"num_classes={self.vision.num_classes}); they must meet in one space"
+            )
+
+    def replace(self, **changes: Any) -> ImageTextConfig:
+        """A copy with `changes` applied (and validated): `scores`, and fields of either tower;
+        a field both towers have (depth, act, attn_implementation, ...) changes both."""
+        scores = changes.pop("scores", self.scores)
+        vision_fields = {f.name for f in dataclasses.fields(ViTConfig)}
+        text_fields = {f.name for f in dataclasses.fields(TextConfig)}
+        unknown = set(changes) - vision_fields - text_fields
+        if unknown:
+            raise ConfigError(f"unknown ViTConfig / TextConfig field(s) {sorted(unknown)}")
+        vision = {k: v for k, v in changes.items() if k in vision_fields}
+        text = {k: v for k, v in changes.items() if k in text_fields}
+        return ImageTextConfig(
+            vision=self.vision.replace(**vision) if vision else self.vision,
+            text=self.text.replace(**text) if text else self.text,
+            scores=scores,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model_type": MODEL_TYPE, "vision": self.vision.to_dict(),
+                "text": self.text.to_dict(), "scores": self.scores}  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, data: Any) -> ImageTextConfig:
+        if not isinstance(data, dict) or data.get("model_type") != MODEL_TYPE:
+            raise ConfigError(f"not a vitkit image-text config (model_type {MODEL_TYPE!r})")
+        unknown = set(data) - {"model_type", "vision", "text", "scores"}
+        if unknown:
+            raise ConfigError(f"unknown image-text config field(s) {sorted(unknown)}")
+        return cls(vision=data.get("vision"), text=data.get("text"),
+                   scores=data.get("scores", "softmax"))  # fmt: skip

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor
 
+from vitkit._names import HEAD_FUSIONS, METHODS
 from vitkit.data.images import load_image
 from vitkit.errors import ConfigError
 from vitkit.models.vit import VisionTransformer
@@ -52,8 +53,6 @@ __all__ = [
 
 Method = Literal["attention", "rollout", "grad-rollout"]
 HeadFusion = Literal["mean", "max", "min"]
-METHODS: tuple[str, ...] = ("attention", "rollout", "grad-rollout")
-HEAD_FUSIONS: tuple[str, ...] = ("mean", "max", "min")
 
 
 @dataclass

@@ -11,13 +11,14 @@ text tower (`get_image_text_config`, `create_image_text_model`, `list_models(tex
 from __future__ import annotations
 
 import fnmatch
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from vitkit.config import ViTConfig
+from vitkit.config import ImageTextConfig, Scores, TextConfig, ViTConfig
 from vitkit.errors import ConfigError
-from vitkit.models.image_text import ImageTextConfig, ImageTextModel, Scores
-from vitkit.models.text import TextConfig
-from vitkit.models.vit import VisionTransformer
+
+if TYPE_CHECKING:
+    from vitkit.models.image_text import ImageTextModel
+    from vitkit.models.vit import VisionTransformer
 
 # width, depth, heads (paper table 1; Ti and S from DeiT)
 SIZES: dict[str, tuple[int, int, int]] = {
@@ -228,7 +229,7 @@ def get_config(name: str, **overrides: Any) -> ViTConfig:
     return ViTConfig(**{**_PRESETS[name], **overrides})
 
 
-def create_model(name: str | ViTConfig, **overrides: Any):
+def create_model(name: str | ViTConfig, **overrides: Any) -> VisionTransformer:
     """Build a randomly initialised model from a preset name or a `ViTConfig`.
 
     >>> model = create_model("vit_base_patch16_224", num_classes=10, drop_path_rate=0.1)
@@ -237,6 +238,8 @@ def create_model(name: str | ViTConfig, **overrides: Any):
         config = name.replace(**overrides) if overrides else name
     else:
         config = get_config(name, **overrides)
+    from vitkit.models.vit import VisionTransformer  # torch: `vitkit models` lists without it
+
     return VisionTransformer(config)
 
 
@@ -264,4 +267,6 @@ def create_image_text_model(name: str | ImageTextConfig, **overrides: Any) -> Im
         config = name.replace(**overrides) if overrides else name
     else:
         config = get_image_text_config(name, **overrides)
+    from vitkit.models.image_text import ImageTextModel  # torch, as in create_model
+
     return ImageTextModel(config)

@@ -382,11 +382,18 @@ def image_text_state_dict_from_hf(
     sd: Mapping[str, Tensor], config: ImageTextConfig, *, source: str = "state dict"
 ) -> dict[str, Tensor]:
     """vitkit `ImageTextModel` weights from a CLIPModel state dict."""
-    vision = find_prefix(sd, "embeddings.patch_embedding.weight", source=source, what="CLIP")
-    text = find_prefix(sd, "embeddings.token_embedding.weight", source=source, what="CLIP")
+    return towers_from_hf(sd, config, image_text_rules, source=source, what="CLIP")
+
+
+def towers_from_hf(
+    sd: Mapping[str, Tensor], config: ImageTextConfig, table: Any, *, source: str, what: str
+) -> dict[str, Tensor]:
+    """`ImageTextModel` weights from a CLIPModel / SiglipModel state dict by its family's
+    `table(config, vision_prefix, text_prefix)`, each tower's prefix as the file has it."""
+    vision = find_prefix(sd, "embeddings.patch_embedding.weight", source=source, what=what)
+    text = find_prefix(sd, "embeddings.token_embedding.weight", source=source, what=what)
     ignore = [f"{vision}embeddings.position_ids", f"{text}embeddings.position_ids"]
-    table = image_text_rules(config, vision, text)
-    return rename_from(sd, table, config, ignore=ignore, source=source)
+    return rename_from(sd, table(config, vision, text), config, ignore=ignore, source=source)
 
 
 def image_text_unsupported(config: ImageTextConfig) -> list[str]:

@@ -42,6 +42,7 @@ from vitkit.checkpoints.hf_clip import (
     text_tower_fields,
     text_tower_rules,
     tower_fields,
+    towers_from_hf,
     vision_config,
 )
 from vitkit.config import ViTConfig
@@ -238,11 +239,7 @@ def image_text_state_dict_from_hf(
     sd: Mapping[str, Tensor], config: ImageTextConfig, *, source: str = "state dict"
 ) -> dict[str, Tensor]:
     """vitkit `ImageTextModel` weights from a SiglipModel state dict."""
-    vision = find_prefix(sd, "embeddings.patch_embedding.weight", source=source, what="SigLIP")
-    text = find_prefix(sd, "embeddings.token_embedding.weight", source=source, what="SigLIP")
-    ignore = [f"{vision}embeddings.position_ids", f"{text}embeddings.position_ids"]
-    table = image_text_rules(config, vision, text)
-    return rename_from(sd, table, config, ignore=ignore, source=source)
+    return towers_from_hf(sd, config, image_text_rules, source=source, what="SigLIP")
 
 
 def image_text_unsupported(config: ImageTextConfig) -> list[str]:

@@ -63,7 +63,7 @@ def image_size(args: argparse.Namespace) -> int | tuple[int, int] | None:
 
 def add_precision(p: argparse.ArgumentParser, *, what: str = "the model") -> None:
     """`--precision` and `--backend`: the precision path `vitkit.infer.prepare` runs `what` on."""
-    from vitkit.infer.precision import BACKENDS, PRECISIONS
+    from vitkit._names import BACKENDS, PRECISIONS
 
     p.add_argument(
         "--precision",

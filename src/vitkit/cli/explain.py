@@ -16,7 +16,7 @@ from vitkit.cli._args import add_image_size, add_model, check_output, image_size
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from vitkit.explain import HEAD_FUSIONS, METHODS
+    from vitkit._names import HEAD_FUSIONS, METHODS
 
     p = sub.add_parser(
         "explain",

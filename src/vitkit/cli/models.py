@@ -16,29 +16,36 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "-v",
         "--verbose",
         action="store_true",
-        help="also print parameters and GMACs at the preset's resolution",
+        help="also print parameters and GMACs at the preset's resolution, and the text "
+        "tower's parameters (CLIP, SigLIP)",
     )
+    p.add_argument("--text", action="store_true",
+                   help="only the presets with a text tower (zero-shot: CLIP, SigLIP)")  # fmt: skip
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
+    from vitkit.presets import create_model, get_config, get_image_text_config, list_models
 
-    from vitkit.models.vit import count_macs
-    from vitkit.presets import create_model, get_config, list_models
-
-    names = list_models(args.pattern)
+    names = list_models(args.pattern, text=args.text)
+    with_text = set(list_models(args.pattern, text=True))
     if not names:
         print(f"no preset matches {args.pattern!r}")
         return 1
     if not args.verbose:
         print("\n".join(names))
         return 0
-    print(f"{'name':40s} {'res':>9s} {'params':>14s} {'GMACs':>9s}")
+    import torch  # the counts build each model on the meta device
+
+    from vitkit.models.vit import count_macs
+
+    print(f"{'name':40s} {'res':>9s} {'params':>14s} {'GMACs':>9s} {'text params':>14s}")
     for name in names:
         config = get_config(name)
         with torch.device("meta"):
             params = create_model(config).num_params()
         h, w = config.image_hw
-        print(f"{name:40s} {f'{h}x{w}':>9s} {params:>14,d} {count_macs(config) / 1e9:>9.2f}")
+        text = get_image_text_config(name).text.estimated_params() if name in with_text else None
+        print(f"{name:40s} {f'{h}x{w}':>9s} {params:>14,d} {count_macs(config) / 1e9:>9.2f} "
+              f"{'-' if text is None else f'{text:,d}':>14s}")  # fmt: skip
     return 0

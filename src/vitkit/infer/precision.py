@@ -35,13 +35,12 @@ import torch
 from torch import Tensor, nn
 from torch.ao.quantization import quantize_dynamic
 
+from vitkit._names import BACKENDS, PRECISIONS
 from vitkit.checkpoints.resolve import resolve
 from vitkit.errors import ConfigError, VitkitError
 from vitkit.infer import _graph
 from vitkit.models.vit import logits_of
 
-PRECISIONS = ("fp32", "bf16", "fp16", "int8", "auto")
-BACKENDS = ("torch", "onnxruntime", "openvino")
 AUTO_MIN_AGREEMENT = 0.99  # top-1 agreement with fp32 `auto` demands on the calibration batch
 # (for embeddings, `vitkit.features.Embedder`: the mean cosine similarity of the rows)
 

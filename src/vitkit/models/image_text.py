@@ -11,81 +11,18 @@ learned bias, so each label gets its own probability (`scores`).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vitkit.config import ViTConfig
-from vitkit.errors import ConfigError
-from vitkit.models.text import TextConfig, TextTransformer
+from vitkit.config import MODEL_TYPE, ImageTextConfig, Scores
+from vitkit.models.text import TextTransformer
 from vitkit.models.vit import VisionTransformer
 
-Scores = Literal["softmax", "sigmoid"]
-MODEL_TYPE = "vitkit_image_text"
-
-
-@dataclass
-class ImageTextConfig:
-    """The two towers and how their similarities become scores ("softmax": CLIP, "sigmoid":
-    SigLIP, which adds `logit_bias`)."""
-
-    vision: ViTConfig
-    text: TextConfig
-    scores: Scores = "softmax"
-
-    def __post_init__(self) -> None:
-        if isinstance(self.vision, dict):
-            self.vision = ViTConfig.from_dict(self.vision)
-        if isinstance(self.text, dict):
-            self.text = TextConfig.from_dict(self.text)
-        if not isinstance(self.vision, ViTConfig) or not isinstance(self.text, TextConfig):
-            raise ConfigError("an image-text config needs a 'vision' and a 'text' mapping of "
-                              "fields")  # fmt: skip
-        if self.scores not in ("softmax", "sigmoid"):
-            raise ConfigError(f"scores={self.scores!r} must be 'softmax' or 'sigmoid'")
-        image = self.vision.projection_dim or self.vision.pooled_dim
-        if self.vision.num_classes or image != self.text.embed_dim:
-            raise ConfigError(
-                f"the image tower gives {image}-d embeddings and the text tower "
-                f"{self.text.embed_dim}-d ones (and the image tower must have no head, "
-                f"num_classes={self.vision.num_classes}); they must meet in one space"
-            )
-
-    def replace(self, **changes: Any) -> ImageTextConfig:
-        """A copy with `changes` applied (and validated): `scores`, and fields of either tower;
-        a field both towers have (depth, act, attn_implementation, ...) changes both."""
-        scores = changes.pop("scores", self.scores)
-        vision_fields = {f.name for f in dataclasses.fields(ViTConfig)}
-        text_fields = {f.name for f in dataclasses.fields(TextConfig)}
-        unknown = set(changes) - vision_fields - text_fields
-        if unknown:
-            raise ConfigError(f"unknown ViTConfig / TextConfig field(s) {sorted(unknown)}")
-        vision = {k: v for k, v in changes.items() if k in vision_fields}
-        text = {k: v for k, v in changes.items() if k in text_fields}
-        return ImageTextConfig(
-            vision=self.vision.replace(**vision) if vision else self.vision,
-            text=self.text.replace(**text) if text else self.text,
-            scores=scores,
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"model_type": MODEL_TYPE, "vision": self.vision.to_dict(),
-                "text": self.text.to_dict(), "scores": self.scores}  # fmt: skip
-
-    @classmethod
-    def from_dict(cls, data: Any) -> ImageTextConfig:
-        if not isinstance(data, dict) or data.get("model_type") != MODEL_TYPE:
-            raise ConfigError(f"not a vitkit image-text config (model_type {MODEL_TYPE!r})")
-        unknown = set(data) - {"model_type", "vision", "text", "scores"}
-        if unknown:
-            raise ConfigError(f"unknown image-text config field(s) {sorted(unknown)}")
-        return cls(vision=data.get("vision"), text=data.get("text"),
-                   scores=data.get("scores", "softmax"))  # fmt: skip
+__all__ = ["MODEL_TYPE", "ImageTextConfig", "ImageTextModel", "ImageTextOutput", "Scores"]
 
 
 @dataclass

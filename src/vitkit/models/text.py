@@ -13,92 +13,13 @@ context and reads the last position (`pool="last"`) through a projection with a 
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
-from typing import Annotated, Any, Literal
-
 import torch
 from torch import Tensor, nn
 
-from vitkit._fields import POSITIVE, RATE, In, over_limit, problems
-from vitkit.config import Activation, AttnImpl
-from vitkit.errors import ConfigError
+from vitkit.config import TextConfig
 from vitkit.layers.block import Block
 
-TextPool = Literal["argmax", "eos", "last"]
-
-
-@dataclass
-class TextConfig:
-    """Architecture of a CLIP / SigLIP text tower. The defaults are CLIP ViT-B's."""
-
-    vocab_size: Annotated[int, POSITIVE] = 49_408
-    context_length: Annotated[int, POSITIVE] = 77
-    width: Annotated[int, POSITIVE] = 512
-    depth: Annotated[int, POSITIVE] = 12
-    num_heads: Annotated[int, POSITIVE] = 8
-    mlp_ratio: Annotated[float, POSITIVE] = 4.0
-    act: Activation = "quick_gelu"
-    layer_norm_eps: Annotated[float, In("(0, inf)", "e.g. 1e-5")] = 1e-5
-    causal: bool = True
-    pool: TextPool = "argmax"
-    eos_token_id: Annotated[int, In("[0, inf)")] = 49_407
-    projection_dim: Annotated[int | None, POSITIVE] = 512
-    projection_bias: bool = False
-    attn_drop_rate: Annotated[float, RATE] = 0.0
-    attn_implementation: AttnImpl = "sdpa"
-
-    def __post_init__(self) -> None:
-        errors = problems(self)
-        if not errors:
-            d, heads, mlp = self.width, self.num_heads, self.mlp_hidden_dim
-            errors = [m for broken, m in (
-                (d % heads, f"width={d} is not divisible by num_heads={heads}"),
-                (mlp <= 0, f"mlp_ratio={self.mlp_ratio} gives {mlp} MLP units"),
-                (self.pool == "eos" and self.eos_token_id >= self.vocab_size,
-                 f"eos_token_id={self.eos_token_id} is outside the vocabulary ({self.vocab_size})"),
-            ) if broken]  # fmt: skip
-            errors += [message for value, name, what in (
-                (self.vocab_size, "VOCAB", "vocab_size"),
-                (self.context_length, "TEXT_TOKENS", "context_length"),
-                (self.width, "WIDTH", "width"),
-                (self.depth, "DEPTH", "depth"),
-                (self.num_heads, "HEADS", "num_heads"),
-                (max(mlp, self.projection_dim or 0), "MLP_DIM", "MLP size or projection_dim"),
-            ) for message in over_limit(value, name, what)]  # fmt: skip
-            errors = errors or over_limit(self.estimated_params(), "PARAMS", "parameters")
-        if errors:
-            raise ConfigError("invalid TextConfig: " + "; ".join(errors))
-
-    @property
-    def mlp_hidden_dim(self) -> int:
-        return int(round(self.width * self.mlp_ratio, 6))
-
-    @property
-    def embed_dim(self) -> int:
-        """Width of the text embedding: the projection's, or the tower's without one."""
-        return self.projection_dim or self.width
-
-    def estimated_params(self) -> int:
-        d, m, p = self.width, self.mlp_hidden_dim, self.projection_dim or 0
-        block = 4 * d * d + 2 * d * m + m + 9 * d
-        tables = (self.vocab_size + self.context_length) * d
-        return tables + self.depth * block + 2 * d + p * d + (p if self.projection_bias else 0)
-
-    def replace(self, **changes: Any) -> TextConfig:
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Any) -> TextConfig:
-        if not isinstance(data, dict):
-            raise ConfigError(f"a TextConfig needs a mapping of fields, got {type(data).__name__}")
-        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ConfigError(f"unknown TextConfig field(s) {sorted(unknown)}")
-        return cls(**data)
+__all__ = ["TextConfig", "TextTransformer"]
 
 
 class TextTransformer(nn.Module):
