@@ -10,6 +10,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import zlib
@@ -36,6 +37,23 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _cache_dir(tmp_path_factory, monkeypatch):
+    """Each test its own cache of prepared precision paths (vitkit.infer.cache): no test
+    reuses another's, and none writes to the user's ~/.cache."""
+    monkeypatch.setenv("VITKIT_CACHE_DIR", str(tmp_path_factory.mktemp("vitkit-cache")))
+
+
+_SESSION_CACHE = tempfile.mkdtemp(prefix="vitkit-test-cache-")
+os.environ.setdefault("VITKIT_CACHE_DIR", _SESSION_CACHE)  # module fixtures run before the above
+
+
+def pytest_sessionfinish(session, exitstatus):
+    import shutil
+
+    shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
 
 
 # CIFAR batches in the published python-pickle layout, with random pixels

@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from vitkit._version import __version__
 
 # public name -> the module that defines it
 _EXPORTS = {
@@ -26,7 +26,8 @@ _EXPORTS = {
     "ViTConfig": "vitkit.config",
     "TextConfig": "vitkit.config",
     "ImageTextConfig": "vitkit.config",
-    "ImageProcessor": "vitkit.data.processor",
+    # with the checkpoint formats' translators attached (from_pretrained, save_pretrained, ...)
+    "ImageProcessor": "vitkit.checkpoints.preprocessing",
     "VisionTransformer": "vitkit.models.vit",
     "ViTOutput": "vitkit.models.vit",
     "TextTransformer": "vitkit.models.text",

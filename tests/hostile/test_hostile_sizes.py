@@ -97,7 +97,7 @@ def test_shortest_edge_resize_of_a_thin_strip_fails_that_image_only(tmp_path):
 
 def test_timm_crop_pct_tiny_is_refused():
     r = run_code(
-        "from vitkit.data.processor import ImageProcessor\n"
+        "from vitkit import ImageProcessor\n"
         "ImageProcessor.from_timm_cfg({'input_size': (3, 224, 224), 'crop_pct': 1e-9})"
     )
     assert r.returncode == 1 and "ConfigError" in r.stderr and "resize" in r.stderr

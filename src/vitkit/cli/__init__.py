@@ -26,6 +26,7 @@ COMMANDS = (
     "train",
     "pretrain",
     "eval",
+    "cache",
 )
 
 

@@ -79,6 +79,12 @@ def add_precision(p: argparse.ArgumentParser, *, what: str = "the model") -> Non
         default=None,
         help="runtime for --precision (default: the fastest installed)",
     )
+    p.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="build the precision path anew instead of reusing (and keeping) the one prepared "
+        "in an earlier run; the cache is $VITKIT_CACHE_DIR or ~/.cache/vitkit (`vitkit cache`)",
+    )
 
 
 def check_output(

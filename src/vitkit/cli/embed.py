@@ -74,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
             normalize=args.normalize, layers=args.layers, batch_size=args.batch_size,
             workers=args.workers, device=info.device, info=info, precision=args.precision,
             backend=args.backend, log=lambda s: print(f"vitkit embed: {s}", file=sys.stderr),
+            cache=not args.no_cache,
         )  # fmt: skip
     finally:
         D.cleanup(info)

@@ -138,7 +138,8 @@ def run(args: argparse.Namespace) -> int:
     # the same runner as predict and serve (static int8 and auto calibrate on the first batch)
     if not is_plain(args.precision, args.backend):
         model = prepare(model, args.precision, backend=args.backend, device=device,
-                        log=lambda s: print(f"vitkit eval: {s}", file=sys.stderr))  # fmt: skip
+                        log=lambda s: print(f"vitkit eval: {s}", file=sys.stderr),
+                        cache=not args.no_cache)  # fmt: skip
     result, skipped = evaluate_on(model, processor, args.data, args.split,
                                   batch_size=args.batch_size, num_workers=args.num_workers,
                                   device=device, amp_dtype=amp)  # fmt: skip

@@ -124,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
     predictor = Predictor(
         model, processor, precision=args.precision, backend=args.backend, device=device,
         batch_size=args.batch_size, workers=args.workers, top_k=args.top_k,
+        cache=not args.no_cache,
         log=lambda s: print(f"vitkit predict: {s}", file=sys.stderr, flush=True),
     )  # fmt: skip
     failed = len(failures)

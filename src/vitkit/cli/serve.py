@@ -80,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
         model=args.model,
         precision=args.precision,
         backend=args.backend,
+        cache=not args.no_cache,
         device=args.device,
         max_batch=args.max_batch,
         max_wait_ms=args.max_wait_ms,

@@ -20,6 +20,7 @@ gets, and the translation of preprocessor_config.json and timm's pretrained_cfg,
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -152,8 +153,9 @@ class ImageProcessor:
 
     # ---- files: preprocessor_config.json, timm's pretrained_cfg ---------------------------
     # The formats are other libraries', so `vitkit.checkpoints.preprocessing` translates them and
-    # installs these entry points when it is imported (by `import vitkit`): data/ must not import
-    # checkpoints/. `from_pretrained(folder)` gives what `vitkit.resolve(folder).processor` does.
+    # installs these entry points when it is imported: data/ does not import checkpoints/, and
+    # the first use of one of them loads the translators (`_Translated`).
+    # `from_pretrained(folder)` gives what `vitkit.resolve(folder).processor` does.
     from_pretrained: ClassVar[Callable[[str | os.PathLike[str]], ImageProcessor]]
     save_pretrained: ClassVar[Callable[[ImageProcessor, str | os.PathLike[str]], Path]]
     from_hf_dict: ClassVar[Callable[..., ImageProcessor]]
@@ -455,3 +457,24 @@ def match_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
         gray = (x.float() * weights).sum(1, keepdim=True)
         return gray.round().clamp(0, 255).to(torch.uint8) if x.dtype == torch.uint8 else gray
     raise ImageError(f"cannot use a {c}-channel image for a {channels}-channel model")
+
+
+class _Translated:
+    """Stands for an entry point `vitkit.checkpoints.preprocessing` installs on `ImageProcessor`
+    until that module is loaded: the first access loads it (it replaces these stand-ins with the
+    translators) and returns the real attribute. `import vitkit` loads nothing eagerly."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, instance: Any, owner: type) -> Any:
+        importlib.import_module("vitkit.checkpoints.preprocessing")  # installs the translators
+        if vars(ImageProcessor).get(self.name) is self:  # pragma: no cover - a broken install
+            raise AttributeError(f"ImageProcessor.{self.name} was not installed")
+        return getattr(owner if instance is None else instance, self.name)
+
+
+for _name in ("from_pretrained", "save_pretrained", "from_hf_dict", "to_hf_dict", "from_timm_cfg"):
+    _stand_in = _Translated()
+    _stand_in.__set_name__(ImageProcessor, _name)
+    setattr(ImageProcessor, _name, _stand_in)

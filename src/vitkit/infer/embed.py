@@ -58,6 +58,7 @@ def embed_paths(
     backend: str | None = None,
     info: Any = None,
     log: Any = None,
+    cache: bool = True,
 ) -> tuple[np.ndarray, list[str], list[tuple[str, str]]]:
     """(rows float32, the path of each row, [(input, reason)] that failed) for image files and
     folders, in input order; a bad image is reported, never fatal. Shards across torchrun
@@ -83,7 +84,7 @@ def embed_paths(
     model = model.eval()
     # pooled rows run on the precision runner (fp32 on torch is the model as it is)
     runner = None if layers else prepare(Embedder(model, pool), precision, backend=backend,
-                                         device=device, log=log)  # fmt: skip
+                                         device=device, log=log, cache=cache)  # fmt: skip
     for batch in pipelined(mine, load, batch_size, workers):
         good = [(item, x) for item, x in batch if isinstance(x, Tensor)]
         errors += [(item[0], x) for item, x in batch if not isinstance(x, Tensor)]

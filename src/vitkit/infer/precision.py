@@ -21,11 +21,13 @@ falls back to the next candidate when they disagree.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import os
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +41,7 @@ from vitkit._names import BACKENDS, PRECISIONS
 from vitkit.checkpoints.resolve import resolve
 from vitkit.errors import ConfigError, VitkitError
 from vitkit.infer import _graph
+from vitkit.infer.cache import Cache, Key, fingerprint, tensor_id, versions
 from vitkit.models.vit import logits_of
 
 AUTO_MIN_AGREEMENT = 0.99  # top-1 agreement with fp32 `auto` demands on the calibration batch
@@ -131,8 +134,11 @@ class Runner:
     candidates: list[tuple[str, str, str]] = field(default_factory=list)
     log: Callable[[str], None] | None = None
     processor: Any = None  # the checkpoint's ImageProcessor, when built by `load`
+    cache: Cache | None = None  # where prepared paths are kept (`vitkit.infer.cache`)
+    calibration_given: bool = False  # the images came from `prepare`, not the first batch
     _fn: Fn | None = None
     _agreement: float | None = None
+    _fingerprint: str | None = None
 
     training = False  # a Runner only infers: it stands in for a model in eval mode
 
@@ -183,13 +189,17 @@ class Runner:
 
     def _build(self, calibration: Tensor | None) -> None:
         """Build the path, or for `auto` the first candidate that keeps fp32's answers on
-        `calibration`; torch paths wrap the model, the others convert a copy of it."""
+        `calibration`; torch paths wrap the model, the others convert a copy of it (or read
+        it from the cache, as `auto`'s pick)."""
         auto = bool(self.candidates)
         candidates = self.candidates or [(self.precision, self.backend, "")]
-        fp32 = _torch_fn(self.model, "fp32", self.device) if len(candidates) > 1 else None
         example, reference = calibration, None
         if example is None:  # the other paths convert from the input's shape alone
             example = torch.zeros(1, self.config.in_chans, *self.config.image_hw)
+        picked = self._cached_pick(example, calibration) if auto else None
+        if picked is not None:
+            candidates = [picked]
+        fp32 = _torch_fn(self.model, "fp32", self.device) if len(candidates) > 1 else None
         for i, (precision, backend, why) in enumerate(candidates):
             last = i == len(candidates) - 1
             try:
@@ -201,7 +211,9 @@ class Runner:
                 else:
                     module = _graph.LogitsModule(copy.deepcopy(self.model).float().cpu()).eval()
                     make = _onnxruntime_fn if backend == "onnxruntime" else _openvino_fn
-                    fn, note = make(module, precision, example.detach().float().cpu(), self.device)
+                    key = self._key(precision, backend, example, calibration)
+                    fn, note = make(module, precision, example.detach().float().cpu(),
+                                    self.device, self._store(key))  # fmt: skip
             except Exception as exc:  # a runtime that cannot take this model: `auto` moves on
                 if not auto or last:
                     raise
@@ -221,9 +233,50 @@ class Runner:
                 self._agreement = agree
             self.precision, self.backend, self._fn = precision, backend, fn
             self.note = f"auto: {why}; {note}" if auto else note
+            if auto and picked is None:
+                self._keep_pick(example, calibration, (precision, backend, why))
             if auto:
                 self._say(f"auto picked {self.describe()}")
             return
+
+    # ---- the cache of prepared paths (vitkit.infer.cache) ------------------------------------
+    def _key(self, precision: str, backend: str, example: Tensor, calibration: Any) -> Key:
+        if self._fingerprint is None:
+            self._fingerprint = fingerprint(self.model)
+        static = (precision == "int8" and backend == "openvino") or precision == "auto"
+        if not static:
+            source = "none"  # a conversion that sees no images
+        elif self.calibration_given and calibration is not None:
+            source = tensor_id(calibration)
+        else:
+            source = "first batch"
+        info = machine()  # the instruction sets: `auto`'s pick and OpenVINO's kernels follow them
+        isa = [info["cpu_capability"], *(k for k in ("avx512_bf16", "vnni", "amx") if info[k])]
+        return Key(self._fingerprint, precision, backend, tuple(example.shape[1:]), source,
+                   " ".join(isa), versions(backend))  # fmt: skip
+
+    def _store(self, key: Key) -> Any:
+        return (self.cache, key, self._say) if self.cache is not None else None
+
+    def _cached_pick(self, example: Tensor, calibration: Any) -> tuple[str, str, str] | None:
+        """`auto`'s pick in an earlier run on this model, machine and calibration, if any."""
+        if self.cache is None:
+            return None
+        folder = self.cache.get(self._key("auto", "auto", example, calibration))
+        if folder is None:
+            return None
+        pick = self.cache.meta(folder).get("pick")
+        known = {(p, b) for p, b, _ in self.candidates}
+        if not (isinstance(pick, list) and len(pick) == 3 and tuple(pick[:2]) in known):
+            return None
+        self._say(f"auto: {pick[0]} on {pick[1]}, as picked before ({folder})")
+        return (str(pick[0]), str(pick[1]), str(pick[2]))
+
+    def _keep_pick(self, example: Tensor, calibration: Any, pick: tuple[str, str, str]) -> None:
+        if self.cache is not None:
+            key = self._key("auto", "auto", example, calibration)
+            with self.cache.put(key, "auto's pick", {"pick": list(pick)}):
+                pass
 
     def _say(self, text: str) -> None:
         (self.log or (lambda s: print(f"vitkit: {s}", file=sys.stderr)))(text)
@@ -237,6 +290,7 @@ def prepare(
     device: torch.device | str | None = None,
     calibration: Tensor | None = None,
     log: Callable[[str], None] | None = None,
+    cache: bool | Cache = True,
 ) -> Runner:
     """Make a `Runner` for `model` (a VisionTransformer in eval mode) at `precision`.
 
@@ -245,7 +299,10 @@ def prepare(
     device: where inputs and outputs live; non-torch backends and int8 run on the CPU.
     calibration: (B, C, H, W) preprocessed real images for static int8 and `auto`'s check; when
         None, the first batch the runner is called with is used.
-    log: where `auto` reports its pick (default: stderr).
+    log: where `auto` reports its pick and a cold path its costly steps (default: stderr).
+    cache: keep converted and quantized paths (and `auto`'s pick) on disk and reuse them in
+        later processes (`vitkit.infer.cache`; a `Cache` for another folder); False builds
+        everything anew.
     """
     if precision not in PRECISIONS:
         raise ConfigError(f"precision={precision!r} is not one of {', '.join(PRECISIONS)}")
@@ -263,6 +320,9 @@ def prepare(
         backend = backend or default_backend(precision, device)
         _check_supported(precision, backend, device)
         runner = Runner(model, precision, backend, device, log=log)
+    if cache is not False:
+        runner.cache = cache if isinstance(cache, Cache) else Cache(say=runner._say)
+    runner.calibration_given = calibration is not None
     if calibration is not None or not _needs_calibration(runner):
         runner._build(calibration)
     return runner
@@ -355,20 +415,33 @@ def _torch_fn(model: nn.Module, precision: str, device: torch.device) -> Fn:
 
 
 def _onnxruntime_fn(
-    module: nn.Module, precision: str, example: Tensor, device: torch.device
+    module: nn.Module, precision: str, example: Tensor, device: torch.device, store: Any = None
 ) -> tuple[Fn, str]:
     name = _graph.input_name(False, False)
-    with tempfile.TemporaryDirectory(prefix="vitkit-ort-") as tmp:
-        path = Path(tmp) / "model.onnx"
-        dyn = _graph.dynamic_shapes(module, example, patch=module.model.config.patch_size,
-                                    preprocessing=False, channels_last=False)  # fmt: skip
-        _graph.to_onnx(module, example[:1], path, dynamic=dyn, input_name=name,
-                       output_names=["logits"])  # fmt: skip
-        if precision == "int8":
-            quantized = Path(tmp) / "model.int8.onnx"
-            _graph.quantize_onnx(path, quantized)
-            path = quantized
-        session = _graph.onnx_session(path.read_bytes())
+    cache, key, say = store or (None, None, _quiet)
+    folder = cache.get(key) if cache is not None else None
+    if folder is not None:
+        data = (folder / "model.onnx").read_bytes()
+        say(f"{precision} on onnxruntime from the cache ({folder})")
+    else:
+        with tempfile.TemporaryDirectory(prefix="vitkit-ort-") as tmp:
+            path = Path(tmp) / "model.onnx"
+            with _step(say, "converting to ONNX"):
+                dyn = _graph.dynamic_shapes(module, example, patch=module.model.config.patch_size,
+                                            preprocessing=False, channels_last=False)  # fmt: skip
+                _graph.to_onnx(module, example[:1], path, dynamic=dyn, input_name=name,
+                               output_names=["logits"])  # fmt: skip
+            if precision == "int8":
+                quantized = Path(tmp) / "model.int8.onnx"
+                with _step(say, "quantizing to dynamic int8 (onnxruntime)"):
+                    _graph.quantize_onnx(path, quantized)
+                path = quantized
+            data = path.read_bytes()
+        if cache is not None:
+            with cache.put(key, f"{precision} on onnxruntime") as entry:
+                (entry / "model.onnx").write_bytes(data)
+            say(f"cached in {cache.prepared / key.digest}")
+    session = _graph.onnx_session(data)
 
     def fn(pixels: Tensor) -> Tensor:
         x = pixels.detach().float().cpu().contiguous().numpy()
@@ -380,17 +453,35 @@ def _onnxruntime_fn(
 
 
 def _openvino_fn(
-    module: nn.Module, precision: str, example: Tensor, device: torch.device
+    module: nn.Module, precision: str, example: Tensor, device: torch.device, store: Any = None
 ) -> tuple[Fn, str]:
     """OpenVINO at `precision`, compiled once per input size: a graph with a fixed height and
     width folds the position-table resampling away (benchmarks/openvino_ab.py: 0.99x of
     OpenVINO int8 on timm's graph before, 1.00-1.02x after); the converted model stays
-    size-free, so any size still runs."""
-    ov_model = _graph.to_openvino(module, example[:1])
+    size-free, so any size still runs. The converted (and quantized) model is what `store`
+    keeps (`vitkit.infer.cache`)."""
+    cache, key, say = store or (None, None, _quiet)
+    folder = cache.get(key) if cache is not None else None
     note = {"fp32": "f32", "bf16": "bf16 inference hint"}.get(precision, "")
     if precision == "int8":
-        ov_model = _graph.quantize_openvino(ov_model, example)
         note = f"NNCF static int8, transformer preset, calibrated on {len(example)} images"
+    if folder is not None:
+        ov = _graph.need("openvino", "openvino")
+        ov_model = ov.Core().read_model(str(folder / "model.xml"))
+        note = f"{note}, from the cache"
+        say(f"{precision} on OpenVINO from the cache ({folder})")
+    else:
+        with _step(say, "converting to OpenVINO"):
+            ov_model = _graph.to_openvino(module, example[:1])
+        if precision == "int8":
+            n = len(example)
+            with _step(say, f"calibrating NNCF static int8 on {n} image{'s' * (n != 1)}"):
+                ov_model = _graph.quantize_openvino(ov_model, example)
+        if cache is not None:
+            ov = _graph.need("openvino", "openvino")
+            with cache.put(key, f"{precision} on OpenVINO") as entry:
+                ov.save_model(ov_model, str(entry / "model.xml"), compress_to_fp16=False)
+            say(f"cached in {cache.prepared / key.digest}")
     by_size: dict[tuple[int, ...], Any] = {}
 
     def compiled_for(shape: tuple[int, ...]) -> Any:
@@ -401,7 +492,8 @@ def _openvino_fn(
             by_size[key] = _graph.compile_openvino(sized, precision)
         return by_size[key]
 
-    compiled = compiled_for(tuple(example.shape))
+    with _step(say, "compiling for this CPU", quiet_below=2.0):
+        compiled = compiled_for(tuple(example.shape))
 
     def fn(pixels: Tensor) -> Tensor:
         x = pixels.detach().float().cpu().contiguous().numpy()
@@ -411,6 +503,20 @@ def _openvino_fn(
     fn.compiled = compiled  # type: ignore[attr-defined]
     threads = compiled.get_property("INFERENCE_NUM_THREADS")
     return fn, f"OpenVINO {note}, {threads} threads".replace("  ", " ")
+
+
+def _quiet(text: str) -> None:
+    pass
+
+
+@contextlib.contextmanager
+def _step(say: Callable[[str], None], what: str, quiet_below: float = 0.0) -> Any:
+    """Time a costly step of a cold path and say it in one line (`what: 12.3 s`)."""
+    start = time.perf_counter()
+    yield
+    seconds = time.perf_counter() - start
+    if seconds >= quiet_below:
+        say(f"{what}: {seconds:.1f} s")
 
 
 def describe_machine() -> str:

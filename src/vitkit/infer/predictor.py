@@ -60,6 +60,7 @@ class Predictor:
         `auto` calibrate on the first batch when no calibration is given).
     batch_size: images per forward pass. workers: decoding threads (default: CPU count, <= 8).
     top_k: classes per result. labels: {index: name} (default: the model's id2label).
+    cache: keep the prepared precision path on disk for later runs (`vitkit.infer.cache`).
     Probabilities are a softmax over the classes, or the model's own `probabilities` (a
     SigLIP zero-shot classifier scores each label with a sigmoid).
     """
@@ -78,6 +79,7 @@ class Predictor:
         top_k: int = 5,
         labels: dict[int, str] | None = None,
         log: Any = None,
+        cache: bool = True,
     ) -> None:
         config = model.config  # type: ignore[attr-defined]
         if not config.num_classes:
@@ -90,7 +92,7 @@ class Predictor:
             raise VitkitError(f"workers must be at least 1, got {workers}")
         self.processor = processor
         self.runner = prepare(model, precision, backend=backend, device=device,
-                              calibration=calibration, log=log)  # fmt: skip
+                              calibration=calibration, log=log, cache=cache)  # fmt: skip
         self.batch_size = batch_size
         self.workers = workers or max(1, min(os.cpu_count() or 1, 8))
         self.top_k = min(top_k, config.num_classes)

@@ -73,6 +73,7 @@ class Settings:
     allow_preset: bool = True
     calibration: str | None = None  # a folder of images for static int8 / auto
     image_size: int | tuple[int, int] | None = None  # None: the checkpoint's
+    cache: bool = True  # keep prepared precision paths on disk (vitkit.infer.cache)
     max_labels: int = 100  # labels per zero-shot request
     max_text_chars: int = 1000  # characters of one label (with its template) or text
 
@@ -144,9 +145,10 @@ class Service:
         calibration = load_folder(s.calibration, self.processor) if s.calibration else None
         if self.model.config.num_classes:
             self.runner = prepare(self.model, s.precision, backend=s.backend, device=self.device,
-                                  calibration=calibration, log=_log)  # fmt: skip
+                                  calibration=calibration, log=_log, cache=s.cache)  # fmt: skip
         self.embed_runner = prepare(Embedder(self.model), s.precision, backend=s.backend,
-                                    device=self.device, calibration=calibration, log=_log)  # fmt: skip
+                                    device=self.device, calibration=calibration, log=_log,
+                                    cache=s.cache)  # fmt: skip
         h, w = self.processor.output_hw or self.model.config.image_hw
         for batch in sorted({1, s.max_batch}):  # the first calls allocate and pick kernels
             pixels = torch.zeros(batch, self.processor.num_channels, h, w)
