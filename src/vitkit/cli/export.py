@@ -87,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
         opset=args.opset,
         calibration=calibration,
         log=None,
+        stated_processor=processor,
     )
     print(result.summary())
     return 0

@@ -31,7 +31,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="classify images with a model",
         description="Print the top-k classes of each image. Folders expand to the images inside "
         "them (recursively). Unreadable files are reported on stderr and skipped; the exit code "
-        "is 1 if any image failed.",
+        "is 1 if any image failed. --model may also be a file `vitkit export` wrote (.onnx, "
+        ".xml), which runs as it was exported, with its labels and preprocessing.",
     )
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders")
     add_model(p, presets=True)
@@ -76,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
     from vitkit.checkpoints.resolve import resolve
     from vitkit.distributed import pick_device
     from vitkit.errors import VitkitError
+    from vitkit.infer.exported import is_exported
     from vitkit.infer.predictor import Predictor, expand_inputs
     from vitkit.infer.zero_shot import classifier_for
 
@@ -94,23 +96,27 @@ def run(args: argparse.Namespace) -> int:
         return 1
 
     device = pick_device(args.device)
-    resolved = resolve(
-        args.model,
-        device=device,
-        processor=args.processor,
-        allow_preset=True,
-        image_size=image_size(args),
-        text=labels is not None,
-    )
-    if resolved.random_weights:
-        print(
-            f"vitkit predict: warning: {args.model!r} is a preset name, not a checkpoint: the "
-            "model has RANDOM weights and its predictions are meaningless",
-            file=sys.stderr,
+    if is_exported(args.model):  # a `vitkit export` file: runs as it was prepared
+        model, processor = _exported(args, labels)
+        device = "cpu"
+    else:
+        resolved = resolve(
+            args.model,
+            device=device,
+            processor=args.processor,
+            allow_preset=True,
+            image_size=image_size(args),
+            text=labels is not None,
         )
-    model, processor = resolved.model, resolved.processor
-    if labels is not None:
-        model = classifier_for(resolved, labels, templates, precision=args.precision)
+        if resolved.random_weights:
+            print(
+                f"vitkit predict: warning: {args.model!r} is a preset name, not a checkpoint: "
+                "the model has RANDOM weights and its predictions are meaningless",
+                file=sys.stderr,
+            )
+        model, processor = resolved.model, resolved.processor
+        if labels is not None:
+            model = classifier_for(resolved, labels, templates, precision=args.precision)
     config = model.config
     if not config.num_classes:
         raise VitkitError(
@@ -138,6 +144,29 @@ def run(args: argparse.Namespace) -> int:
                 _print_result(result.source, result.top_k, as_json=args.json, bar=bar)
             bar.update(1)
     return 1 if failed else 0
+
+
+def _exported(args: argparse.Namespace, labels: list[str] | None) -> tuple:
+    """(model, processor) of a file `vitkit export` wrote, after refusing what it cannot do."""
+    from vitkit.errors import ConfigError
+    from vitkit.infer.exported import load_exported
+
+    refused = [flag for flag, given in (
+        ("--labels", labels is not None), ("--image-size", args.image_size is not None),
+        ("--precision", args.precision not in ("fp32", "auto")), ("--backend", args.backend),
+        ("--processor", args.processor != "auto"),
+    ) if given]  # fmt: skip
+    if refused:
+        raise ConfigError(f"{args.model} is an exported file: it runs at the precision, size and "
+                          f"preprocessing it was exported with ({', '.join(refused)} cannot "
+                          "change them; export again, or pass the checkpoint)")  # fmt: skip
+    model, processor = load_exported(args.model)
+    args.precision = "fp32"  # the predictor runs the file as it is
+    if not model.processor_stated:
+        print(f"vitkit predict: note: {args.model} states no preprocessing; using transformers' "
+              f"defaults at {model.config.image_hw}", file=sys.stderr)  # fmt: skip
+    print(f"vitkit predict: {model.precision} {args.model} as exported", file=sys.stderr)
+    return model, processor
 
 
 def _print_result(path: str, top: list[tuple[int, str, float]], *, as_json: bool, bar) -> None:

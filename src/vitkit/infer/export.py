@@ -93,6 +93,7 @@ def export(
     calibration: Tensor | None = None,
     labels: dict[int, str] | None = None,
     log: Callable[[str], None] | None = print,
+    stated_processor: Any = None,
 ) -> ExportResult:
     """Write `model` (a VisionTransformer) to `output` and check the file; see the module doc.
 
@@ -105,6 +106,8 @@ def export(
         images (B, H, W, C) (`channels_last`) or (B, C, H, W) of any size (C = 3, or 1 for a
         grayscale model), and returns (probabilities (B, K), top-k class indices (B, top_k)).
     calibration: preprocessed (B, C, H, W) real images for static int8.
+    stated_processor: the checkpoint's `ImageProcessor`, written into the file's metadata
+        (`vitkit_processor`) so that `vitkit predict --model FILE` preprocesses as it did.
     """
     output = Path(output)
     format = format or _format_from_suffix(output)
@@ -148,6 +151,8 @@ def export(
     }
     if preprocessing:
         meta["vitkit_preprocessing"] = json.dumps(processor.to_hf_dict())
+    if stated_processor is not None or preprocessing:
+        meta["vitkit_processor"] = json.dumps((stated_processor or processor).to_hf_dict())
     reference = _reference(model, processor, channels_last, top_k)
 
     if format == "openvino":
