@@ -72,6 +72,29 @@ def main(argv: list[str] | None = None) -> int:
         return run(args, Path(tmp))
 
 
+PIPELINE = "transformers pipeline"
+HEADERS = ["contender", "img/s", "x pipeline", "top-1 = pipeline", "max |score diff|"]
+
+
+def vs_pipeline(
+    times: dict[str, list[float]], scores: dict[str, list[dict]], images: int
+) -> list[list[str]]:
+    """A table row per contender: median images/s, the median paired speed-up over the
+    pipeline, how often its top-1 is the pipeline's, and its largest score difference from the
+    pipeline's (over the classes both report; `scores`: per image, class -> score)."""
+    want, rows = scores[PIPELINE], []
+    for name, t in times.items():
+        diff = same = "-"
+        if name != PIPELINE:
+            got = scores[name]
+            shared = [(w[k], g[k]) for w, g in zip(want, got) for k in w.keys() & g.keys()]
+            diff = f"{max(abs(a - b) for a, b in shared):.1e}"
+            same = f"{np.mean([max(w, key=w.get) == max(g, key=g.get) for w, g in zip(want, got)]):.0%}"  # fmt: skip
+        ratio = common.median([b / s for b, s in zip(times[PIPELINE], t)])
+        rows.append([name, f"{images / common.median(t):.2f}", f"{ratio:.2f}", same, diff])
+    return rows
+
+
 def run(args: argparse.Namespace, tmp: Path) -> int:
     """Write the folder and the model under `tmp`, time every contender, print the table."""
     from transformers import pipeline
@@ -85,9 +108,7 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
 
     classify = pipeline("image-classification", model=str(tmp / "model"), device="cpu")
     resolved = resolve(tmp / "model")
-    contenders = {
-        "transformers pipeline": lambda: classify(paths, top_k=5, batch_size=args.batch_size)
-    }
+    contenders = {PIPELINE: lambda: classify(paths, top_k=5, batch_size=args.batch_size)}
     for precision in args.precisions.split(","):
         predictor = Predictor(resolved.model, resolved.processor, precision=precision,
                               batch_size=args.batch_size, top_k=5)  # fmt: skip
@@ -98,26 +119,16 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
         )  # fmt: skip
     outputs = {k: fn() for k, fn in contenders.items()}  # warm-up, and the scores
     times = common.round_robin(contenders, repeats=args.rounds, warmup=0)
-    base = times["transformers pipeline"]
     label2id = classify.model.config.label2id  # compare by class index: vitkit names an
-    want = [  # unlabelled 1000-class model's classes with ImageNet's names, transformers not
-        {label2id[d["label"]]: d["score"] for d in row} for row in outputs["transformers pipeline"]
+    scores = {  # unlabelled 1000-class model's classes with ImageNet's names, transformers not
+        name: [{c: p for c, _, p in g.top_k} for g in out]
+        for name, out in outputs.items()
+        if name != PIPELINE
+    }
+    scores[PIPELINE] = [
+        {label2id[d["label"]]: d["score"] for d in row} for row in outputs[PIPELINE]
     ]
-    lines = []
-    for name, t in times.items():
-        diff = same = "-"
-        if name != "transformers pipeline":
-            got = [{c: p for c, _, p in g.top_k} for g in outputs[name]]
-            shared = [(w[k], g[k]) for w, g in zip(want, got) for k in w.keys() & g.keys()]
-            diff = f"{max(abs(a - b) for a, b in shared):.1e}"
-            same = f"{np.mean([max(w, key=w.get) == max(g, key=g.get) for w, g in zip(want, got)]):.0%}"  # fmt: skip
-        ratio = common.median([b / s for b, s in zip(base, t)])
-        lines.append([name, f"{len(paths) / common.median(t):.2f}", f"{ratio:.2f}", same, diff])
-    print(
-        common.format_table(
-            ["contender", "img/s", "x pipeline", "top-1 = pipeline", "max |score diff|"], lines
-        )
-    )
+    print(common.format_table(HEADERS, vs_pipeline(times, scores, len(paths))))
     return 0
 
 

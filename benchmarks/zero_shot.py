@@ -20,14 +20,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import common
-from e2e import make_folder
+from e2e import HEADERS, PIPELINE, make_folder, vs_pipeline
 
 LABELS = ["astronaut", "cat", "cup of coffee", "rocket", "galaxy", "eye", "colour wheel",
           "microscope slide", "red car", "dog"]  # fmt: skip
@@ -94,12 +93,8 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
     pipe = pipeline("zero-shot-image-classification", model=str(tmp / "model"), device="cpu")
     resolved = resolve(tmp / "model", text=True)
 
-    contenders = {
-        "transformers pipeline": lambda: pipe(
-            paths, candidate_labels=names, batch_size=args.batch_size
-        )
-    }
-    setup = {"transformers pipeline": "-"}
+    contenders = {PIPELINE: lambda: pipe(paths, candidate_labels=names, batch_size=args.batch_size)}
+    setup = {PIPELINE: "-"}
     for precision in args.precisions.split(","):
         start = time.perf_counter()  # once per run: the labels' embeddings, the precision path
         classifier = classifier_for(resolved, names, precision=precision)
@@ -112,32 +107,12 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
         contenders[name] = lambda pr=predictor: list(pr.predict(paths))
     outputs = {k: fn() for k, fn in contenders.items()}  # warm-up, and the scores
     times = common.round_robin(contenders, repeats=args.rounds, warmup=0)
-    base = times["transformers pipeline"]
-    want = [{d["label"]: d["score"] for d in row} for row in outputs["transformers pipeline"]]
-    lines = []
-    for name, t in times.items():
-        diff = same = "-"
-        if name != "transformers pipeline":
-            got = [{label: p for _, label, p in g.top_k} for g in outputs[name]]
-            diff = f"{max(abs(w[k] - g[k]) for w, g in zip(want, got) for k in w):.1e}"
-            same = f"{np.mean([max(w, key=w.get) == max(g, key=g.get) for w, g in zip(want, got)]):.0%}"  # fmt: skip
-        ratio = common.median([b / s for b, s in zip(base, t)])
-        lines.append([name, f"{len(paths) / common.median(t):.2f}", f"{ratio:.2f}", same, diff,
-                      setup[name]])  # fmt: skip
+    scores = {name: [{label: p for _, label, p in g.top_k} for g in out]
+              for name, out in outputs.items() if name != PIPELINE}  # fmt: skip
+    scores[PIPELINE] = [{d["label"]: d["score"] for d in row} for row in outputs[PIPELINE]]
+    rows = [[*row, setup[row[0]]] for row in vs_pipeline(times, scores, len(paths))]
     print(f"{len(paths)} images, {len(names)} labels, batch {args.batch_size}")
-    print(
-        common.format_table(
-            [
-                "contender",
-                "img/s",
-                "x pipeline",
-                "top-1 = pipeline",
-                "max |score diff|",
-                "set-up s",
-            ],
-            lines,
-        )
-    )
+    print(common.format_table([*HEADERS, "set-up s"], rows))
     return 0
 
 

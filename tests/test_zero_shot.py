@@ -15,7 +15,7 @@ from PIL import Image
 from conftest import train_spiece
 from vitkit.checkpoints.resolve import resolve
 from vitkit.cli import main
-from vitkit.infer.zero_shot import ZeroShotClassifier, encode_texts
+from vitkit.infer.zero_shot import ZeroShotClassifier, encode_texts, text_tower
 from vitkit.tokenizer import write_clip_vocab
 
 transformers = pytest.importorskip("transformers")
@@ -120,7 +120,7 @@ def test_a_prompt_ensemble_is_the_normalised_mean(clip):
     resolved = resolve(clip, text=True)
     templates = ["a photo of a {}.", "a drawing of a {}.", "{}"]
     classifier = ZeroShotClassifier(resolved.image_text, resolved.tokenizer, LABELS, templates)
-    each = [encode_texts(resolved.image_text, resolved.tokenizer,
+    each = [encode_texts(resolved.image_text.text, resolved.tokenizer,
                          [t.format(label) for label in LABELS]) for t in templates]  # fmt: skip
     want = torch.nn.functional.normalize(torch.stack(each).mean(0), dim=-1)
     torch.testing.assert_close(classifier.text_embeds, want, rtol=0, atol=1e-6)
@@ -131,8 +131,8 @@ def test_a_prompt_ensemble_is_the_normalised_mean(clip):
 def test_bf16_text_tower_stays_close_to_fp32(clip):
     resolved = resolve(clip, text=True)
     texts = [f"This is a photo of {label}." for label in LABELS]
-    fp32 = encode_texts(resolved.image_text, resolved.tokenizer, texts)
-    bf16 = encode_texts(resolved.image_text, resolved.tokenizer, texts, dtype=torch.bfloat16)
+    fp32 = encode_texts(text_tower(resolved.image_text), resolved.tokenizer, texts)
+    bf16 = encode_texts(text_tower(resolved.image_text, torch.bfloat16), resolved.tokenizer, texts)
     assert bf16.dtype == torch.float32 and not torch.equal(bf16, fp32)
     assert torch.nn.functional.cosine_similarity(bf16, fp32).min() > 0.99
     assert next(resolved.image_text.text.parameters()).dtype == torch.float32  # a copy ran

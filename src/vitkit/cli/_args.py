@@ -148,7 +148,7 @@ def add_zero_shot(p: argparse.ArgumentParser, *, labels: bool = True) -> None:
 def zero_shot(args: argparse.Namespace) -> tuple[list[str] | None, list[str]]:
     """(labels, templates) of `add_zero_shot`'s flags; labels None when none were given."""
     from vitkit.errors import ConfigError
-    from vitkit.infer.zero_shot import DEFAULT_TEMPLATE, check_labels, read_lines
+    from vitkit.infer.zero_shot import DEFAULT_TEMPLATE, check_labels, check_templates, read_lines
 
     labels = None
     given = getattr(args, "labels", None), getattr(args, "labels_file", None)
@@ -165,5 +165,8 @@ def zero_shot(args: argparse.Namespace) -> tuple[list[str] | None, list[str]]:
     templates = [args.template] if args.template is not None else [DEFAULT_TEMPLATE]
     if args.templates_file is not None:
         templates = read_lines(args.templates_file, "templates")
-    check_labels(labels if labels is not None else ["x"], templates)  # before any model loads
+    if labels is not None:  # before any model loads
+        check_labels(labels, templates)
+    else:
+        check_templates(templates)
     return labels, templates

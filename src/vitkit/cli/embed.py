@@ -95,7 +95,7 @@ def _texts(args: argparse.Namespace, output: Path) -> int:
     from vitkit.distributed import pick_device
     from vitkit.errors import ConfigError
     from vitkit.infer.embed import write_embeddings
-    from vitkit.infer.zero_shot import encode_texts, read_lines, text_dtype_for
+    from vitkit.infer.zero_shot import encode_texts, read_lines, text_dtype_for, text_tower
 
     if args.images or (args.text is not None and args.text_file is not None):
         raise ConfigError("embed images or texts (--text or --text-file), one kind per run")
@@ -108,7 +108,7 @@ def _texts(args: argparse.Namespace, output: Path) -> int:
     resolved = resolve(args.model, device=pick_device(args.device), text=True)
     if resolved.tokenizer is None:
         raise ConfigError(f"{args.model} has no tokenizer files: texts cannot be read")
-    rows = encode_texts(resolved.image_text, resolved.tokenizer, texts, dtype=dtype,
+    rows = encode_texts(text_tower(resolved.image_text, dtype), resolved.tokenizer, texts,
                         batch_size=args.batch_size, normalize=args.normalize)  # fmt: skip
     write_embeddings(output, rows.numpy(), texts, listing="texts")
     print(f"wrote {len(texts)} rows of shape {tuple(rows.shape[1:])} to {output} "

@@ -96,9 +96,10 @@ def run(args: argparse.Namespace) -> int:
         return 1
 
     device = pick_device(args.device)
+    precision = args.precision
     if is_exported(args.model):  # a `vitkit export` file: runs as it was prepared
         model, processor = _exported(args, labels)
-        device = "cpu"
+        device, precision = "cpu", "fp32"  # the file at its own precision, as it is
     else:
         resolved = resolve(
             args.model,
@@ -128,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
     if args.max_pixels is not None:
         processor.max_pixels = args.max_pixels
     predictor = Predictor(
-        model, processor, precision=args.precision, backend=args.backend, device=device,
+        model, processor, precision=precision, backend=args.backend, device=device,
         batch_size=args.batch_size, workers=args.workers, top_k=args.top_k,
         cache=not args.no_cache,
         log=lambda s: print(f"vitkit predict: {s}", file=sys.stderr, flush=True),
@@ -161,7 +162,6 @@ def _exported(args: argparse.Namespace, labels: list[str] | None) -> tuple:
                           f"preprocessing it was exported with ({', '.join(refused)} cannot "
                           "change them; export again, or pass the checkpoint)")  # fmt: skip
     model, processor = load_exported(args.model)
-    args.precision = "fp32"  # the predictor runs the file as it is
     if not model.processor_stated:
         print(f"vitkit predict: note: {args.model} states no preprocessing; using transformers' "
               f"defaults at {model.config.image_hw}", file=sys.stderr)  # fmt: skip

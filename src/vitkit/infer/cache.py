@@ -35,6 +35,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -117,9 +118,7 @@ def versions(backend: str) -> str:
     names = {"openvino": ("openvino", "nncf"), "onnxruntime": ("onnxruntime", "onnx")}
     parts = [f"vitkit {__version__}", f"torch {torch.__version__}"]
     for name in names.get(backend, ()):
-        with contextlib.suppress(Exception):
-            from importlib.metadata import version
-
+        with contextlib.suppress(PackageNotFoundError):
             parts.append(f"{name} {version(name)}")
     return "; ".join(parts)
 

@@ -15,6 +15,7 @@ a plain classifier module, pixels -> (B, K) logits with `config.id2label` set to
 from __future__ import annotations
 
 import copy
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,9 @@ from torch import Tensor, nn
 
 from vitkit import limits
 from vitkit.errors import ConfigError
-from vitkit.models.image_text import ImageTextModel
+from vitkit.features import pool_output
+from vitkit.models.image_text import ImageTextModel, joint_logits, zero_shot_scores
+from vitkit.models.text import TextTransformer
 
 DEFAULT_TEMPLATE = "This is a photo of {}."  # transformers' zero-shot pipeline
 TEXT_BATCH = 256  # prompts per forward pass of the text tower
@@ -47,19 +50,23 @@ def read_lines(path: str | Path, what: str) -> list[str]:
 
 def check_labels(labels: Sequence[str], templates: Sequence[str] = (DEFAULT_TEMPLATE,)) -> None:
     """Refuse what cannot make a classifier: no labels, an empty or repeated label, more labels
-    than `vitkit.limits` CLASSES, a template without (or with a misplaced) `{}`."""
+    than `vitkit.limits` CLASSES, and the templates `check_templates` refuses."""
     if not labels:
         raise ConfigError("no labels: name at least one class")
-    if not templates:
-        raise ConfigError("no templates: give at least one, e.g. 'a photo of a {}.'")
     for label in labels:
         if not isinstance(label, str) or not label.strip():
             raise ConfigError(f"label {label!r} is empty; every label needs a name")
-    seen: set[str] = set()
-    repeated = [label for label in labels if label in seen or seen.add(label)]  # type: ignore[func-returns-value]
-    if repeated:
-        raise ConfigError(f"label {repeated[0]!r} is given twice; labels must differ")
+    repeated = next((label for label, n in Counter(labels).items() if n > 1), None)
+    if repeated is not None:
+        raise ConfigError(f"label {repeated!r} is given twice; labels must differ")
     limits.check(len(labels), "CLASSES", "number of labels")
+    check_templates(templates)
+
+
+def check_templates(templates: Sequence[str]) -> None:
+    """Refuse no templates, or one without (or with a misplaced) `{}` for the label."""
+    if not templates:
+        raise ConfigError("no templates: give at least one, e.g. 'a photo of a {}.'")
     for template in templates:
         try:
             template.format("x")
@@ -70,22 +77,25 @@ def check_labels(labels: Sequence[str], templates: Sequence[str] = (DEFAULT_TEMP
             raise ConfigError(f"template {template!r} has no {{}} for the label")
 
 
+def text_tower(model: ImageTextModel, dtype: torch.dtype = torch.float32) -> TextTransformer:
+    """`model`'s text tower at `dtype` (fp32, bf16): the tower itself, or a copy cast once (keep
+    it where texts keep coming, as `vitkit serve` does)."""
+    tower = model.text
+    return tower if tower.pos_embed.dtype == dtype else copy.deepcopy(tower).to(dtype)
+
+
 @torch.inference_mode()
 def encode_texts(
-    model: ImageTextModel,
+    tower: TextTransformer,
     tokenizer: Any,
     texts: Sequence[str],
     *,
-    dtype: torch.dtype = torch.float32,
     batch_size: int = TEXT_BATCH,
     normalize: bool = True,
 ) -> Tensor:
-    """(N, E) float32 text embeddings (L2-normalised unless `normalize=False`), on the CPU, the
-    text tower run at `dtype` (fp32, bf16)."""
-    tower = model.text
+    """(N, E) float32 text embeddings (L2-normalised unless `normalize=False`), on the CPU, by a
+    text tower at its own precision (`text_tower`)."""
     device = tower.pos_embed.device
-    if tower.pos_embed.dtype != dtype:
-        tower = _cast(tower, dtype)
     rows = []
     for start in range(0, len(texts), batch_size):
         tokens = tokenizer(list(texts[start : start + batch_size]))
@@ -93,12 +103,8 @@ def encode_texts(
         out = tower(ids, mask).float()
         rows.append(F.normalize(out, dim=-1) if normalize else out)
     if not rows:
-        return torch.zeros(0, model.config.text.embed_dim)
+        return torch.zeros(0, tower.config.embed_dim)
     return torch.cat(rows).cpu()
-
-
-def _cast(module: nn.Module, dtype: torch.dtype) -> nn.Module:
-    return copy.deepcopy(module).to(dtype)
 
 
 class ZeroShotClassifier(nn.Module):
@@ -127,13 +133,13 @@ class ZeroShotClassifier(nn.Module):
         self.vision = model.vision
         self.scores = model.config.scores
         prompts = [t.format(label) for label in labels for t in templates]
-        embeds = encode_texts(model, tokenizer, prompts, dtype=text_dtype)
+        embeds = encode_texts(text_tower(model, text_dtype), tokenizer, prompts)
         embeds = embeds.reshape(len(labels), len(templates), -1)
         # one template: its embedding as it is (the pipeline's); several: their normalised mean
         embeds = embeds[:, 0] if len(templates) == 1 else F.normalize(embeds.mean(1), dim=-1)
         dtype = model.logit_scale.dtype
         self.register_buffer("text_embeds", embeds.to(device=model.logit_scale.device, dtype=dtype))
-        self.register_buffer("logit_scale", model.logit_scale.detach().exp().clone())
+        self.register_buffer("logit_scale", model.logit_scale.detach().clone())
         bias = model.logit_bias.detach().clone() if model.logit_bias is not None else None
         self.register_buffer("logit_bias", bias)
         self.config = self.vision.config.replace(
@@ -141,15 +147,13 @@ class ZeroShotClassifier(nn.Module):
         )
 
     def forward(self, pixel_values: Tensor) -> Tensor:
-        out = self.vision.forward_features(pixel_values)
-        image = out.image_embeds if out.image_embeds is not None else out.pooler_output
-        image = F.normalize(image, dim=-1)
-        logits = image @ self.text_embeds.to(image.dtype).t() * self.logit_scale.to(image.dtype)
-        return logits + self.logit_bias.to(image.dtype) if self.logit_bias is not None else logits
+        image = pool_output(self.vision.forward_features(pixel_values), self.vision.config)
+        return joint_logits(F.normalize(image, dim=-1), self.text_embeds, self.logit_scale,
+                            self.logit_bias)  # fmt: skip
 
     def probabilities(self, logits: Tensor) -> Tensor:
         """(B, K) logits -> zero-shot scores: softmax over the labels (CLIP) or sigmoid (SigLIP)."""
-        return logits.sigmoid() if self.scores == "sigmoid" else logits.softmax(-1)
+        return zero_shot_scores(logits, self.scores)
 
 
 def text_dtype_for(precision: str, *, strict: bool = False) -> torch.dtype:

@@ -19,10 +19,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vitkit.config import MODEL_TYPE, ImageTextConfig, Scores
+from vitkit.features import pool_output
 from vitkit.models.text import TextTransformer
 from vitkit.models.vit import VisionTransformer
 
-__all__ = ["MODEL_TYPE", "ImageTextConfig", "ImageTextModel", "ImageTextOutput", "Scores"]
+__all__ = ["MODEL_TYPE", "ImageTextConfig", "ImageTextModel", "ImageTextOutput", "Scores",
+           "joint_logits", "zero_shot_scores"]  # fmt: skip
 
 
 @dataclass
@@ -50,8 +52,7 @@ class ImageTextModel(nn.Module):
 
     def encode_image(self, pixel_values: Tensor, *, normalize: bool = True) -> Tensor:
         """Images (B, C, H, W) -> (B, E) embeddings in the joint space."""
-        out = self.vision.forward_features(pixel_values)
-        embeds = out.image_embeds if out.image_embeds is not None else out.pooler_output
+        embeds = pool_output(self.vision.forward_features(pixel_values), self.vision.config)
         return F.normalize(embeds, dim=-1) if normalize else embeds
 
     def encode_text(
@@ -63,13 +64,11 @@ class ImageTextModel(nn.Module):
 
     def logits(self, image_embeds: Tensor, text_embeds: Tensor) -> Tensor:
         """(B_images, B_texts) similarities of normalised embeddings, scaled (and biased)."""
-        scale = self.logit_scale.exp().to(image_embeds.dtype)
-        logits = image_embeds @ text_embeds.to(image_embeds.dtype).t() * scale
-        return logits + self.logit_bias.to(logits.dtype) if self.logit_bias is not None else logits
+        return joint_logits(image_embeds, text_embeds, self.logit_scale, self.logit_bias)
 
     def scores(self, logits: Tensor) -> Tensor:
         """Zero-shot probabilities: a softmax over the labels (CLIP) or a sigmoid each (SigLIP)."""
-        return logits.sigmoid() if self.config.scores == "sigmoid" else logits.softmax(-1)
+        return zero_shot_scores(logits, self.config.scores)
 
     def forward(
         self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None
@@ -80,3 +79,18 @@ class ImageTextModel(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def joint_logits(
+    image_embeds: Tensor, text_embeds: Tensor, logit_scale: Tensor, logit_bias: Tensor | None
+) -> Tensor:
+    """exp(logit_scale) * image_embeds @ text_embeds.T (+ logit_bias): the (B_images, B_texts)
+    logits of normalised embeddings, in the images' dtype."""
+    dtype = image_embeds.dtype
+    logits = image_embeds @ text_embeds.to(dtype).t() * logit_scale.exp().to(dtype)
+    return logits + logit_bias.to(dtype) if logit_bias is not None else logits
+
+
+def zero_shot_scores(logits: Tensor, scores: Scores) -> Tensor:
+    """A softmax over the texts (CLIP's "softmax") or a sigmoid for each pair (SigLIP's)."""
+    return logits.sigmoid() if scores == "sigmoid" else logits.softmax(-1)

@@ -44,7 +44,13 @@ from vitkit.explain import HEAD_FUSIONS, METHODS, explain_image, label_index
 from vitkit.features import Embedder
 from vitkit.infer.precision import BACKENDS, PRECISIONS, prepare
 from vitkit.infer.predictor import load_folder, preprocess
-from vitkit.infer.zero_shot import DEFAULT_TEMPLATE, check_labels, encode_texts, text_dtype_for
+from vitkit.infer.zero_shot import (
+    DEFAULT_TEMPLATE,
+    check_labels,
+    encode_texts,
+    text_dtype_for,
+    text_tower,
+)
 from vitkit.serve.batcher import Batcher
 from vitkit.serve.metrics import CONTENT_TYPE, Metrics
 from vitkit.viz import png_bytes
@@ -122,6 +128,7 @@ class Service:
         self.device = torch.device("cpu")
         self.image_text: Any = None  # CLIP / SigLIP: both towers, for zero-shot and text
         self.tokenizer: Any = None
+        self.text_tower: Any = None  # at the text precision, cast once
         self.text_cache: collections.OrderedDict[str, Tensor] = collections.OrderedDict()
 
     # ---------------------------------------------------------------------- model thread
@@ -140,6 +147,7 @@ class Service:
         self.labels = id2label_for(self.model.config)
         if resolved.image_text is not None and resolved.tokenizer is not None:
             self.image_text, self.tokenizer = resolved.image_text, resolved.tokenizer
+            self.text_tower = text_tower(self.image_text, text_dtype_for(s.precision))
 
         # --precision: the same runners as `vitkit predict` and `vitkit embed`
         calibration = load_folder(s.calibration, self.processor) if s.calibration else None
@@ -175,8 +183,7 @@ class Service:
         `TEXT_CACHE` texts are kept, so a page's labels are embedded once."""
         todo = list(dict.fromkeys(t for t in texts if t not in self.text_cache))
         if todo:
-            dtype = text_dtype_for(self.settings.precision)
-            rows = encode_texts(self.image_text, self.tokenizer, todo, dtype=dtype, normalize=False)
+            rows = encode_texts(self.text_tower, self.tokenizer, todo, normalize=False)
             for text, row in zip(todo, rows):
                 self.text_cache[text] = row
         for text in texts:
@@ -621,7 +628,7 @@ def _prompts(service: Service, labels: list[str], template: str) -> list[str]:
 
 
 def _text_precision(service: Service) -> str:
-    return "bf16" if text_dtype_for(service.settings.precision) == torch.bfloat16 else "fp32"
+    return "bf16" if service.text_tower.pos_embed.dtype == torch.bfloat16 else "fp32"
 
 
 async def _decode(service: Service, data: bytes) -> Tensor:
