@@ -4,6 +4,7 @@ converts and calibrates nothing, new weights make a new entry, a bad entry is re
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -146,3 +147,62 @@ def test_a_failed_write_leaves_no_entry(tmp_path):
         (folder / "model.xml").write_text("half")
         raise RuntimeError("killed")
     assert cache.get(key) is None and list((tmp_path / "c" / "prepared").iterdir()) == []
+
+
+def test_a_warm_run_never_loads_the_weights(calls, tmp_path, monkeypatch):
+    """The second run of a checkpoint whose path is cached gets a Deferred model (its config,
+    not its weights) and the same answers; the weights are loaded only if the path is gone."""
+    pytest.importorskip("openvino")
+    from vitkit.infer import precision
+
+    folder, x = tmp_path / "model", _images()
+    vitkit.save_pretrained(_model(0), folder)
+    cold = precision.resolve_for(folder, "fp32", backend="openvino", log=lambda s: None)
+    assert not isinstance(cold.model, precision.Deferred)
+    expected = prepare(cold.model, "fp32", backend="openvino")(x)
+    compiled = list(Cache().prepared.glob("*/compiled/*"))
+    assert compiled, "OpenVINO keeps its compiled model in the entry"
+
+    loads = []
+    real_resolve = precision.resolve
+    monkeypatch.setattr(
+        precision, "resolve", lambda *a, **k: loads.append(1) or real_resolve(*a, **k)
+    )
+    warm = precision.resolve_for(folder, "fp32", backend="openvino", log=lambda s: None)
+    assert isinstance(warm.model, precision.Deferred) and loads == []
+    assert warm.model.config.to_dict() == cold.model.config.to_dict()
+    assert warm.processor == cold.processor
+    runner = prepare(warm.model, "fp32", backend="openvino", log=lambda s: None)
+    torch.testing.assert_close(runner(x), expected, rtol=0, atol=0)
+    assert loads == [] and calls["to_openvino"] == 1  # neither loaded nor converted again
+
+    for entry in Cache().entries():  # the path evicted: the Deferred model loads its weights
+        if entry["what"] != "a checkpoint's config and preprocessing":
+            shutil.rmtree(entry["path"])
+    again = precision.resolve_for(folder, "fp32", backend="openvino", log=lambda s: None)
+    runner = prepare(again.model, "fp32", backend="openvino", log=lambda s: None)
+    torch.testing.assert_close(runner(x), expected, rtol=0, atol=1e-6)
+    assert loads == [1] and calls["to_openvino"] == 2
+
+    vitkit.save_pretrained(_model(1), folder)  # new weights at the same path: loaded anew
+    fresh = precision.resolve_for(folder, "fp32", backend="openvino", log=lambda s: None)
+    assert not isinstance(fresh.model, precision.Deferred) and loads == [1, 1]
+
+
+def test_predict_int8_warm_equals_cold(tmp_path, capsys):
+    pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+    from PIL import Image
+
+    folder = tmp_path / "model"
+    vitkit.save_pretrained(_model(0), folder)
+    image = tmp_path / "a.png"
+    Image.fromarray((torch.rand(40, 48, 3) * 255).byte().numpy()).save(image)
+    argv = ["predict", str(image), "--model", str(folder), "--precision", "int8", "--json"]
+    assert main(argv) == 0
+    cold = capsys.readouterr()
+    assert "calibrating NNCF static int8" in cold.err
+    assert main(argv) == 0
+    warm = capsys.readouterr()
+    assert "from the cache" in warm.err and "calibrating" not in warm.err
+    assert json.loads(warm.out) == json.loads(cold.out)

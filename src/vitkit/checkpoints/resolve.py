@@ -233,6 +233,28 @@ def run_folder(path: Path) -> Path | None:
     )
 
 
+def local_files(source: str | os.PathLike[str], limit: int = 64) -> list[Path] | None:
+    """The files `resolve(source)` reads a local checkpoint from: a file itself, or the plain
+    files of its model folder (`run_folder`); None for a hub id, a preset, a run holding only a
+    training state, a folder with links or more than `limit` files (nothing to key a cache by
+    cheaply)."""
+    path = Path(source).expanduser()
+    if path.is_file() and not path.is_symlink():
+        return [path]
+    if not path.is_dir():
+        return None
+    try:
+        folder = run_folder(path)
+    except CheckpointError:
+        return None
+    if folder is None:
+        return None
+    entries = sorted(folder.iterdir())
+    if len(entries) > limit or any(p.is_symlink() for p in entries):
+        return None
+    return [p for p in entries if p.is_file()]
+
+
 # ---------------------------------------------------------------------------------- presets
 def _is_preset(name: str) -> bool:
     return name in list_models()

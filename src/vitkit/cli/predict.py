@@ -78,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
     from vitkit.distributed import pick_device
     from vitkit.errors import VitkitError
     from vitkit.infer.exported import is_exported
+    from vitkit.infer.precision import resolve_for
     from vitkit.infer.predictor import Predictor, expand_inputs
     from vitkit.infer.zero_shot import classifier_for
 
@@ -97,18 +98,21 @@ def run(args: argparse.Namespace) -> int:
 
     device = pick_device(args.device)
     precision = args.precision
+
+    def say(text: str) -> None:
+        print(f"vitkit predict: {text}", file=sys.stderr, flush=True)
+
     if is_exported(args.model):  # a `vitkit export` file: runs as it was prepared
         model, processor = _exported(args, labels)
         device, precision = "cpu", "fp32"  # the file at its own precision, as it is
     else:
-        resolved = resolve(
-            args.model,
-            device=device,
-            processor=args.processor,
-            allow_preset=True,
-            image_size=image_size(args),
-            text=labels is not None,
-        )
+        options = dict(device=device, processor=args.processor, allow_preset=True,
+                       image_size=image_size(args))  # fmt: skip
+        if labels is None:  # a prepared path in the cache needs no weights loaded
+            resolved = resolve_for(args.model, precision, backend=args.backend,
+                                   cache=not args.no_cache, log=say, **options)  # fmt: skip
+        else:
+            resolved = resolve(args.model, text=True, **options)
         if resolved.random_weights:
             print(
                 f"vitkit predict: warning: {args.model!r} is a preset name, not a checkpoint: "
@@ -131,8 +135,7 @@ def run(args: argparse.Namespace) -> int:
     predictor = Predictor(
         model, processor, precision=precision, backend=args.backend, device=device,
         batch_size=args.batch_size, workers=args.workers, top_k=args.top_k,
-        cache=not args.no_cache,
-        log=lambda s: print(f"vitkit predict: {s}", file=sys.stderr, flush=True),
+        cache=not args.no_cache, log=say,
     )  # fmt: skip
     failed = len(failures)
     show_bar = not args.no_progress and len(paths) >= _PROGRESS_MIN_IMAGES

@@ -7,7 +7,9 @@ slowest path for a few images. `vitkit.infer.precision.prepare` keeps what it bu
     <cache>/prepared/<key>/entry.json       what the entry is, its files' sizes and SHA-256
     <cache>/prepared/<key>/model.xml, .bin  an OpenVINO path (converted, int8: quantized)
     <cache>/prepared/<key>/model.onnx       an onnxruntime path
-    <cache>/prepared/<key>/compiled/        OpenVINO's own compiled-blob cache for the entry
+    <cache>/prepared/<key>/compiled/        OpenVINO's compiled models of the entry, one per
+                                            input size (its CACHE_DIR; not in entry.json:
+                                            OpenVINO checks and rebuilds them itself)
     <cache>/prepared/<key>/entry.json       for `auto`: only its pick (precision, backend)
 
 The key is a SHA-256 of the model's content (every tensor's bytes, its config), the precision,
@@ -82,6 +84,15 @@ def fingerprint(model: nn.Module) -> str:
         t = tensor.detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
         h.update(t.view(torch.uint8).numpy().data if t.numel() else b"")
+    return h.hexdigest()
+
+
+def files_id(paths: list[Path]) -> str:
+    """SHA-256 of files' names, sizes and bytes: a checkpoint's content, read without loading
+    it (new weights at the same path give a new id)."""
+    h = hashlib.sha256()
+    for path in paths:
+        h.update(f"{path.name}|{path.stat().st_size}|{_sha256(path)}\n".encode())
     return h.hexdigest()
 
 

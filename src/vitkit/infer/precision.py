@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import importlib.util
+import json
 import os
 import sys
 import tempfile
@@ -38,10 +40,12 @@ from torch import Tensor, nn
 from torch.ao.quantization import quantize_dynamic
 
 from vitkit._names import BACKENDS, PRECISIONS
-from vitkit.checkpoints.resolve import resolve
+from vitkit.checkpoints.resolve import Resolved, local_files, resolve
+from vitkit.config import ViTConfig
+from vitkit.data.processor import ImageProcessor
 from vitkit.errors import ConfigError, VitkitError
 from vitkit.infer import _graph
-from vitkit.infer.cache import Cache, Key, fingerprint, tensor_id, versions
+from vitkit.infer.cache import Cache, Key, files_id, fingerprint, tensor_id, versions
 from vitkit.models.vit import logits_of
 
 AUTO_MIN_AGREEMENT = 0.99  # top-1 agreement with fp32 `auto` demands on the calibration batch
@@ -199,20 +203,19 @@ class Runner:
         picked = self._cached_pick(example, calibration) if auto else None
         if picked is not None:
             candidates = [picked]
-        fp32 = _torch_fn(self.model, "fp32", self.device) if len(candidates) > 1 else None
+        fp32 = _torch_fn(self._real_model(), "fp32", self.device) if len(candidates) > 1 else None
         for i, (precision, backend, why) in enumerate(candidates):
             last = i == len(candidates) - 1
             try:
                 if backend == "torch":
-                    fn = _torch_fn(self.model, precision, self.device)
+                    fn = _torch_fn(self._real_model(), precision, self.device)
                     note = _TORCH_NOTES[precision]
                 elif precision == "int8" and calibration is None:
                     raise VitkitError(f"static int8 on {backend} needs calibration images")
                 else:
-                    module = _graph.LogitsModule(copy.deepcopy(self.model).float().cpu()).eval()
                     make = _onnxruntime_fn if backend == "onnxruntime" else _openvino_fn
                     key = self._key(precision, backend, example, calibration)
-                    fn, note = make(module, precision, example.detach().float().cpu(),
+                    fn, note = make(self._logits_module, precision, example.detach().float().cpu(),
                                     self.device, self._store(key))  # fmt: skip
             except Exception as exc:  # a runtime that cannot take this model: `auto` moves on
                 if not auto or last:
@@ -239,10 +242,24 @@ class Runner:
                 self._say(f"auto picked {self.describe()}")
             return
 
+    def _logits_module(self) -> nn.Module:
+        """A float32 CPU copy of the model that returns logits, to convert (only when the
+        cache does not hold the path already: a copy of ViT-B is 350 MB)."""
+        return _graph.LogitsModule(copy.deepcopy(self._real_model()).float().cpu()).eval()
+
+    def _real_model(self) -> nn.Module:
+        """The model with its weights: a `Deferred` one reads them now (a path it needs is
+        not in the cache after all, or runs on torch)."""
+        if isinstance(self.model, Deferred):
+            self.model = self.model.load().eval()
+            self._fingerprint = None  # keyed by what was loaded, should the files have changed
+        return self.model
+
     # ---- the cache of prepared paths (vitkit.infer.cache) ------------------------------------
     def _key(self, precision: str, backend: str, example: Tensor, calibration: Any) -> Key:
         if self._fingerprint is None:
-            self._fingerprint = fingerprint(self.model)
+            known = self.model.fingerprint if isinstance(self.model, Deferred) else None
+            self._fingerprint = known or fingerprint(self.model)
         static = (precision == "int8" and backend == "openvino") or precision == "auto"
         if not static:
             source = "none"  # a conversion that sees no images
@@ -344,11 +361,74 @@ def load(
         runner = load("google/vit-base-patch16-224", "auto")
         probs = runner(runner.processor(["cat.jpg"])).softmax(-1)
     """
-    resolved = resolve(source, device=device, **resolve_kwargs)
+    resolved = resolve_for(source, precision, backend=backend, log=log, device=device,
+                           **resolve_kwargs)  # fmt: skip
     runner = prepare(resolved.model, precision, backend=backend, device=device,
                      calibration=calibration, log=log)  # fmt: skip
     runner.processor = resolved.processor
     return runner
+
+
+class Deferred(nn.Module):
+    """A model whose prepared path is in the cache: its config and content fingerprint without
+    its weights, which `load()` reads only if a path needs them after all (the entry was
+    evicted, or `auto` checks against fp32). For ViT-B that is 350 MB and a second not spent."""
+
+    def __init__(self, config: Any, fingerprint: str, load: Callable[[], nn.Module]):
+        super().__init__()
+        self.config = config
+        self.fingerprint = fingerprint
+        self.load = load
+
+    def forward(self, pixels: Tensor) -> Tensor:
+        raise RuntimeError("a Deferred model runs through its Runner (`prepare`)")
+
+
+def resolve_for(
+    source: str | os.PathLike[str],
+    precision: str,
+    *,
+    backend: str | None = None,
+    cache: bool | Cache = True,
+    log: Callable[[str], None] | None = None,
+    **resolve_kwargs: Any,
+) -> Resolved:
+    """`resolve(source, **resolve_kwargs)` for a model about to run at `precision`: when that
+    path is prepared in the cache for this very checkpoint (keyed by its files' bytes, read
+    but not loaded), the model is a `Deferred` one and its weights are never loaded. Anything
+    else (fp32, a torch path, a hub id or preset, both towers, no cache) resolves as usual."""
+    device = resolve_kwargs.get("device")
+    runs_on = backend or default_backend(precision, device or "cpu")
+    cached_path = precision == "auto" or runs_on != "torch"
+    files = local_files(source) if cached_path and cache is not False else None
+    if files is None or resolve_kwargs.get("text"):
+        return resolve(source, **resolve_kwargs)
+    say = log or (lambda s: print(f"vitkit: {s}", file=sys.stderr))
+    store = cache if isinstance(cache, Cache) else Cache(say=say)
+    asked = json.dumps({k: resolve_kwargs.get(k) for k in sorted(resolve_kwargs)}, default=str)
+    key = Key(files_id(files), "resolved", "-", (), asked, "", versions("torch"))
+    folder = store.get(key)
+    if folder is not None:
+        try:
+            meta = store.meta(folder)
+            config = ViTConfig.from_dict(meta["config"])
+            fields = {k: tuple(v) if isinstance(v, list) else v
+                      for k, v in meta["processor"].items()}  # fmt: skip
+            processor = ImageProcessor(**fields)
+            fp = str(meta["fingerprint"])
+        except (KeyError, TypeError, ValueError, AttributeError, VitkitError) as exc:
+            say(f"cache entry {folder} is unusable ({exc}); loading {os.fspath(source)}")
+        else:
+            model = Deferred(config, fp, lambda: resolve(source, **resolve_kwargs).model)
+            return Resolved(model, processor, os.fspath(source), folder=files[0].parent)
+    resolved = resolve(source, **resolve_kwargs)
+    if isinstance(resolved.model.config, ViTConfig):
+        described = {"fingerprint": fingerprint(resolved.model),
+                     "config": resolved.model.config.to_dict(),
+                     "processor": dataclasses.asdict(resolved.processor)}  # fmt: skip
+        with store.put(key, "a checkpoint's config and preprocessing", described):
+            pass
+    return resolved
 
 
 def _needs_calibration(runner: Runner) -> bool:
@@ -373,9 +453,9 @@ def _check_supported(precision: str, backend: str, device: torch.device) -> None
     if backend in ("openvino", "onnxruntime"):
         extra = "openvino" if backend == "openvino" else "export"
         module = "nncf" if backend == "openvino" and precision == "int8" else backend
-        _graph.need(module, extra)
+        _graph.check_installed(module, extra)
         if backend == "onnxruntime":
-            _graph.need("onnxscript", extra)
+            _graph.check_installed("onnxscript", extra)
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -415,7 +495,11 @@ def _torch_fn(model: nn.Module, precision: str, device: torch.device) -> Fn:
 
 
 def _onnxruntime_fn(
-    module: nn.Module, precision: str, example: Tensor, device: torch.device, store: Any = None
+    make_module: Callable[[], nn.Module],
+    precision: str,
+    example: Tensor,
+    device: torch.device,
+    store: Any = None,
 ) -> tuple[Fn, str]:
     name = _graph.input_name(False, False)
     cache, key, say = store or (None, None, _quiet)
@@ -426,6 +510,7 @@ def _onnxruntime_fn(
     else:
         with tempfile.TemporaryDirectory(prefix="vitkit-ort-") as tmp:
             path = Path(tmp) / "model.onnx"
+            module = make_module()
             with _step(say, "converting to ONNX"):
                 dyn = _graph.dynamic_shapes(module, example, patch=module.model.config.patch_size,
                                             preprocessing=False, channels_last=False)  # fmt: skip
@@ -453,7 +538,11 @@ def _onnxruntime_fn(
 
 
 def _openvino_fn(
-    module: nn.Module, precision: str, example: Tensor, device: torch.device, store: Any = None
+    make_module: Callable[[], nn.Module],
+    precision: str,
+    example: Tensor,
+    device: torch.device,
+    store: Any = None,
 ) -> tuple[Fn, str]:
     """OpenVINO at `precision`, compiled once per input size: a graph with a fixed height and
     width folds the position-table resampling away (benchmarks/openvino_ab.py: 0.99x of
@@ -472,7 +561,7 @@ def _openvino_fn(
         say(f"{precision} on OpenVINO from the cache ({folder})")
     else:
         with _step(say, "converting to OpenVINO"):
-            ov_model = _graph.to_openvino(module, example[:1])
+            ov_model = _graph.to_openvino(make_module(), example[:1])
         if precision == "int8":
             n = len(example)
             with _step(say, f"calibrating NNCF static int8 on {n} image{'s' * (n != 1)}"):
@@ -481,16 +570,18 @@ def _openvino_fn(
             ov = _graph.need("openvino", "openvino")
             with cache.put(key, f"{precision} on OpenVINO") as entry:
                 ov.save_model(ov_model, str(entry / "model.xml"), compress_to_fp16=False)
-            say(f"cached in {cache.prepared / key.digest}")
+            folder = cache.prepared / key.digest
+            say(f"cached in {folder}")
+    blobs = folder / "compiled" if folder is not None else None  # OpenVINO's compiled models
     by_size: dict[tuple[int, ...], Any] = {}
 
     def compiled_for(shape: tuple[int, ...]) -> Any:
-        key = tuple(shape[1:])  # (C, H, W); the batch stays dynamic
-        if key not in by_size:
+        size = tuple(shape[1:])  # (C, H, W); the batch stays dynamic
+        if size not in by_size:
             sized = ov_model.clone()
-            sized.reshape([-1, *key])
-            by_size[key] = _graph.compile_openvino(sized, precision)
-        return by_size[key]
+            sized.reshape([-1, *size])
+            by_size[size] = _graph.compile_openvino(sized, precision, blobs=blobs)
+        return by_size[size]
 
     with _step(say, "compiling for this CPU", quiet_below=2.0):
         compiled = compiled_for(tuple(example.shape))
