@@ -12,11 +12,24 @@ whose load drifts. The table gives medians over rounds.
     PYTHONPATH=src python benchmarks/serve.py --model out/ --clients 1,16 --requests 64
 
 Every round is bounded by --requests (at least one per client) and --seconds.
+
+--soak runs the server under overload instead (issue 24), in three parts:
+  soak   --soak-clients (64) clients for --minutes (10): requests answered, 503s, 504s, lost
+         ones (neither 200 nor an explicit 503/504), p50/p99 latency in the first and the last
+         third of the run (p99 must not grow with time), and the server's resident memory at
+         the start and the end;
+  burst  4 x the queue limit requests at once: how many were admitted, and how fast the
+         refused ones got their 503;
+  mixed  the same clients for --mixed-seconds with 10% of the requests grad-rollout
+         explanations, against a run of the same length without: classification p99 in both.
+
+    PYTHONPATH=src python benchmarks/serve.py --soak --minutes 10 --threads 2
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import http.client
 import io
 import json
@@ -50,7 +63,16 @@ def main() -> None:
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--max-wait-ms", type=float, default=10.0)
     p.add_argument("--threads", type=int, default=2, help="torch threads (server and offline)")
+    p.add_argument("--soak", action="store_true", help="the overload benchmark (see above)")
+    p.add_argument("--minutes", type=float, default=10.0, help="--soak: length of the soak")
+    p.add_argument("--soak-clients", type=int, default=64, help="--soak: concurrent clients")
+    p.add_argument("--max-queue", type=int, default=None, help="--soak: the server's limit")
+    p.add_argument("--timeout-s", type=float, default=30.0, help="--soak: the server's deadline")
+    p.add_argument("--mixed-seconds", type=float, default=120.0,
+                   help="--soak: length of each of the two mixed runs")  # fmt: skip
     args = p.parse_args()
+    if args.soak:
+        return _soak(args)
     clients = [int(c) for c in args.clients.split(",")]
     photo = _photo()
 
@@ -158,55 +180,160 @@ class _Offline:
         return len(self.batch) / (time.perf_counter() - start)
 
 
-def _run_round(port: int, photo: bytes, clients: int, requests: int, seconds: float) -> dict:
-    before = parse(_get(port, "/metrics").decode())
+CLASSIFY = "/v1/classify?top_k=5"
+EXPLAIN = "/v1/explain?method=grad-rollout"
+
+
+def _drive(port, photo, clients, seconds, requests=None, explain_every=0) -> tuple[list, float]:
+    """`clients` threads, each on a keep-alive connection, sending the photo back to back for
+    `seconds` (and at most `requests` in all); every `explain_every`-th request of a client
+    is a grad-rollout explanation. -> ([(path, status or -1 if lost, seconds, end time)], wall)."""
     lock = threading.Lock()
-    remaining = [requests]
-    latencies: list[float] = []
-    failed = [0]
+    remaining = [requests if requests is not None else float("inf")]
+    outcomes: list[tuple[str, int, float, float]] = []
     deadline = time.monotonic() + seconds
 
-    def client() -> None:
+    def client(i: int) -> None:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        n = i  # clients start at different points of the explanation cycle
         while time.monotonic() < deadline:
             with lock:
                 if remaining[0] <= 0:
                     break
                 remaining[0] -= 1
+            n += 1
+            path = EXPLAIN if explain_every and n % explain_every == 0 else CLASSIFY
             start = time.perf_counter()
             try:
-                conn.request("POST", "/v1/classify?top_k=5", photo, {"Content-Type": "image/png"})
+                conn.request("POST", path, photo, {"Content-Type": "image/png"})
                 response = conn.getresponse()
                 body = response.read()
-                ok = response.status == 200 and b'"top_k"' in body
+                status = response.status
+                if status == 200 and path == CLASSIFY and b'"top_k"' not in body:
+                    status = -1
+                if response.getheader("connection", "").lower() == "close":
+                    conn.close()
             except (OSError, http.client.HTTPException):
-                ok = False
+                status = -1
                 conn.close()
                 conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-            elapsed = time.perf_counter() - start
             with lock:
-                if ok:
-                    latencies.append(elapsed)
-                else:
-                    failed[0] += 1
+                outcomes.append((path, status, time.perf_counter() - start, time.monotonic()))
         conn.close()
 
-    threads = [threading.Thread(target=client) for _ in range(clients)]
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
     start = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    wall = time.perf_counter() - start
+    return outcomes, time.perf_counter() - start
+
+
+def _run_round(port: int, photo: bytes, clients: int, requests: int, seconds: float) -> dict:
+    before = parse(_get(port, "/metrics").decode())
+    outcomes, wall = _drive(port, photo, clients, seconds, requests)
+    latencies = [t for _, status, t, _ in outcomes if status == 200]
     after = parse(_get(port, "/metrics").decode())
     return {
         "ok": len(latencies),
-        "failed": failed[0],
+        "failed": len(outcomes) - len(latencies),
         "wall": wall,
         "latencies": latencies,
         "forwards": after["vitkit_batch_size_count"] - before.get("vitkit_batch_size_count", 0),
         "images": after["vitkit_batch_size_sum"] - before.get("vitkit_batch_size_sum", 0),
     }
+
+
+def _soak(args) -> None:
+    photo = _photo()
+    print(machine_line(machine_info()))
+    port = _free_port()
+    queue = args.max_queue if args.max_queue is not None else 8 * args.max_batch
+    cmd = [
+        sys.executable, "-m", "vitkit", "serve", "--model", args.model, "--port", str(port),
+        "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms),
+        "--threads", str(args.threads), "--max-queue", str(queue),
+        "--timeout-s", str(args.timeout_s),
+    ]  # fmt: skip
+    print(
+        f"model: {args.model}, max_batch {args.max_batch}, max_wait_ms {args.max_wait_ms}, "
+        f"max_queue {queue}, timeout_s {args.timeout_s:g}, clients {args.soak_clients}, "
+        f"image: {len(photo)} byte PNG (512 x 512)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent / "src")}
+    server = subprocess.Popen(cmd, env=env, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    rows = []
+    try:
+        _wait_ready(port, server)
+        # warm-up at full concurrency (connections, allocator pools for 64 decoded uploads and
+        # full batches, kernels), so the memory at the start is the steady state's, not a cold one
+        _drive(port, photo, args.soak_clients, 300.0, requests=3 * args.soak_clients)
+        rss_start = _rss_mb(server.pid)
+        outcomes, wall = _drive(port, photo, args.soak_clients, 60 * args.minutes)
+        rss_end = _rss_mb(server.pid)
+        rows.append(_soak_row(f"soak {args.minutes:g} min", outcomes, wall, rss_start, rss_end))
+        print(json.dumps(dict(zip(SOAK_HEADERS, rows[-1]))), flush=True)
+
+        burst = 4 * queue
+        outcomes, wall = _drive(port, photo, burst, 600.0, requests=burst)
+        rows.append(_soak_row(f"burst of {burst}", outcomes, wall))
+        print(json.dumps(dict(zip(SOAK_HEADERS, rows[-1]))), flush=True)
+
+        mixed = {}
+        for name, every in [("classify only", 0), ("10% grad-rollout", 10)]:
+            outcomes, wall = _drive(port, photo, args.soak_clients, args.mixed_seconds,
+                                    explain_every=every)  # fmt: skip
+            mixed[name] = outcomes
+            rows.append(_soak_row(f"mixed: {name}", outcomes, wall))
+            print(json.dumps(dict(zip(SOAK_HEADERS, rows[-1]))), flush=True)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=60)
+    print(format_table(SOAK_HEADERS, rows))
+    p99 = {
+        name: _quantile(sorted(t for path, s, t, _ in o if path == CLASSIFY and s == 200), 0.99)
+        for name, o in mixed.items()
+    }
+    ratio = p99["10% grad-rollout"] / p99["classify only"]
+    print(f"classification p99 with 10% grad-rollout explanations / without: {ratio:.2f}")
+    if rows[0][SOAK_HEADERS.index("lost")] != "0":
+        print(f"LOST requests in the soak: {rows[0][SOAK_HEADERS.index('lost')]}")
+
+
+SOAK_HEADERS = [
+    "run", "requests", "200", "503", "504", "lost", "classify/s", "p50 ms", "p99 ms",
+    "p99 first third ms", "p99 last third ms", "503 p99 ms", "RSS start MB", "RSS end MB",
+]  # fmt: skip
+
+
+def _soak_row(name, outcomes, wall, rss_start=None, rss_end=None) -> list:
+    count = collections.Counter(status for _, status, _, _ in outcomes)
+    ok = sorted((end, t) for path, s, t, end in outcomes if s == 200 and path == CLASSIFY)
+    latencies = sorted(t for _, t in ok)
+    third = len(ok) // 3
+    refused = sorted(t for _, s, t, _ in outcomes if s == 503)
+    lost = len(outcomes) - count[200] - count[503] - count[504]
+
+    def ms(values, q):
+        return f"{1000 * _quantile(values, q):.0f}" if values else "-"
+
+    return [
+        name, len(outcomes), count[200], count[503], count[504], str(lost),
+        f"{len(ok) / wall:.2f}", ms(latencies, 0.5), ms(latencies, 0.99),
+        ms(sorted(t for _, t in ok[:third]), 0.99), ms(sorted(t for _, t in ok[-third:]), 0.99),
+        ms(refused, 0.99),
+        f"{rss_start:.0f}" if rss_start else "-", f"{rss_end:.0f}" if rss_end else "-",
+    ]  # fmt: skip
+
+
+def _rss_mb(pid: int) -> float:
+    """Resident memory of a process (Linux /proc), in MB."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def _quantile(values: list[float], q: float) -> float:

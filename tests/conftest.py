@@ -223,10 +223,11 @@ class Server:
         self.port = self.sock.getsockname()[1]
         import uvicorn
 
-        from vitkit.serve.app import create_app
+        from vitkit.serve.app import create_app, server_options
 
         self.app = create_app(settings, **app_kwargs)
-        config = uvicorn.Config(self.app, log_level="warning", timeout_graceful_shutdown=5)
+        config = uvicorn.Config(self.app, log_level="warning", timeout_graceful_shutdown=5,
+                                **server_options(settings))  # fmt: skip
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(
             target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True
@@ -281,6 +282,103 @@ def multipart(data: bytes, field: str = "file", filename: str = "image.png"):
 def post_json(port, path, data: bytes, **headers):
     status, _, body = http(port, "POST", path, data, headers)
     return status, json.loads(body)
+
+
+def metrics(port) -> dict[str, float]:
+    """GET /metrics, parsed: {'name{labels}': value}."""
+    from vitkit.serve.metrics import parse
+
+    status, _, body = http(port, "GET", "/metrics")
+    assert status == 200
+    return parse(body.decode())
+
+
+def raw_exchange(port, head: bytes, chunks=(), timeout=10.0) -> bytes:
+    """Send request headers and body chunks on a socket, then read whatever comes back
+    without closing our side: a server that waits for the rest of the body never answers."""
+    import contextlib
+
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(head)
+        for chunk in chunks:
+            with contextlib.suppress(OSError):  # the server may close once it has refused
+                s.sendall(chunk)
+        data = b""
+        with contextlib.suppress(OSError):
+            while b"\r\n\r\n" not in data or not data.endswith(b"}"):
+                part = s.recv(65536)
+                if not part:
+                    break
+                data += part
+        return data
+
+
+SERVE_LABELS = {0: "astronaut", 1: "rocket", 2: "flag", 3: "helmet", 4: "coffee"}
+
+
+def tiny_classifier(root: Path) -> Path:
+    """A tiny classifier folder (64 px, 2 blocks of width 32) with named classes and
+    timm-style preprocessing (resize + crop): what the serve tests load."""
+    import vitkit
+    from vitkit.data.processor import ImageProcessor
+
+    torch.manual_seed(0)
+    cfg = vitkit.ViTConfig(
+        image_size=64, patch_size=16, num_classes=5, embed_dim=32, depth=2, num_heads=2,
+        id2label=SERVE_LABELS,
+    )  # fmt: skip
+    model = vitkit.VisionTransformer(cfg)
+    torch.nn.init.normal_(model.head.weight, std=0.5)  # peaked answers: bars worth showing
+    vitkit.save_pretrained(model, root)
+    ImageProcessor.timm_eval(64, crop_pct=0.875).save_pretrained(root)
+    return root
+
+
+def children(pid: int) -> list[int]:
+    """Live processes whose parent is `pid` (Linux /proc)."""
+    import contextlib
+
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid and fields[0] != "Z":
+                kids.append(int(stat.parent.name))
+    return kids
+
+
+def serve_process(model: str, port: int, *extra: str, log: Path | None = None, env=None):
+    """`vitkit serve` in a subprocess (one torch thread); its output goes to a pipe, or to
+    the file `log` when the test makes many requests (uvicorn logs each: a pipe would fill)."""
+    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           **(env or {})}  # fmt: skip
+    cmd = [sys.executable, "-m", "vitkit", "serve", "--model", model, "--port", str(port),
+           "--threads", "1", *extra]  # fmt: skip
+    out = open(log, "wb") if log is not None else subprocess.PIPE  # noqa: SIM115
+    try:
+        return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+    finally:
+        if log is not None:
+            out.close()
+
+
+def wait_workers(proc: subprocess.Popen, port: int, workers: int = 1, exclude=()) -> set[int]:
+    """Poll /healthz of a `vitkit serve` process until `workers` different processes (its
+    "pid"), none of them in `exclude`, have answered 200: connections reach any worker, ready
+    or still loading."""
+    import contextlib
+
+    deadline = time.monotonic() + TIMEOUT
+    ready: set[int] = set()
+    while len(ready) < workers:
+        assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else proc.args
+        with contextlib.suppress(OSError):
+            status, _, body = http(port, "GET", "/healthz", timeout=2)
+            if status == 200 and json.loads(body)["pid"] not in exclude:
+                ready.add(json.loads(body)["pid"])
+        assert time.monotonic() < deadline, f"{len(ready)} of {workers} workers became ready"
+        time.sleep(0.05)
+    return ready
 
 
 # ------------------------------------------------------------------------------ parity

@@ -1,8 +1,10 @@
 """`vitkit serve --model SOURCE`: an HTTP server for one model (uvicorn + Starlette).
 
-Routes, batching and metrics: `vitkit.serve.app`; deployment: docs/serving.md. SIGTERM stops
-accepting connections, lets the requests in flight finish (at most DRAIN_SECONDS), then exits
-0; Ctrl-C does the same and exits 130.
+Routes, batching and metrics: `vitkit.serve.app`; deployment: docs/serving.md. SIGTERM drains:
+new requests get 503 while the admitted ones finish (at most DRAIN_SECONDS), then the server
+exits 0; Ctrl-C stops accepting connections, lets the requests in flight finish and exits 130.
+A server bound to an address other than loopback needs an access token (--api-key-file or
+$VITKIT_API_KEY) unless --no-auth says otherwise.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import argparse
 from vitkit.cli._args import add_image_size, add_model, add_precision, image_size
 
 DRAIN_SECONDS = 8  # Kubernetes' terminationGracePeriodSeconds (deploy/) leaves room above this
+ENV_API_KEY = "VITKIT_API_KEY"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -54,12 +57,100 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--threads", type=int, default=None, help="torch threads per process (torch's default)"
     )
+    g = p.add_argument_group("overload and slow clients")
+    g.add_argument("--max-queue", type=int, default=None, metavar="N",
+                   help="/v1 requests admitted at once per process; more get 503 with "
+                   "Retry-After at once (default: 8 x --max-batch)")  # fmt: skip
+    g.add_argument("--timeout-s", type=float, default=30.0, metavar="S",
+                   help="a request still queued S seconds after its body arrived is dropped "
+                   "before the model and gets 504 (30)")  # fmt: skip
+    g.add_argument("--max-explain", type=int, default=1, metavar="N",
+                   help="explanations running at once; more wait, so classification keeps "
+                   "its share of the model (1)")  # fmt: skip
+    g.add_argument("--header-timeout-s", type=float, default=10.0, metavar="S",
+                   help="request line and headers must arrive within S seconds, else 408 and "
+                   "the connection closes (10)")  # fmt: skip
+    g.add_argument(
+        "--body-timeout-s",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="the body must arrive within S seconds of the headers, else 408 (30)",
+    )
+    g = p.add_argument_group("access")
+    g.add_argument("--api-key-file", metavar="FILE",
+                   help=f"require 'Authorization: Bearer <token>' on /v1/* with the token in "
+                   f"FILE (default: ${ENV_API_KEY} if set); /healthz and /metrics stay open")  # fmt: skip
+    g.add_argument("--no-auth", action="store_true",
+                   help="serve without a token on an address other than loopback (refused "
+                   "otherwise)")  # fmt: skip
+    g.add_argument("--ssl-certfile", metavar="PEM", help="serve HTTPS with this certificate")
+    g.add_argument(
+        "--ssl-keyfile", metavar="PEM", help="its private key (if not in --ssl-certfile)"
+    )
     p.set_defaults(func=run)
+
+
+def _api_key(args: argparse.Namespace) -> str | None:
+    """The token from --api-key-file, else $VITKIT_API_KEY, else None; refuses a non-loopback
+    --host without one unless --no-auth (then warns)."""
+    import ipaddress
+    import os
+    import sys
+
+    from vitkit.errors import VitkitError
+
+    key = None
+    if args.api_key_file:
+        try:
+            with open(args.api_key_file, encoding="utf-8") as f:
+                key = f.read().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise VitkitError(f"--api-key-file {args.api_key_file}: {exc}") from None
+        if not key:
+            raise VitkitError(f"--api-key-file {args.api_key_file} is empty")
+    elif os.environ.get(ENV_API_KEY, "").strip():
+        key = os.environ[ENV_API_KEY].strip()
+    if key is not None and args.no_auth:
+        raise VitkitError(
+            f"--no-auth contradicts the token given (--api-key-file or ${ENV_API_KEY})"
+        )
+    try:
+        loopback = args.host == "localhost" or ipaddress.ip_address(args.host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        loopback = False
+    if key is None and not loopback:
+        if not args.no_auth:
+            raise VitkitError(
+                f"--host {args.host} lets other machines in: give a token with --api-key-file "
+                f"FILE (or ${ENV_API_KEY}), or say --no-auth to serve without one"
+            )
+        print(f"vitkit serve: warning: --no-auth: anyone who reaches {args.host}:{args.port} "
+              "can use the model", file=sys.stderr, flush=True)  # fmt: skip
+    return key
+
+
+def _check_tls(args: argparse.Namespace) -> None:
+    """Load the certificate once here, so a bad file is one line, not uvicorn's traceback."""
+    import ssl
+
+    from vitkit.errors import VitkitError
+
+    if args.ssl_keyfile and not args.ssl_certfile:
+        raise VitkitError("--ssl-keyfile needs --ssl-certfile")
+    if args.ssl_certfile:
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+                args.ssl_certfile, args.ssl_keyfile
+            )
+        except (OSError, ssl.SSLError) as exc:
+            raise VitkitError(f"--ssl-certfile/--ssl-keyfile: {exc}") from None
 
 
 def run(args: argparse.Namespace) -> int:
     import os
     import signal
+    import sys
     import tempfile
     from pathlib import Path
 
@@ -72,7 +163,14 @@ def run(args: argparse.Namespace) -> int:
         raise VitkitError(
             "serving needs uvicorn and starlette: pip install 'vitkit[serve]'"
         ) from None
-    from vitkit.serve.app import ENV_FAILED, ENV_SETTINGS, Settings, create_app, settings_to_env
+    from vitkit.serve.app import (
+        ENV_FAILED,
+        ENV_SETTINGS,
+        Settings,
+        create_app,
+        server_options,
+        settings_to_env,
+    )
 
     if args.workers < 1:
         raise VitkitError(f"--workers must be at least 1, got {args.workers}")
@@ -90,13 +188,32 @@ def run(args: argparse.Namespace) -> int:
         threads=args.threads,
         calibration=args.calibration,
         image_size=image_size(args),
+        max_queue=args.max_queue,
+        timeout_s=args.timeout_s,
+        max_explain=args.max_explain,
+        header_timeout_s=args.header_timeout_s,
+        body_timeout_s=args.body_timeout_s,
+        drain_s=DRAIN_SECONDS,
+        api_key=_api_key(args),
     )
+    _check_tls(args)
     common = dict(
         host=args.host,
         port=args.port,
         timeout_graceful_shutdown=DRAIN_SECONDS,
         log_level="info",
+        ssl_certfile=args.ssl_certfile,
+        ssl_keyfile=args.ssl_keyfile,
+        **server_options(settings),
         # uvicorn's own h11 limit is far above --max-body-mb; the app streams and refuses
+    )
+    print(
+        f"vitkit serve: at most {settings.queue_limit} requests queued per process (--max-queue), "
+        f"{settings.timeout_s:g} s deadline (--timeout-s), {settings.max_explain} explanation(s) "
+        f"at a time (--max-explain); access token "
+        f"{'required on /v1' if settings.api_key else 'off'}",
+        file=sys.stderr,
+        flush=True,
     )
     if args.workers > 1:  # each worker process builds the app from the environment
         with tempfile.TemporaryDirectory(prefix="vitkit-serve-") as tmp:

@@ -10,6 +10,13 @@
     GET  /metrics               Prometheus text: requests, latency, batch sizes
     GET  /                      a web page to try the model; GET /openapi.json describes the API
 
+Every /v1 route runs behind one guard (`serve.guard`): the access token (`Authorization:
+Bearer`, when the server has one), readiness, the queue limit (503 with Retry-After past --max-queue), the body
+read within --body-timeout-s and --max-body-mb, a deadline (--timeout-s: work still queued at
+its deadline is dropped before the model, 504), and cancellation when the client disconnects.
+Explanations hold one of --max-explain slots, so they cannot crowd classification out of the
+model thread. SIGTERM drains: new requests get 503 while the admitted ones finish.
+
 Classification and embedding requests go through the dynamic batcher (`serve.batcher`) and the
 same preprocessing and model call as `vitkit predict`; decoding runs in a thread pool and the
 model in its own thread, so the event loop only moves bytes. The model loads in the background
@@ -22,13 +29,13 @@ import asyncio
 import collections
 import contextlib
 import json
+import math
 import os
 import signal
-import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from importlib import resources
 from typing import Any
 
@@ -52,7 +59,18 @@ from vitkit.infer.zero_shot import (
     text_tower,
 )
 from vitkit.serve.batcher import Batcher
+from vitkit.serve.guard import (
+    HeaderLimit,
+    batched,
+    drain_on_sigterm,
+    explain_slot,
+    fail,
+    guarded,
+    in_model_thread,
+    log,
+)
 from vitkit.serve.metrics import CONTENT_TYPE, Metrics
+from vitkit.serve.protocol import MAX_HEADER_BYTES, STATE_KEY
 from vitkit.viz import png_bytes
 
 ENV_SETTINGS = "VITKIT_SERVE_SETTINGS"
@@ -62,6 +80,7 @@ ENV_FAILED = "VITKIT_SERVE_FAILED"
 
 EXPLAIN_MAX_SIDE = 512  # pixels: the longer side of the PNG /v1/explain returns
 TEXT_CACHE = 4096  # text embeddings kept between zero-shot requests
+MIN_KEY_CHARS = 16  # an access token shorter than this is refused at start-up
 
 
 @dataclass
@@ -82,6 +101,13 @@ class Settings:
     cache: bool = True  # keep prepared precision paths on disk (vitkit.infer.cache)
     max_labels: int = 100  # labels per zero-shot request
     max_text_chars: int = 1000  # characters of one label (with its template) or text
+    max_queue: int | None = None  # /v1 requests admitted at once (None: 8 x max_batch)
+    timeout_s: float = 30.0  # from a request's body received to its batch: later is dropped
+    max_explain: int = 1  # explanations holding the model at once; more wait their turn
+    header_timeout_s: float = 10.0  # request line + headers must arrive within this
+    body_timeout_s: float = 30.0  # the whole body must arrive within this after the headers
+    drain_s: float = 8.0  # SIGTERM: how long admitted requests may take to finish
+    api_key: str | None = field(default=None, repr=False)  # Bearer token for /v1 (None: open)
 
     def __post_init__(self) -> None:
         if isinstance(self.image_size, list):  # back from JSON (--workers)
@@ -98,6 +124,25 @@ class Settings:
             raise ConfigError(f"--max-body-mb must be positive, got {self.max_body_mb}")
         if self.max_labels < 1 or self.max_text_chars < 1:
             raise ConfigError("--max-labels and --max-text-chars must be at least 1")
+        if self.max_queue is not None and self.max_queue < 1:
+            raise ConfigError(f"--max-queue must be at least 1, got {self.max_queue}")
+        if self.max_explain < 1:
+            raise ConfigError(f"--max-explain must be at least 1, got {self.max_explain}")
+        for flag, value in [("--timeout-s", self.timeout_s), ("drain_s", self.drain_s),
+                            ("--header-timeout-s", self.header_timeout_s),
+                            ("--body-timeout-s", self.body_timeout_s)]:  # fmt: skip
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"{flag} must be a positive number of seconds, got {value}")
+        if self.api_key is not None and len(self.api_key) < MIN_KEY_CHARS:
+            raise ConfigError(
+                f"the access token has {len(self.api_key)} characters; use at least "
+                f"{MIN_KEY_CHARS}, e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+            )
+
+    @property
+    def queue_limit(self) -> int:
+        """--max-queue, or 8 batches' worth: p99 latency stays near 8 x one batch's time."""
+        return self.max_queue if self.max_queue is not None else 8 * self.max_batch
 
     @property
     def max_body_bytes(self) -> int:
@@ -109,7 +154,7 @@ class Service:
 
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.metrics = Metrics()
+        self.metrics = Metrics(queue_limit=settings.queue_limit)
         self.model_pool = ThreadPoolExecutor(1, thread_name_prefix="vitkit-model")
         self.decode_pool = ThreadPoolExecutor(
             max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="vitkit-decode"
@@ -130,6 +175,10 @@ class Service:
         self.tokenizer: Any = None
         self.text_tower: Any = None  # at the text precision, cast once
         self.text_cache: collections.OrderedDict[str, Tensor] = collections.OrderedDict()
+        self.in_flight = 0  # /v1 requests admitted and not yet answered (event loop only)
+        self.draining = False  # SIGTERM received: refuse new work, finish the admitted
+        self.drain_task: asyncio.Task | None = None
+        self.explain_slots = asyncio.Semaphore(settings.max_explain)
 
     # ---------------------------------------------------------------------- model thread
     def load(self) -> None:
@@ -141,7 +190,7 @@ class Service:
         resolved = resolve(s.model, device=self.device, allow_preset=s.allow_preset,
                            image_size=s.image_size, text="auto")  # fmt: skip
         if resolved.random_weights:
-            _log(f"warning: {s.model!r} is a preset name: RANDOM weights, meaningless answers")
+            log(f"warning: {s.model!r} is a preset name: RANDOM weights, meaningless answers")
         self.model = resolved.model.eval()
         self.processor = resolved.processor
         self.labels = id2label_for(self.model.config)
@@ -153,9 +202,9 @@ class Service:
         calibration = load_folder(s.calibration, self.processor) if s.calibration else None
         if self.model.config.num_classes:
             self.runner = prepare(self.model, s.precision, backend=s.backend, device=self.device,
-                                  calibration=calibration, log=_log, cache=s.cache)  # fmt: skip
+                                  calibration=calibration, log=log, cache=s.cache)  # fmt: skip
         self.embed_runner = prepare(Embedder(self.model), s.precision, backend=s.backend,
-                                    device=self.device, calibration=calibration, log=_log,
+                                    device=self.device, calibration=calibration, log=log,
                                     cache=s.cache)  # fmt: skip
         h, w = self.processor.output_hw or self.model.config.image_hw
         for batch in sorted({1, s.max_batch}):  # the first calls allocate and pick kernels
@@ -254,18 +303,19 @@ def create_app(settings: Settings, *, on_fatal: Callable[[], None] | None = None
         def load() -> None:
             try:
                 service.load()
-                _log(
+                log(
                     f"ready: {settings.model} on {service.device} ({service.describe()['precision']})"
                 )
             except Exception as exc:  # report any failure: the probe shows it, the CLI exits 1
                 service.state, service.error = "failed", _reason(exc)
-                _log(f"error: cannot load {settings.model}: {service.error}")
+                log(f"error: cannot load {settings.model}: {service.error}")
                 if on_fatal is not None:
                     on_fatal()
 
         loader = loop.run_in_executor(service.model_pool, load)
+        drain_on_sigterm(service, loop)
         try:
-            yield
+            yield {STATE_KEY: settings.header_timeout_s}  # for serve.protocol.Protocol
         finally:
             await service.batcher.stop()
             await service.embed_batcher.stop()
@@ -282,16 +332,24 @@ def create_app(settings: Settings, *, on_fatal: Callable[[], None] | None = None
         Route("/healthz", _healthz, methods=["GET"]),
         Route("/metrics", _metrics, methods=["GET"]),
         Route("/openapi.json", _openapi, methods=["GET"], include_in_schema=False),
-        Route("/v1/classify", _classify, methods=["POST"]),
-        Route("/v1/embed", _embed, methods=["POST"]),
-        Route("/v1/explain", _explain, methods=["POST"]),
+        Route("/v1/classify", guarded(_classify), methods=["POST"]),
+        Route("/v1/embed", guarded(_embed), methods=["POST"]),
+        Route("/v1/explain", guarded(_explain), methods=["POST"]),
     ]
     app = Starlette(
         routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error}
     )
     app.state.service = service
+    app.add_middleware(HeaderLimit)
     app.add_middleware(_RecordMetrics, metrics=service.metrics, routes={r.path for r in routes})
     return app
+
+
+def server_options(settings: Settings) -> dict[str, Any]:
+    """uvicorn.Config options every `vitkit serve` server runs with: the guarded protocol
+    (header deadline, 431) and its header size limit."""
+    return {"http": "vitkit.serve.protocol:Protocol", "h11_max_incomplete_event_size":
+            MAX_HEADER_BYTES}  # fmt: skip
 
 
 def app_from_env():
@@ -340,10 +398,14 @@ async def _classify(request):
       200: {description: '{"top_k": [{"label", "index", "probability"}], "model", "precision"}'}
       400: {description: 'not an image, corrupt, a decompression bomb, or a bad parameter
         (which label, which limit)'}
+      401: {description: 'the server needs a token: Authorization: Bearer <token>'}
+      408: {description: 'the body did not arrive within --body-timeout-s'}
       413: {description: 'body over --max-body-mb'}
-      503: {description: 'the model is still loading'}
+      503: {description: 'the model is still loading, the queue is full (Retry-After), or the
+        server is draining'}
+      504: {description: 'still queued at --timeout-s: dropped before the model ran'}
     """
-    service = _ready(request)
+    service: Service = request.app.state.service
     top_k = _int_param(request, "top_k", 5, minimum=1)
     data, fields = await _read_request(request, service)
     labels = fields.get("labels", [])
@@ -351,18 +413,18 @@ async def _classify(request):
         template = _one(fields, "template", DEFAULT_TEMPLATE)
         prompts = _prompts(service, labels, template)
         pixels = await _decode(service, _image_of(data))
-        image = await service.embed_batcher.submit(pixels)
-        loop = asyncio.get_running_loop()
-        texts = await loop.run_in_executor(service.model_pool, service.text_rows, prompts)
+        image = await batched(request, service.embed_batcher, pixels)
+        texts = await in_model_thread(request, service.text_rows, prompts)
         probs, names = service.zero_shot(image, texts), dict(enumerate(labels))
         answered_by = service.embed_runner
     else:
         if not service.model.config.num_classes:
             hint = "send labels to classify zero-shot" if service.image_text is not None else (
                 "use /v1/embed")  # fmt: skip
-            _fail(400, f"this model has no classification head (num_classes=0); {hint}")
+            fail(400, f"this model has no classification head (num_classes=0); {hint}")
         pixels = await _decode(service, _image_of(data))
-        probs, names, answered_by = await service.batcher.submit(pixels), service.labels, None
+        probs = await batched(request, service.batcher, pixels)
+        names, answered_by = service.labels, None
     p, idx = probs.topk(min(top_k, probs.shape[0]))
     top = [
         {"label": names.get(int(c), str(int(c))), "index": int(c), "probability": float(q)}
@@ -385,20 +447,22 @@ async def _embed(request):
       200: {description: '{"embedding": [floats], "dim": D, "model", "precision"}'}
       400: {description: 'not an image, a text too long, or no text tower'}
       413: {description: 'body too large'}
+      503: {description: 'loading, queue full or draining'}
+      504: {description: 'still queued at --timeout-s'}
     """
-    service = _ready(request)
+    service: Service = request.app.state.service
     data, fields = await _read_request(request, service)
     if "text" in fields:
         if data:
-            _fail(400, "send an image or a text, not both")
+            fail(400, "send an image or a text, not both")
         text = _one(fields, "text", "")
         _check_text(service, text, "text")
-        loop = asyncio.get_running_loop()
-        rows = await loop.run_in_executor(service.model_pool, service.text_rows, [text])
+        rows = await in_model_thread(request, service.text_rows, [text])
         row, runner = rows[0], None
     else:
         pixels = await _decode(service, _image_of(data))
-        row, runner = await service.embed_batcher.submit(pixels), service.embed_runner
+        row = await batched(request, service.embed_batcher, pixels)
+        runner = service.embed_runner
     fields = _model_fields(service, runner) if runner is not None else {
         "model": service.settings.model, "precision": _text_precision(service)}  # fmt: skip
     return _json({"embedding": row.tolist(), "dim": int(row.shape[0]), **fields})
@@ -418,31 +482,34 @@ async def _explain(request):
     responses:
       200: {description: 'image/png; headers X-Vitkit-Label, X-Vitkit-Class-Index, X-Vitkit-Probability'}
       400: {description: 'not an image, or a bad parameter'}
+      503: {description: 'loading, queue full or draining'}
+      504: {description: 'still waiting for an explanation slot (--max-explain) or the model at
+        --timeout-s'}
     """
     from starlette.responses import Response
 
-    service = _ready(request)
+    service: Service = request.app.state.service
     q = request.query_params
     method = q.get("method", "rollout")
     if method not in METHODS:
-        _fail(400, f"method={method!r}; choose one of {list(METHODS)}")
+        fail(400, f"method={method!r}; choose one of {list(METHODS)}")
     fusion = q.get("head_fusion", "mean")
     if fusion not in HEAD_FUSIONS:
-        _fail(400, f"head_fusion={fusion!r}; choose one of {list(HEAD_FUSIONS)}")
+        fail(400, f"head_fusion={fusion!r}; choose one of {list(HEAD_FUSIONS)}")
+    ratio = _float_param(request, "discard_ratio", 0.0, minimum=0.0, below=1.0)
     try:
-        ratio = float(q.get("discard_ratio", 0.0))
         label = label_index(q["label"], service.labels) if "label" in q else None
     except (ValueError, VitkitError) as exc:
-        _fail(400, str(exc))
+        fail(400, str(exc))
     data = await _image_bytes(request, service)
-    loop = asyncio.get_running_loop()
     options = {"head_fusion": fusion, "discard_ratio": ratio}
     try:
-        result, png = await loop.run_in_executor(
-            service.model_pool, service.explain, data, method, label, options
-        )
+        async with explain_slot(request, service):
+            result, png = await in_model_thread(
+                request, service.explain, data, method, label, options
+            )
     except VitkitError as exc:  # ImageError, or a ConfigError from the parameters
-        _fail(400, _reason(exc))
+        fail(400, _reason(exc))
     headers = {}
     if result.labels is not None:
         c = int(result.labels[0])
@@ -461,14 +528,15 @@ async def _healthz(request):
       --workers process) once loaded and warmed; 503 before
     responses:
       200: {description: 'ready'}
-      503: {description: 'loading, or failed (with the error)'}
+      503: {description: 'loading, failed (with the error), or draining after SIGTERM'}
     """
     service: Service = request.app.state.service
-    body = {"status": "ok" if service.state == "ready" else service.state, **service.describe(),
-            "pid": os.getpid()}  # fmt: skip
+    state = "draining" if service.draining else service.state
+    body = {"status": "ok" if state == "ready" else state, **service.describe(),
+            "pid": os.getpid(), "auth": service.settings.api_key is not None}  # fmt: skip
     if service.error:
         body["error"] = service.error
-    return _json(body, 200 if service.state == "ready" else 503)
+    return _json(body, 200 if state == "ready" else 503)
 
 
 async def _metrics(request):
@@ -505,11 +573,6 @@ async def _openapi(request):
 
 
 # ------------------------------------------------------------------------------ helpers
-def _ready(request) -> Service:
-    service: Service = request.app.state.service
-    if service.state != "ready":
-        _fail(503, f"model {service.state}" + (f": {service.error}" if service.error else ""))
-    return service
 
 
 async def _image_bytes(request, service: Service) -> bytes:
@@ -520,51 +583,44 @@ async def _image_bytes(request, service: Service) -> bytes:
 
 def _image_of(data: bytes) -> bytes:
     if not data:
-        _fail(400, "empty request: send the image as the body or as the multipart field 'file'")
+        fail(400, "empty request: send the image as the body or as the multipart field 'file'")
     return data
 
 
 async def _read_request(request, service: Service) -> tuple[bytes, dict[str, list[str]]]:
     """(image bytes, possibly empty; text fields) of a request: the multipart field `file`,
-    else the raw body; the fields are the query's and a form's (multipart or urlencoded). The
-    body is refused with 413 as soon as it is known to exceed the limit: from Content-Length
-    before reading, else while it streams in."""
-    limit = service.settings.max_body_bytes
-    too_large = f"request body over the limit of {service.settings.max_body_mb:g} MB"
-    length = request.headers.get("content-length")
-    if length is not None:
-        if not length.isdigit():
-            _fail(400, f"invalid Content-Length {length!r}")
-        if int(length) > limit:
-            _fail(413, too_large)
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            _fail(413, too_large)
-        chunks.append(chunk)
-    body = b"".join(chunks)
+    else the raw body (`guarded` received it); the fields are the query's and a form's (multipart
+    or urlencoded)."""
+    body: bytes = request.state.body
     fields: dict[str, list[str]] = {}
     for key, value in request.query_params.multi_items():
         fields.setdefault(key, []).append(value)
     kind = request.headers.get("content-type", "")
     if kind.startswith("multipart/form-data"):
-        body = await _multipart(request, body, fields)
+        body = await _multipart(request, service, body, fields)
     elif kind.startswith("application/x-www-form-urlencoded"):
         from urllib.parse import parse_qsl
 
         try:
-            pairs = parse_qsl(body.decode("utf-8"), keep_blank_values=True, max_num_fields=1000)
+            pairs = parse_qsl(body.decode("utf-8"), keep_blank_values=True,
+                              max_num_fields=_max_fields(service))  # fmt: skip
         except (UnicodeDecodeError, ValueError) as exc:
-            _fail(400, f"bad form body: {exc}")
+            fail(400, f"bad form body: {exc}")
         for key, value in pairs:
             fields.setdefault(key, []).append(value)
         body = b""
     return body, fields
 
 
-async def _multipart(request, body: bytes, fields: dict[str, list[str]]) -> bytes:
-    """The `file` of a multipart body (b"" without one); its text fields go into `fields`."""
+def _max_fields(service: Service) -> int:
+    """Form fields a request may have: --max-labels labels, a template and a text."""
+    return service.settings.max_labels + 2
+
+
+async def _multipart(request, service: Service, body: bytes, fields: dict[str, list[str]]) -> bytes:
+    """The `file` of a multipart body (b"" without one); its text fields go into `fields`.
+    Limits, each named in its 400: one file, `_max_fields` text fields, each at most
+    4 x --max-text-chars bytes (UTF-8)."""
     from starlette.datastructures import UploadFile
     from starlette.formparsers import MultiPartException, MultiPartParser
 
@@ -572,23 +628,35 @@ async def _multipart(request, body: bytes, fields: dict[str, list[str]]) -> byte
         yield body
         yield b""
 
+    s = service.settings
+    parser = MultiPartParser(request.headers, stream(), max_files=1,
+                             max_fields=_max_fields(service),
+                             max_part_size=4 * s.max_text_chars)  # fmt: skip
+    parser.spool_max_size = s.max_body_bytes  # the body is in memory already: no temp files
     try:
-        form = await MultiPartParser(
-            request.headers, stream(), max_files=1, max_fields=1000
-        ).parse()
+        form = await parser.parse()
     except MultiPartException as exc:
-        _fail(400, f"bad multipart body: {exc.message}")
+        reason = exc.message
+        if reason.startswith("Too many fields"):
+            reason = (f"more than {_max_fields(service)} text fields, the limit "
+                      "(vitkit serve --max-labels, plus template and text)")  # fmt: skip
+        elif reason.startswith("Too many files"):
+            reason = "more than one file, the limit: send one image as 'file'"
+        elif "exceeded maximum size" in reason:
+            reason = (f"a text field over {4 * s.max_text_chars:,d} bytes, the limit "
+                      "(4 x vitkit serve --max-text-chars)")  # fmt: skip
+        fail(400, f"bad multipart body: {reason}")
     try:
         data = b""
         for key, value in form.multi_items():
             if isinstance(value, UploadFile):
                 if key != "file":
-                    _fail(400, f"multipart file field {key!r}: send the image as 'file'")
+                    fail(400, f"multipart file field {key!r}: send the image as 'file'")
                 data = await value.read()
             else:
                 fields.setdefault(key, []).append(value)
         if not data and "labels" not in fields and "text" not in fields:
-            _fail(400, "multipart body has no file field named 'file'")
+            fail(400, "multipart body has no file field named 'file'")
         return data
     finally:
         await form.close()
@@ -597,17 +665,17 @@ async def _multipart(request, body: bytes, fields: dict[str, list[str]]) -> byte
 def _one(fields: dict[str, list[str]], name: str, default: str) -> str:
     values = fields.get(name, [default])
     if len(values) != 1:
-        _fail(400, f"{name} is given {len(values)} times; give it once")
+        fail(400, f"{name} is given {len(values)} times; give it once")
     return values[0]
 
 
 def _check_text(service: Service, text: str, what: str) -> None:
     if service.image_text is None:
-        _fail(400, f"this model has no text tower: {what} needs a CLIP or SigLIP checkpoint "
+        fail(400, f"this model has no text tower: {what} needs a CLIP or SigLIP checkpoint "
                    "with both towers and its tokenizer files")  # fmt: skip
     cap = service.settings.max_text_chars
     if len(text) > cap:
-        _fail(400, f"{what} has {len(text):,d} characters, over the limit of {cap:,d} "
+        fail(400, f"{what} has {len(text):,d} characters, over the limit of {cap:,d} "
                    "(vitkit serve --max-text-chars)")  # fmt: skip
 
 
@@ -616,11 +684,11 @@ def _prompts(service: Service, labels: list[str], template: str) -> list[str]:
     _check_text(service, template, "template")
     cap = service.settings.max_labels
     if len(labels) > cap:
-        _fail(400, f"{len(labels)} labels, over the limit of {cap} (vitkit serve --max-labels)")
+        fail(400, f"{len(labels)} labels, over the limit of {cap} (vitkit serve --max-labels)")
     try:
         check_labels(labels, [template])
     except ConfigError as exc:
-        _fail(400, str(exc))
+        fail(400, str(exc))
     prompts = [template.format(label) for label in labels]
     for label, prompt in zip(labels, prompts):
         _check_text(service, prompt, f"label {label[:40]!r}")
@@ -636,7 +704,7 @@ async def _decode(service: Service, data: bytes) -> Tensor:
     try:
         return await loop.run_in_executor(service.decode_pool, service.preprocess, data)
     except VitkitError as exc:
-        _fail(400, _reason(exc))
+        fail(400, _reason(exc))
 
 
 def _int_param(request, name: str, default: int, *, minimum: int) -> int:
@@ -646,16 +714,23 @@ def _int_param(request, name: str, default: int, *, minimum: int) -> int:
     try:
         value = int(raw)
     except ValueError:
-        _fail(400, f"{name}={raw!r} is not an integer")
+        fail(400, f"{name}={raw[:40]!r} is not an integer")
     if value < minimum:
-        _fail(400, f"{name} must be at least {minimum}, got {value}")
+        fail(400, f"{name} must be at least {minimum}, got {value}")
     return value
 
 
-def _fail(status: int, reason: str):
-    from starlette.exceptions import HTTPException
-
-    raise HTTPException(status, reason)
+def _float_param(request, name: str, default: float, *, minimum: float, below: float) -> float:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        fail(400, f"{name}={raw[:40]!r} is not a number")
+    if not minimum <= value < below:  # also NaN and infinities
+        fail(400, f"{name} must be in [{minimum:g}, {below:g}), got {raw[:40]}")
+    return value
 
 
 def _json(body: dict, status: int = 200):
@@ -678,10 +753,6 @@ def _reason(exc: BaseException) -> str:
 
 def _ascii(text: str) -> str:
     return text.encode("ascii", "replace").decode("ascii")
-
-
-def _log(message: str) -> None:
-    print(f"vitkit serve: {message}", file=sys.stderr, flush=True)
 
 
 _PAGE: str | None = None

@@ -5,12 +5,16 @@ then gathers more for at most `max_wait_ms` or until `max_batch` are waiting, st
 runs `run(batch)` once in the model thread, off the event loop. While a batch runs, new
 requests queue up and form the next one, so under load batches fill without waiting.
 Images of different sizes (a processor without a fixed output size) run as separate batches.
+A request may carry a deadline (the event loop's clock): one still queued when its batch forms
+after that is dropped with `Expired` and never reaches the model; one whose future was
+cancelled (its client went away) is dropped too.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable
 from concurrent.futures import Executor
 from typing import Any
@@ -20,6 +24,10 @@ from torch import Tensor
 
 RunBatch = Callable[[Tensor], list[Any]]
 """(B, C, H, W) -> one result per row."""
+
+
+class Expired(Exception):
+    """A request's deadline passed while it was queued: it was dropped before the model."""
 
 
 class Batcher:
@@ -32,7 +40,7 @@ class Batcher:
         *,
         max_batch: int = 8,
         max_wait_ms: float = 20.0,
-        on_batch: Callable[[int], None] | None = None,
+        on_batch: Callable[[int, float], None] | None = None,
     ):
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
@@ -43,7 +51,7 @@ class Batcher:
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000.0
         self.on_batch = on_batch
-        self._queue: asyncio.Queue[tuple[Tensor, asyncio.Future]] | None = None
+        self._queue: asyncio.Queue[tuple[Tensor, asyncio.Future, float | None]] | None = None
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -59,16 +67,18 @@ class Batcher:
                 await self._task
             self._task = None
         while self._queue is not None and not self._queue.empty():
-            _, future = self._queue.get_nowait()
+            _, future, _ = self._queue.get_nowait()
             if not future.done():
                 future.set_exception(RuntimeError("the server is shutting down"))
 
-    async def submit(self, image: Tensor) -> Any:
-        """Queue one (C, H, W) image and wait for its row of the batch's result."""
+    async def submit(self, image: Tensor, deadline: float | None = None) -> Any:
+        """Queue one (C, H, W) image and wait for its row of the batch's result; past
+        `deadline` (`loop.time()`) before its batch runs, raise `Expired` instead. Cancelling
+        the caller takes the image out of the next batch."""
         if self._queue is None:
             raise RuntimeError("Batcher.start() was not called")
         future = asyncio.get_running_loop().create_future()
-        await self._queue.put((image, future))
+        await self._queue.put((image, future, deadline))
         return await future
 
     async def _loop(self) -> None:
@@ -88,9 +98,14 @@ class Batcher:
                     items.append(await asyncio.wait_for(self._queue.get(), remaining))
                 except TimeoutError:
                     break
-            items = [(x, f) for x, f in items if not f.done()]  # clients that went away
+            now = loop.time()
             groups: dict[tuple, list[tuple[Tensor, asyncio.Future]]] = {}
-            for x, f in items:
+            for x, f, deadline in items:
+                if f.done():  # cancelled: the client went away
+                    continue
+                if deadline is not None and now > deadline:
+                    f.set_exception(Expired())
+                    continue
                 groups.setdefault((tuple(x.shape), x.dtype), []).append((x, f))
             for group in groups.values():
                 await self._run_group(loop, group)
@@ -109,7 +124,8 @@ class Batcher:
                 f.set_result(row)
 
     def _call(self, batch: Tensor) -> list[Any]:
+        start = time.perf_counter()
         rows = self.run(batch)
         if self.on_batch is not None:
-            self.on_batch(len(batch))
+            self.on_batch(len(batch), time.perf_counter() - start)
         return rows
