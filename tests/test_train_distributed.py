@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import vitkit
 from conftest import free_port
 from vitkit.train.state import load_state
 
@@ -94,3 +95,54 @@ def test_pretraining_two_processes_match_one(tmp_path, method, recipe):
         for key, value in a[part].items():
             torch.testing.assert_close(b[part][key], value, rtol=1e-4, atol=1e-5, msg=key)
     assert abs(a["metrics"][-1]["train_loss"] - b["metrics"][-1]["train_loss"]) < 1e-4
+
+
+def test_lora_two_processes_match_one(tmp_path):
+    """LoRA under DDP and FSDP: the frozen weights are no parameters DDP reduces; the adapters
+    and the head train to one process's values."""
+    lora = dict(RECIPE, finetune="lora", lora_rank=4, lora_targets=["qkv", "fc2"])
+    _run(tmp_path / "one", 1, recipe=lora)
+    _run(tmp_path / "two", 2, recipe=lora, accum_steps=2, strategy="ddp")
+    _run(tmp_path / "fsdp", 2, recipe=lora, accum_steps=2, strategy="fsdp")
+    a, b = load_state(tmp_path / "one"), load_state(tmp_path / "two")
+    assert sum(".lora_" in k for k in a["model"]) == 4  # 2 targets x (A, B) in the one block
+    for key, value in a["model"].items():
+        torch.testing.assert_close(b["model"][key], value, rtol=1e-4, atol=1e-5, msg=key)
+    assert not torch.equal(a["model"]["blocks.0.attn.qkv.lora_b"], torch.zeros(96, 4))
+    # FSDP: the adapters sharded beside their frozen weights; last/ has them merged
+    merged, sharded = (vitkit.from_pretrained(tmp_path / n / "last").state_dict()
+                       for n in ("two", "fsdp"))  # fmt: skip
+    for key, value in merged.items():
+        torch.testing.assert_close(sharded[key], value, rtol=0, atol=1e-6, msg=key)
+
+
+def test_two_nodes_rendezvous_on_one_machine(tmp_path):
+    """2 nodes x 1 process: two torchrun agents meet through a c10d rendezvous on 127.0.0.1 (as
+    two machines would on host0) and train to one process's weights."""
+    from vitkit.train import Recipe, train
+
+    n = torch.get_num_threads()
+    try:
+        train(Recipe.from_dict({**RECIPE, "accum_steps": 2, "output": str(tmp_path / "one")}))
+    finally:
+        torch.set_num_threads(n)
+    sets = [f"--set={k}={json.dumps(v)}" for k, v in {**RECIPE, "accum_steps": 2}.items()]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    port = free_port()
+
+    def node(rank: int) -> list[str]:
+        return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank",
+                str(rank), "--nproc_per_node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
+                f"127.0.0.1:{port}", "--rdzv-id", "vitkit-test", "-m", "vitkit", "train",
+                "--output", str(tmp_path / "nodes"), *sets]  # fmt: skip
+
+    nodes = [subprocess.Popen(node(rank), env=env) for rank in (0, 1)]
+    try:
+        assert [node.wait(timeout=300) for node in nodes] == [0, 0]
+    finally:
+        for node in nodes:
+            node.kill()
+    a, b = load_state(tmp_path / "one"), load_state(tmp_path / "nodes")
+    assert a["global_step"] == b["global_step"] == 1295 // 32
+    for key, value in a["model"].items():
+        torch.testing.assert_close(b["model"][key], value, rtol=1e-4, atol=1e-5, msg=key)

@@ -32,6 +32,12 @@ _FLAGS: tuple[tuple[str, str, type, str], ...] = (
     ("--momentum-teacher", "momentum_teacher", float, "DINO teacher EMA start (0.996)"),
     ("--teacher-temp", "teacher_temp", float, "DINO teacher temperature (0.04)"),
     ("--warmup-teacher-temp", "warmup_teacher_temp", float, "DINO initial temperature (0.04)"),
+    (
+        "--strategy",
+        "strategy",
+        str,
+        "under torchrun: ddp | fsdp (sharded) | auto (fsdp if ddp won't fit)",
+    ),
 )
 DEFAULT_MODELS = {"digits": "vit_digits_patch2_8", "mnist": "vit_mnist_patch4_28"}
 
@@ -97,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     from vitkit.train import train
 
     if args.resume:
-        result = train(None, resume=args.resume, device=args.device)
+        result = train(None, resume=args.resume, device=args.device, strategy=args.strategy)
     else:
         recipe = build_recipe(args)
         check_run_dir(recipe, args)

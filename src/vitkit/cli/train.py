@@ -4,6 +4,7 @@ vitkit train                                   # digits (scikit-learn), the defa
 vitkit train --config configs/cifar10.yaml --data /data/cifar-10-batches-py
 vitkit train --data mnist --model vit_mnist_patch4_28 --epochs 30 --set ema_decay=0.999
 vitkit train --resume runs/digits-vit_digits_convstem_patch2_8
+vitkit train --init runs/mae --finetune lora --set lora_rank=4
 torchrun --nproc_per_node 2 -m vitkit train --config configs/digits.yaml
 """
 
@@ -32,6 +33,13 @@ _FLAGS: tuple[tuple[str, str, type, str], ...] = (
     ("--threads", "threads", int, "torch CPU threads"),
     ("--teacher", "teacher", str, "DeiT distillation from this classifier (vitkit dir, hub id...)"),
     ("--distillation", "distillation", str, "hard | soft | none (with --teacher)"),
+    ("--finetune", "finetune", str, "full | linear (head on a frozen backbone) | lora (adapters)"),
+    (
+        "--strategy",
+        "strategy",
+        str,
+        "under torchrun: ddp | fsdp (sharded) | auto (fsdp if ddp won't fit)",
+    ),
 )
 
 
@@ -100,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
     from vitkit.train import train
 
     if args.resume:
-        result = train(None, resume=args.resume, device=args.device)
+        result = train(None, resume=args.resume, device=args.device, strategy=args.strategy)
     else:
         recipe = build_recipe(args)
         if args.print_recipe:

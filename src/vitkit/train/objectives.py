@@ -32,8 +32,9 @@ from vitkit.models.dino import DINO, teacher_momentum
 from vitkit.models.distill import DistillationLoss
 from vitkit.models.mae import MaskedAutoencoder
 from vitkit.models.mim import SimMIM, mask_block_for, simmim_mask
-from vitkit.models.vit import VisionTransformer, rebuild
+from vitkit.models.vit import VisionTransformer, ViTOutput, rebuild
 from vitkit.train.ema import ModelEMA
+from vitkit.train.lora import HEADS
 from vitkit.viz import save_attention_maps, save_reconstruction
 
 
@@ -64,9 +65,10 @@ class Objective(nn.Module):
     def encoder(self) -> VisionTransformer:
         return self.get_submodule(self.encoder_key)
 
-    def export(self) -> VisionTransformer:
-        """The model a run writes to best/ and last/."""
-        return self.encoder
+    def export(self, encoder: VisionTransformer | None = None) -> VisionTransformer:
+        """The model a run writes to last/, from `encoder` (an ordinary copy of a sharded
+        one) or the objective's own."""
+        return encoder if encoder is not None else self.encoder
 
     def begin_step(self, step: int, total_steps: int) -> None:
         """Called before optimizer step `step` (0-based) of `total_steps`."""
@@ -109,13 +111,37 @@ class Objective(nn.Module):
 
 # ---------------------------------------------------------------------------------- supervised
 class Classify(Objective):
-    """Cross-entropy on the logits; soft targets from mixup / cutmix when a mixer is given."""
+    """Cross-entropy on the logits; soft targets from mixup / cutmix when a mixer is given.
+    `finetune` (train/lora.py): with "linear" only the head(s) train, so the encoder runs in
+    eval mode and without autograd; with "lora" the frozen model's BatchNorm statistics stay
+    as they were too."""
 
-    def __init__(self, model: VisionTransformer, *, label_smoothing: float = 0.0, mixer=None):
+    def __init__(self, model: VisionTransformer, *, label_smoothing: float = 0.0, mixer=None,
+                 finetune: str = "full"):  # fmt: skip
         super().__init__()
         self.model = model
         self.label_smoothing = label_smoothing
         self.mixer = mixer
+        self.finetune = finetune
+
+    def train(self, mode: bool = True) -> Classify:
+        super().train(mode)
+        if self.finetune == "linear":  # no dropout, drop-path or BatchNorm updates
+            for name, child in self.model.named_children():
+                if name not in HEADS:
+                    child.eval()
+        elif self.finetune == "lora":
+            for m in self.model.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
+
+    def logits(self, images: Tensor) -> ViTOutput:
+        if self.finetune != "linear":
+            return self.model(images)
+        with torch.no_grad():
+            features = self.model.forward_features(images)
+        return self.model.forward_head(features)
 
     def targets(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         return self.mixer(images, labels) if self.mixer is not None else (images, labels)
@@ -127,7 +153,7 @@ class Classify(Objective):
 
     def forward(self, images: Tensor, labels: Tensor, rng: torch.Generator) -> Tensor:
         images, target = self.targets(images, labels)
-        return self.criterion(self.model(images).logits.float(), target)
+        return self.criterion(self.logits(images).logits.float(), target)
 
 
 class Distill(Classify):
@@ -140,7 +166,7 @@ class Distill(Classify):
 
     def forward(self, images: Tensor, labels: Tensor, rng: torch.Generator) -> Tensor:
         images, target = self.targets(images, labels)
-        out = self.model(images)
+        out = self.logits(images)
         out.cls_logits = out.cls_logits.float()
         out.distillation_logits = out.distillation_logits.float()
         return self.loss(images, out, target)
@@ -167,9 +193,9 @@ class SimMIMObjective(Objective):
     def forward(self, images: Tensor, labels: Tensor, rng: torch.Generator) -> Tensor:
         return self.mim(images, bool_masked_pos=self.mask(images, rng)).loss
 
-    def export(self) -> VisionTransformer:
+    def export(self, encoder: VisionTransformer | None = None) -> VisionTransformer:
         """The encoder without its mask token (fine-tuning never masks)."""
-        return _without_mask_token(self.encoder)
+        return _without_mask_token(super().export(encoder))
 
     def draw(self, images: Tensor, run_dir: Path) -> Path:
         mask = self.mask(images, torch.Generator().manual_seed(0))
@@ -212,9 +238,9 @@ class MAEObjective(Objective):
     def forward(self, images: Tensor, labels: Tensor, rng: torch.Generator) -> Tensor:
         return self.mae(images, noise=self.noise(images, rng)).loss
 
-    def export(self) -> VisionTransformer:
+    def export(self, encoder: VisionTransformer | None = None) -> VisionTransformer:
         """MAE fine-tunes on the mean of the patch tokens (He et al. 2022)."""
-        return rebuild(self.encoder, global_pool="avg")
+        return rebuild(super().export(encoder), global_pool="avg")
 
     def draw(self, images: Tensor, run_dir: Path) -> Path:
         masked, recon = self.mae.reconstruct(images, self.noise(images, torch.Generator()))
@@ -295,7 +321,7 @@ def _without_mask_token(encoder: VisionTransformer) -> VisionTransformer:
 
 def _classify(recipe: Any, model: VisionTransformer, teacher: nn.Module | None,
               mixer: Any) -> Objective:  # fmt: skip
-    kw = dict(label_smoothing=recipe.label_smoothing, mixer=mixer)
+    kw = dict(label_smoothing=recipe.label_smoothing, mixer=mixer, finetune=recipe.finetune)
     if teacher is not None:
         return Distill(model, teacher, kind=recipe.distillation, alpha=recipe.distillation_alpha,
                        tau=recipe.distillation_tau, **kw)  # fmt: skip

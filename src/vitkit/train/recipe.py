@@ -20,6 +20,9 @@ Optimizer = Literal["adamw", "sgd"]
 Schedule = Literal["cosine", "linear", "constant"]
 AutoAugment = Literal["randaugment", "trivialaugment"]
 Distillation = Literal["hard", "soft", "none"]
+Finetune = Literal["full", "linear", "lora"]
+LoRATarget = Literal["qkv", "proj", "fc1", "fc2"]
+Strategy = Literal["ddp", "fsdp", "auto"]
 UNIT, FRACTION = In("[0, 1]"), In("(0, 1]")
 SCALE = In("(0, 1]", ordered=True)  # [low, high] fractions of an image
 ZOOM = In("(0, inf)", ordered=True)
@@ -67,6 +70,13 @@ class Recipe:
     model_overrides: dict[str, Any] = field(default_factory=dict)
     init: str | None = None  # pretrained weights: vitkit dir, or what from_pretrained accepts
     head_init_zero: bool = True  # zero the new head when `init` changes num_classes
+    # what trains (train/lora.py): every parameter, the head(s) on a frozen backbone, or
+    # low-rank adapters on the blocks' Linear layers (`lora_targets`) plus the head(s)
+    finetune: Finetune = "full"
+    lora_rank: Annotated[int, POSITIVE] = 8
+    lora_alpha: Annotated[float, POSITIVE] = 16.0  # the update is scaled by alpha / rank
+    lora_dropout: Annotated[float, RATE] = 0.0  # on the adapter's input
+    lora_targets: tuple[LoRATarget, ...] = ("qkv", "proj", "fc1", "fc2")
     drop_path: Annotated[float | None, RATE] = 0.1  # stochastic depth rate (None: the preset's)
     dropout: Annotated[float | None, RATE] = None  # dropout rate (None: the preset's)
     # data
@@ -142,6 +152,12 @@ class Recipe:
     # EMA of weights (evaluated too); null: off
     ema_decay: Annotated[float | None, In("(0, 1)", "e.g. 0.999")] = 0.999
     dtype: Dtype = "fp32"  # autocast (fp32 is fastest for tiny CPU models)
+    # under torchrun (train/sharding.py): DDP, FSDP2 sharding, or FSDP when DDP would not fit
+    strategy: Strategy = "auto"
+    fsdp_reshard_after_forward: bool = True  # free gathered parameters after each forward
+    fsdp_cpu_offload: bool = False  # keep shards, gradients and optimizer state on the CPU (GPU)
+    # recompute each transformer block's activations in backward instead of keeping them
+    grad_checkpointing: bool = False
     seed: int = 0
     output: str | None = None  # run directory (None: a fresh runs/<data>-<model>[-N])
     overwrite: bool = False  # reuse an existing run directory (never done unless asked)
@@ -222,6 +238,11 @@ class Recipe:
                  "mean and std go together: set both or neither"),
                 (self.teacher and self.objective != "classify",
                  f"teacher= distils a classifier; objective={self.objective!r} takes none"),
+                (self.finetune != "full" and self.objective != "classify",
+                 f"finetune={self.finetune!r} fine-tunes a classifier; objective="
+                 f"{self.objective!r} trains the whole encoder (finetune: full)"),
+                (self.finetune == "lora" and not self.lora_targets,
+                 "lora_targets is empty; name some of qkv, proj, fc1, fc2"),
             ]  # fmt: skip
             errors = [message for broken, message in rules if broken]
         if errors:

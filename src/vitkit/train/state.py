@@ -27,6 +27,7 @@ from torch import nn
 from vitkit._io import atomic_open, pid_alive
 from vitkit.checkpoints.pretrained import STATE_FILE, read_training_state, save_pretrained
 from vitkit.errors import ConfigError
+from vitkit.train.lora import merged
 
 LOCK_FILE = ".lock"
 __all__ = ["STATE_FILE", "claim_run_dir", "export_model", "load_state", "save_state"]
@@ -77,8 +78,8 @@ def load_state(path: str | Path) -> dict[str, Any]:
 def export_model(directory: str | Path, model: nn.Module, processor: Any = None) -> Path:
     """Write a model folder: config.json + model.safetensors (transformers' format when it can
     express the model, vitkit's otherwise) and the preprocessor_config.json it was trained with;
-    each file atomically."""
-    save_pretrained(model, directory)
+    each file atomically. LoRA adapters are merged into their layers first (train/lora.py)."""
+    save_pretrained(merged(model), directory)
     if processor is not None:
         processor.save_pretrained(directory)
     return Path(directory)

@@ -5,9 +5,10 @@ epoch `train_one_epoch` (a short loop a newcomer can follow) and `end_epoch` (va
 checkpoint), then `finish` (the test split, once, on the checkpoint chosen on validation).
 
 One optimizer step = `accum_steps` micro-batches per process; DistributedDataParallel averages
-gradients over processes. Rank 0 writes a checkpoint (train/state.py) at every epoch end and every
-`save_every_steps` steps; `resume=` continues a run so that its final weights equal those of an
-uninterrupted run.
+gradients over processes, or FSDP2 shards the model over them (`strategy`, train/sharding.py).
+Rank 0 writes a checkpoint (train/state.py; every rank a sharded one under FSDP) at every epoch
+end and every `save_every_steps` steps; `resume=` continues a run so that its final weights equal
+those of an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -36,12 +37,14 @@ from vitkit.data.augment import MixupCutmix
 from vitkit.data.datasets import TrainData, _mix, build_data
 from vitkit.data.processor import ImageProcessor
 from vitkit.data.transforms import Augmentation
-from vitkit.errors import ConfigError, VitkitError
+from vitkit.errors import CheckpointError, ConfigError, VitkitError
 from vitkit.eval import evaluate
 from vitkit.features import extract, knn_accuracy
 from vitkit.models.vit import VisionTransformer, rebuild
 from vitkit.presets import create_model, get_config
+from vitkit.train import sharding
 from vitkit.train.ema import ModelEMA
+from vitkit.train.lora import apply_finetune
 from vitkit.train.objectives import Objective, build_objective
 from vitkit.train.optim import build_optimizer, lr_at, set_lr
 from vitkit.train.recipe import Recipe
@@ -93,7 +96,7 @@ class Run:
     run_dir: Path
     data: TrainData
     objective: Objective
-    net: nn.Module  # the objective, wrapped in DDP across processes
+    net: nn.Module  # the objective, wrapped in DDP across processes (sharded in place by FSDP)
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     ema: ModelEMA | None
@@ -102,6 +105,7 @@ class Run:
     lock: RunLock | None
     total_steps: int
     warmup_steps: int
+    strategy: str | None = None  # "ddp" or "fsdp" under torchrun, None in one process
     epoch: int = 0
     start_step: int = 0
     global_step: int = 0
@@ -130,10 +134,12 @@ def train(
     resume: str | Path | None = None,
     on_step: Callable[[int], None] | None = None,
     device: str | None = None,
+    strategy: str | None = None,
 ) -> TrainResult:
-    """Train as `recipe` says (or continue the run in `resume`, with its saved recipe); return
-    the final metrics. `on_step(global_step)` is called after every optimizer step."""
-    run = setup(recipe, resume=resume, device=device)
+    """Train as `recipe` says (or continue the run in `resume`, with its saved recipe and, if
+    given, another `strategy`); return the final metrics. `on_step(global_step)` is called after
+    every optimizer step."""
+    run = setup(recipe, resume=resume, device=device, strategy=strategy)
     try:
         t_start = time.perf_counter() - (run.log.rows[-1].get("time_s", 0.0) if run.log.rows else 0)
         while run.epoch < run.recipe.epochs:
@@ -151,13 +157,16 @@ def train(
 
 
 # ---------------------------------------------------------------------------------- setup
-def setup(recipe: Recipe | None, *, resume: str | Path | None = None, device=None) -> Run:
+def setup(recipe: Recipe | None, *, resume: str | Path | None = None, device=None,
+          strategy: str | None = None) -> Run:  # fmt: skip
     """Data, model, objective, optimizer and (with `resume`) the state to continue from."""
     info = D.setup(device)
     state = None
     if resume is not None:
-        state = load_state(resume)
-        recipe = Recipe.from_dict(state["recipe"], source=f"{resume} (saved recipe)")
+        kind, found = sharding.find(resume)
+        state = load_state(found) if kind == "state" else sharding.read_meta(found)
+        saved = {**state["recipe"], **({"strategy": strategy} if strategy else {})}
+        recipe = Recipe.from_dict(saved, source=f"{resume} (saved recipe)")
         run_dir = Path(resume)
         if run_dir.is_file() or run_dir.name in ("last", "best"):
             run_dir = run_dir.parent if run_dir.is_dir() else run_dir.parent.parent
@@ -210,6 +219,7 @@ def _build(recipe: Recipe, info: D.DistInfo, run_dir: Path, state, lock) -> Run:
         model = _classifier(recipe, len(data.classes) or cfg0.num_classes, resolved)
         if data.classes:
             model.config = model.config.replace(id2label=dict(enumerate(data.classes)))
+        apply_finetune(model, recipe)
         teacher = _teacher(recipe, info.device) if recipe.teacher else None
         if teacher is not None and not model.config.distilled:
             raise ConfigError(
@@ -226,9 +236,17 @@ def _build(recipe: Recipe, info: D.DistInfo, run_dir: Path, state, lock) -> Run:
         objective = build_objective(recipe, cfg0)
     objective.shard.rank, objective.shard.world = info.rank, info.world
     objective.to(info.device)
+    micro_batch = recipe.batch_size // recipe.accum_steps // info.world
+    strategy = sharding.choose(recipe, info, objective, micro_batch)
+    ema = ModelEMA(objective.encoder, recipe.ema_decay) if recipe.ema_decay else None
+    if recipe.grad_checkpointing:
+        sharding.checkpoint_blocks(objective)
+    if strategy == "fsdp":  # before the optimizer: sharding replaces the parameters
+        sharding.shard(objective, recipe)
+        if ema is not None:
+            sharding.shard(ema.module, recipe)
     optimizer = build_optimizer(objective, recipe)
     scaler = torch.amp.GradScaler(info.device.type, enabled=recipe.dtype == "fp16")
-    ema = ModelEMA(objective.encoder, recipe.ema_decay) if recipe.ema_decay else None
     steps = data.steps_per_epoch
     run = Run(
         recipe=recipe,
@@ -245,10 +263,11 @@ def _build(recipe: Recipe, info: D.DistInfo, run_dir: Path, state, lock) -> Run:
         lock=lock,
         total_steps=steps * recipe.epochs,
         warmup_steps=round(recipe.warmup_epochs * steps),
+        strategy=strategy,
     )
     if state is not None:
         _restore(run, state)
-    if info.enabled:
+    if strategy == "ddp":
         run.net = torch.nn.parallel.DistributedDataParallel(
             objective, device_ids=[info.device.index] if info.device.type == "cuda" else None
         )
@@ -330,7 +349,7 @@ def train_one_epoch(run: Run, on_step: Callable[[int], None] | None = None) -> t
             x, y = x.to(info.device, non_blocking=True), y.to(info.device, non_blocking=True)
             rng = torch.Generator().manual_seed(_mix(r.seed, run.epoch, step, a))
             sync = not info.enabled or a == len(micros) - 1
-            with contextlib.nullcontext() if sync else run.net.no_sync(), run.autocast():
+            with contextlib.nullcontext() if sync else _no_sync(run), run.autocast():
                 loss = run.net(x, y, rng)
             run.scaler.scale(loss / len(micros)).backward()
             step_loss += loss.detach() / len(micros)
@@ -370,6 +389,10 @@ def train_one_epoch(run: Run, on_step: Callable[[int], None] | None = None) -> t
     return loss_sum, steps
 
 
+def _no_sync(run: Run):
+    return sharding.no_sync(run.objective) if run.strategy == "fsdp" else run.net.no_sync()
+
+
 def end_epoch(run: Run, train_loss: float, elapsed: float) -> None:
     """Validation (supervised objectives), best/ on validation accuracy (then loss), the
     checkpoint."""
@@ -377,32 +400,43 @@ def end_epoch(run: Run, train_loss: float, elapsed: float) -> None:
     evaluate_now = run.objective.uses_labels and (
         run.epoch % r.eval_every_epochs == 0 or run.epoch == r.epochs
     )
+    models = _evaluated(run) if evaluate_now or _knn_due(run) else (None, None)
     if run.info.is_main and (evaluate_now or not run.objective.uses_labels):
         row: dict[str, Any] = {"epoch": run.epoch, "step": run.global_step,
                                "train_loss": train_loss, "lr": run.lr(run.global_step - 1),
                                "time_s": elapsed, **run.objective.logs()}  # fmt: skip
         if evaluate_now:
-            acc, loss, weights = _validate(run, row)
+            acc, loss, weights = _validate(run, row, *models)
             # higher accuracy wins; on a tie (a small validation split) the lower loss
             if run.best_acc is None or (acc, -loss) > (run.best_acc, -run.best_loss):
                 run.best_acc, run.best_loss = acc, loss
                 export_model(run.run_dir / "best", weights, run.processor)
         elif _knn_due(run):
-            row["knn_acc"] = _knn(run)
+            row["knn_acc"] = _knn(run, models[0])
         run.log.add(row)
         _tqdm_write(_epoch_line(r, row))  # also without bars: a log's one line per epoch
     checkpoint(run, next_step=0)
 
 
-def _validate(run: Run, row: dict[str, Any]) -> tuple[float, float, nn.Module]:
+def _evaluated(run: Run) -> tuple[nn.Module | None, nn.Module | None]:
+    """The encoder and its EMA as rank 0 evaluates them: the modules themselves, or under FSDP
+    ordinary copies gathered from the shards (every process takes part; None elsewhere)."""
+    ema = run.ema.module if run.ema is not None else None
+    if run.strategy != "fsdp":
+        return run.objective.encoder, ema
+    model = sharding.plain(run.objective.encoder, run.info)
+    return model, sharding.plain(ema, run.info) if ema is not None else None
+
+
+def _validate(run: Run, row: dict[str, Any], model: nn.Module,
+              ema: nn.Module | None) -> tuple[float, float, nn.Module]:  # fmt: skip
     """Accuracy and loss of the model (and its EMA) on the validation split, into `row`;
     returns the better one's (accuracy, loss, weights)."""
-    model = run.objective.encoder
     _score(run, model, "val", row, "val_")
     best = (row["val_acc"], -row["val_loss"]), model
-    if run.ema is not None:
-        _score(run, run.ema.module, "val", row, "ema_val_")
-        best = max(best, ((row["ema_val_acc"], -row["ema_val_loss"]), run.ema.module),
+    if ema is not None:
+        _score(run, ema, "val", row, "ema_val_")
+        best = max(best, ((row["ema_val_acc"], -row["ema_val_loss"]), ema),
                    key=lambda t: t[0])  # fmt: skip
     (acc, neg_loss), weights = best
     return acc, -neg_loss, weights
@@ -415,13 +449,13 @@ def _knn_due(run: Run) -> bool:
     )
 
 
-def _knn(run: Run) -> float:
+def _knn(run: Run, encoder: nn.Module) -> float:
     """Weighted k-NN top-1 (k = 20) of the encoder's features: validation images against the
     rest of the training part; labels are used by the vote only."""
 
     def feats(data: Any):
         batches = run.data.eval_batches(data)
-        return extract(run.objective.encoder, batches, device=run.info.device)
+        return extract(encoder, batches, device=run.info.device)
 
     return knn_accuracy(*feats(run.data.knn_memory), *feats(run.data.knn_queries), k=20)
 
@@ -435,23 +469,21 @@ def _score(run: Run, model: nn.Module, split: str, row: dict[str, Any], prefix: 
 
 
 def checkpoint(run: Run, *, next_step: int) -> None:
-    """Write last/state.pt (rank 0): everything `resume` needs to continue bit for bit."""
-    if not run.info.is_main:
-        return
-    encoder = run.objective.encoder
-    if not all(bool(torch.isfinite(p).all()) for p in run.objective.parameters()):
+    """Write last/state.pt (rank 0), or under FSDP a sharded last/ (every rank): everything
+    `resume` needs to continue bit for bit."""
+    finite = all(bool(torch.isfinite(_local(p)).all()) for p in run.objective.parameters())
+    if run.strategy == "fsdp":
+        finite = bool(D.all_reduce_sum(torch.tensor(float(not finite)), run.info) == 0)
+    if not finite:
         raise TrainingDiverged(
             f"weights became NaN/inf by step {run.global_step}; kept the last good checkpoint "
             f"in {run.run_dir / 'last'}; lower the lr"
         )
     loss_sum, steps = run.epoch_loss if next_step else (0.0, 0)
-    state = {
-        "model": encoder.state_dict(),
-        "model_config": encoder.config.to_dict(),
-        "objective": run.objective.extra_state(),
-        "optimizer": run.optimizer.state_dict(),
+    meta = {
+        "model_config": run.objective.encoder.config.to_dict(),
         "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else {},
-        "ema": run.ema.state_dict() if run.ema is not None else {},
+        "ema_updates": run.ema.updates if run.ema is not None else 0,
         "rng": capture_rng(),
         "epoch": run.epoch,
         "step": next_step,
@@ -464,17 +496,49 @@ def checkpoint(run: Run, *, next_step: int) -> None:
         "epoch_steps": steps,
         "preprocessor": run.processor.to_hf_dict(),
     }
+    if run.strategy == "fsdp":
+        sharding.save(run.run_dir, run.objective, run.optimizer, run.ema, meta, run.info)
+        run.log.flush()
+        return
+    if not run.info.is_main:
+        return
+    state = {
+        "model": run.objective.encoder.state_dict(),
+        "objective": run.objective.extra_state(),
+        "optimizer": run.optimizer.state_dict(),
+        "ema": run.ema.state_dict() if run.ema is not None else {},
+        **meta,
+    }
     save_state(run.run_dir / "last" / STATE_FILE, state)
+    sharding.drop_sharded(run.run_dir)  # shards from the run's FSDP past
     run.log.flush()
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def _restore(run: Run, state: dict[str, Any]) -> None:
-    run.objective.load(state["model"], state.get("objective", {}))
-    run.optimizer.load_state_dict(state["optimizer"])
+    if "dcp" in state:
+        sharding.load_sharded(state["dcp"], run.objective, run.optimizer, run.ema)
+    elif run.strategy == "fsdp":
+        sharding.load_full(state, run.objective, run.optimizer, run.ema)
+    else:
+        try:
+            run.objective.load(state["model"], state.get("objective", {}))
+        except RuntimeError as exc:
+            raise CheckpointError(
+                f"{run.run_dir / 'last'}: the checkpoint does not match this run's model "
+                f"({str(exc).strip().splitlines()[0][:300]}); resume with the recipe it was "
+                "written with"
+            ) from None
+        run.optimizer.load_state_dict(state["optimizer"])
+        if run.ema is not None and state.get("ema"):
+            run.ema.load_state_dict(state["ema"])
+    if run.ema is not None:
+        run.ema.updates = int(state.get("ema_updates", run.ema.updates))
     if state.get("scaler"):
         run.scaler.load_state_dict(state["scaler"])
-    if run.ema is not None and state.get("ema"):
-        run.ema.load_state_dict(state["ema"])
     restore_rng(state["rng"])
     run.epoch, run.start_step = state["epoch"], state["step"]
     run.global_step = state["global_step"]
@@ -497,9 +561,10 @@ def finish(run: Run, seconds: float) -> TrainResult:
     best = run.run_dir / "best"
     if (best / "config.json").is_file():
         result.best_dir = best
+    encoder = sharding.plain(run.objective.encoder, run.info) if run.strategy == "fsdp" else None
     if not run.info.is_main:
         return result
-    export_model(run.run_dir / "last", run.objective.export(), run.processor)
+    export_model(run.run_dir / "last", run.objective.export(encoder), run.processor)
     result.model_dir = result.best_dir or run.run_dir / "last"
     if result.best_dir is not None and run.data.test is not None:
         chosen = resolve(best, device=run.info.device).model
@@ -511,9 +576,10 @@ def finish(run: Run, seconds: float) -> TrainResult:
         atomic_write_text(run.run_dir / "results.json", json.dumps(summary, indent=2) + "\n")
     if run.recipe.plot:
         _plot(run.run_dir)
-    run.objective.eval()
-    with torch.no_grad():
-        _draw(run)
+    if run.strategy != "fsdp":  # a sharded objective draws only with every process
+        run.objective.eval()
+        with torch.no_grad():
+            _draw(run)
     return result
 
 
