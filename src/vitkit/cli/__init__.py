@@ -20,6 +20,8 @@ COMMANDS = (
     "info",
     "predict",
     "embed",
+    "index",
+    "search",
     "export",
     "explain",
     "serve",
@@ -35,8 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="vitkit",
-        description="Vision Transformers: build, load, predict, embed, export, explain, serve, "
-        "train, pre-train, evaluate.",
+        description="Vision Transformers: build, load, predict, embed, search, export, explain, "
+        "serve, train, pre-train, evaluate.",
     )
     parser.add_argument("--version", action="version", version=f"vitkit {__version__}")
     parser.add_argument(

@@ -21,7 +21,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "serve",
         help="serve a model over HTTP (classify, embed, explain, web page)",
-        description="Serve a model over HTTP: POST /v1/classify, /v1/embed, /v1/explain; GET "
+        description="Serve a model over HTTP: POST /v1/classify, /v1/embed, /v1/explain (and "
+        "/v1/search with --index); GET "
         "/healthz, /metrics, /openapi.json and a web page at /. Concurrent requests are "
         "batched. Needs pip install 'vitkit[serve]'.",
     )
@@ -36,6 +37,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="images to calibrate static int8 / auto on (default: the first batch served)",
     )
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    p.add_argument("--index", metavar="DIR",
+                   help="a `vitkit index` folder built with this model: adds POST /v1/search "
+                        "(an image or a text) and GET /v1/thumbnail of its photos, and a search "
+                        "box on the page")  # fmt: skip
     p.add_argument("--max-batch", type=int, default=8, help="images per forward pass at most (8)")
     p.add_argument(
         "--max-wait-ms",
@@ -130,6 +135,19 @@ def _api_key(args: argparse.Namespace) -> str | None:
     return key
 
 
+def _index(folder: str | None) -> str | None:
+    """--index as an absolute path, once its manifest and files check out (one line if not;
+    whether its rows came from this model is checked when the model has loaded)."""
+    if folder is None:
+        return None
+    import os
+
+    from vitkit.search import open_index
+
+    open_index(folder, verify=False)
+    return os.path.abspath(folder)
+
+
 def _check_tls(args: argparse.Namespace) -> None:
     """Load the certificate once here, so a bad file is one line, not uvicorn's traceback."""
     import ssl
@@ -195,6 +213,7 @@ def run(args: argparse.Namespace) -> int:
         body_timeout_s=args.body_timeout_s,
         drain_s=DRAIN_SECONDS,
         api_key=_api_key(args),
+        index=_index(args.index),
     )
     _check_tls(args)
     common = dict(

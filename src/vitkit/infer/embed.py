@@ -59,6 +59,7 @@ def embed_paths(
     info: Any = None,
     log: Any = None,
     cache: bool = True,
+    runner: Any = None,
 ) -> tuple[np.ndarray, list[str], list[tuple[str, str]]]:
     """(rows float32, the path of each row, [(input, reason)] that failed) for image files and
     folders, in input order; a bad image is reported, never fatal. Shards across torchrun
@@ -66,7 +67,8 @@ def embed_paths(
 
     `precision` / `backend` run the pooled rows on a precision path (`vitkit.infer.prepare`;
     `auto` checks its pick by the rows' cosine similarity to fp32); feature maps (`layers`) are
-    fp32 only."""
+    fp32 only. `runner`: a precision path already prepared for these rows
+    (`prepare(Embedder(model, pool), ...)`), reused by callers that embed in chunks."""
     if batch_size < 1:
         raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
     if layers and not is_plain(precision, backend):
@@ -83,8 +85,11 @@ def embed_paths(
 
     model = model.eval()
     # pooled rows run on the precision runner (fp32 on torch is the model as it is)
-    runner = None if layers else prepare(Embedder(model, pool), precision, backend=backend,
-                                         device=device, log=log, cache=cache)  # fmt: skip
+    if layers:
+        runner = None
+    elif runner is None:
+        runner = prepare(Embedder(model, pool), precision, backend=backend,
+                         device=device, log=log, cache=cache)  # fmt: skip
     for batch in pipelined(mine, load, batch_size, workers):
         good = [(item, x) for item, x in batch if isinstance(x, Tensor)]
         errors += [(item[0], x) for item, x in batch if not isinstance(x, Tensor)]

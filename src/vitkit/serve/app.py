@@ -6,6 +6,10 @@
     POST /v1/embed              image -> the pooled representation {"embedding", "dim"};
                                 `text` (query or form field) -> its text embedding instead
     POST /v1/explain?method=rollout[&label=L]   image -> PNG heat map over it
+    POST /v1/search?k=12        with --index: an image (or `text`, CLIP / SigLIP) -> the
+                                nearest indexed photos {"results": [{"path", "score"}]}
+    GET  /v1/thumbnail?path=P   with --index: a JPEG thumbnail of an indexed photo (of no
+                                other file: P must be a row of the index, unchanged since)
     GET  /healthz               200 once the model is loaded and warmed, 503 before
     GET  /metrics               Prometheus text: requests, latency, batch sizes
     GET  /                      a web page to try the model; GET /openapi.json describes the API
@@ -32,6 +36,7 @@ import json
 import math
 import os
 import signal
+import stat
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -44,6 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vitkit.checkpoints.resolve import resolve
+from vitkit.data.images import load_image
 from vitkit.data.labels import id2label_for
 from vitkit.distributed import pick_device
 from vitkit.errors import ConfigError, VitkitError
@@ -79,6 +85,8 @@ ENV_FAILED = "VITKIT_SERVE_FAILED"
 """A path a worker process writes, then stops the parent, when its model cannot be loaded."""
 
 EXPLAIN_MAX_SIDE = 512  # pixels: the longer side of the PNG /v1/explain returns
+THUMBNAIL_SIDE = 256  # pixels: the longer side of a /v1/thumbnail JPEG
+MAX_SEARCH_K = 100  # results one /v1/search returns at most
 TEXT_CACHE = 4096  # text embeddings kept between zero-shot requests
 MIN_KEY_CHARS = 16  # an access token shorter than this is refused at start-up
 
@@ -108,6 +116,7 @@ class Settings:
     body_timeout_s: float = 30.0  # the whole body must arrive within this after the headers
     drain_s: float = 8.0  # SIGTERM: how long admitted requests may take to finish
     api_key: str | None = field(default=None, repr=False)  # Bearer token for /v1 (None: open)
+    index: str | None = None  # a `vitkit index` folder for /v1/search (built with this model)
 
     def __post_init__(self) -> None:
         if isinstance(self.image_size, list):  # back from JSON (--workers)
@@ -179,6 +188,8 @@ class Service:
         self.draining = False  # SIGTERM received: refuse new work, finish the admitted
         self.drain_task: asyncio.Task | None = None
         self.explain_slots = asyncio.Semaphore(settings.max_explain)
+        self.index: Any = None  # vitkit.search.Index, with --index
+        self.search_encoder: Any = None  # vitkit.search.QueryEncoder: queries as its rows
 
     # ---------------------------------------------------------------------- model thread
     def load(self) -> None:
@@ -206,6 +217,8 @@ class Service:
         self.embed_runner = prepare(Embedder(self.model), s.precision, backend=s.backend,
                                     device=self.device, calibration=calibration, log=log,
                                     cache=s.cache)  # fmt: skip
+        if s.index is not None:
+            self.open_index(resolved)
         h, w = self.processor.output_hw or self.model.config.image_hw
         for batch in sorted({1, s.max_batch}):  # the first calls allocate and pick kernels
             pixels = torch.zeros(batch, self.processor.num_channels, h, w)
@@ -215,6 +228,37 @@ class Service:
             if self.runner is not None and self.runner.ready:
                 self.classify_rows(pixels)
         self.state = "ready"
+
+    def open_index(self, resolved: Any) -> None:
+        """Open --index and refuse it unless its rows came from this model and preprocessing."""
+        from vitkit.search import QueryEncoder, open_index
+
+        index = open_index(self.settings.index)
+        encoder = QueryEncoder(resolved, pool=index.identity["pool"])
+        index.check_model(encoder.identity)
+        self.index, self.search_encoder = index, encoder
+
+    def search(self, pixels: Tensor | None, text: str | None, k: int) -> list[dict[str, Any]]:
+        """The `k` indexed photos nearest to an image (C, H, W) or a text: [{path, score}]."""
+        if text is not None:
+            rows = self.search_encoder.texts([text])
+        else:
+            rows = self.search_encoder.pixels(pixels[None])
+        scores, hits = self.index.search(rows, k)
+        return [{"path": self.index.paths[int(r)], "score": round(float(v), 6)}
+                for v, r in zip(scores[0], hits[0]) if r >= 0]  # fmt: skip
+
+    def thumbnail(self, path: str) -> bytes:
+        """A JPEG of an indexed photo, at most THUMBNAIL_SIDE pixels a side (decode pool)."""
+        import io
+
+        from PIL import Image
+
+        image = load_image(path, max_pixels=self.processor.max_pixels)
+        image.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE), Image.BICUBIC)
+        out = io.BytesIO()
+        image.convert("RGB").save(out, "JPEG", quality=85)
+        return out.getvalue()
 
     def classify_rows(self, pixels: Tensor) -> list[Tensor]:
         """(B, C, H, W) -> a (K,) probability row per image, float32 on the CPU: the runner of
@@ -281,7 +325,18 @@ class Service:
                 if self.model is not None
                 else None
             ),
+            "search": self._search_info(),
         }
+
+    def _search_info(self) -> dict[str, Any] | None:
+        """What /v1/search offers: the index's size and kind, and whether texts can query it
+        (a text tower and tokenizer, and rows of the model's own embedding)."""
+        if self.index is None:
+            return None
+        r = self.search_encoder.resolved
+        text = r.image_text is not None and r.tokenizer is not None
+        text = text and self.index.identity["pool"] == "model"
+        return {"images": len(self.index), "kind": self.index.kind, "text": text}
 
 
 def create_app(settings: Settings, *, on_fatal: Callable[[], None] | None = None):
@@ -335,6 +390,8 @@ def create_app(settings: Settings, *, on_fatal: Callable[[], None] | None = None
         Route("/v1/classify", guarded(_classify), methods=["POST"]),
         Route("/v1/embed", guarded(_embed), methods=["POST"]),
         Route("/v1/explain", guarded(_explain), methods=["POST"]),
+        Route("/v1/search", guarded(_search), methods=["POST"]),
+        Route("/v1/thumbnail", guarded(_thumbnail), methods=["GET"]),
     ]
     app = Starlette(
         routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error}
@@ -519,6 +576,93 @@ async def _explain(request):
             "X-Vitkit-Probability": repr(float(result.probabilities[0, c])),
         }
     return Response(png, media_type="image/png", headers=headers)
+
+
+async def _search(request):
+    """Search the index (vitkit serve --index).
+    ---
+    summary: An image (multipart field `file`, or the raw body), or a `text` (query or form
+      field; CLIP / SigLIP indexes) -> the k nearest indexed photos, best first
+    parameters:
+      - {name: k, in: query, schema: {type: integer, default: 12, maximum: 100}}
+      - {name: text, in: query, schema: {type: string}}
+    responses:
+      200: {description: '{"results": [{"path", "score"}], "kind": "exact" | "hnsw", "images": N}'}
+      400: {description: 'not an image, both or neither of image and text, a bad k, or text on
+        an index without a text tower'}
+      404: {description: 'the server has no index (--index)'}
+      503: {description: 'loading, queue full or draining'}
+      504: {description: 'still queued at --timeout-s'}
+    """
+    service: Service = request.app.state.service
+    index = _index_of(service)
+    k = _int_param(request, "k", 12, minimum=1)
+    if k > MAX_SEARCH_K:
+        fail(400, f"k must be at most {MAX_SEARCH_K}, got {k}")
+    data, fields = await _read_request(request, service)
+    text = _one(fields, "text", "") if "text" in fields else None
+    if text is not None:
+        if data:
+            fail(400, "send an image or a text, not both")
+        if not service._search_info()["text"]:
+            fail(400, "this index has no text search: it needs a CLIP or SigLIP model with its "
+                      "text tower and tokenizer, and rows of its own embedding (--pool model)")  # fmt: skip
+        if not text.strip():
+            fail(400, "give a non-empty text to search for")
+        _check_text(service, text, "text")
+        pixels = None
+    else:
+        pixels = await _decode(service, _image_of(data))
+    results = await in_model_thread(request, service.search, pixels, text, k)
+    return _json({"results": results, "kind": index.kind, "images": len(index)})
+
+
+async def _thumbnail(request):
+    """A thumbnail of an indexed photo (vitkit serve --index).
+    ---
+    summary: The JPEG thumbnail (at most 256 px a side) of `path`, which must be a path of the
+      index (as /v1/search returns it) whose file is unchanged since it was indexed; no other
+      file can be read through this route
+    parameters:
+      - {name: path, in: query, required: true, schema: {type: string}}
+    responses:
+      200: {description: 'image/jpeg'}
+      404: {description: 'not a photo of the index, or the server has no index'}
+      410: {description: 'the file changed or went away since it was indexed'}
+    """
+    from starlette.responses import Response
+
+    service: Service = request.app.state.service
+    index = _index_of(service)
+    path = request.query_params.get("path", "")
+    row = index.row(path) if path else None
+    if row is None:
+        fail(404, "not a photo of this server's index: give a path /v1/search returned")
+    try:
+        st = os.lstat(path)  # a link put in its place since is not followed
+    except OSError:
+        st = None
+    size, mtime_ns = (int(v) for v in index.stats[row])
+    if (
+        st is None
+        or not stat.S_ISREG(st.st_mode)
+        or (st.st_size, st.st_mtime_ns) != (size, mtime_ns)
+    ):
+        fail(410, "this photo changed or went away since it was indexed; run vitkit index again")
+    loop = asyncio.get_running_loop()
+    try:
+        jpeg = await loop.run_in_executor(service.decode_pool, service.thumbnail, path)
+    except VitkitError as exc:
+        fail(410, f"this photo cannot be read any more: {_reason(exc)}")
+    return Response(
+        jpeg, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=300"}
+    )
+
+
+def _index_of(service: Service) -> Any:
+    if service.settings.index is None:
+        fail(404, "this server has no index: start it with vitkit serve --index DIR")
+    return service.index
 
 
 async def _healthz(request):
