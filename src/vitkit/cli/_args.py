@@ -170,3 +170,20 @@ def zero_shot(args: argparse.Namespace) -> tuple[list[str] | None, list[str]]:
     else:
         check_templates(templates)
     return labels, templates
+
+
+def open_exported(command: str, source: str, changes: dict[str, bool]) -> tuple:
+    """(model, processor) of a file `vitkit export` wrote (`vitkit.infer.exported`), for
+    `vitkit COMMAND --model FILE`, after refusing the flags in `changes` that were given: the file
+    runs at the precision, size and preprocessing it was exported with."""
+    import sys
+
+    from vitkit.infer.exported import check_unchanged, load_exported
+
+    check_unchanged(source, changes)
+    model, processor = load_exported(source)
+    if not model.processor_stated:
+        print(f"vitkit {command}: note: {source} states no preprocessing; using transformers' "
+              f"defaults at {model.config.image_hw}", file=sys.stderr)  # fmt: skip
+    print(f"vitkit {command}: {model.precision} {source} as exported", file=sys.stderr)
+    return model, processor

@@ -3,6 +3,7 @@
 vitkit embed photos/ --model facebook/dinov2-small --output emb.npy --normalize
 vitkit embed photos/ --model my_vit/ --output maps.npy --layers -4 -1     # feature maps
 torchrun --nproc_per_node 2 -m vitkit embed photos/ --model my_vit/ --output emb.npy
+vitkit embed photos/ --model dinov2.onnx --output emb.npy   # an encoder `vitkit export` wrote
 vitkit embed --text "a cat" "a red car" --model openai/clip-vit-base-patch32 --output text.npy
 """
 
@@ -12,7 +13,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from vitkit.cli._args import add_image_size, add_model, add_precision, check_output, image_size
+from vitkit.cli._args import (
+    add_image_size,
+    add_model,
+    add_precision,
+    check_output,
+    image_size,
+    open_exported,
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -54,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
     from vitkit.checkpoints.resolve import resolve
     from vitkit.errors import ConfigError
     from vitkit.infer.embed import FORMATS, embed_paths, paths_file, write_embeddings
+    from vitkit.infer.exported import is_exported
 
     output = Path(args.output)
     if output.suffix not in FORMATS:
@@ -66,15 +75,33 @@ def run(args: argparse.Namespace) -> int:
         return _texts(args, output)
     if not args.images:
         raise ConfigError("give images (files or folders) to embed, or --text / --text-file")
-    info = D.setup(args.device)
+    exported = is_exported(args.model)
+    info = D.setup("cpu" if exported else args.device)
     try:
-        resolved = resolve(args.model, device=info.device, image_size=image_size(args))
+        runner = None
+        if exported:  # a `vitkit export` file of an encoder: its output is the row, as it is
+            model, processor = open_exported("embed", args.model, {
+                "--layers": bool(args.layers), "--pool": args.pool != "model",
+                "--image-size": args.image_size is not None,
+                "--precision": args.precision not in ("fp32", "auto"),
+                "--backend": bool(args.backend),
+            })  # fmt: skip
+            if model.config.num_classes:
+                raise ConfigError(
+                    f"{args.model} outputs {model.config.num_classes} class scores, not an "
+                    "embedding: embed with the checkpoint, or export an encoder without a "
+                    "classification head (DINOv2, a CLIP image tower)"
+                )
+            runner = model
+        else:
+            resolved = resolve(args.model, device=info.device, image_size=image_size(args))
+            model, processor = resolved.model, resolved.processor
         rows, paths, failures = embed_paths(
-            resolved.model, resolved.processor, args.images, pool=args.pool,
-            normalize=args.normalize, layers=args.layers, batch_size=args.batch_size,
-            workers=args.workers, device=info.device, info=info, precision=args.precision,
+            model, processor, args.images, pool=args.pool, normalize=args.normalize,
+            layers=args.layers, batch_size=args.batch_size, workers=args.workers,
+            device=info.device, info=info, precision="fp32" if exported else args.precision,
             backend=args.backend, log=lambda s: print(f"vitkit embed: {s}", file=sys.stderr),
-            cache=not args.no_cache,
+            cache=not args.no_cache, runner=runner,
         )  # fmt: skip
     finally:
         D.cleanup(info)

@@ -19,6 +19,7 @@ from vitkit.cli._args import (
     add_precision,
     add_zero_shot,
     image_size,
+    open_exported,
     zero_shot,
 )
 
@@ -152,24 +153,11 @@ def run(args: argparse.Namespace) -> int:
 
 def _exported(args: argparse.Namespace, labels: list[str] | None) -> tuple:
     """(model, processor) of a file `vitkit export` wrote, after refusing what it cannot do."""
-    from vitkit.errors import ConfigError
-    from vitkit.infer.exported import load_exported
-
-    refused = [flag for flag, given in (
-        ("--labels", labels is not None), ("--image-size", args.image_size is not None),
-        ("--precision", args.precision not in ("fp32", "auto")), ("--backend", args.backend),
-        ("--processor", args.processor != "auto"),
-    ) if given]  # fmt: skip
-    if refused:
-        raise ConfigError(f"{args.model} is an exported file: it runs at the precision, size and "
-                          f"preprocessing it was exported with ({', '.join(refused)} cannot "
-                          "change them; export again, or pass the checkpoint)")  # fmt: skip
-    model, processor = load_exported(args.model)
-    if not model.processor_stated:
-        print(f"vitkit predict: note: {args.model} states no preprocessing; using transformers' "
-              f"defaults at {model.config.image_hw}", file=sys.stderr)  # fmt: skip
-    print(f"vitkit predict: {model.precision} {args.model} as exported", file=sys.stderr)
-    return model, processor
+    return open_exported("predict", args.model, {
+        "--labels": labels is not None, "--image-size": args.image_size is not None,
+        "--precision": args.precision not in ("fp32", "auto"), "--backend": bool(args.backend),
+        "--processor": args.processor != "auto",
+    })  # fmt: skip
 
 
 def _print_result(path: str, top: list[tuple[int, str, float]], *, as_json: bool, bar) -> None:

@@ -40,6 +40,16 @@ def is_exported(source: str | os.PathLike[str]) -> bool:
     return path.suffix.lower() in SUFFIXES and path.is_file()
 
 
+def check_unchanged(source: str | os.PathLike[str], changes: dict[str, bool]) -> None:
+    """Refuse, in one line, the options in `changes` that were given (flag -> given): an
+    exported file runs at the precision, size and preprocessing it was exported with."""
+    refused = [flag for flag, given in changes.items() if given]
+    if refused:
+        raise ConfigError(f"{os.fspath(source)} is an exported file: it runs at the precision, "
+                          f"size and preprocessing it was exported with ({', '.join(refused)} "
+                          "cannot change them; export again, or pass the checkpoint)")  # fmt: skip
+
+
 class ExportedModel(nn.Module):
     """Pixels (B, C, H, W) -> (B, K) float32 logits from an exported file, on the CPU; `config`
     is the model's (`ViTConfig`, with its class names) and `precision` the file's."""

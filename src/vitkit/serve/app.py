@@ -55,6 +55,7 @@ from vitkit.distributed import pick_device
 from vitkit.errors import ConfigError, VitkitError
 from vitkit.explain import HEAD_FUSIONS, METHODS, explain_image, label_index
 from vitkit.features import Embedder
+from vitkit.infer.exported import check_unchanged, is_exported, load_exported
 from vitkit.infer.precision import BACKENDS, PRECISIONS, prepare
 from vitkit.infer.predictor import load_folder, preprocess
 from vitkit.infer.zero_shot import (
@@ -119,6 +120,12 @@ class Settings:
     index: str | None = None  # a `vitkit index` folder for /v1/search (built with this model)
 
     def __post_init__(self) -> None:
+        if is_exported(self.model):
+            check_unchanged(self.model, {
+                "--precision": self.precision not in ("fp32", "auto"),
+                "--backend": self.backend is not None, "--image-size": self.image_size is not None,
+                "--calibration": self.calibration is not None, "--index": self.index is not None,
+            })  # fmt: skip
         if isinstance(self.image_size, list):  # back from JSON (--workers)
             self.image_size = (self.image_size[0], self.image_size[1])
         if self.precision not in PRECISIONS:
@@ -198,6 +205,36 @@ class Service:
         if s.threads:
             torch.set_num_threads(s.threads)
         self.device = pick_device(s.device)
+        if is_exported(s.model):
+            self._load_exported()
+        else:
+            self._load_checkpoint()
+        h, w = self.processor.output_hw or self.model.config.image_hw
+        for batch in sorted({1, s.max_batch}):  # the first calls allocate and pick kernels
+            pixels = torch.zeros(batch, self.processor.num_channels, h, w)
+            # (static int8 and auto calibrate on the first real batch without --calibration)
+            if self.embed_runner is not None and self.embed_runner.ready:
+                self.embed_rows(pixels)
+            if self.runner is not None and self.runner.ready:
+                self.classify_rows(pixels)
+        self.state = "ready"
+
+    def _load_exported(self) -> None:
+        """A file `vitkit export` wrote, as it was prepared (`vitkit.infer.exported`): a
+        classifier's answers /v1/classify, an encoder's /v1/embed; nothing is converted."""
+        model, self.processor = load_exported(self.settings.model)
+        self.model, self.device = model, torch.device("cpu")
+        self.labels = id2label_for(model.config)
+        runner = prepare(model, "fp32", backend="torch", device="cpu", cache=False)
+        backend = "onnxruntime" if self.settings.model.lower().endswith(".onnx") else "openvino"
+        runner.precision, runner.backend, runner.note = model.precision, backend, "as exported"
+        if model.config.num_classes:
+            self.runner = runner
+        else:
+            self.embed_runner = runner
+
+    def _load_checkpoint(self) -> None:
+        s = self.settings
         resolved = resolve(s.model, device=self.device, allow_preset=s.allow_preset,
                            image_size=s.image_size, text="auto")  # fmt: skip
         if resolved.random_weights:
@@ -219,15 +256,6 @@ class Service:
                                     cache=s.cache)  # fmt: skip
         if s.index is not None:
             self.open_index(resolved)
-        h, w = self.processor.output_hw or self.model.config.image_hw
-        for batch in sorted({1, s.max_batch}):  # the first calls allocate and pick kernels
-            pixels = torch.zeros(batch, self.processor.num_channels, h, w)
-            # (static int8 and auto calibrate on the first real batch without --calibration)
-            if self.embed_runner.ready:
-                self.embed_rows(pixels)
-            if self.runner is not None and self.runner.ready:
-                self.classify_rows(pixels)
-        self.state = "ready"
 
     def open_index(self, resolved: Any) -> None:
         """Open --index and refuse it unless its rows came from this model and preprocessing."""
@@ -316,7 +344,9 @@ class Service:
         return {
             "model": self.settings.model,
             "precision": _model_fields(self)["precision"],
-            "runtime": self.runner.describe() if self.runner is not None else "fp32 on torch",
+            "runtime": (self.runner or self.embed_runner).describe()
+            if (self.runner or self.embed_runner) is not None
+            else None,
             "device": str(self.device),
             "zero_shot": self.image_text is not None,
             "num_classes": self.model.config.num_classes if self.model is not None else None,
@@ -517,6 +547,9 @@ async def _embed(request):
         rows = await in_model_thread(request, service.text_rows, [text])
         row, runner = rows[0], None
     else:
+        if service.embed_runner is None:
+            fail(400, f"{service.settings.model} is an exported classifier: it outputs class "
+                      "scores, not an embedding; serve the checkpoint, or an exported encoder")  # fmt: skip
         pixels = await _decode(service, _image_of(data))
         row = await batched(request, service.embed_batcher, pixels)
         runner = service.embed_runner
@@ -546,6 +579,9 @@ async def _explain(request):
     from starlette.responses import Response
 
     service: Service = request.app.state.service
+    if is_exported(service.settings.model):
+        fail(400, "explanations read the model's attention, which an exported file does not "
+                  "give: serve the checkpoint to explain")  # fmt: skip
     q = request.query_params
     method = q.get("method", "rollout")
     if method not in METHODS:
@@ -885,7 +921,7 @@ def _json(body: dict, status: int = 200):
 
 def _model_fields(service: Service, runner: Any = None) -> dict[str, str]:
     """The model and the precision that answered (the classify runner's unless `runner`)."""
-    runner = runner if runner is not None else service.runner
+    runner = runner if runner is not None else (service.runner or service.embed_runner)
     precision = runner.precision if runner is not None and runner.ready else "fp32"
     return {"model": service.settings.model, "precision": precision}
 
