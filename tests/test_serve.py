@@ -150,6 +150,7 @@ def test_healthz_metrics_page_and_openapi(server):
         "status": "ok", "model": server.app.state.service.settings.model, "precision": "fp32",
         "runtime": "fp32 on torch (PyTorch, exact)", "device": "cpu", "pid": os.getpid(),
         "input_size": [64, 64], "zero_shot": False, "num_classes": 5, "auth": False,
+        "search": None,  # without --index
     }  # fmt: skip
 
     status, headers, body = http(server.port, "GET", "/")
