@@ -396,3 +396,15 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     """The largest absolute difference of two tensors of one shape."""
     assert a.shape == b.shape, (a.shape, b.shape)
     return (a.float() - b.float()).abs().max().item()
+
+
+@pytest.fixture
+def headless():
+    """(playwright's sync_api, the path of Debian's chromium) for the page tests, or a skip:
+    browsers cannot be downloaded here, so Playwright drives the system's."""
+    import shutil
+
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("Debian's chromium is not installed (apt-get install -y chromium)")
+    return pytest.importorskip("playwright.sync_api"), chromium

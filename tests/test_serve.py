@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -350,15 +351,10 @@ def test_workers_serve_the_same_answers_and_a_bad_model_exits_1(model_dir, photo
 
 
 # ---------------------------------------------------------------------------------- browser
-def test_web_page_in_headless_chromium(server, tmp_path):
+def test_web_page_in_headless_chromium(server, tmp_path, headless):
     """Upload a real photo through the page and read back what it shows. Set
     VITKIT_SCREENSHOT=path to keep a copy of the screenshot outside the test's tmp dir."""
-    import shutil
-
-    chromium = shutil.which("chromium")
-    if chromium is None:
-        pytest.skip("Debian's chromium is not installed (apt-get install -y chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api")
+    sync_api, chromium = headless
     photo = tmp_path / "astronaut.png"
     Image.fromarray(skimage.data.astronaut()).save(photo)
     status, api = post_json(server.port, "/v1/classify?top_k=5", photo.read_bytes())
@@ -498,16 +494,11 @@ def test_precision_runs_the_predict_runner(model_dir, photos):
         Settings(model=str(model_dir), backend="tensorrt")
 
 
-def test_web_page_asks_for_the_token_and_keeps_it_for_the_tab(model_dir, tmp_path):
+def test_web_page_asks_for_the_token_and_keeps_it_for_the_tab(model_dir, tmp_path, headless):
     """A server with a token: the page shows the token box (from /healthz's "auth"), a wrong
     token brings it back with the server's reason, the right one classifies and stays in
     sessionStorage."""
-    import shutil
-
-    chromium = shutil.which("chromium")
-    if chromium is None:
-        pytest.skip("Debian's chromium is not installed (apt-get install -y chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api")
+    sync_api, chromium = headless
     photo = tmp_path / "rocket.png"
     Image.fromarray(skimage.data.rocket()).save(photo)
     token = "page-test-token-0123456789"

@@ -155,11 +155,8 @@ def test_text_search_ranks_as_the_search_command(tmp_path, capsys):
         assert status == 400 and "not both" in answer["error"]
 
 
-def test_the_page_searches_in_headless_chromium(indexed, tmp_path):
-    chromium = shutil.which("chromium")
-    if chromium is None:
-        pytest.skip("Debian's chromium is not installed (apt-get install -y chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api")
+def test_the_page_searches_in_headless_chromium(indexed, tmp_path, headless):
+    sync_api, chromium = headless
     model, photos, idx = indexed
     with Server(_settings(model, idx)) as server:
         server.wait_ready()

@@ -888,27 +888,26 @@ async def _decode(service: Service, data: bytes) -> Tensor:
 
 
 def _int_param(request, name: str, default: int, *, minimum: int) -> int:
-    raw = request.query_params.get(name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        fail(400, f"{name}={raw[:40]!r} is not an integer")
-    if value < minimum:
-        fail(400, f"{name} must be at least {minimum}, got {value}")
-    return value
+    return _param(request, name, default, int, "an integer", minimum, None)
 
 
 def _float_param(request, name: str, default: float, *, minimum: float, below: float) -> float:
+    return _param(request, name, default, float, "a number", minimum, below)
+
+
+def _param(request, name: str, default: Any, kind: type, what: str, minimum: Any, below: Any):
+    """A query parameter of type `kind` in [minimum, below) (no upper bound when None), or a
+    400 naming it."""
     raw = request.query_params.get(name)
     if raw is None:
         return default
     try:
-        value = float(raw)
+        value = kind(raw)
     except ValueError:
-        fail(400, f"{name}={raw[:40]!r} is not a number")
-    if not minimum <= value < below:  # also NaN and infinities
+        fail(400, f"{name}={raw[:40]!r} is not {what}")
+    if below is None and not minimum <= value:
+        fail(400, f"{name} must be at least {minimum}, got {value}")
+    if below is not None and not minimum <= value < below:  # also NaN and infinities
         fail(400, f"{name} must be in [{minimum:g}, {below:g}), got {raw[:40]}")
     return value
 
