@@ -421,6 +421,26 @@ def test_the_token_is_required_on_v1_and_healthz_stays_open(model_dir, png):
         assert m['vitkit_requests_total{route="/v1/classify",status="401"}'] == 6
 
 
+def test_auth_probes_puts_healthz_and_metrics_behind_the_token(model_dir, png):
+    from vitkit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--auth-probes needs a token"):
+        Settings(model=str(model_dir), auth_probes=True)
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    with Server(Settings(model=str(model_dir), api_key=TOKEN, auth_probes=True)) as s:
+        deadline = time.monotonic() + TIMEOUT
+        while http(s.port, "GET", "/healthz", headers=auth)[0] != 200:
+            assert time.monotonic() < deadline, "model did not load"
+            time.sleep(0.05)
+        for route in ("/healthz", "/metrics"):
+            status, headers, _ = http(s.port, "GET", route)
+            assert status == 401 and headers["www-authenticate"].startswith("Bearer"), route
+            assert http(s.port, "GET", route, headers={"Authorization": "Bearer nope"})[0] == 401
+            assert http(s.port, "GET", route, headers=auth)[0] == 200
+        assert http(s.port, "GET", "/")[0] == 200  # the page, which asks for the token
+        assert post_json(s.port, "/v1/classify", png, **auth)[0] == 200
+
+
 def test_a_public_address_without_a_token_is_refused(model_dir, capsys, monkeypatch, tmp_path):
     import uvicorn
 

@@ -85,7 +85,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("access")
     g.add_argument("--api-key-file", metavar="FILE",
                    help=f"require 'Authorization: Bearer <token>' on /v1/* with the token in "
-                   f"FILE (default: ${ENV_API_KEY} if set); /healthz and /metrics stay open")  # fmt: skip
+                   f"FILE (default: ${ENV_API_KEY} if set); /healthz and /metrics stay open "
+                   "unless --auth-probes")  # fmt: skip
+    g.add_argument("--auth-probes", action="store_true",
+                   help="also require the token on /healthz and /metrics (probes then send "
+                   "the header: Kubernetes' httpGet.httpHeaders)")  # fmt: skip
     g.add_argument("--no-auth", action="store_true",
                    help="serve without a token on an address other than loopback (refused "
                    "otherwise)")  # fmt: skip
@@ -214,6 +218,7 @@ def run(args: argparse.Namespace) -> int:
         drain_s=DRAIN_SECONDS,
         api_key=_api_key(args),
         index=_index(args.index),
+        auth_probes=args.auth_probes,
     )
     _check_tls(args)
     common = dict(

@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import json
 import math
 import os
@@ -68,6 +69,7 @@ from vitkit.infer.zero_shot import (
 from vitkit.serve.batcher import Batcher
 from vitkit.serve.guard import (
     HeaderLimit,
+    authorize,
     batched,
     drain_on_sigterm,
     explain_slot,
@@ -118,6 +120,7 @@ class Settings:
     drain_s: float = 8.0  # SIGTERM: how long admitted requests may take to finish
     api_key: str | None = field(default=None, repr=False)  # Bearer token for /v1 (None: open)
     index: str | None = None  # a `vitkit index` folder for /v1/search (built with this model)
+    auth_probes: bool = False  # the token also guards /healthz and /metrics
 
     def __post_init__(self) -> None:
         if is_exported(self.model):
@@ -140,6 +143,8 @@ class Settings:
             raise ConfigError(f"--max-body-mb must be positive, got {self.max_body_mb}")
         if self.max_labels < 1 or self.max_text_chars < 1:
             raise ConfigError("--max-labels and --max-text-chars must be at least 1")
+        if self.auth_probes and self.api_key is None:
+            raise ConfigError("--auth-probes needs a token (--api-key-file or $VITKIT_API_KEY)")
         if self.max_queue is not None and self.max_queue < 1:
             raise ConfigError(f"--max-queue must be at least 1, got {self.max_queue}")
         if self.max_explain < 1:
@@ -414,8 +419,8 @@ def create_app(settings: Settings, *, on_fatal: Callable[[], None] | None = None
 
     routes = [
         Route("/", _page, methods=["GET"]),
-        Route("/healthz", _healthz, methods=["GET"]),
-        Route("/metrics", _metrics, methods=["GET"]),
+        Route("/healthz", _probe(_healthz), methods=["GET"]),
+        Route("/metrics", _probe(_metrics), methods=["GET"]),
         Route("/openapi.json", _openapi, methods=["GET"], include_in_schema=False),
         Route("/v1/classify", guarded(_classify), methods=["POST"]),
         Route("/v1/embed", guarded(_embed), methods=["POST"]),
@@ -699,6 +704,19 @@ def _index_of(service: Service) -> Any:
     if service.settings.index is None:
         fail(404, "this server has no index: start it with vitkit serve --index DIR")
     return service.index
+
+
+def _probe(handler):
+    """/healthz and /metrics: open, unless --auth-probes puts them behind the token too."""
+
+    @functools.wraps(handler)
+    async def endpoint(request):
+        service: Service = request.app.state.service
+        if service.settings.auth_probes:
+            authorize(request, service)
+        return await handler(request)
+
+    return endpoint
 
 
 async def _healthz(request):
