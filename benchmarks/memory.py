@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+AUTO_MODELS = ("vit_base_patch16_224", "vit_large_patch16_224", "dinov2_giant_patch14_518")
 ROWS = (  # name, processes, recipe changes
     ("1 process", 1, {}),
     ("DDP x 2", 2, {"strategy": "ddp"}),
@@ -37,6 +38,7 @@ def worker(spec: dict) -> None:
     import torch
 
     from vitkit import distributed as D
+    from vitkit.errors import ConfigError
     from vitkit.presets import create_model
     from vitkit.train import Recipe, build_objective, sharding
     from vitkit.train.lora import apply_finetune
@@ -45,13 +47,22 @@ def worker(spec: dict) -> None:
     recipe = Recipe(model=spec["model"], **spec["changes"])
     info = D.setup("cpu" if spec["device"] == "cpu" else None)
     torch.manual_seed(0)
-    model = apply_finetune(create_model(recipe.model, num_classes=1000), recipe)
-    objective = build_objective(recipe, model).to(info.device)
-    strategy = sharding.choose(recipe, info, objective, spec["batch"])
-    if recipe.grad_checkpointing:
-        sharding.checkpoint_blocks(objective)
-    if strategy == "fsdp":
-        sharding.shard(objective, recipe)
+
+    def make():
+        model = create_model(recipe.model, num_classes=1000, image_size=spec["image_size"])
+        return build_objective(recipe, apply_finetune(model, recipe)), None
+
+    # the trainer's own path: ranks > 0 build on the meta device under FSDP, every row checks
+    # its estimate against the memory available before it allocates
+    memory = D.broadcast_object(sharding.device_memory(info), info)
+    try:
+        objective, _, strategy = sharding.build(recipe, info, make, spec["batch"], memory)
+    except ConfigError as exc:
+        if info.is_main:
+            print(f"ERROR {exc}", flush=True)
+        D.cleanup(info)
+        return
+    model = objective.encoder
     optimizer = build_optimizer(objective, recipe)
     net = objective
     if strategy == "ddp":
@@ -62,7 +73,11 @@ def worker(spec: dict) -> None:
     times = []
     for _ in range(spec["steps"]):
         t0 = time.perf_counter()
-        net(x, y, None).backward()
+        try:
+            net(x, y, None).backward()
+        except torch.OutOfMemoryError as exc:  # the trainer's one line (train/trainer.py)
+            print(f"ERROR out of memory ({str(exc).splitlines()[0][:150]})", flush=True)
+            raise SystemExit(1) from None
         optimizer.step()
         optimizer.zero_grad(set_to_none=False)  # gradients stay allocated, as between steps
         sharding_sync(info)
@@ -107,6 +122,7 @@ def main() -> None:
     p.add_argument("--model", default="vit_base_patch16_224")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--batch", type=int, default=2, help="images per process")
+    p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--device", default="cpu")
     p.add_argument("--rows", default="", help="comma-separated row numbers (default: all)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -118,7 +134,8 @@ def main() -> None:
     from common import machine_info, machine_line
 
     print(machine_line(machine_info(args.device)))
-    print(f"{args.model}, 224 px, batch {args.batch} per process, AdamW, fp32, "
+    auto_choices(args.batch, args.image_size)
+    print(f"{args.model}, {args.image_size} px, batch {args.batch} per process, AdamW, fp32, "
           f"{args.steps} steps (median after the first)")  # fmt: skip
     print("| row | peak RSS / process | params + grads + AdamW / process | AdamW state | s/step |")
     print("|---|---|---|---|---|")
@@ -129,7 +146,7 @@ def main() -> None:
         if i not in wanted:
             continue
         spec = dict(model=args.model, changes=changes, steps=args.steps, batch=args.batch,
-                    device=args.device)  # fmt: skip
+                    device=args.device, image_size=args.image_size)  # fmt: skip
         launch = [sys.executable]
         if nproc > 1:
             launch += ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
@@ -137,6 +154,10 @@ def main() -> None:
         cmd = [*launch, __file__, "--worker", json.dumps(spec)]
         out = subprocess.run(cmd, env=env, capture_output=True, text=True)
         line = next((s for s in out.stdout.splitlines() if s.startswith("ROW ")), None)
+        error = next((s for s in out.stdout.splitlines() if s.startswith("ERROR ")), None)
+        if error is not None:  # the run's own one line: too little memory for this row
+            print(f"| {name} | {error[6:]} | | | |", flush=True)
+            continue
         if line is None:
             err = (out.stderr.strip().splitlines() or ["?"])[-1]
             print(f"| {name} | failed: {err[:150]} | | | |", flush=True)
@@ -147,6 +168,29 @@ def main() -> None:
         opt = max(r["optimizer"] for r in ranks)
         step = max(r["s_per_step"] for r in ranks)
         print(f"| {name} | {_gib(peak)} | {_gib(state)} | {_gib(opt)} | {step:.2f} |", flush=True)
+
+
+def auto_choices(batch: int, image_size: int, nproc: int = 2) -> None:
+    """What `strategy: auto` picks for ViT-B, ViT-L and ViT-g with `nproc` processes here (the
+    models built on the meta device: nothing is allocated)."""
+    import torch
+
+    from vitkit import distributed as D
+    from vitkit.errors import ConfigError
+    from vitkit.presets import create_model
+    from vitkit.train import Recipe, build_objective, sharding
+
+    memory = sharding._mem_available() // nproc
+    for name in AUTO_MODELS:
+        recipe = Recipe(model=name, strategy="auto")
+        with torch.device("meta"):
+            model = create_model(name, num_classes=1000, image_size=image_size)
+            objective = build_objective(recipe, model)
+        print(f"{name} x {nproc} processes, batch {batch}: ", end="", flush=True)
+        try:
+            sharding.choose(recipe, D.DistInfo(rank=0, world=nproc), objective, batch, memory)
+        except ConfigError as exc:
+            print(exc, flush=True)
 
 
 def _gib(n: float) -> str:

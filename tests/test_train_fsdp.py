@@ -28,6 +28,8 @@ from vitkit.train import Recipe, train, sharding
 spec = json.loads(sys.argv[1])
 stop = int(sys.argv[2]) if len(sys.argv) > 2 else 0
 resume = spec.pop("resume", None)
+if os.environ.get("FAKE_MEM_AVAILABLE"):  # bytes /proc/meminfo would say
+    sharding._mem_available = lambda: int(os.environ["FAKE_MEM_AVAILABLE"])
 if len(sys.argv) > 3:
     swap = sharding._swap_in
     def dying_swap(run_dir, tmp, step):
@@ -45,17 +47,25 @@ else:
 """
 
 
-def _launch(tmp_path: Path, nproc: int, spec: dict, *args: str, check: bool = True) -> int:
-    driver = tmp_path / "driver.py"
-    driver.write_text(_DRIVER)
-    env = {**os.environ, "PYTHONPATH": SRC}
+def _launch(
+    tmp_path: Path,
+    nproc: int,
+    spec: dict,
+    *args: str,
+    check: bool = True,
+    env: dict | None = None,
+    driver: str = _DRIVER,
+) -> subprocess.CompletedProcess:
+    path = tmp_path / "driver.py"
+    path.write_text(driver)
+    env = {**os.environ, "PYTHONPATH": SRC, **(env or {})}
     torchrun = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                 "--master_addr", "127.0.0.1", "--master_port", str(free_port())]  # fmt: skip
-    cmd = [sys.executable, *(torchrun if nproc > 1 else []), str(driver), json.dumps(spec), *args]
+    cmd = [sys.executable, *(torchrun if nproc > 1 else []), str(path), json.dumps(spec), *args]
     proc = subprocess.run(cmd, env=env, timeout=300, capture_output=True, text=True)
     if check and proc.returncode:
         raise AssertionError(proc.stderr[-3000:])
-    return proc.returncode
+    return proc
 
 
 @pytest.fixture(autouse=True)
@@ -149,7 +159,7 @@ def test_resume_across_world_sizes_and_strategies(tmp_path, reference):
     for first in ("fsdp", "ddp"):
         crashed[first] = run = tmp_path / f"{first}-crashed"
         rc = _launch(tmp_path, 2, {**RESUME, "strategy": first, "output": str(run)}, "6",
-                     check=False)  # fmt: skip
+                     check=False).returncode  # fmt: skip
         assert rc != 0 and sharding.find(run)[0] == ("dcp" if first == "fsdp" else "state")
     bad = _copy(crashed["fsdp"], tmp_path / "bad")
     one = _copy(crashed["fsdp"], tmp_path / "fsdp-to-one")
@@ -174,7 +184,7 @@ def test_kill_during_a_sharded_save_keeps_the_previous_one(tmp_path, reference):
     step 8 are swept."""
     run = tmp_path / "run"
     rc = _launch(tmp_path, 2, {**RESUME, "strategy": "fsdp", "output": str(run)}, "8",
-                 "kill-in-save", check=False)  # fmt: skip
+                 "kill-in-save", check=False).returncode  # fmt: skip
     assert rc != 0
     assert os.readlink(run / "last") == ".last-00000004"
     assert (run / ".last-00000008" / ".metadata").is_file()  # complete, but never linked
@@ -201,9 +211,16 @@ def test_errors_are_one_line(tmp_path, monkeypatch, capsys):
     auto = recipe.replace(strategy="auto")
     assert sharding.choose(auto, D.DistInfo(), objective, 8) is None  # one process
     assert sharding.choose(auto, two, objective, 8) == "ddp"
-    monkeypatch.setattr(sharding, "device_memory", lambda info: 100_000)
-    assert sharding.choose(auto, two, objective, 8) == "fsdp"
+    state, acts = sharding.estimate(objective, 8)
+    assert state == 16 * sum(p.numel() for p in objective.parameters())
+    # DDP would not fit in 80%, FSDP's half of the state does, with room for the step: auto
+    # shards
+    need = int((state // 2 + acts) * sharding.HEADROOM)
+    assert need + 1 < (state + acts) / sharding.FIT
+    assert sharding.choose(auto, two, objective, 8, memory=need + 1) == "fsdp"
     assert "strategy auto: fsdp (DDP would hold" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match=r"too little memory: fsdp would hold .* per process,"):
+        sharding.choose(auto, two, objective, 8, memory=need - 1)
 
 
 def test_activation_checkpointing_changes_no_gradient(tmp_path):
@@ -216,3 +233,119 @@ def test_activation_checkpointing_changes_no_gradient(tmp_path):
     _assert_same(_weights(tmp_path / "plain"), _weights(tmp_path / "checkpointed"), atol=0)
     model = vitkit.create_model("vit_digits_patch2_8", depth=3)
     assert sharding.checkpoint_blocks(model) == 3
+
+
+# Set up the run of argv[1] as `vitkit train` does, then write what this process holds.
+_SETUP = """
+import json, os, sys
+from vitkit import distributed as D
+from vitkit.train import Recipe, trainer
+run = trainer.setup(Recipe.from_dict(json.loads(sys.argv[1])))
+local = [p.to_local() if hasattr(p, "to_local") else p for p in run.objective.parameters()]
+held = sum(p.numel() * p.element_size() for p in local)
+peak = next(int(s.split()[1]) * 1024 for s in open("/proc/self/status") if s.startswith("VmHWM"))
+with open(os.environ["OUT"] + os.environ["RANK"], "w") as f:
+    json.dump({"held": held, "peak": peak}, f)
+if run.lock is not None:
+    run.lock.release()
+D.cleanup(run.info)
+"""
+
+
+def test_fsdp_processes_never_build_the_whole_model(tmp_path):
+    """Under FSDP rank 1 builds on the meta device and receives only its shards: after setup it
+    holds half the parameters, and its peak RSS is below DDP's rank 1 (which built the model and
+    its EMA) by more than the model's size."""
+    spec = {**RECIPE, "model_overrides": {"embed_dim": 768, "depth": 8, "num_heads": 8}}
+    seen = {}
+    for name in ("ddp", "fsdp"):
+        _launch(tmp_path, 2, {**spec, "strategy": name, "output": str(tmp_path / name)},
+                driver=_SETUP, env={"OUT": str(tmp_path / f"{name}.")})  # fmt: skip
+        seen[name] = [json.loads((tmp_path / f"{name}.{r}").read_text()) for r in (0, 1)]
+    model = seen["ddp"][1]["held"]
+    assert model > 100 * 2**20
+    assert abs(seen["fsdp"][1]["held"] - model / 2) < 2**20
+    assert seen["fsdp"][1]["peak"] < seen["ddp"][1]["peak"] - model, seen
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """A teacher and a distilled student (random weights), saved as model folders."""
+    out = tmp_path_factory.mktemp("checkpoints")
+    tiny = dict(embed_dim=32, depth=1, num_heads=2, global_pool="token", pos_embed="learned",
+                num_classes=10)  # fmt: skip
+    torch.manual_seed(1)
+    vitkit.save_pretrained(vitkit.create_model("vit_digits_patch2_8", **tiny), out / "teacher")
+    student = vitkit.create_model("vit_digits_patch2_8", distilled=True, **tiny)
+    vitkit.save_pretrained(student, out / "student")
+    return out
+
+
+@pytest.mark.parametrize("changes", [{"teacher": "teacher"}, {"finetune": "lora", "lora_rank": 4}],
+                         ids=["distill", "lora"])  # fmt: skip
+def test_init_weights_under_fsdp_match_one_process(tmp_path, checkpoints, changes):
+    """From `--init` weights (rank 0 reads them, the other rank gets its shards): DeiT
+    distillation with a teacher, and LoRA's adapters drawn with the recipe's seed, train under
+    FSDP x 2 to one process's weights."""
+    spec = {**RECIPE, "model_overrides": {}, "init": str(checkpoints / "student"), "lr": 0.02}
+    spec.update({k: str(checkpoints / v) if k == "teacher" else v for k, v in changes.items()})
+    _here({**spec, "output": str(tmp_path / "one")})
+    _launch(tmp_path, 2, {**spec, "strategy": "fsdp", "output": str(tmp_path / "fsdp")})
+    _assert_same(_weights(tmp_path / "one"), _weights(tmp_path / "fsdp"), atol=1e-6)
+    assert abs(_loss(tmp_path / "one") - _loss(tmp_path / "fsdp")) < 1e-6
+
+
+def test_resume_one_process_under_fsdp(tmp_path, reference):
+    """A one-process run that dies at step 6 resumes under FSDP x 2 (1 -> 2) and ends where the
+    uninterrupted run ends."""
+    run = tmp_path / "one-crashed"
+    assert _launch(tmp_path, 1, {**RESUME, "output": str(run)}, "6", check=False).returncode
+    assert sharding.find(run)[0] == "state"
+    _launch(tmp_path, 2, {"resume": str(run), "strategy": "fsdp"})
+    _assert_same(_weights(reference), _weights(run), atol=1e-6)
+    assert abs(_loss(reference) - _loss(run)) < 1e-6
+    assert sharding.find(run)[0] == "dcp"
+
+
+@pytest.mark.slow
+def test_resume_two_processes_under_four(tmp_path, reference):
+    """FSDP x 2 dies at step 6; its sharded checkpoint resumes under FSDP x 4 (2 -> 4)."""
+    run = tmp_path / "two-crashed"
+    spec = {**RESUME, "strategy": "fsdp", "output": str(run)}
+    assert _launch(tmp_path, 2, spec, "6", check=False).returncode
+    _launch(tmp_path, 4, {"resume": str(run), "strategy": "fsdp"})
+    _assert_same(_weights(reference), _weights(run), atol=1e-6)
+    assert abs(_loss(reference) - _loss(run)) < 1e-6
+
+
+def test_too_little_memory_is_one_line_before_allocating(tmp_path, monkeypatch):
+    """MemAvailable below the training state: one process, and both processes of DDP x 2, stop
+    at setup with the numbers and what to change (no hang, no OOM kill); no run is left."""
+    monkeypatch.setattr(sharding, "_mem_available", lambda: 2**14)
+    expected = (r"too little memory: one process would hold \d+ KiB of parameters, .* 1.4x "
+                r"that for the step; 16 KiB is available per process on cpu\. To fit: shard it \(strategy: fsdp under "
+                r"torchrun\); use more processes")  # fmt: skip
+    with pytest.raises(ConfigError, match=expected):
+        _here({**RECIPE, "output": str(tmp_path / "one")})
+    assert not (tmp_path / "one").exists()
+    proc = _launch(tmp_path, 2, {**RECIPE, "strategy": "ddp", "output": str(tmp_path / "two")},
+                   check=False, env={"FAKE_MEM_AVAILABLE": str(2**15)})  # fmt: skip
+    assert proc.returncode != 0
+    assert proc.stderr.count("ConfigError: too little memory: ddp would hold") == 2
+
+
+@pytest.mark.parametrize(
+    "error",
+    [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+     RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 2 GB")],
+)  # fmt: skip
+def test_out_of_memory_in_training_is_one_line(tmp_path, monkeypatch, error):
+    from vitkit.train import trainer
+
+    def step_fails(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(trainer, "set_lr", step_fails)
+    with pytest.raises(ConfigError, match=r"out of memory at global step 1 on cpu \(.*allocate "
+                       r".*\)\. To fit: shard it .*grad_checkpointing: true"):  # fmt: skip
+        _here({**RECIPE, "output": str(tmp_path / "run")})

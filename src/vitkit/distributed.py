@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -68,9 +69,14 @@ def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
 
 def broadcast_str(text: str, info: DistInfo) -> str:
     """Rank 0's `text` on every process (identity in one process)."""
+    return broadcast_object(text, info)
+
+
+def broadcast_object(obj: Any, info: DistInfo) -> Any:
+    """Rank 0's picklable `obj` on every process (identity in one process)."""
     if not info.enabled:
-        return text
-    box = [text]
+        return obj
+    box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
 

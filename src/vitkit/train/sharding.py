@@ -8,6 +8,12 @@
     auto   fsdp when DDP's training state and activations would not fit in 80% of one
            device's memory (a GPU's, or this machine's RAM shared by its processes), else ddp
 
+Under torchrun only rank 0 builds the model (`build`): the other processes build it on the meta
+device and receive their shards (or under DDP the whole model) from rank 0, so they never hold
+a whole copy, and the run still starts from one process's weights. Before the training state is
+allocated, `choose` compares its estimate with the memory available and stops a run that cannot
+fit with one line saying what to change.
+
 Under FSDP the checkpoint `last/` is sharded (torch.distributed.checkpoint, DCP): every process
 writes its shards at once into a temporary folder, rank 0 adds `trainer.pt` (epoch, step, RNG,
 recipe, metrics) and then swaps the `last` link to it, so a process killed during a save leaves
@@ -19,12 +25,14 @@ both. `best/` and the final `last/` model folders are gathered parameter by para
 from __future__ import annotations
 
 import contextlib
+import copy
+import ctypes
 import functools
 import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,33 +46,37 @@ from vitkit.checkpoints.pretrained import STATE_FILE, torch_load
 from vitkit.errors import CheckpointError, ConfigError
 from vitkit.layers.block import Block
 from vitkit.models.vit import VisionTransformer
+from vitkit.train.ema import ModelEMA
 from vitkit.train.lora import LoRALinear
 
 META_FILE = "trainer.pt"  # beside the DCP shards: everything of a checkpoint but the tensors
 DCP_INDEX = ".metadata"
 FIT = 0.8  # auto: DDP must fit in this fraction of a device's memory
+HEADROOM = 1.4  # a run needs its estimate times this: the optimizer step's temporaries, the
+# blocks FSDP gathers, the allocator's slack (dinov2_giant under FSDP x 2 + checkpointing was
+# OOM-killed at 10.8 GB a process against an estimate of 8.7)
 
 
 # ---------------------------------------------------------------------------------- choosing
-def choose(recipe: Any, info: D.DistInfo, objective: nn.Module, micro_batch: int) -> str | None:
+def choose(recipe: Any, info: D.DistInfo, objective: nn.Module, micro_batch: int,
+           memory: int | None = None) -> str | None:  # fmt: skip
     """The strategy of this run: None in one process, else "ddp" or "fsdp"; one-line errors
-    for what cannot run."""
+    for what cannot run, among them a training state that clearly cannot fit in `memory` (bytes
+    one process may use, `device_memory`; read now if None)."""
     if recipe.strategy == "fsdp" and "WORLD_SIZE" not in os.environ:
         raise ConfigError(
             "strategy=fsdp shards the model over processes: launch with torchrun "
             "--nproc_per_node N -m vitkit ... (in one process use strategy: ddp or auto)"
         )
-    if not info.enabled:
-        return None
-    strategy = recipe.strategy
+    state, acts = estimate(objective, micro_batch, recipe.grad_checkpointing)
+    budget = device_memory(info) if memory is None else memory
+    strategy = recipe.strategy if info.enabled else None
     if strategy == "auto":
-        state, acts = estimate(objective, micro_batch)
-        budget = device_memory(info)
         strategy = "fsdp" if state + acts > FIT * budget else "ddp"
         if info.is_main:
             print(
-                f"strategy auto: {strategy} (DDP would hold {_gib(state)} of training state + "
-                f"~{_gib(acts)} of activations per process; {_gib(budget)} per process on "
+                f"strategy auto: {strategy} (DDP would hold {_size(state)} of training state + "
+                f"~{_size(acts)} of activations per process; {_size(budget)} per process on "
                 f"{info.device.type})",
                 flush=True,
             )
@@ -76,13 +88,38 @@ def choose(recipe: Any, info: D.DistInfo, objective: nn.Module, micro_batch: int
                 f"fsdp_cpu_offload moves shards off a GPU; this run is on {info.device.type} "
                 "(set fsdp_cpu_offload: false)"
             )
+        state //= info.world
+    if (state + acts) * HEADROOM > budget:
+        raise ConfigError(
+            f"too little memory: {strategy or 'one process'} would hold {_size(state)} of "
+            f"parameters, gradients and optimizer state + ~{_size(acts)} of activations per "
+            f"process, and needs {HEADROOM:g}x that for the step; {_size(budget)} is available "
+            f"per process on {info.device.type}. " + advice(recipe, strategy)
+        )
     return strategy
 
 
-def estimate(objective: nn.Module, micro_batch: int) -> tuple[int, int]:
+def advice(recipe: Any, strategy: str | None) -> str:
+    """What to change when a run (under `strategy`, None in one process) does not fit: the
+    one-line tail of every memory error."""
+    ways = []
+    if strategy != "fsdp":
+        ways.append("shard it (strategy: fsdp under torchrun)")
+    ways.append("use more processes (more devices or machines)")
+    if recipe.finetune == "full":
+        ways.append("train fewer parameters (finetune: lora or linear)")
+    ways.append(f"a smaller batch (batch_size {recipe.batch_size}, or more accum_steps)")
+    if not recipe.grad_checkpointing:
+        ways.append("grad_checkpointing: true")
+    return "To fit: " + "; ".join(ways)
+
+
+def estimate(objective: nn.Module, micro_batch: int,
+             checkpointing: bool = False) -> tuple[int, int]:  # fmt: skip
     """Bytes per process under DDP: (parameters, gradients and AdamW moments: 16 per trained
     parameter, 4 per frozen one; activations kept for backward, about 16 fp32 (B, T, D)
-    tensors per block)."""
+    tensors per block, or with activation checkpointing each block's input and one block's
+    16). Works on a model still on the meta device."""
     state = sum((16 if p.requires_grad else 4) * p.numel() for p in objective.parameters())
     acts = 0
     for vit in (m for m in objective.modules() if isinstance(m, VisionTransformer)):
@@ -90,20 +127,137 @@ def estimate(objective: nn.Module, micro_batch: int) -> tuple[int, int]:
             continue
         c = vit.config
         tokens = c.num_patches + c.num_prefix_tokens
-        acts += 4 * 16 * micro_batch * tokens * c.embed_dim * c.depth
+        kept = c.depth + 16 if checkpointing else 16 * c.depth
+        acts += 4 * micro_batch * tokens * c.embed_dim * kept
     return state, acts
 
 
 def device_memory(info: D.DistInfo) -> int:
-    """Bytes one process may use: the GPU's memory, or the machine's RAM over its processes."""
+    """Bytes one process may use now: the GPU's free memory, or the machine's available RAM
+    (MemAvailable) over the processes on it. The trainer takes rank 0's reading (see
+    `D.broadcast_object`), so every process decides alike."""
     if info.device.type == "cuda":
-        return torch.cuda.get_device_properties(info.device).total_memory
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return ram // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        return torch.cuda.mem_get_info(info.device)[0]
+    return _mem_available() // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
 
-def _gib(n: float) -> str:
-    return f"{n / 2**30:.1f} GiB"
+def _mem_available() -> int:
+    """MemAvailable of /proc/meminfo in bytes (all RAM where there is no /proc)."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        with open("/proc/meminfo") as f:
+            line = next(line for line in f if line.startswith("MemAvailable:"))
+        return int(line.split()[1]) * 1024
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _size(n: float) -> str:
+    unit = next(u for u in (3, 2, 1, 0) if n >= 1024**u or u == 0)
+    return f"{n / 1024**unit:.{1 if unit == 3 else 0}f} {('B', 'KiB', 'MiB', 'GiB')[unit]}"
+
+
+# ---------------------------------------------------------------------------------- building
+def lazy(info: D.DistInfo) -> bool:
+    """Whether this process builds its model on the meta device: the ranks > 0 of a run under
+    torchrun hold no weights until `materialise` gives them rank 0's (their shards under FSDP)."""
+    return info.enabled and not info.is_main
+
+
+def build(
+    recipe: Any,
+    info: D.DistInfo,
+    make: Callable[[], tuple[nn.Module, nn.Module | None]],
+    micro_batch: int,
+    memory: int | None = None,
+) -> tuple[Any, ModelEMA | None, str | None]:
+    """The objective `make()` builds (with DeiT's teacher or None), its EMA, activation
+    checkpointing and strategy (`choose`), sharded under FSDP: (objective, EMA, strategy).
+
+    Under torchrun, ranks > 0 call `make` on the meta device and rank 0 alone draws or reads
+    the weights; the memory check (`choose`) runs before any process allocates more; after
+    sharding each process receives only its shards (`materialise`), so under FSDP no process
+    but rank 0 ever holds the whole model, and rank 0 only until its shards are sent. Every
+    process ends with the values of one process's run, RNG state included."""
+    meta = lazy(info)
+    with torch.device("meta") if meta else contextlib.nullcontext():
+        objective, teacher = make()
+    if not meta:
+        objective.to(info.device)
+    strategy = choose(recipe, info, objective, micro_batch, memory)
+    light = info.enabled  # rank 0 alone holds weights
+    ema = None
+    if recipe.ema_decay:
+        average = meta_copy(objective.encoder) if light else None
+        ema = ModelEMA(objective.encoder, recipe.ema_decay, module=average)
+    if recipe.grad_checkpointing:
+        checkpoint_blocks(objective)
+    full = tensors(objective) if light and info.is_main else None
+    if strategy == "fsdp":  # before the optimizer: sharding replaces the parameters
+        shard(objective, recipe)
+        if ema is not None:
+            shard(ema.module, recipe)
+    if light:
+        materialise(objective, full, info)
+        del full
+        if ema is not None:
+            copy_into(ema.module, objective.encoder, info)
+        if teacher is not None:  # DeiT's teacher: outside the objective's state, whole on each
+            materialise(teacher, None, info)
+    return objective, ema, strategy
+
+
+def meta_copy(module: nn.Module) -> nn.Module:
+    """A copy of `module` (in eval mode, frozen) whose tensors are on the meta device: an EMA
+    that costs nothing until `materialise` fills it."""
+    memo: dict[int, Any] = {}
+    for p in module.parameters():
+        memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+    for b in module.buffers():
+        memo[id(b)] = torch.empty_like(b, device="meta")
+    return copy.deepcopy(module, memo).eval()
+
+
+def tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """`module`'s parameters and buffers by name (the tensors themselves, no copies)."""
+    return {**dict(module.named_parameters()), **dict(module.named_buffers())}
+
+
+@torch.no_grad()
+def materialise(module: nn.Module, full: dict[str, torch.Tensor] | None,
+                info: D.DistInfo) -> None:  # fmt: skip
+    """Give `module` (sharded or not; on the meta device in ranks > 0) rank 0's values, one
+    tensor at a time: rank 0 scatters each sharded tensor from `full` (its tensors as built,
+    `tensors` taken before sharding) and broadcasts the rest. Every process must call it; no
+    process but rank 0 ever holds a whole copy. Rank 0's RNG state follows, as if every process
+    had drawn the same initialisation."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not info.is_main:
+        module.to_empty(device=info.device)
+    for name, t in tensors(module).items():
+        if isinstance(t, DTensor):
+            src = full[name] if full is not None else torch.empty(t.shape, dtype=t.dtype)
+            shard = distribute_tensor(src.to(info.device), t.device_mesh, t.placements,
+                                      src_data_rank=0)  # fmt: skip
+            t.to_local().copy_(shard.to_local())
+            del shard
+        else:
+            dist.broadcast(t.data, src=0)
+    torch.set_rng_state(D.broadcast_object(torch.get_rng_state(), info))
+
+
+@torch.no_grad()
+def copy_into(target: nn.Module, source: nn.Module, info: D.DistInfo) -> None:
+    """Fill `target` (a `meta_copy` of `source`, sharded alike or not at all) with `source`'s
+    local values: an EMA starts as the model."""
+    target.to_empty(device=info.device)
+    values = tensors(source)
+    for name, t in tensors(target).items():
+        _local(t).copy_(_local(values[name]))
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 # ---------------------------------------------------------------------------------- sharding
@@ -123,7 +277,18 @@ def shard(module: nn.Module, recipe: Any) -> nn.Module:
     for block in [m for m in module.modules() if isinstance(m, Block)]:
         fully_shard(block, **kw)
     fully_shard(module, **kw)
+    if not any(p.is_cuda for p in module.parameters()):
+        _return_freed_memory()
     return module
+
+
+def _return_freed_memory() -> None:
+    """On the CPU, FSDP gathers and frees each block's parameters and gradients every step;
+    glibc keeps freed blocks under its adaptive mmap threshold (up to 32 MiB) in the heap, and
+    the process's RSS grows back to DDP's. A fixed 128 KiB threshold (M_MMAP_THRESHOLD)
+    returns them to the system."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)
 
 
 def checkpoint_blocks(module: nn.Module) -> int:

@@ -142,11 +142,12 @@ def train(
     run = setup(recipe, resume=resume, device=device, strategy=strategy)
     try:
         t_start = time.perf_counter() - (run.log.rows[-1].get("time_s", 0.0) if run.log.rows else 0)
-        while run.epoch < run.recipe.epochs:
-            loss_sum, steps = train_one_epoch(run, on_step)
-            run.epoch, run.start_step = run.epoch + 1, 0
-            end_epoch(run, loss_sum / max(steps, 1), time.perf_counter() - t_start)
-            D.barrier(run.info)
+        with _memory_advice(run):
+            while run.epoch < run.recipe.epochs:
+                loss_sum, steps = train_one_epoch(run, on_step)
+                run.epoch, run.start_step = run.epoch + 1, 0
+                end_epoch(run, loss_sum / max(steps, 1), time.perf_counter() - t_start)
+                D.barrier(run.info)
         return finish(run, time.perf_counter() - t_start)
     finally:
         if run.lock is not None:
@@ -154,6 +155,22 @@ def train(
         if run.log.tb is not None:
             run.log.tb.close()
         D.cleanup(run.info)
+
+
+@contextlib.contextmanager
+def _memory_advice(run: Run):
+    """An allocation that fails (torch's OutOfMemoryError, or the CPU allocator's error) ends
+    the run with one line: where, and what to change."""
+    try:
+        yield
+    except (torch.OutOfMemoryError, RuntimeError) as exc:
+        why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        if not isinstance(exc, torch.OutOfMemoryError) and "can't allocate memory" not in why:
+            raise
+        raise ConfigError(
+            f"out of memory at global step {run.global_step + 1} on {run.info.device.type} "
+            f"({why[:200]}). {sharding.advice(run.recipe, run.strategy)}"
+        ) from None
 
 
 # ---------------------------------------------------------------------------------- setup
@@ -192,9 +209,12 @@ def setup(recipe: Recipe | None, *, resume: str | Path | None = None, device=Non
 
 
 def _build(recipe: Recipe, info: D.DistInfo, run_dir: Path, state, lock) -> Run:
+    # before this process allocates anything; rank 0's reading, so every process decides alike
+    memory = D.broadcast_object(sharding.device_memory(info), info)
     _seed_everything(recipe.seed)
-    supervised = recipe.objective == "classify"
-    resolved = _resolve(recipe.init, recipe, info.device) if recipe.init else None
+    # under torchrun ranks > 0 build on the meta device and receive rank 0's weights
+    device = torch.device("meta") if sharding.lazy(info) else info.device
+    resolved = _resolve(recipe.init, recipe, device) if recipe.init else None
     if resolved is not None:
         cfg0 = resolved.model.config
     else:
@@ -215,36 +235,11 @@ def _build(recipe: Recipe, info: D.DistInfo, run_dir: Path, state, lock) -> Run:
         eval_transform=processor.preprocess_pil,
     )
     _seed_everything(recipe.seed)
-    if supervised:
-        model = _classifier(recipe, len(data.classes) or cfg0.num_classes, resolved)
-        if data.classes:
-            model.config = model.config.replace(id2label=dict(enumerate(data.classes)))
-        apply_finetune(model, recipe)
-        teacher = _teacher(recipe, info.device) if recipe.teacher else None
-        if teacher is not None and not model.config.distilled:
-            raise ConfigError(
-                f"--teacher needs a student with a distillation token; {recipe.init} has none "
-                "(start from a preset, or a distilled checkpoint)"
-            )
-        objective = build_objective(recipe, model, teacher, mixer=_mixer(recipe, len(data.classes)))
-    else:
-        if resolved is not None:
-            raise ConfigError(
-                f"objective={recipe.objective} pre-trains from a preset (--model); --init "
-                "is for fine-tuning"
-            )
-        objective = build_objective(recipe, cfg0)
-    objective.shard.rank, objective.shard.world = info.rank, info.world
-    objective.to(info.device)
     micro_batch = recipe.batch_size // recipe.accum_steps // info.world
-    strategy = sharding.choose(recipe, info, objective, micro_batch)
-    ema = ModelEMA(objective.encoder, recipe.ema_decay) if recipe.ema_decay else None
-    if recipe.grad_checkpointing:
-        sharding.checkpoint_blocks(objective)
-    if strategy == "fsdp":  # before the optimizer: sharding replaces the parameters
-        sharding.shard(objective, recipe)
-        if ema is not None:
-            sharding.shard(ema.module, recipe)
+    objective, ema, strategy = sharding.build(
+        recipe, info, lambda: _objective(recipe, info, device, cfg0, resolved, data),
+        micro_batch, memory,
+    )  # fmt: skip
     optimizer = build_optimizer(objective, recipe)
     scaler = torch.amp.GradScaler(info.device.type, enabled=recipe.dtype == "fp16")
     steps = data.steps_per_epoch
@@ -274,6 +269,35 @@ def _build(recipe: Recipe, info: D.DistInfo, run_dir: Path, state, lock) -> Run:
     if info.is_main:
         atomic_write_text(run_dir / "recipe.json", json.dumps(recipe.to_dict(), indent=2) + "\n")
     return run
+
+
+def _objective(recipe: Recipe, info: D.DistInfo, device: torch.device, cfg0, resolved,
+               data: TrainData) -> tuple[Objective, nn.Module | None]:  # fmt: skip
+    """The model (a preset with the recipe's seed, or the init checkpoint) inside its objective,
+    and DeiT's teacher if any; on the CPU, or on the meta device (`device`) in the ranks > 0 of
+    a sharded run."""
+    teacher = None
+    if recipe.objective != "classify":
+        if resolved is not None:
+            raise ConfigError(
+                f"objective={recipe.objective} pre-trains from a preset (--model); --init "
+                "is for fine-tuning"
+            )
+        objective = build_objective(recipe, cfg0)
+    else:
+        model = _classifier(recipe, len(data.classes) or cfg0.num_classes, resolved)
+        if data.classes:
+            model.config = model.config.replace(id2label=dict(enumerate(data.classes)))
+        apply_finetune(model, recipe)
+        teacher = _teacher(recipe, device) if recipe.teacher else None
+        if teacher is not None and not model.config.distilled:
+            raise ConfigError(
+                f"--teacher needs a student with a distillation token; {recipe.init} has none "
+                "(start from a preset, or a distilled checkpoint)"
+            )
+        objective = build_objective(recipe, model, teacher, mixer=_mixer(recipe, len(data.classes)))
+    objective.shard.rank, objective.shard.world = info.rank, info.world
+    return objective, teacher
 
 
 def _resolve(source: str, recipe: Recipe, device: torch.device):
