@@ -98,8 +98,10 @@ def test_a_corrupt_entry_is_rebuilt_with_a_note(calls):
     torch.testing.assert_close(got, want)
     meta = entry / "entry.json"  # a description from another version
     meta.write_text(json.dumps({**json.loads(meta.read_text()), "format": 99}))
+    log.clear()
     prepare(model, "fp32", backend="openvino", log=log.append)
-    assert calls["to_openvino"] == 3 and "written by another version" in log[-3]
+    # (a slow machine adds timed lines for the costly steps after the note)
+    assert calls["to_openvino"] == 3 and "written by another version" in log[0], log
 
 
 def test_onnxruntime_int8_and_autos_pick_are_kept(calls):
