@@ -20,7 +20,7 @@ ENV_API_KEY = "VITKIT_API_KEY"
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "serve",
-        help="serve a model over HTTP (classify, embed, explain, web page)",
+        help="serve a model over HTTP (classify, embed, explain, search, web page)",
         description="Serve a model over HTTP: POST /v1/classify, /v1/embed, /v1/explain (and "
         "/v1/search with --index); GET "
         "/healthz, /metrics, /openapi.json and a web page at /. Concurrent requests are "
