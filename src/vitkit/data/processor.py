@@ -99,6 +99,18 @@ class ImageProcessor:
         if errors:
             raise ConfigError("invalid ImageProcessor: " + "; ".join(errors))
 
+    # ---- as JSON ---------------------------------------------------------------------------
+    def to_fields(self) -> dict[str, Any]:
+        """Every field, as JSON gives it back (tuples as lists): what a cache or an index keeps
+        of the preprocessing, the backend included (unlike `to_hf_dict`)."""
+        return {k: list(v) if isinstance(v, tuple) else v
+                for k, v in dataclasses.asdict(self).items()}  # fmt: skip
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, Any]) -> ImageProcessor:
+        """`to_fields`' inverse; the values are checked as any others are (ConfigError)."""
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+
     # ---- presets -------------------------------------------------------------------------
 
     @classmethod

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import importlib.util
 import json
 import os
@@ -412,9 +411,7 @@ def resolve_for(
         try:
             meta = store.meta(folder)
             config = ViTConfig.from_dict(meta["config"])
-            fields = {k: tuple(v) if isinstance(v, list) else v
-                      for k, v in meta["processor"].items()}  # fmt: skip
-            processor = ImageProcessor(**fields)
+            processor = ImageProcessor.from_fields(meta["processor"])
             fp = str(meta["fingerprint"])
         except (KeyError, TypeError, ValueError, AttributeError, VitkitError) as exc:
             say(f"cache entry {folder} is unusable ({exc}); loading {os.fspath(source)}")
@@ -425,7 +422,7 @@ def resolve_for(
     if isinstance(resolved.model.config, ViTConfig):
         described = {"fingerprint": fingerprint(resolved.model),
                      "config": resolved.model.config.to_dict(),
-                     "processor": dataclasses.asdict(resolved.processor)}  # fmt: skip
+                     "processor": resolved.processor.to_fields()}  # fmt: skip
         with store.put(key, "a checkpoint's config and preprocessing", described):
             pass
     return resolved

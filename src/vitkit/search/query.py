@@ -11,7 +11,6 @@ models, texts, embedded by the model the index was built with.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -30,9 +29,7 @@ def model_identity(resolved: Any, pool: str = "model", image_size: Any = None) -
     """What an index's rows depend on: the weights (`vitkit.infer.cache.fingerprint`), the
     pooling, the preprocessing and the row width; `source` and `image_size` (the size it was
     resolved at, None for the checkpoint's) say how to load the model again."""
-    processor = {k: v for k, v in dataclasses.asdict(resolved.processor).items()
-                 if k != "max_pixels"}  # fmt: skip
-    processor = _plain(processor)
+    processor = {k: v for k, v in resolved.processor.to_fields().items() if k != "max_pixels"}
     model = resolved.model
     with torch.inference_mode():
         c, (h, w) = model.config.in_chans, model.config.image_hw
@@ -51,15 +48,6 @@ def _size(size: Any) -> list[int] | None:
     if size is None:
         return None
     return [int(size), int(size)] if isinstance(size, int) else [int(s) for s in size]
-
-
-def _plain(value: Any) -> Any:
-    """Tuples to lists (as JSON gives them back), so identities compare equal after a round trip."""
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
 
 
 class QueryEncoder:
