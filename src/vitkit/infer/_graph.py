@@ -253,8 +253,7 @@ def compile_openvino(
     ov_model: Any, precision: str, threads: int | None = None, blobs: Path | None = None
 ) -> Any:
     """Compile for this CPU; with `blobs`, OpenVINO keeps the compiled model there and a later
-    process imports it instead of compiling (1.4 s -> 0.14 s for ViT-B/16 int8 on a Zen 3).
-    OpenVINO names a blob by the model and these settings, and recompiles over one it cannot
+    process imports it instead of compiling. OpenVINO names a blob by the model and these settings, and recompiles over one it cannot
     import (checked: a truncated or overwritten blob is rebuilt)."""
     ov = need("openvino", "openvino")
     config: dict[str, Any] = {
