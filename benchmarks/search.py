@@ -5,6 +5,8 @@ IVF, on synthetic embeddings of dimension 768.
     PYTHONPATH=src python benchmarks/search.py                          # 10k, 100k, 1M
     PYTHONPATH=src python benchmarks/search.py --sizes 10000,100000     # short
     PYTHONPATH=src python benchmarks/search.py --sizes "" --photos 256  # index vs embed only
+    PYTHONPATH=src python benchmarks/search.py --sizes 1000000 --keep ~/hnsw  # build once,
+        # then re-time the queries on a quieter machine with the same command
 
 The vectors are L2-normalised and structured like image embeddings: 16 broad clusters in a
 128-dimensional subspace (spread as wide as the clusters lie apart), plus isotropic noise; a
@@ -71,8 +73,10 @@ def numpy_exact(base: np.ndarray):
     return search
 
 
-def contenders(base: np.ndarray, faiss, efs: list[int], nprobes: list[int]):
-    """name -> (build seconds, memory MiB, search(q, k) -> ids)."""
+def contenders(base: np.ndarray, faiss, efs: list[int], nprobes: list[int], keep: Path | None):
+    """name -> (build seconds, memory MiB, search(q, k) -> ids). With `keep`, the HNSW graph
+    is written there once built and read back by a later run on the same data (its build
+    seconds kept beside it), so the queries can be re-timed on a quieter machine."""
     n, dim = base.shape
     out = {}
     out["numpy exact"] = (0.0, base.nbytes / 2**20, numpy_exact(base))
@@ -89,9 +93,20 @@ def contenders(base: np.ndarray, faiss, efs: list[int], nprobes: list[int]):
         elif name == "faiss HNSW32":
             from vitkit.search.build import HNSW
 
-            index = faiss.IndexHNSWFlat(dim, HNSW["M"], faiss.METRIC_INNER_PRODUCT)
-            index.hnsw.efConstruction = HNSW["ef_construction"]
-            index.add(base)
+            stem = f"hnsw-{n}x{dim}-M{HNSW['M']}-efC{HNSW['ef_construction']}"
+            saved = keep / f"{stem}.faiss" if keep else None
+            if saved and saved.exists():
+                index = faiss.read_index(str(saved))
+                t0 -= float((keep / f"{stem}.seconds").read_text())
+            else:
+                index = faiss.IndexHNSWFlat(dim, HNSW["M"], faiss.METRIC_INNER_PRODUCT)
+                index.hnsw.efConstruction = HNSW["ef_construction"]
+                index.add(base)
+                if saved:
+                    keep.mkdir(parents=True, exist_ok=True)
+                    (keep / f"{stem}.seconds").write_text(f"{time.perf_counter() - t0:.1f}")
+                    faiss.write_index(index, str(saved))
+                    t0 = time.perf_counter() - float((keep / f"{stem}.seconds").read_text())
         else:
             nlist = int(min(1024, max(16, 4 * n**0.5)))  # k-means beyond 1024 takes long here
             index = faiss.IndexIVFFlat(
@@ -142,13 +157,15 @@ def recall(found: np.ndarray, truth: np.ndarray) -> float:
     return float(np.mean([len(set(f) & set(t)) / len(t) for f, t in zip(found, truth)]))
 
 
-def run_size(n: int, dim: int, queries: int, singles: int, faiss, log) -> list[list[str]]:
+def run_size(
+    n: int, dim: int, queries: int, singles: int, faiss, log, efs: list[int], keep: Path | None
+) -> list[list[str]]:
     base = synthetic(n, dim, seed=3)
     q = synthetic(queries, dim, seed=4)
     log(f"n={n:,d}: data ready ({base.nbytes / 2**20:,.0f} MiB)")
     exact = numpy_exact(base)
     truth = np.concatenate([exact(q[i : i + 256], K) for i in range(0, queries, 256)])
-    found = contenders(base, faiss, [64, 128, 256], [8, 32])
+    found = contenders(base, faiss, efs, [8, 32], keep)
     slow = n >= 1_000_000  # brute force: fewer queries, or the row takes many minutes
     ones = {name: 20 if slow and name.startswith(("numpy", "faiss Flat")) else singles
             for name in found}  # fmt: skip
@@ -259,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--queries", type=int, default=1000, help="queries for recall and queries/s")
     p.add_argument("--singles", type=int, default=200, help="one-at-a-time queries for latency")
     p.add_argument("--threads", type=int, help="FAISS and BLAS threads (default: all)")
+    p.add_argument("--efs", default="64,128,256", help="HNSW efSearch values, comma-separated")
+    p.add_argument("--keep", type=Path, help="write each HNSW graph here; read it back next run")
     p.add_argument("--photos", type=int, default=0, help="also time index vs embed on N photos")
     p.add_argument("--repeats", type=int, default=3, help="rounds of index vs embed")
     args = p.parse_args(argv)
@@ -275,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     rows = []
     for n in (int(s) for s in args.sizes.split(",") if s.strip()):
-        rows += run_size(n, args.dim, args.queries, args.singles, faiss, log)
+        efs = [int(e) for e in args.efs.split(",")]
+        rows += run_size(n, args.dim, args.queries, args.singles, faiss, log, efs, args.keep)
     if rows:
         print(f"dim {args.dim}, k={K}, {args.queries} queries (256 at a time for queries/s), "
               "latency: median of one query at a time")  # fmt: skip
