@@ -20,7 +20,7 @@ import pickletools
 import zipfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Any
+from typing import IO, Any
 
 import torch
 
@@ -120,7 +120,7 @@ def check_float_dtypes(
 
 
 # ------------------------------------------------------------------------------ zip archives
-def check_zip_sizes(members: list[zipfile.ZipInfo], path: Path) -> None:
+def check_zip_sizes(members: list[zipfile.ZipInfo], path: Path | str) -> None:
     """Refuse an archive whose directory claims more than CHECKPOINT_BYTES uncompressed, or, past
     64 MiB, more than ZIP_RATIO times its compressed size (a zip bomb), before decompressing."""
     cap = limits.limit("CHECKPOINT_BYTES")
@@ -139,7 +139,7 @@ def check_zip_sizes(members: list[zipfile.ZipInfo], path: Path) -> None:
         )
 
 
-def check_torch_archive(path: Path) -> None:
+def check_torch_archive(path: Path | IO[bytes], source: str | None = None) -> None:
     """Check a PyTorch checkpoint before `torch.load` reads it.
 
     torch.load allocates each storage record at the size the zip directory gives, and builds a
@@ -147,48 +147,50 @@ def check_torch_archive(path: Path) -> None:
     size. So: the archive must be PyTorch's zip format (the pre-1.6 format streams sizes it
     declares inline), its members pass `check_zip_sizes`, its pickle fits PICKLE_BYTES, and each
     storage the pickle declares (read from its opcodes, nothing executed) fits its record.
+    `path` may be an open binary file (a slice of a sharded checkpoint); `source` then names it.
     """
+    where = source or path
     try:
         if not zipfile.is_zipfile(path):
             raise CheckpointError(
-                f"{path}: not PyTorch's zip format (torch.save before PyTorch 1.6, or not a "
+                f"{where}: not PyTorch's zip format (torch.save before PyTorch 1.6, or not a "
                 f"checkpoint); vitkit reads only the zip format, whose sizes can be checked "
                 f"before loading: re-save it with a current torch, or convert it to safetensors"
             )
         with zipfile.ZipFile(path) as z:
             members = [i for i in z.infolist() if not i.is_dir()]
-            check_zip_sizes(members, path)
+            check_zip_sizes(members, where)
             sizes = {i.filename: i.file_size for i in members}
             pickles = [i for i in members if i.filename.endswith("data.pkl")]
             if len(pickles) != 1:
-                raise CheckpointError(f"{path}: expected one data.pkl, found {len(pickles)}")
+                raise CheckpointError(f"{where}: expected one data.pkl, found {len(pickles)}")
             (pkl,) = pickles
             cap = limits.limit("PICKLE_BYTES")
             if pkl.file_size > cap:
                 raise CheckpointError(
-                    f"{path}: its pickle {pkl.filename} is {pkl.file_size:,d} bytes, over "
+                    f"{where}: its pickle {pkl.filename} is {pkl.file_size:,d} bytes, over "
                     f"vitkit's limit of {cap:,d} (VITKIT_MAX_PICKLE_BYTES)"
                 )
             data = z.read(pkl)
     except (OSError, zipfile.BadZipFile, EOFError, NotImplementedError, RuntimeError) as exc:
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({exc})") from exc
+        raise CheckpointError(f"{where} is not a readable PyTorch checkpoint ({exc})") from exc
     root = pkl.filename.removesuffix("data.pkl")
     total = 0
-    for storage, key, numel in _declared_storages(data, path):
+    for storage, key, numel in _declared_storages(data, where):
         member = f"{root}data/{key}"
         nbytes = numel * _STORAGE_ITEMSIZE[storage]
         total += nbytes
         if member not in sizes:
-            raise CheckpointError(f"{path}: its pickle names storage {key!r}, which it lacks")
+            raise CheckpointError(f"{where}: its pickle names storage {key!r}, which it lacks")
         if nbytes > sizes[member]:
             raise CheckpointError(
-                f"{path}: storage {key!r} declares {numel:,d} x {storage} ({nbytes:,d} bytes) "
+                f"{where}: storage {key!r} declares {numel:,d} x {storage} ({nbytes:,d} bytes) "
                 f"over a record of {sizes[member]:,d}; the file is corrupt or hostile"
             )
     limits_total = limits.limit("CHECKPOINT_BYTES")
     if total > limits_total:
         raise CheckpointError(
-            f"{path}: its storages declare {total:,d} bytes, over vitkit's limit of "
+            f"{where}: its storages declare {total:,d} bytes, over vitkit's limit of "
             f"{limits_total:,d} (VITKIT_MAX_CHECKPOINT_BYTES)"
         )
 
@@ -200,7 +202,7 @@ _STORAGE_ITEMSIZE = {  # the typed-storage names torch.save writes, and their el
 }  # fmt: skip
 
 
-def _declared_storages(data: bytes, path: Path) -> Iterator[tuple[str, str, int]]:
+def _declared_storages(data: bytes, path: Path | str) -> Iterator[tuple[str, str, int]]:
     """(storage type, key, element count) of each persistent id `('storage', torch.<Type>,
     key, location, numel)` in a pickle, found by following its opcodes' stack effects without
     executing any of them."""
@@ -250,7 +252,7 @@ def _declared_storages(data: bytes, path: Path) -> Iterator[tuple[str, str, int]
         raise CheckpointError(f"{path}: its pickle is malformed ({exc})") from None
 
 
-def _storage(pid: Any, path: Path) -> tuple[str, str, int]:
+def _storage(pid: Any, path: Path | str) -> tuple[str, str, int]:
     if (
         isinstance(pid, tuple)
         and len(pid) == 5

@@ -23,13 +23,11 @@ builtin containers, strings, numbers and numpy arrays; anything else is refused 
 
 from __future__ import annotations
 
-import builtins
 import csv
 import io
 import json
 import os
 import pickle
-import pickletools
 import re
 import warnings
 from collections.abc import Callable, Sequence
@@ -40,6 +38,7 @@ import numpy as np
 from PIL import Image
 
 from vitkit import limits
+from vitkit._unpickle import restricted_loads
 from vitkit.data.images import IMAGE_EXTENSIONS, load_image, quiet_bomb_warning, size_problem
 from vitkit.errors import VitkitError
 from vitkit.limits import is_int
@@ -350,51 +349,6 @@ def _read_list(path: Path) -> list[tuple[str, Any]]:
 # CIFAR (python pickle version, https://www.cs.toronto.edu/~kriz/cifar.html)
 
 
-_ALLOWED_GLOBALS = {
-    ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy", "ndarray"),
-    ("numpy", "dtype"),
-    ("numpy.core.multiarray", "scalar"),
-    ("numpy._core.multiarray", "scalar"),
-    ("_codecs", "encode"),  # how protocol-2 pickles written by Python 3 spell bytes
-}
-_ALLOWED_BUILTINS = {
-    "dict",
-    "list",
-    "tuple",
-    "set",
-    "frozenset",
-    "str",
-    "bytes",
-    "bytearray",
-    "int",
-    "float",
-    "bool",
-    "complex",
-}
-
-
-def _no_size(kind: type) -> Callable[..., Any]:
-    """`bytes` / `bytearray` that refuse an int argument (`bytearray(10**12)` allocates)."""
-
-    def make(*args: Any) -> Any:
-        if args and not isinstance(args[0], (bytes, bytearray, str, list)):
-            raise pickle.UnpicklingError(
-                f"{kind.__name__}({type(args[0]).__name__}) is not allowed"
-            )
-        return kind(*args)
-
-    return make
-
-
-def _latin1_encode(text: Any, encoding: str = "utf-8", errors: str = "strict") -> bytes:
-    """`_codecs.encode` as protocol-2 pickles use it for bytes: latin-1 only, no other codecs."""
-    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
-        raise pickle.UnpicklingError(f"_codecs.encode(..., {encoding!r}) is not allowed")
-    return text.encode("latin-1", errors)
-
-
 class _NdarrayType:
     """Stands for `numpy.ndarray` inside a pickle: `_reconstruct` takes it, calling it fails."""
 
@@ -414,29 +368,14 @@ def _reconstruct(subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
     return core.multiarray._reconstruct(np.ndarray, shape, dtype)
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Rebuilds only builtin containers/scalars and numpy arrays; refuses every other global,
-    and every call that could allocate more than the file holds."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        if module in ("builtins", "__builtin__") and name in _ALLOWED_BUILTINS:
-            kind = getattr(builtins, name)
-            return _no_size(kind) if name in ("bytes", "bytearray") else kind
-        if (module, name) in _ALLOWED_GLOBALS:
-            if module == "_codecs":
-                return _latin1_encode
-            if name == "_reconstruct":
-                return _reconstruct
-            if name == "ndarray":
-                return _NDARRAY
-            if module.startswith("numpy.core") or module.startswith("numpy._core"):
-                core = getattr(np, "_core", None) or np.core
-                return getattr(core.multiarray, name)
-            return getattr(np, name)
-        raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed")
-
-    def persistent_load(self, pid: Any) -> Any:
-        raise pickle.UnpicklingError("persistent ids are not allowed")
+def _numpy_globals() -> dict[tuple[str, str], Any]:
+    """What CIFAR's pickles need of numpy, for `restricted_loads`."""
+    core = getattr(np, "_core", None) or np.core
+    out: dict[tuple[str, str], Any] = {("numpy", "ndarray"): _NDARRAY, ("numpy", "dtype"): np.dtype}
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        out[module, "_reconstruct"] = _reconstruct
+        out[module, "scalar"] = core.multiarray.scalar
+    return out
 
 
 def read_cifar_pickle(path: PathLike) -> dict[bytes, Any]:
@@ -451,10 +390,7 @@ def read_cifar_pickle(path: PathLike) -> dict[bytes, Any]:
         size = path.stat().st_size
         if size > limits.limit("DATA_FILE_BYTES"):
             limits.check(size, "DATA_FILE_BYTES", "file size in bytes", str(path))
-        raw = path.read_bytes()
-        for _ in pickletools.genops(io.BytesIO(raw)):
-            pass  # raises on a truncated stream or a length beyond the end of the file
-        data = _RestrictedUnpickler(io.BytesIO(raw), encoding="bytes").load()
+        data = restricted_loads(path.read_bytes(), _numpy_globals(), encoding="bytes")
     except FileNotFoundError:
         raise VitkitError(f"{path}: no such CIFAR file") from None
     except (

@@ -457,15 +457,18 @@ def drop_sharded(run_dir: Path) -> None:
 
 
 def load_sharded(folder: str | Path, objective: nn.Module, optimizer, ema) -> None:
-    """Load a DCP checkpoint into the objective, optimizer and EMA of any strategy and world."""
+    """Load a DCP checkpoint into the objective, optimizer and EMA of any strategy and world;
+    its files are read as untrusted input (`vitkit.train._dcp`)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
+
+    from vitkit.train import _dcp
 
     tensors = _tensors(objective, optimizer, ema)
     with _mismatch(folder), warnings.catch_warnings():
         # one process reads the shards of several: what DCP warns about is what we ask for
         warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
-        dcp.load(tensors, checkpoint_id=str(folder))
+        dcp.load(tensors, storage_reader=_dcp.Reader(str(folder)), planner=_dcp.Planner())
         set_state_dict(objective, optimizer, model_state_dict=tensors["model"],
                        optim_state_dict=tensors["optim"])  # fmt: skip
         if ema is not None and "ema" in tensors:
@@ -502,7 +505,12 @@ def _mismatch(source: Any) -> Iterator[None]:
 
     try:
         yield
+    except CheckpointError:
+        raise
     except (CheckpointException, RuntimeError, KeyError, ValueError) as exc:
+        for failure in getattr(exc, "failures", {}).values():  # DCP wraps each rank's error
+            if isinstance(getattr(failure, "exception", None), CheckpointError):
+                raise failure.exception from None  # a refused file, not a mismatch
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         # DCP wraps each rank's traceback: its last line is the cause
         why = (lines[-1] if isinstance(exc, CheckpointException) else lines[0]) if lines else ""
