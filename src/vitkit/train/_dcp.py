@@ -47,8 +47,21 @@ _UNREADABLE = (pickle.UnpicklingError, EOFError, ValueError, TypeError, Attribut
 class Reader(FileSystemReader):
     """`FileSystemReader` that checks what it reads (see the module's docstring)."""
 
-    def read_metadata(self, *args: Any, **kwargs: Any) -> dcp_metadata.Metadata:
-        path = Path(self._get_metadata_path(kwargs.get("rank")))
+    _checked: dcp_metadata.Metadata | None = None
+
+    def read_metadata(self) -> dcp_metadata.Metadata:
+        """The checked `.metadata` (read once: `load_sharded` calls it before DCP does, so a
+        refusal is one line, not DCP's wrapped fallbacks). No `rank=`: vitkit writes no
+        rank-local metadata, so DCP never falls back to looking for one."""
+        if self._checked is None:
+            self._checked = self._read_metadata()
+            if self._checked.storage_meta is None:
+                self._checked.storage_meta = dcp_metadata.StorageMeta()
+        self._checked.storage_meta.load_id = self.load_id  # `reset` draws a new one
+        return self._checked
+
+    def _read_metadata(self) -> dcp_metadata.Metadata:
+        path = Path(self._get_metadata_path())
         try:
             size = path.lstat().st_size
             if not path.is_file() or path.is_symlink():
@@ -64,9 +77,6 @@ class Reader(FileSystemReader):
                 f"is read, and nothing in it runs"
             ) from None
         _check(metadata, path)
-        if metadata.storage_meta is None:
-            metadata.storage_meta = dcp_metadata.StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
         return metadata
 
     def _slice_file(self, file: IO[bytes], sinfo: _StorageInfo) -> IO[bytes]:

@@ -465,10 +465,12 @@ def load_sharded(folder: str | Path, objective: nn.Module, optimizer, ema) -> No
     from vitkit.train import _dcp
 
     tensors = _tensors(objective, optimizer, ema)
+    reader = _dcp.Reader(str(folder))
+    reader.read_metadata()  # refuses a hostile or broken .metadata in one line
     with _mismatch(folder), warnings.catch_warnings():
         # one process reads the shards of several: what DCP warns about is what we ask for
         warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
-        dcp.load(tensors, storage_reader=_dcp.Reader(str(folder)), planner=_dcp.Planner())
+        dcp.load(tensors, storage_reader=reader, planner=_dcp.Planner())
         set_state_dict(objective, optimizer, model_state_dict=tensors["model"],
                        optim_state_dict=tensors["optim"])  # fmt: skip
         if ema is not None and "ema" in tensors:
