@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from vitkit.config import pair
 from vitkit.errors import ConfigError
 from vitkit.features import Embedder
 from vitkit.infer.cache import fingerprint
@@ -31,10 +32,10 @@ def model_identity(resolved: Any, pool: str = "model", image_size: Any = None) -
     resolved at, None for the checkpoint's) say how to load the model again."""
     processor = {k: v for k, v in resolved.processor.to_fields().items() if k != "max_pixels"}
     model = resolved.model
-    with torch.inference_mode():
-        c, (h, w) = model.config.in_chans, model.config.image_hw
+    with torch.inference_mode():  # the width from a blank image two patches a side (cheap)
+        c, (h, w) = model.config.in_chans, pair(model.config.patch_size)
         param = next(model.parameters())
-        dim = Embedder(model, pool)(torch.zeros(1, c, h, w, dtype=param.dtype,
+        dim = Embedder(model, pool)(torch.zeros(1, c, 2 * h, 2 * w, dtype=param.dtype,
                                                 device=param.device)).shape[-1]  # fmt: skip
     source = str(resolved.source)
     if os.path.exists(source):  # a local folder or file: found again from any working folder
