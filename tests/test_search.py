@@ -20,7 +20,7 @@ import torch
 from PIL import Image, ImageOps
 
 import vitkit
-from conftest import SRC
+from conftest import SRC, free_port
 from vitkit.cli import main
 from vitkit.search import SearchIndexError, exact_search, open_index
 
@@ -170,6 +170,25 @@ def test_a_killed_run_keeps_the_old_index_and_its_rerun_equals_a_clean_run(capsy
     assert a.paths == b.paths and np.array_equal(a.stats, b.stats)
     np.testing.assert_allclose(a.embeddings, b.embeddings, rtol=1e-5, atol=1e-6)
     assert a.identity == b.identity and a.kind == b.kind == "exact"
+
+
+def test_torchrun_processes_index_what_one_process_indexes(capsys, tiny, tmp_path):
+    """Two torchrun processes each embed their share of the list; rank 0 writes one index,
+    equal to a one-process run's (an odd count: the shares differ in size)."""
+    photos = _photos(tmp_path / "photos", NAMES[:5])
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_addr", "127.0.0.1", "--master_port", str(free_port())]  # fmt: skip
+    p = subprocess.run([*torchrun, "-m", "vitkit", "index", str(photos), "-m", str(tiny), "-o",
+                        str(tmp_path / "two"), "--chunk-size", "2"],
+                       env={**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"},
+                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.count("added 5, changed 0") == 1  # rank 0 alone reports
+    assert _run(capsys, "index", photos, "-m", tiny, "-o", tmp_path / "one")[0] == 0
+    a, b = open_index(tmp_path / "two"), open_index(tmp_path / "one")
+    assert a.paths == b.paths and np.array_equal(a.stats, b.stats)
+    np.testing.assert_allclose(a.embeddings, b.embeddings, rtol=1e-5, atol=1e-6)
+    assert a.identity == b.identity
 
 
 def test_another_model_is_refused_saying_which(capsys, tiny, tmp_path):
