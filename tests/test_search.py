@@ -176,12 +176,18 @@ def test_torchrun_processes_index_what_one_process_indexes(capsys, tiny, tmp_pat
     """Two torchrun processes each embed their share of the list; rank 0 writes one index,
     equal to a one-process run's (an odd count: the shares differ in size)."""
     photos = _photos(tmp_path / "photos", NAMES[:5])
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                "--master_addr", "127.0.0.1", "--master_port", str(free_port())]  # fmt: skip
-    p = subprocess.run([*torchrun, "-m", "vitkit", "index", str(photos), "-m", str(tiny), "-o",
-                        str(tmp_path / "two"), "--chunk-size", "2"],
-                       env={**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"},
-                       capture_output=True, text=True, timeout=300)  # fmt: skip
+
+    def torchrun(model):
+        return subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+             "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "vitkit",
+             "index", str(photos), "-m", str(model), "-o", str(tmp_path / "two"),
+             "--chunk-size", "2"],
+            env={**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"},
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+
+    p = torchrun(tiny)
     assert p.returncode == 0, p.stderr[-3000:]
     assert p.stdout.count("added 5, changed 0") == 1  # rank 0 alone reports
     assert _run(capsys, "index", photos, "-m", tiny, "-o", tmp_path / "one")[0] == 0
@@ -189,6 +195,12 @@ def test_torchrun_processes_index_what_one_process_indexes(capsys, tiny, tmp_pat
     assert a.paths == b.paths and np.array_equal(a.stats, b.stats)
     np.testing.assert_allclose(a.embeddings, b.embeddings, rtol=1e-5, atol=1e-6)
     assert a.identity == b.identity
+    # rank 0 refuses another model's update; the other rank, waiting for the plan, is told
+    # (within the timeout: it does not hang) and the index is left as it was
+    p = torchrun(_model(tmp_path / "other", seed=1))
+    assert p.returncode != 0 and "another model" in p.stderr
+    assert p.stderr.count("another model") == 1, p.stderr[-3000:]
+    assert open_index(tmp_path / "two").paths == a.paths
 
 
 def test_another_model_is_refused_saying_which(capsys, tiny, tmp_path):
