@@ -1,14 +1,18 @@
 """DINO: loss decreases on a tiny batch, the teacher gets no gradients, exact EMA and center
-updates, schedules, multi-crop shapes and flips."""
+updates, schedules, multi-crop shapes and flips; two processes with the head's BatchNorm train
+to one process's weights."""
 
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import Tensor
 
+from conftest import free_port
 from vitkit import ViTConfig
 from vitkit.data.transforms import MultiCrop
 from vitkit.models.dino import DINO, DINOLoss, teacher_momentum
@@ -112,3 +116,51 @@ def test_hflip_false_never_flips():
 
     assert not mirrored(False).any()
     assert 0.3 < mirrored(True).float().mean() < 0.7
+
+
+def _train_steps(rank: int = 0, world: int = 1, steps: int = 3) -> DINO:
+    """`steps` SGD steps of a DINO with the head's BatchNorm on this process's rows of one global
+    batch of 8 images, gradients averaged over the processes as DDP does."""
+    torch.manual_seed(0)
+    model = _model(use_bn=True).train()
+    ema = _teacher_ema(model)
+    opt = torch.optim.SGD([p for p in model.student.parameters() if p.requires_grad], lr=0.05)
+    g = torch.Generator().manual_seed(1)
+    rows = 8 // world
+    for step in range(steps):
+        crops = MultiCrop(8, patch_size=2, n_local=2).batch(torch.rand(8, 1, 8, 8, generator=g), g)
+        loss = model([c[rank * rows : (rank + 1) * rows] for c in crops], progress=step / steps)
+        opt.zero_grad()
+        loss.backward()
+        for p in model.student.parameters():
+            if p.grad is not None and world > 1:
+                dist.all_reduce(p.grad)
+                p.grad /= world
+        opt.step()
+        ema.update(model.student, teacher_momentum(step, steps))
+    return model
+
+
+def _rank(rank: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=2)  # fmt: skip
+    try:
+        model = _train_steps(rank, 2)
+        if rank == 0:
+            torch.save(model.state_dict(), out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_with_head_batchnorm_match_one(tmp_path):
+    """The head's BatchNorm normalises by the global batch's statistics (forward and backward,
+    student and teacher), so two processes train to one's weights, running statistics and
+    center (MAE's tolerances)."""
+    out = tmp_path / "two.pt"
+    mp.spawn(_rank, args=(free_port(), str(out)), nprocs=2)
+    one, two = _train_steps().state_dict(), torch.load(out)
+    assert sum(k.endswith("running_var") for k in one) == 4  # 2 norms x (student, teacher)
+    assert one.keys() == two.keys()
+    for key, value in one.items():
+        torch.testing.assert_close(two[key], value, rtol=1e-4, atol=1e-5, msg=key)

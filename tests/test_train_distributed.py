@@ -35,13 +35,13 @@ RECIPE = dict(
 )  # SGD: AdamW would amplify float-order noise on flat losses
 
 
-# `vitkit pretrain`: MAE draws its masks, DINO its crops and flips, for the global batch; no
-# BatchNorm in DINO's head, for the reason above
+# `vitkit pretrain`: MAE draws its masks, DINO its crops and flips, for the global batch; DINO's
+# head BatchNorm (on, the default) normalises by the global batch's statistics
 PRETRAIN = dict(model_overrides={"embed_dim": 32, "depth": 1, "num_heads": 2}, batch_size=64,
                 epochs=1, progress=False, plot=False, threads=1, optimizer="sgd", lr=0.05,
                 weight_decay=0.0)  # fmt: skip
 MAE = dict(PRETRAIN, decoder_dim=16, decoder_depth=1, decoder_heads=2)
-DINO = dict(PRETRAIN, out_dim=32, local_crops=2, head_bn=False, hflip=True)
+DINO = dict(PRETRAIN, out_dim=32, local_crops=2, hflip=True)
 
 
 def _run(out: Path, nproc: int, command=("train",), recipe=RECIPE, **changes) -> None:

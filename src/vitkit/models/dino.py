@@ -27,6 +27,52 @@ from vitkit.config import ViTConfig
 from vitkit.models.vit import VisionTransformer
 
 
+def _world() -> int:
+    """How many processes train together (1 outside torchrun)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """The sum over processes of a tensor; its gradient is the sum of the processes' gradients
+    (what torch.distributed.nn.functional.all_reduce did before its deprecation)."""
+
+    @staticmethod
+    def forward(ctx, t: Tensor) -> Tensor:
+        out = t.clone()
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return _AllReduceSum.apply(grad)
+
+
+class _GlobalBatchNorm1d(nn.BatchNorm1d):
+    """`nn.BatchNorm1d` whose training statistics are those of the global batch when several
+    processes train, as DINO's SyncBatchNorm (torch's refuses CPU tensors). The all-reduces
+    carry gradients, so each process's backward accounts for the rows of the others. Parameters
+    and buffers are BatchNorm1d's; in one process it is BatchNorm1d."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or _world() == 1:
+            return super().forward(x)
+        xf = x.float()  # (B, C)
+        sums = _AllReduceSum.apply(torch.cat([xf.sum(0), xf.new_tensor([len(xf)])]))
+        n = sums[-1].detach()  # rows over all processes
+        mean = sums[:-1] / n
+        var = _AllReduceSum.apply(((xf - mean) ** 2).sum(0)) / n  # biased, as for normalising
+        y = (xf - mean) * torch.rsqrt(var + self.eps)
+        if self.affine:
+            y = y * self.weight + self.bias
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                m = self.momentum if self.momentum is not None else 1 / self.num_batches_tracked
+                self.running_mean.lerp_(mean, m)
+                self.running_var.lerp_(var * n / (n - 1), m)
+        return y.to(x.dtype)
+
+
 class DINOHead(nn.Module):
     """MLP (3 layers, GELU) -> bottleneck -> L2 normalisation -> weight-normalised linear layer
     to `out_dim` prototypes (its norm fixed to 1 when `norm_last_layer`).
@@ -34,7 +80,7 @@ class DINOHead(nn.Module):
     `use_bn` puts a BatchNorm after each hidden layer (DINO's option, used there for ResNets):
     it removes what all images of a batch share, which on tiny images (8x8 digits) is nearly
     all of a freshly initialised encoder's output, and would otherwise leave the centred
-    teacher uniform from the first steps.
+    teacher uniform from the first steps. Its statistics are the global batch's under torchrun.
     """
 
     def __init__(
@@ -55,7 +101,7 @@ class DINOHead(nn.Module):
             layers.append(nn.Linear(dims[i], dims[i + 1]))
             if i < nlayers - 1:
                 if use_bn:
-                    layers.append(nn.BatchNorm1d(dims[i + 1]))
+                    layers.append(_GlobalBatchNorm1d(dims[i + 1]))
                 layers.append(nn.GELU())
         self.mlp = nn.Sequential(*layers)
         for m in self.mlp:
@@ -160,9 +206,9 @@ class DINOLoss(nn.Module):
         """center <- m * center + (1 - m) * mean of this batch's teacher outputs, over every
         process as in DINO's code (each process holds an equal share of the batch)."""
         batch_center = teacher_out.mean(dim=0, keepdim=True)
-        if dist.is_available() and dist.is_initialized():
+        if _world() > 1:
             dist.all_reduce(batch_center)
-            batch_center /= dist.get_world_size()
+            batch_center /= _world()
         m = self.center_momentum
         self.center.mul_(m).add_(batch_center, alpha=1 - m)
 

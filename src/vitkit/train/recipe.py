@@ -42,7 +42,7 @@ PRETRAIN_DEFAULTS: dict[str, Any] = dict(
     knn_every_epochs=10,
 )
 # DINO on top of those: more and smaller steps, a sharper teacher, more local views (measured on
-# digits: validation k-NN 0.22 with the MAE-style defaults, 0.92 with these; benchmarks/RESULTS.md)
+# digits: validation k-NN 0.22 with the MAE-style defaults, 0.93 with these; benchmarks/RESULTS.md)
 DINO_DEFAULTS: dict[str, Any] = dict(
     epochs=150, batch_size=32, lr=5e-4, teacher_temp=0.04, local_crops=6
 )
