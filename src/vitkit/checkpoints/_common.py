@@ -1,19 +1,19 @@
 """Shared pieces of the checkpoint mappings: one `CheckpointError` that lists every problem, the
 rule engine every foreign format's table runs on (`Rule`, `rename_from`, `rename_to`), and the
-config.json fields transformers' families share."""
+config.json fields transformers' families share (`build_config` turns them into a config)."""
 
 from __future__ import annotations
 
 import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 from torch import Tensor
 
 from vitkit.config import ViTConfig
-from vitkit.errors import CheckpointError
+from vitkit.errors import CheckpointError, ConfigError
 from vitkit.limits import is_finite, is_int
 from vitkit.models.image_text import ImageTextConfig, ImageTextModel
 from vitkit.models.text import TextConfig, TextTransformer
@@ -284,6 +284,15 @@ def find_prefix(sd: Mapping[str, Tensor], anchor: str, *, source: str, what: str
 
 
 _MISSING = object()
+_C = TypeVar("_C")
+
+
+def build_config(cls: Callable[..., _C], source: str, what: str = "model", /, **fields: Any) -> _C:
+    """`cls(**fields)`, a `ConfigError` raised as a `CheckpointError` naming the file `source`."""
+    try:
+        return cls(**fields)
+    except ConfigError as exc:
+        raise CheckpointError(f"{source} describes an invalid {what}: {exc}") from exc
 
 
 def integer(

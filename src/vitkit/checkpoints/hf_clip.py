@@ -33,6 +33,7 @@ from vitkit.checkpoints._common import (
     HF_BASE,
     Rule,
     block_rules,
+    build_config,
     differences,
     find_prefix,
     hf_act,
@@ -46,7 +47,7 @@ from vitkit.checkpoints._common import (
     weight_and_bias,
 )
 from vitkit.config import ViTConfig
-from vitkit.errors import CheckpointError, ConfigError
+from vitkit.errors import CheckpointError
 from vitkit.models.image_text import ImageTextConfig
 from vitkit.models.text import TextConfig
 
@@ -138,15 +139,8 @@ def config_from_hf(data: Mapping[str, Any], *, source: str = "config.json") -> V
         # 512); CLIPVisionModelWithProjection's its own
         stated = data if arch == "CLIPModel" else v
         projection = integer(stated, "projection_dim", 512, source=source)
-    try:
-        return ViTConfig(
-            **common_fields(v, _DEFAULTS, source),
-            pre_norm=True,
-            patch_bias=False,
-            projection_dim=projection,
-        )
-    except ConfigError as exc:
-        raise CheckpointError(f"{source} describes an invalid model: {exc}") from exc
+    return build_config(ViTConfig, source, **common_fields(v, _DEFAULTS, source), pre_norm=True,
+                        patch_bias=False, projection_dim=projection)  # fmt: skip
 
 
 def rules(config: ViTConfig, prefix: str = _PREFIX) -> list[Rule]:
@@ -278,10 +272,8 @@ def text_config_from_hf(data: Mapping[str, Any], *, source: str = "config.json")
                               f"end-of-text id")  # fmt: skip
     eos = integer({"eos_token_id": eos}, "eos_token_id", source=source, minimum=0)
     pool = dict(pool="argmax") if eos == LEGACY_EOS else dict(pool="eos", eos_token_id=eos)
-    try:
-        return TextConfig(**fields, **pool, causal=True, projection_dim=projection)
-    except ConfigError as exc:
-        raise CheckpointError(f"{source} describes an invalid text tower: {exc}") from exc
+    return build_config(TextConfig, source, "text tower", **fields, **pool, causal=True,
+                        projection_dim=projection)  # fmt: skip
 
 
 def text_tower_rules(config: TextConfig) -> list[Rule]:
@@ -361,10 +353,7 @@ def image_text_config_from_hf(
     """The `ImageTextConfig` of a CLIPModel config.json (`logit_scale_init_value` is only an
     initial value; the weights hold the scale)."""
     vision, text = config_from_hf(data, source=source), text_config_from_hf(data, source=source)
-    try:
-        return ImageTextConfig(vision=vision, text=text, scores="softmax")
-    except ConfigError as exc:
-        raise CheckpointError(f"{source} describes an invalid model: {exc}") from exc
+    return build_config(ImageTextConfig, source, vision=vision, text=text, scores="softmax")
 
 
 def image_text_rules(

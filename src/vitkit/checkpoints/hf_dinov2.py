@@ -26,6 +26,7 @@ from vitkit.checkpoints._common import (
     HF_BASE,
     Rule,
     block_rules,
+    build_config,
     differences,
     find_prefix,
     hf_act,
@@ -41,7 +42,7 @@ from vitkit.checkpoints._common import (
     weight_and_bias,
 )
 from vitkit.config import ViTConfig
-from vitkit.errors import CheckpointError, ConfigError
+from vitkit.errors import CheckpointError
 
 ARCHITECTURES = ("Dinov2Model", "Dinov2WithRegistersModel")
 CLASSIFIERS = ("Dinov2ForImageClassification", "Dinov2WithRegistersForImageClassification")
@@ -70,31 +71,30 @@ def config_from_hf(data: Mapping[str, Any], *, source: str = "config.json") -> V
     swiglu = bool(c.get("use_swiglu_ffn", False))
     if swiglu:
         ratio = 2 * _swiglu_half(hidden, ratio) / hidden
-    try:
-        return ViTConfig(
-            image_size=integer(c, "image_size", 224),
-            patch_size=integer(c, "patch_size", 16 if registers else 14),
-            in_chans=integer(c, "num_channels", 3),
-            num_classes=num_classes,
-            id2label=labels,
-            global_pool="token_avg" if classifier else "token",
-            embed_dim=hidden,
-            depth=integer(c, "num_hidden_layers", 12),
-            num_heads=integer(c, "num_attention_heads", 12),
-            mlp_ratio=ratio,
-            mlp_layer="swiglu" if swiglu else "mlp",
-            qkv_bias=bool(c.get("qkv_bias", True)),
-            layer_norm_eps=number(c, "layer_norm_eps", 1e-6, source=source),
-            act=hf_act(c.get("hidden_act", "gelu"), source=source),
-            drop_rate=number(c, "hidden_dropout_prob", 0.0, source=source),
-            attn_drop_rate=number(c, "attention_probs_dropout_prob", 0.0, source=source),
-            layer_scale_init=number(c, "layerscale_value", 1.0, source=source),
-            use_mask_token=registers or bool(c.get("use_mask_token", True)),
-            num_register_tokens=integer(c, "num_register_tokens", 4, minimum=0) if registers else 0,
-            pos_embed_antialias=registers,
-        )
-    except ConfigError as exc:
-        raise CheckpointError(f"{source} describes an invalid model: {exc}") from exc
+    return build_config(
+        ViTConfig,
+        source,
+        image_size=integer(c, "image_size", 224),
+        patch_size=integer(c, "patch_size", 16 if registers else 14),
+        in_chans=integer(c, "num_channels", 3),
+        num_classes=num_classes,
+        id2label=labels,
+        global_pool="token_avg" if classifier else "token",
+        embed_dim=hidden,
+        depth=integer(c, "num_hidden_layers", 12),
+        num_heads=integer(c, "num_attention_heads", 12),
+        mlp_ratio=ratio,
+        mlp_layer="swiglu" if swiglu else "mlp",
+        qkv_bias=bool(c.get("qkv_bias", True)),
+        layer_norm_eps=number(c, "layer_norm_eps", 1e-6, source=source),
+        act=hf_act(c.get("hidden_act", "gelu"), source=source),
+        drop_rate=number(c, "hidden_dropout_prob", 0.0, source=source),
+        attn_drop_rate=number(c, "attention_probs_dropout_prob", 0.0, source=source),
+        layer_scale_init=number(c, "layerscale_value", 1.0, source=source),
+        use_mask_token=registers or bool(c.get("use_mask_token", True)),
+        num_register_tokens=integer(c, "num_register_tokens", 4, minimum=0) if registers else 0,
+        pos_embed_antialias=registers,
+    )
 
 
 def rules(config: ViTConfig, prefix: str = "") -> list[Rule]:

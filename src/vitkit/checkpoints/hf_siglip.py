@@ -24,6 +24,7 @@ from torch import Tensor
 from vitkit.checkpoints._common import (
     HF_BASE,
     Rule,
+    build_config,
     differences,
     find_prefix,
     integer,
@@ -46,7 +47,7 @@ from vitkit.checkpoints.hf_clip import (
     vision_config,
 )
 from vitkit.config import ViTConfig
-from vitkit.errors import CheckpointError, ConfigError
+from vitkit.errors import CheckpointError
 from vitkit.models.image_text import ImageTextConfig
 from vitkit.models.text import TextConfig
 
@@ -70,12 +71,8 @@ def config_from_hf(data: Mapping[str, Any], *, source: str = "config.json") -> V
         raise CheckpointError(
             f"{source}: vision_use_head=false (no pooled output) is not supported"
         )
-    try:
-        return ViTConfig(
-            **common_fields(v, _DEFAULTS, source), class_token=False, global_pool="map"
-        )
-    except ConfigError as exc:
-        raise CheckpointError(f"{source} describes an invalid model: {exc}") from exc
+    fields = common_fields(v, _DEFAULTS, source)
+    return build_config(ViTConfig, source, **fields, class_token=False, global_pool="map")
 
 
 def rules(config: ViTConfig, prefix: str = _PREFIX) -> list[Rule]:
@@ -127,16 +124,8 @@ def state_dict_to_hf(sd: Mapping[str, Tensor], config: ViTConfig) -> dict[str, T
 
 
 # ------------------------------------------------------------------------------ text towers
-_TEXT_DEFAULTS = dict(  # transformers' SiglipTextConfig
-    vocab_size=32_000,
-    hidden_size=768,
-    intermediate_size=3072,
-    num_hidden_layers=12,
-    num_attention_heads=12,
-    max_position_embeddings=64,
-    hidden_act="gelu_pytorch_tanh",
-    layer_norm_eps=1e-6,
-)
+# transformers' SiglipTextConfig: the vision tower's sizes, 32k tokens, 64 positions
+_TEXT_DEFAULTS = dict(_DEFAULTS, vocab_size=32_000, max_position_embeddings=64)
 SIGLIP_EOS = 1  # the end-of-text id of SigLIP's SentencePiece vocabulary ("</s>")
 
 
@@ -154,11 +143,8 @@ def text_config_from_hf(data: Mapping[str, Any], *, source: str = "config.json")
     width = fields["width"]
     projection = integer({"projection_size": t.get("projection_size") or width},
                          "projection_size", source=source)  # fmt: skip
-    try:
-        return TextConfig(**fields, causal=False, pool="last", projection_dim=projection,
-                          projection_bias=True)  # fmt: skip
-    except ConfigError as exc:
-        raise CheckpointError(f"{source} describes an invalid text tower: {exc}") from exc
+    return build_config(TextConfig, source, "text tower", **fields, causal=False, pool="last",
+                        projection_dim=projection, projection_bias=True)  # fmt: skip
 
 
 def text_rules(config: TextConfig, prefix: str = TEXT_PREFIX) -> list[Rule]:
@@ -217,10 +203,7 @@ def image_text_config_from_hf(
 ) -> ImageTextConfig:
     """The `ImageTextConfig` of a SiglipModel config.json (sigmoid scores)."""
     vision, text = config_from_hf(data, source=source), text_config_from_hf(data, source=source)
-    try:
-        return ImageTextConfig(vision=vision, text=text, scores="sigmoid")
-    except ConfigError as exc:
-        raise CheckpointError(f"{source} describes an invalid model: {exc}") from exc
+    return build_config(ImageTextConfig, source, vision=vision, text=text, scores="sigmoid")
 
 
 def image_text_rules(

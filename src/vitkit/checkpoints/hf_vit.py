@@ -29,6 +29,7 @@ from vitkit.checkpoints._common import (
     HF_BASE,
     Rule,
     block_rules,
+    build_config,
     check_state_dict,
     differences,
     find_prefix,
@@ -44,7 +45,7 @@ from vitkit.checkpoints._common import (
     weight_and_bias,
 )
 from vitkit.config import ViTConfig
-from vitkit.errors import CheckpointError, ConfigError
+from vitkit.errors import CheckpointError
 
 # architecture -> (distilled, head, has classes, mask token)
 _ARCHITECTURES: dict[str, tuple[bool, str, bool, bool]] = {
@@ -100,31 +101,30 @@ def config_from_hf(hf_config: Mapping[str, Any], *, source: str = "config.json")
 
     num_classes, labels = hf_labels(c, source=source) if has_classes else (0, None)
     image_size = c.get("image_size", 224)
-    try:
-        return ViTConfig(
-            image_size=(
-                tuple(image_size) if isinstance(image_size, list) else integer(c, "image_size", 224)
-            ),
-            patch_size=_single(c, "patch_size", 16, source),
-            in_chans=integer(c, "num_channels", 3),
-            num_classes=num_classes,
-            embed_dim=hidden,
-            depth=integer(c, "num_hidden_layers", 12),
-            num_heads=heads,
-            mlp_ratio=integer(c, "intermediate_size", 4 * hidden) / hidden,
-            qkv_bias=bool(c.get("qkv_bias", True)),
-            layer_norm_eps=number(c, "layer_norm_eps", 1e-12),
-            act=hf_act(c.get("hidden_act", "gelu"), source=source),
-            drop_rate=number(c, "hidden_dropout_prob", 0.0),
-            attn_drop_rate=number(c, "attention_probs_dropout_prob", 0.0),
-            distilled=distilled,
-            use_mask_token=mask,
-            head=head,
-            head_hidden_dim=pooler if head == "mlp" and pooler != hidden else None,
-            id2label=labels,
-        )
-    except ConfigError as exc:
-        raise CheckpointError(f"{source} describes an invalid model: {exc}") from exc
+    return build_config(
+        ViTConfig,
+        source,
+        image_size=(
+            tuple(image_size) if isinstance(image_size, list) else integer(c, "image_size", 224)
+        ),
+        patch_size=_single(c, "patch_size", 16, source),
+        in_chans=integer(c, "num_channels", 3),
+        num_classes=num_classes,
+        embed_dim=hidden,
+        depth=integer(c, "num_hidden_layers", 12),
+        num_heads=heads,
+        mlp_ratio=integer(c, "intermediate_size", 4 * hidden) / hidden,
+        qkv_bias=bool(c.get("qkv_bias", True)),
+        layer_norm_eps=number(c, "layer_norm_eps", 1e-12),
+        act=hf_act(c.get("hidden_act", "gelu"), source=source),
+        drop_rate=number(c, "hidden_dropout_prob", 0.0),
+        attn_drop_rate=number(c, "attention_probs_dropout_prob", 0.0),
+        distilled=distilled,
+        use_mask_token=mask,
+        head=head,
+        head_hidden_dim=pooler if head == "mlp" and pooler != hidden else None,
+        id2label=labels,
+    )
 
 
 def _single(c: Mapping[str, Any], key: str, default: int, source: str) -> int:

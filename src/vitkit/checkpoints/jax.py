@@ -38,6 +38,7 @@ from vitkit._io import atomic_open
 from vitkit.checkpoints._common import (
     Hook,
     Rule,
+    build_config,
     check_state_dict,
     expected_shapes,
     rename_from,
@@ -188,27 +189,26 @@ def _config_from_npz(weights: Mapping[str, np.ndarray], act: str, source: str) -
     map_head = any(k.startswith(_MAP) for k in w)
     if map_head:
         _check_map_head(w, class_token, heads, mlp, source)
-    try:
-        return ViTConfig(
-            image_size=side * P,
-            patch_size=P,
-            in_chans=C,
-            num_classes=num_classes,
-            embed_dim=D,
-            depth=depth,
-            num_heads=heads,
-            mlp_ratio=mlp / D,
-            qkv_bias=f"Transformer/encoderblock_0/{n['attn']}/query/bias" in w,
-            layer_norm_eps=1e-6,
-            act=act,  # type: ignore[arg-type]
-            global_pool="map" if map_head else "token" if class_token else "avg",
-            fc_norm=False,
-            class_token=class_token,
-            head="linear" if pre_logits is None else "mlp",
-            head_hidden_dim=pre_logits if pre_logits != D else None,
-        )
-    except ConfigError as exc:
-        raise CheckpointError(f"{source} does not describe a vitkit ViT: {exc}") from exc
+    return build_config(
+        ViTConfig,
+        source,
+        image_size=side * P,
+        patch_size=P,
+        in_chans=C,
+        num_classes=num_classes,
+        embed_dim=D,
+        depth=depth,
+        num_heads=heads,
+        mlp_ratio=mlp / D,
+        qkv_bias=f"Transformer/encoderblock_0/{n['attn']}/query/bias" in w,
+        layer_norm_eps=1e-6,
+        act=act,
+        global_pool="map" if map_head else "token" if class_token else "avg",
+        fc_norm=False,
+        class_token=class_token,
+        head="linear" if pre_logits is None else "mlp",
+        head_hidden_dim=pre_logits if pre_logits != D else None,
+    )
 
 
 def _check_map_head(

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from vitkit.cli.train import STRATEGY, run_recipe
+
 # flag -> recipe key, type, help (defaults: vitkit.train.recipe.pretrain_defaults)
 _FLAGS: tuple[tuple[str, str, type, str], ...] = (
     ("--data", "data", str, "digits | mnist | a folder of images (default digits)"),
@@ -32,12 +34,7 @@ _FLAGS: tuple[tuple[str, str, type, str], ...] = (
     ("--momentum-teacher", "momentum_teacher", float, "DINO teacher EMA start (0.996)"),
     ("--teacher-temp", "teacher_temp", float, "DINO teacher temperature (0.04)"),
     ("--warmup-teacher-temp", "warmup_teacher_temp", float, "DINO initial temperature (0.04)"),
-    (
-        "--strategy",
-        "strategy",
-        str,
-        "under torchrun: ddp | fsdp (sharded) | auto (fsdp if ddp won't fit)",
-    ),
+    STRATEGY,
 )
 DEFAULT_MODELS = {"digits": "vit_digits_patch2_8", "mnist": "vit_mnist_patch4_28"}
 
@@ -99,15 +96,4 @@ def build_recipe(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from vitkit.cli.train import check_run_dir, report
-    from vitkit.train import train
-
-    if args.resume:
-        result = train(None, resume=args.resume, device=args.device, strategy=args.strategy)
-    else:
-        recipe = build_recipe(args)
-        check_run_dir(recipe, args)
-        result = train(recipe, device=args.device)
-
-    report(result)
-    return 0
+    return run_recipe(args, build_recipe)

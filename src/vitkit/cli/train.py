@@ -11,8 +11,11 @@ torchrun --nproc_per_node 2 -m vitkit train --config configs/digits.yaml
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
-# flag -> recipe key, type
+# flag -> recipe key, type, help (STRATEGY: `vitkit pretrain` has it too)
+STRATEGY = ("--strategy", "strategy", str, "under torchrun: ddp | fsdp (sharded) | auto (fsdp if "
+            "ddp won't fit)")  # fmt: skip
 _FLAGS: tuple[tuple[str, str, type, str], ...] = (
     ("--model", "model", str, "preset name (`vitkit models`)"),
     ("--data", "data", str, "digits | mnist | a folder with train/ and val/ | a CIFAR-10 dir"),
@@ -34,12 +37,7 @@ _FLAGS: tuple[tuple[str, str, type, str], ...] = (
     ("--teacher", "teacher", str, "DeiT distillation from this classifier (vitkit dir, hub id...)"),
     ("--distillation", "distillation", str, "hard | soft | none (with --teacher)"),
     ("--finetune", "finetune", str, "full | linear (head on a frozen backbone) | lora (adapters)"),
-    (
-        "--strategy",
-        "strategy",
-        str,
-        "under torchrun: ddp | fsdp (sharded) | auto (fsdp if ddp won't fit)",
-    ),
+    STRATEGY,
 )
 
 
@@ -105,30 +103,30 @@ def build_recipe(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    return run_recipe(args, build_recipe)
+
+
+def run_recipe(args: argparse.Namespace, build: Callable) -> int:
+    """`vitkit train` and `pretrain`: resume `--resume DIR`, else train the recipe `build(args)`
+    (`--print-recipe`: print it) once its run directory is known to be writable, before any data
+    or model is built (a resumed run's is `vitkit.train`'s to check); then `report`."""
+    from vitkit.cli._args import check_output
     from vitkit.train import train
 
     if args.resume:
         result = train(None, resume=args.resume, device=args.device, strategy=args.strategy)
     else:
-        recipe = build_recipe(args)
-        if args.print_recipe:
+        recipe = build(args)
+        if getattr(args, "print_recipe", False):
             import yaml
 
             print(yaml.safe_dump(recipe.to_dict(), sort_keys=False), end="")
             return 0
-        check_run_dir(recipe, args)
+        flag = "--output" if args.output else "run directory"
+        check_output(recipe.run_dir(), kind="folder", flag=flag)
         result = train(recipe, device=args.device)
     report(result)
     return 0
-
-
-def check_run_dir(recipe, args: argparse.Namespace) -> None:
-    """The run directory can be made, checked before any data set or model is built (a resumed
-    run's own directory is `vitkit.train`'s to check)."""
-    from vitkit.cli._args import check_output
-
-    flag = "--output" if args.output else "run directory"
-    check_output(recipe.run_dir(), kind="folder", flag=flag)
 
 
 def report(result) -> None:
