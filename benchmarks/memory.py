@@ -2,6 +2,7 @@
 
     python benchmarks/memory.py                                  # ViT-B/16, every row
     python benchmarks/memory.py --model vit_large_patch16_224 --steps 2
+    python benchmarks/memory.py --model dinov2_giant_patch14_518 --rows 3 --steps 2 --no-ema
 
 Each row is a fresh set of processes (torchrun for x 2, gloo on CPU) that builds the classifier
 objective as `vitkit train` does (finetune, strategy, activation checkpointing from a recipe),
@@ -125,6 +126,9 @@ def main() -> None:
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--device", default="cpu")
     p.add_argument("--rows", default="", help="comma-separated row numbers (default: all)")
+    p.add_argument("--no-ema", action="store_true",
+                   help="no EMA of the weights (the recipe's default keeps one: 4 bytes a "
+                        "parameter, sharded alike)")  # fmt: skip
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -145,6 +149,8 @@ def main() -> None:
     for i, (name, nproc, changes) in enumerate(ROWS):
         if i not in wanted:
             continue
+        if args.no_ema:
+            changes = {**changes, "ema_decay": None}
         spec = dict(model=args.model, changes=changes, steps=args.steps, batch=args.batch,
                     device=args.device, image_size=args.image_size)  # fmt: skip
         launch = [sys.executable]

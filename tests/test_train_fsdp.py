@@ -213,6 +213,11 @@ def test_errors_are_one_line(tmp_path, monkeypatch, capsys):
     assert sharding.choose(auto, two, objective, 8) == "ddp"
     state, acts = sharding.estimate(objective, 8)
     assert state == 16 * sum(p.numel() for p in objective.parameters())
+    # the recipe keeps an EMA of the encoder's weights (ema_decay 0.999): 4 bytes a parameter
+    state, acts = sharding.estimate(objective, 8, ema=True)
+    assert state == 16 * sum(p.numel() for p in objective.parameters()) + 4 * sum(
+        p.numel() for p in objective.encoder.parameters()
+    )
     # DDP would not fit in 80%, FSDP's half of the state does, with room for the step: auto
     # shards
     need = int((state // 2 + acts) * sharding.HEADROOM)
@@ -220,6 +225,8 @@ def test_errors_are_one_line(tmp_path, monkeypatch, capsys):
     assert sharding.choose(auto, two, objective, 8, memory=need + 1) == "fsdp"
     assert "strategy auto: fsdp (DDP would hold" in capsys.readouterr().out
     with pytest.raises(ConfigError, match=r"too little memory: fsdp would hold .* per process,"):
+        sharding.choose(auto, two, objective, 8, memory=need - 1)
+    with pytest.raises(ConfigError, match=r"optimizer state and EMA .* \(ema_decay: null\)$"):
         sharding.choose(auto, two, objective, 8, memory=need - 1)
 
 

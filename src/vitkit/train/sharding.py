@@ -52,9 +52,10 @@ from vitkit.train.lora import LoRALinear
 META_FILE = "trainer.pt"  # beside the DCP shards: everything of a checkpoint but the tensors
 DCP_INDEX = ".metadata"
 FIT = 0.8  # auto: DDP must fit in this fraction of a device's memory
-HEADROOM = 1.4  # a run needs its estimate times this: the optimizer step's temporaries, the
-# blocks FSDP gathers, the allocator's slack (dinov2_giant under FSDP x 2 + checkpointing was
-# OOM-killed at 10.8 GB a process against an estimate of 8.7)
+HEADROOM = 1.15  # a run needs its estimate times this: the optimizer step's temporaries, the
+# blocks FSDP gathers, the allocator's slack. Measured growth of peak RSS past the memory read
+# at start over the estimate (benchmarks/memory.py, CPU): 1.04-1.08 for ViT-B, ViT-L and
+# dinov2_giant (FSDP x 2 + checkpointing: 9.1 GiB against 8.65)
 
 
 # ---------------------------------------------------------------------------------- choosing
@@ -68,11 +69,10 @@ def choose(recipe: Any, info: D.DistInfo, objective: nn.Module, micro_batch: int
             "strategy=fsdp shards the model over processes: launch with torchrun "
             "--nproc_per_node N -m vitkit ... (in one process use strategy: ddp or auto)"
         )
-    state, acts = estimate(objective, micro_batch, recipe.grad_checkpointing)
-    budget = device_memory(info) if memory is None else memory
+    state, acts, budget = _needs(recipe, objective, micro_batch, memory, info)
     strategy = recipe.strategy if info.enabled else None
     if strategy == "auto":
-        strategy = "fsdp" if state + acts > FIT * budget else "ddp"
+        strategy = "ddp" if state + acts <= FIT * budget else "fsdp"  # `ddp_fits`
         if info.is_main:
             print(
                 f"strategy auto: {strategy} (DDP would hold {_size(state)} of training state + "
@@ -92,11 +92,28 @@ def choose(recipe: Any, info: D.DistInfo, objective: nn.Module, micro_batch: int
     if (state + acts) * HEADROOM > budget:
         raise ConfigError(
             f"too little memory: {strategy or 'one process'} would hold {_size(state)} of "
-            f"parameters, gradients and optimizer state + ~{_size(acts)} of activations per "
+            f"parameters, gradients, optimizer state{' and EMA' * bool(recipe.ema_decay)} + "
+            f"~{_size(acts)} of activations per "
             f"process, and needs {HEADROOM:g}x that for the step; {_size(budget)} is available "
             f"per process on {info.device.type}. " + advice(recipe, strategy)
         )
     return strategy
+
+
+def _needs(recipe: Any, objective: nn.Module, micro_batch: int, memory: int | None,
+           info: D.DistInfo) -> tuple[int, int, int]:  # fmt: skip
+    """(DDP's state bytes, activation bytes, bytes one process may use) of this run."""
+    state, acts = estimate(objective, micro_batch, recipe.grad_checkpointing,
+                           ema=bool(recipe.ema_decay))  # fmt: skip
+    return state, acts, device_memory(info) if memory is None else memory
+
+
+def ddp_fits(recipe: Any, info: D.DistInfo, objective: nn.Module, micro_batch: int,
+             memory: int | None = None) -> bool:  # fmt: skip
+    """Whether DDP's whole training state and activations fit in FIT of a process's memory:
+    `auto` shards when not, and FSDP then also hands freed memory back (`shard`)."""
+    state, acts, budget = _needs(recipe, objective, micro_batch, memory, info)
+    return state + acts <= FIT * budget
 
 
 def advice(recipe: Any, strategy: str | None) -> str:
@@ -111,16 +128,21 @@ def advice(recipe: Any, strategy: str | None) -> str:
     ways.append(f"a smaller batch (batch_size {recipe.batch_size}, or more accum_steps)")
     if not recipe.grad_checkpointing:
         ways.append("grad_checkpointing: true")
+    if recipe.ema_decay:
+        ways.append("no EMA of the weights (ema_decay: null)")
     return "To fit: " + "; ".join(ways)
 
 
-def estimate(objective: nn.Module, micro_batch: int,
-             checkpointing: bool = False) -> tuple[int, int]:  # fmt: skip
+def estimate(objective: nn.Module, micro_batch: int, checkpointing: bool = False,
+             ema: bool = False) -> tuple[int, int]:  # fmt: skip
     """Bytes per process under DDP: (parameters, gradients and AdamW moments: 16 per trained
-    parameter, 4 per frozen one; activations kept for backward, about 16 fp32 (B, T, D)
-    tensors per block, or with activation checkpointing each block's input and one block's
-    16). Works on a model still on the meta device."""
+    parameter, 4 per frozen one, 4 more per encoder parameter with an `ema` of the weights;
+    activations kept for backward, about 16 fp32 (B, T, D) tensors per block, or with
+    activation checkpointing each block's input and one block's 16). Works on a model still
+    on the meta device."""
     state = sum((16 if p.requires_grad else 4) * p.numel() for p in objective.parameters())
+    if ema:  # the EMA copy (`ModelEMA`), sharded alike under FSDP
+        state += 4 * sum(p.numel() for p in objective.encoder.parameters())
     acts = 0
     for vit in (m for m in objective.modules() if isinstance(m, VisionTransformer)):
         if not any(p.requires_grad for p in vit.parameters()):
@@ -192,9 +214,10 @@ def build(
         checkpoint_blocks(objective)
     full = tensors(objective) if light and info.is_main else None
     if strategy == "fsdp":  # before the optimizer: sharding replaces the parameters
-        shard(objective, recipe)
+        release = not ddp_fits(recipe, info, objective, micro_batch, memory)
+        shard(objective, recipe, release)
         if ema is not None:
-            shard(ema.module, recipe)
+            shard(ema.module, recipe, release)
     if light:
         materialise(objective, full, info)
         del full
@@ -261,10 +284,13 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------- sharding
-def shard(module: nn.Module, recipe: Any) -> nn.Module:
+def shard(module: nn.Module, recipe: Any, release: bool = True) -> nn.Module:
     """`fully_shard` every transformer block inside `module` (encoders, decoders, teachers),
     then `module` itself, with bf16 parameters and fp32 gradient reduction when the recipe
-    asks for bf16."""
+    asks for bf16. `release`: on the CPU, hand the blocks FSDP frees back to the system
+    (`_return_freed_memory`): what makes FSDP's peak RSS smaller than DDP's, at the price of
+    page faults every step (ViT-B, FSDP x 2: 2.0x DDP's step time with it, 1.3x without, where
+    its RSS then equals DDP's); `build` asks for it when DDP would not fit."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
     kw: dict[str, Any] = dict(reshard_after_forward=recipe.fsdp_reshard_after_forward)
@@ -277,7 +303,7 @@ def shard(module: nn.Module, recipe: Any) -> nn.Module:
     for block in [m for m in module.modules() if isinstance(m, Block)]:
         fully_shard(block, **kw)
     fully_shard(module, **kw)
-    if not any(p.is_cuda for p in module.parameters()):
+    if release and not any(p.is_cuda for p in module.parameters()):
         _return_freed_memory()
     return module
 
