@@ -7,7 +7,8 @@ Rows: `vitkit --help` beside `python -c "import torch"` for scale; for each numb
 `vitkit predict` of a ViT-B/16 folder (random weights, a transformers folder with its
 ViTImageProcessor, as benchmarks/e2e.py saves it) at fp32 and int8, int8 both cold (an empty
 cache: convert, calibrate, quantize) and warm (the path prepared by an earlier run,
-`vitkit.infer.cache`), beside transformers' `pipeline("image-classification")` on the same
+`vitkit.infer.cache`; a warm OpenVINO path runs without importing torch, `vitkit.infer.warm`),
+and bf16 on OpenVINO warm, beside transformers' `pipeline("image-classification")` on the same
 folder and timm's way (`create_model` + the transform its data config gives, the loop of
 timm's inference.py), each doing the whole job in a fresh process: import, load, decode,
 classify, print the top 5. Peak memory is the child's max RSS.
@@ -89,11 +90,13 @@ def _bench(args: argparse.Namespace, tmp: Path) -> int:
     warm_env = {**env, "VITKIT_CACHE_DIR": str(tmp / "warm-cache")}
     cold_env = {**env, "VITKIT_CACHE_DIR": str(tmp / "cold-cache")}
 
-    def predict(paths: list[str], precision: str) -> list[str]:
+    def predict(paths: list[str], precision: str, *extra: str) -> list[str]:
         return [*vitkit_cmd, "predict", *paths, "--model", str(tmp / "model"), "--precision",
-                precision, "--workers", "2"]  # fmt: skip
+                precision, "--workers", "2", *extra]  # fmt: skip
 
+    bf16 = ("--backend", "openvino")  # the OpenVINO bf16 path also where bf16 is not native
     run(predict(images[:1], "int8"), warm_env)  # prepares the warm cache once
+    run(predict(images[:1], "bf16", *bf16), warm_env)
     rows = {
         'python -c "import torch"': ([sys.executable, "-c", "import torch"], env),
         "vitkit --help": ([*vitkit_cmd, "--help"], env),
@@ -102,6 +105,10 @@ def _bench(args: argparse.Namespace, tmp: Path) -> int:
         rows[f"{n} image(s): vitkit fp32"] = (predict(images[:n], "fp32"), env)
         rows[f"{n} image(s): vitkit int8, cold"] = (predict(images[:n], "int8"), cold_env)
         rows[f"{n} image(s): vitkit int8, warm"] = (predict(images[:n], "int8"), warm_env)
+        rows[f"{n} image(s): vitkit bf16 openvino, warm"] = (
+            predict(images[:n], "bf16", *bf16),
+            warm_env,
+        )
         rows[f"{n} image(s): transformers pipeline"] = (
             [sys.executable, "-c", PIPELINE_SCRIPT, str(tmp / "model"), *images[:n]],
             env,

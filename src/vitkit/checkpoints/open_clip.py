@@ -58,13 +58,14 @@ from vitkit.checkpoints._common import (
     under,
     weight_and_bias,
 )
+from vitkit.checkpoints._local import OPEN_CLIP_CONFIG
 from vitkit.config import ViTConfig, read_json
 from vitkit.data.processor import ImageProcessor
 from vitkit.errors import CheckpointError, ConfigError
 from vitkit.models.image_text import ImageTextConfig
 from vitkit.models.text import TextConfig
 
-CONFIG_FILE = "open_clip_config.json"
+CONFIG_FILE = OPEN_CLIP_CONFIG
 WEIGHTS_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 _ANCHOR = "transformer.resblocks.0.attn.in_proj_weight"
 LAYER = dict(ln1="ln_1", qkv="attn.in_proj_", o="attn.out_proj", ln2="ln_2", fc1="mlp.c_fc",

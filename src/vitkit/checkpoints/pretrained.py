@@ -35,6 +35,7 @@ from torch import Tensor
 from vitkit._io import atomic_path, atomic_write_text
 from vitkit.checkpoints import hf, jax, open_clip, timm
 from vitkit.checkpoints._common import AnyConfig, check_state_dict, model_class, with_text
+from vitkit.checkpoints._local import STATE_FILE
 from vitkit.checkpoints._safety import (
     check_finite,
     check_float_dtypes,
@@ -121,7 +122,6 @@ def _read_weights(files: Mapping[str, Path]) -> tuple[dict[str, Tensor], str]:
 
 
 # ------------------------------------------------------------------------------ loading
-STATE_FILE = "state.pt"  # a `vitkit train` checkpoint: {model, model_config, optimizer, ...}
 
 
 def read_training_state(path: str | os.PathLike[str]) -> dict[str, Any]:

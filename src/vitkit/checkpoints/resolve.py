@@ -36,9 +36,9 @@ import torch
 
 from vitkit.checkpoints import open_clip, preprocessing
 from vitkit.checkpoints._common import with_text
+from vitkit.checkpoints._local import run_folder
 from vitkit.checkpoints.hub import looks_like_hub_id, resolve_hub
 from vitkit.checkpoints.pretrained import (
-    STATE_FILE,
     build_model,
     load_folder,
     load_path,
@@ -55,7 +55,6 @@ if TYPE_CHECKING:
     from vitkit.models.vit import VisionTransformer
 
 PROCESSOR_CHOICES = ("auto", "hf", "timm")
-RUN_SUBFOLDERS = ("best", "last")
 
 
 @dataclass
@@ -214,45 +213,6 @@ def from_pretrained(source: str | os.PathLike[str], **kwargs: Any) -> VisionTran
     `vitkit train` run directory; in eval mode. Options as `resolve`; the processor is
     `resolve(source).processor`."""
     return resolve(source, **kwargs).model
-
-
-def run_folder(path: Path) -> Path | None:
-    """The model folder of a directory: itself when it has config.json (or is an open_clip
-    snapshot), else a run directory's best/ then last/; None for a run whose last/ holds only
-    a training state."""
-    if (path / "config.json").is_file() or (path / open_clip.CONFIG_FILE).is_file():
-        return path
-    for sub in RUN_SUBFOLDERS:
-        if (path / sub / "config.json").is_file():
-            return path / sub
-    if (path / "last" / STATE_FILE).is_file() or (path / STATE_FILE).is_file():
-        return None
-    raise CheckpointError(
-        f"{path} has no config.json (nor a vitkit run's best/ or last/); pass a checkpoint "
-        "folder, or the weights file itself with model_name=... for a timm state dict"
-    )
-
-
-def local_files(source: str | os.PathLike[str], limit: int = 64) -> list[Path] | None:
-    """The files `resolve(source)` reads a local checkpoint from: a file itself, or the plain
-    files of its model folder (`run_folder`); None for a hub id, a preset, a run holding only a
-    training state, a folder with links or more than `limit` files (nothing to key a cache by
-    cheaply)."""
-    path = Path(source).expanduser()
-    if path.is_file() and not path.is_symlink():
-        return [path]
-    if not path.is_dir():
-        return None
-    try:
-        folder = run_folder(path)
-    except CheckpointError:
-        return None
-    if folder is None:
-        return None
-    entries = sorted(folder.iterdir())
-    if len(entries) > limit or any(p.is_symlink() for p in entries):
-        return None
-    return [p for p in entries if p.is_file()]
 
 
 # ---------------------------------------------------------------------------------- presets

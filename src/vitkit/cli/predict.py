@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from vitkit.cli._args import (
@@ -75,20 +76,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vitkit.checkpoints.resolve import resolve
-    from vitkit.distributed import pick_device
+    from vitkit.data.images import expand_inputs
     from vitkit.errors import VitkitError
-    from vitkit.infer.exported import is_exported
-    from vitkit.infer.precision import resolve_for
-    from vitkit.infer.predictor import Predictor, expand_inputs
-    from vitkit.infer.zero_shot import classifier_for
 
     if args.top_k < 1:
         raise VitkitError(f"--top-k must be at least 1, got {args.top_k}")
     if args.batch_size < 1:
         raise VitkitError(f"--batch-size must be at least 1, got {args.batch_size}")
 
-    labels, templates = zero_shot(args)
+    flags = (args.labels, args.labels_file, args.template, args.templates_file)
+    labels, templates = zero_shot(args) if any(f is not None for f in flags) else (None, None)
     paths, failures = expand_inputs(args.images)
     for path, reason in failures:
         _report_failure(path, reason, as_json=args.json)
@@ -97,18 +94,53 @@ def run(args: argparse.Namespace) -> int:
             raise VitkitError("no images to classify")
         return 1
 
-    device = pick_device(args.device)
-    precision = args.precision
-
     def say(text: str) -> None:
         print(f"vitkit predict: {text}", file=sys.stderr, flush=True)
 
+    options = dict(processor=args.processor, allow_preset=True, image_size=image_size(args))
+    answers = None
+    if labels is None and not args.no_cache and not os.environ.get("VITKIT_NO_WARM"):
+        from vitkit.infer.warm import start  # a prepared OpenVINO path runs without torch
+
+        answers = start(
+            args.model, paths, precision=args.precision, backend=args.backend,
+            device=args.device, options=options, processor_backend=args.processor_backend,
+            max_pixels=args.max_pixels, batch_size=args.batch_size, top_k=args.top_k,
+            workers=args.workers, say=say,
+        )  # fmt: skip
+    if answers is None:
+        answers = _predictions(args, paths, labels, templates, options, say)
+    failed = len(failures)
+    show_bar = not args.no_progress and len(paths) >= _PROGRESS_MIN_IMAGES
+    with _progress(len(paths), enabled=show_bar) as bar:
+        for result in answers:
+            if result.error is not None:
+                failed += 1
+                _report_failure(result.source, result.error, as_json=args.json, bar=bar)
+            else:
+                _print_result(result.source, result.top_k, as_json=args.json, bar=bar)
+            bar.update(1)
+    return 1 if failed else 0
+
+
+def _predictions(args, paths, labels, templates, options, say):
+    """The predictions of the full path: resolve (or a `Deferred` model when the cache holds
+    its prepared path), prepare, and the pipelined predictor."""
+    from vitkit.checkpoints.resolve import resolve
+    from vitkit.distributed import pick_device
+    from vitkit.errors import VitkitError
+    from vitkit.infer.exported import is_exported
+    from vitkit.infer.precision import resolve_for
+    from vitkit.infer.predictor import Predictor
+    from vitkit.infer.zero_shot import classifier_for
+
+    device = pick_device(args.device)
+    precision = args.precision
     if is_exported(args.model):  # a `vitkit export` file: runs as it was prepared
         model, processor = _exported(args, labels)
         device, precision = "cpu", "fp32"  # the file at its own precision, as it is
     else:
-        options = dict(device=device, processor=args.processor, allow_preset=True,
-                       image_size=image_size(args))  # fmt: skip
+        options = dict(device=device, **options)
         if labels is None:  # a prepared path in the cache needs no weights loaded
             resolved = resolve_for(args.model, precision, backend=args.backend,
                                    cache=not args.no_cache, log=say, **options)  # fmt: skip
@@ -138,17 +170,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, workers=args.workers, top_k=args.top_k,
         cache=not args.no_cache, log=say,
     )  # fmt: skip
-    failed = len(failures)
-    show_bar = not args.no_progress and len(paths) >= _PROGRESS_MIN_IMAGES
-    with _progress(len(paths), enabled=show_bar) as bar:
-        for result in predictor.predict(paths):
-            if result.error is not None:
-                failed += 1
-                _report_failure(result.source, result.error, as_json=args.json, bar=bar)
-            else:
-                _print_result(result.source, result.top_k, as_json=args.json, bar=bar)
-            bar.update(1)
-    return 1 if failed else 0
+    return predictor.predict(paths)
 
 
 def _exported(args: argparse.Namespace, labels: list[str] | None) -> tuple:

@@ -203,3 +203,42 @@ def _describe(source: Any) -> str:
 def is_image_file(path: str | os.PathLike[str]) -> bool:
     """Whether `path` has an image extension (used when a folder is expanded)."""
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def reason_of(source: Any, error: ImageError) -> str:
+    """Why `source` could not be read, without the file name its `ImageError` starts with
+    (what a per-image report prints after `path: `)."""
+    message = str(error)
+    prefix = f"{os.fspath(source)}: " if isinstance(source, (str, os.PathLike)) else ""
+    return message[len(prefix) :] if prefix and message.startswith(prefix) else message
+
+
+def expand_inputs(inputs: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """Arguments -> (image paths in order, [(argument, reason)] for the ones that failed).
+
+    Folders expand to the image files under them, sorted; a folder with none is a failure.
+    Files are kept whatever their extension (the decoder decides); missing paths fail here.
+    """
+    paths: list[str] = []
+    failures: list[tuple[str, str]] = []
+    for arg in inputs:
+        path = Path(arg)
+        if path.is_dir():
+            found = sorted(
+                str(p)
+                for p in path.rglob("*")
+                if p.is_file() and is_image_file(p) and not _hidden(p.relative_to(path))
+            )
+            if found:
+                paths.extend(found)
+            else:
+                failures.append((arg, "directory contains no image files"))
+        elif path.exists():
+            paths.append(arg)
+        else:
+            failures.append((arg, "no such file or directory"))
+    return paths, failures
+
+
+def _hidden(relative: Path) -> bool:
+    return any(part.startswith(".") for part in relative.parts)

@@ -23,12 +23,12 @@ import dataclasses
 import importlib
 import math
 import os
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 import numpy as np
-import torch
 from PIL import Image
 
 from vitkit import limits
@@ -37,6 +37,9 @@ from vitkit.config import pair
 from vitkit.data.images import MAX_PIXELS, WHITE, load_image
 from vitkit.errors import ConfigError, ImageError
 from vitkit.limits import is_finite, is_int
+
+if TYPE_CHECKING:  # torch loads where a tensor is made: a warm `vitkit predict` runs without it
+    import torch
 
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
@@ -233,6 +236,8 @@ class ImageProcessor:
         tensors (CHW or BCHW; uint8 or float in [0, 1]), or a list mixing these. A single
         image still gives B = 1. Tensors stay on their device unless `device` is given.
         """
+        import torch
+
         if isinstance(images, torch.Tensor) and images.ndim == 4 and not self._use_pil(images):
             batch = _check_batch(images if device is None else images.to(device))
             return self._tensor_batch(batch)  # one (B, C, H, W) tensor: no per-image work
@@ -270,7 +275,58 @@ class ImageProcessor:
 
     def preprocess_pil(self, image: Any) -> torch.Tensor:
         """One image (path, PIL image, ...) through the PIL path -> (C, H, W) float32."""
+        import torch
+
         return torch.from_numpy(self._pil_one(image))
+
+    def without_torch(self) -> bool:
+        """Whether `to_array` can give the predictor's numbers: always on the PIL path (the
+        same code); on the tensor path for RGB bilinear or bicubic resizing, where torch's
+        8-bit kernels use the fixed-point filters `_resize_uint8` reproduces. Which kernel
+        torch runs depends on the CPU, so `matches_without_torch` checks it on the machine
+        before a warm run relies on it."""
+        if self._use_pil(np.empty(0, np.uint8)):  # the PIL path, as for a decoded array
+            return True
+        return self.num_channels == 3 and self.interpolation in _UINT8_FILTERS
+
+    def matches_without_torch(self) -> bool:
+        """Whether `to_array` gives the pixels torch gives here, bit for bit: probed on two
+        noise images, one shrunk and one enlarged (torch's 8-bit resize runs other kernels on
+        other CPUs). Imports torch: a cold run asks, and keeps the answer with the CPU's
+        capability for the warm runs (`vitkit.infer.warm`)."""
+        if not self.without_torch():
+            return False
+        if self._use_pil(np.empty(0, np.uint8)):
+            return True  # the very code the torch path runs
+        rng = np.random.default_rng(0)
+        for shape in ((300, 200, 3), (37, 53, 3)):
+            x = (rng.random(shape) * 255).astype(np.uint8)
+            if not np.array_equal(self.to_array(Image.fromarray(x)), self([x])[0].numpy()):
+                return False
+        return True
+
+    def to_array(self, source: Any) -> np.ndarray:
+        """One image (path, bytes, PIL image) -> (C, H, W) float32 without torch: the numbers
+        `vitkit.infer.predictor.preprocess` gives where `without_torch` says so."""
+        if self._use_pil(np.empty(0, np.uint8)):
+            return self._pil_one(source)
+        image = load_image(source, background=self.background, max_pixels=self.max_pixels)
+        x = np.asarray(image)  # (H, W, 3) uint8, as the predictor decodes it
+        if self.resize is not None:
+            h, w = self._resized_hw(*x.shape[:2])
+            x = _resize_uint8(x, h, w, self.interpolation)
+        if self.crop_size is not None:
+            top, left = self._crop_offsets(*x.shape[:2])
+            ch, cw = self.crop_size
+            canvas = np.zeros((ch, cw, x.shape[2]), np.uint8)  # zeros outside the image
+            rows, cols = slice(max(top, 0), top + ch), slice(max(left, 0), left + cw)
+            part = x[rows, cols]
+            canvas[max(-top, 0) : max(-top, 0) + part.shape[0],
+                   max(-left, 0) : max(-left, 0) + part.shape[1]] = part  # fmt: skip
+            x = canvas
+        weight, bias = (v.astype(np.float64) for v in self._affine())
+        out = x.astype(np.float64) * weight + bias  # exact, then rounded once: torch's addcmul
+        return np.ascontiguousarray(out.astype(np.float32).transpose(2, 0, 1))
 
     def _decode(self, item: Any) -> np.ndarray:
         """A path, bytes or PIL image -> (H, W, C) uint8, upright, RGB (L for one channel)."""
@@ -284,12 +340,12 @@ class ImageProcessor:
     def _use_pil(self, item: Any) -> bool:
         if self.backend != "auto":
             return self.backend == "pil"
-        if isinstance(item, (np.ndarray, torch.Tensor)):
+        if isinstance(item, np.ndarray) or _is_tensor(item):
             return self.interpolation in ("box", "hamming")  # torchvision lacks these modes
         return True
 
     def _pil_one(self, item: Any) -> np.ndarray:
-        if isinstance(item, (np.ndarray, torch.Tensor)):
+        if isinstance(item, np.ndarray) or _is_tensor(item):
             image = _tensor_to_pil(_to_chw_tensor(item), self.background)
         else:
             image = load_image(item, background=self.background, max_pixels=self.max_pixels)
@@ -316,6 +372,7 @@ class ImageProcessor:
 
     def _tensor_batch(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) uint8 or float in [0, 1] -> (B, C', H', W') float32 normalized."""
+
         # lazy: torchvision loads torch._dynamo (~1.5 s)
         from torchvision.transforms.v2 import functional as tvf
 
@@ -330,6 +387,8 @@ class ImageProcessor:
         return self._normalize(x, integer_scale=255.0)
 
     def _channels(self, x: torch.Tensor) -> torch.Tensor:
+        import torch
+
         if x.shape[1] == 4:  # RGBA array: composite onto the background like load_image does
             xf = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
             alpha = xf[:, 3:4]
@@ -342,6 +401,7 @@ class ImageProcessor:
         return match_channels(x, self.num_channels)
 
     def _crop_tensor(self, x: torch.Tensor) -> torch.Tensor:
+
         # lazy: torchvision loads torch._dynamo (~1.5 s)
         from torchvision.transforms.v2 import functional as tvf
 
@@ -363,6 +423,8 @@ class ImageProcessor:
 
     def _normalize(self, x: torch.Tensor, *, integer_scale: float) -> torch.Tensor:
         """(B, C, H, W) uint8 (0..255) or float in [0, 1] -> rescaled, normalized float32."""
+        import torch
+
         weight, bias = (torch.from_numpy(v).to(x.device).view(1, -1, 1, 1) for v in self._affine())
         if x.is_floating_point():
             weight = weight * integer_scale  # [0, 1] floats stand for value / 255
@@ -392,7 +454,15 @@ class ImageProcessor:
         return (h - ch) // 2, (w - cw) // 2  # transformers
 
 
+def _is_tensor(item: Any) -> bool:
+    """Whether `item` is a torch tensor, without importing torch (none exists before it is)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(item, torch.Tensor)
+
+
 def _as_list(images: Any) -> list[Any]:
+    import torch
+
     if isinstance(images, torch.Tensor) and images.ndim == 4:
         return list(images.unbind(0))
     if isinstance(images, np.ndarray) and images.ndim == 4:
@@ -403,6 +473,8 @@ def _as_list(images: Any) -> list[Any]:
 
 
 def _check_batch(x: torch.Tensor) -> torch.Tensor:
+    import torch
+
     if x.shape[1] not in (1, 3, 4):
         raise ImageError(
             f"expected a (B, C, H, W) batch with 1, 3 or 4 channels, got {tuple(x.shape)}"
@@ -414,6 +486,8 @@ def _check_batch(x: torch.Tensor) -> torch.Tensor:
 
 def _to_chw_tensor(item: Any, index: int = 0) -> torch.Tensor:
     """numpy (HWC / HW) or tensor (CHW / HW) -> (C, H, W) tensor, uint8 or float32 in [0, 1]."""
+    import torch
+
     if isinstance(item, np.ndarray):
         array = item
         if array.ndim == 3 and array.shape[-1] in (1, 3, 4):
@@ -446,6 +520,8 @@ def _to_chw_tensor(item: Any, index: int = 0) -> torch.Tensor:
 
 
 def _tensor_to_pil(t: torch.Tensor, background: tuple[int, int, int] | None) -> Image.Image:
+    import torch
+
     if t.is_floating_point():
         t = (t.clamp(0, 1) * 255.0).round().to(torch.uint8)
     array = t.cpu().permute(1, 2, 0).numpy()
@@ -459,6 +535,8 @@ def _tensor_to_pil(t: torch.Tensor, background: tuple[int, int, int] | None) -> 
 def match_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
     """(B, C, H, W) images as `channels`-channel ones, as PIL's modes convert files: grayscale
     repeated to RGB (a view), RGB to ITU-R 601 luma; uint8 stays uint8."""
+    import torch
+
     c = x.shape[1]
     if c == channels:
         return x
@@ -469,6 +547,70 @@ def match_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
         gray = (x.float() * weights).sum(1, keepdim=True)
         return gray.round().clamp(0, 255).to(torch.uint8) if x.dtype == torch.uint8 else gray
     raise ImageError(f"cannot use a {c}-channel image for a {channels}-channel model")
+
+
+# ---- torchvision's 8-bit antialiased resize, in numpy ---------------------------------------
+# torch resizes uint8 images with Pillow-SIMD's fixed-point separable filters (ATen's
+# UpSampleKernel: weights in double, rounded to int16 at a precision set by the largest one,
+# a horizontal then a vertical pass, each rounded and clamped to 8 bits), which PIL's own
+# resize (22 fixed bits) misses by a level here and there. tests/test_warm.py checks the two
+# agree bit for bit.
+
+
+def _bilinear(x: np.ndarray) -> np.ndarray:
+    x = np.abs(x)
+    return np.where(x < 1.0, 1.0 - x, 0.0)
+
+
+def _bicubic(x: np.ndarray, a: float = -0.5) -> np.ndarray:
+    x = np.abs(x)
+    near = ((a + 2) * x - (a + 3)) * x * x + 1
+    far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+    return np.where(x < 1.0, near, np.where(x < 2.0, far, 0.0))
+
+
+_UINT8_FILTERS = {"bilinear": (2, _bilinear), "bicubic": (4, _bicubic)}
+
+
+def _uint8_weights(n_in: int, n_out: int, interpolation: str) -> tuple[np.ndarray, np.ndarray, int]:
+    """(input index, int16 weight) per output pixel and tap, and the weights' fixed-point bits."""
+    size, kernel = _UINT8_FILTERS[interpolation]
+    scale = n_in / n_out
+    support = size * 0.5 * scale if scale >= 1.0 else size * 0.5
+    taps = math.ceil(support) * 2 + 1
+    center = scale * (np.arange(n_out) + 0.5)
+    first = np.maximum(np.trunc(center - support + 0.5), 0).astype(np.int64)
+    count = np.minimum(np.trunc(center + support + 0.5).astype(np.int64), n_in) - first
+    j = np.arange(taps)
+    w = kernel((j + first[:, None] - center[:, None] + 0.5) * (1.0 / scale if scale >= 1 else 1))
+    w = np.where(j < np.clip(count, 0, taps)[:, None], w, 0.0)
+    total = w.sum(1, keepdims=True)
+    w = np.where(total != 0.0, w / np.where(total != 0.0, total, 1.0), w)
+    bits, top = 0, float(w.max())
+    while bits < 22 and int(0.5 + top * (1 << (bits + 1))) < (1 << 15):
+        bits += 1
+    v = w * (1 << bits)
+    fixed = np.where(v < 0, np.trunc(v - 0.5), np.trunc(v + 0.5)).astype(np.int32)
+    return np.minimum(first[:, None] + j, n_in - 1), fixed, bits
+
+
+def _resize_uint8(x: np.ndarray, h: int, w: int, interpolation: str) -> np.ndarray:
+    """(H, W, C) uint8 -> (h, w, C) uint8, as torchvision resizes a uint8 tensor (antialias)."""
+    if x.shape[:2] == (h, w):
+        return x
+    out = x.astype(np.int32)
+    for axis, n in ((1, w), (0, h)):  # horizontal first, as torch
+        if out.shape[axis] == n:
+            continue
+        index, fixed, bits = _uint8_weights(out.shape[axis], n, interpolation)
+        shape = [1, 1, 1]
+        shape[axis] = n
+        acc = np.full([n if a == axis else out.shape[a] for a in range(3)], 1 << (bits - 1),
+                      np.int32)  # fmt: skip
+        for tap in range(fixed.shape[1]):
+            acc += np.take(out, index[:, tap], axis=axis) * fixed[:, tap].reshape(shape)
+        out = np.clip(acc >> bits, 0, 255)
+    return out.astype(np.uint8)
 
 
 class _Translated:

@@ -27,6 +27,8 @@ from torch.export import Dim
 
 from vitkit._warnings import ignoring
 from vitkit.errors import ConfigError, VitkitError
+from vitkit.infer import warm
+from vitkit.infer.cache import cpu_flags
 from vitkit.models.vit import logits_of
 
 MAX_SIDE = 8192  # largest image side an exported graph accepts (a bound torch.export needs)
@@ -209,18 +211,6 @@ def quantize_onnx(src: Path, dst: Path) -> None:
 
 
 @functools.cache
-def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags from /proc/cpuinfo (empty where it does not exist)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
-
-
 def onnx_session(path: Path | bytes, threads: int | None = None) -> Any:
     ort = need("onnxruntime", "export")
     options = ort.SessionOptions()
@@ -252,17 +242,6 @@ def quantize_openvino(ov_model: Any, calibration: Tensor, chunk: int = 4) -> Any
 def compile_openvino(
     ov_model: Any, precision: str, threads: int | None = None, blobs: Path | None = None
 ) -> Any:
-    """Compile for this CPU; with `blobs`, OpenVINO keeps the compiled model there and a later
-    process imports it instead of compiling. OpenVINO names a blob by the model and these settings, and recompiles over one it cannot
-    import (checked: a truncated or overwritten blob is rebuilt)."""
-    ov = need("openvino", "openvino")
-    config: dict[str, Any] = {
-        "INFERENCE_NUM_THREADS": threads or torch.get_num_threads(),
-        "NUM_STREAMS": 1,
-        "PERFORMANCE_HINT": "LATENCY",
-    }
-    if blobs is not None:
-        config["CACHE_DIR"] = str(blobs)
-    if precision in ("fp32", "bf16"):
-        config["INFERENCE_PRECISION_HINT"] = {"fp32": "f32", "bf16": "bf16"}[precision]
-    return ov.Core().compile_model(ov_model, "CPU", config)
+    """`warm.compile_openvino` with torch's thread count by default."""
+    need("openvino", "openvino")
+    return warm.compile_openvino(ov_model, precision, threads or torch.get_num_threads(), blobs)

@@ -39,14 +39,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import Tensor, nn
+from typing import TYPE_CHECKING, Any
 
 from vitkit import limits
 from vitkit._io import clean_stale_temps
 from vitkit._version import __version__
+
+if TYPE_CHECKING:
+    from torch import Tensor, nn
 
 FORMAT = 1  # the layout of an entry; another value is rebuilt
 DEFAULT_MB = 4096
@@ -74,6 +74,8 @@ def limit_bytes() -> int:
 def fingerprint(model: nn.Module) -> str:
     """SHA-256 of a model's content: its class, config and every tensor's name, dtype, shape
     and bytes (what the path is built from; the file it came from does not matter)."""
+    import torch  # lazy: the rest of the module serves a warm run that never imports torch
+
     h = hashlib.sha256(type(model).__qualname__.encode())
     config = getattr(model, "config", None)
     to_dict = getattr(config, "to_dict", None)
@@ -125,13 +127,66 @@ class Key:
 
 
 def versions(backend: str) -> str:
-    """vitkit, torch and the backend's libraries, as `name version` pairs."""
+    """vitkit, torch and the backend's libraries, as `name version` pairs (read from the
+    installed packages' metadata, so a warm run need not import them)."""
     names = {"openvino": ("openvino", "nncf"), "onnxruntime": ("onnxruntime", "onnx")}
-    parts = [f"vitkit {__version__}", f"torch {torch.__version__}"]
-    for name in names.get(backend, ()):
+    parts = [f"vitkit {__version__}"]
+    for name in ("torch", *names.get(backend, ())):
         with contextlib.suppress(PackageNotFoundError):
             parts.append(f"{name} {version(name)}")
     return "; ".join(parts)
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where it does not exist)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def cpu_capability(flags: frozenset[str] | None = None) -> str | None:
+    """The vector ISA torch dispatches its CPU kernels to ("AVX512", "AVX2", "DEFAULT"),
+    read from the CPU's flags with torch's own rule; None where $ATEN_CPU_CAPABILITY
+    overrides it or the CPU is not x86 (then only torch itself can say)."""
+    flags = cpu_flags() if flags is None else flags
+    if os.environ.get("ATEN_CPU_CAPABILITY") or "sse2" not in flags:
+        return None
+    if {"avx512vl", "avx512bw", "avx512dq", "fma"} <= flags:
+        return "AVX512"
+    return "AVX2" if {"avx2", "fma"} <= flags else "DEFAULT"
+
+
+def machine_key(flags: frozenset[str] | None = None) -> str:
+    """The instruction sets a prepared path depends on (`Key.machine`): OpenVINO's kernels and
+    `auto`'s pick follow them."""
+    flags = cpu_flags() if flags is None else flags
+    sets = {"avx512_bf16": {"avx512_bf16"}, "vnni": {"avx512_vnni", "avx_vnni"},
+            "amx": {"amx_bf16", "amx_int8"}}  # fmt: skip
+    return " ".join(
+        [cpu_capability(flags) or "unknown", *(k for k, v in sets.items() if v & flags)]
+    )
+
+
+def path_key(fingerprint: str, precision: str, backend: str, shape: tuple[int, ...],
+             calibration: str | None) -> Key:  # fmt: skip
+    """The key of a prepared path: `calibration` is the images' `tensor_id` when they were
+    given, None when the first batch calibrates."""
+    static = (precision == "int8" and backend == "openvino") or precision == "auto"
+    source = "none" if not static else calibration or "first batch"  # "none": sees no images
+    return Key(fingerprint, precision, backend, tuple(shape), source, machine_key(),
+               versions(backend))  # fmt: skip
+
+
+def alias_key(files: list[Path], asked: dict[str, Any]) -> Key:
+    """The key of what a local checkpoint resolves to (config, preprocessing, fingerprint),
+    by its files' bytes and the options it was resolved with."""
+    options = json.dumps({k: asked[k] for k in sorted(asked)}, default=str)
+    return Key(files_id(files), "resolved", "-", (), options, "", versions("torch"))
 
 
 class Cache:

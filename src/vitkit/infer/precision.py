@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import importlib.util
-import json
 import os
 import sys
 import tempfile
@@ -39,12 +37,20 @@ from torch import Tensor, nn
 from torch.ao.quantization import quantize_dynamic
 
 from vitkit._names import BACKENDS, PRECISIONS
-from vitkit.checkpoints.resolve import Resolved, local_files, resolve
+from vitkit.checkpoints._local import local_files
+from vitkit.checkpoints.resolve import Resolved, resolve
 from vitkit.config import ViTConfig
-from vitkit.data.processor import ImageProcessor
 from vitkit.errors import ConfigError, VitkitError
-from vitkit.infer import _graph
-from vitkit.infer.cache import Cache, Key, files_id, fingerprint, tensor_id, versions
+from vitkit.infer import _graph, warm
+from vitkit.infer.cache import (
+    Cache,
+    Key,
+    alias_key,
+    cpu_capability,
+    fingerprint,
+    path_key,
+    tensor_id,
+)
 from vitkit.models.vit import logits_of
 
 AUTO_MIN_AGREEMENT = 0.99  # top-1 agreement with fp32 `auto` demands on the calibration batch
@@ -61,27 +67,12 @@ def is_plain(precision: str, backend: str | None) -> bool:
 # ------------------------------------------------------------------------------ the machine
 def machine() -> dict[str, Any]:
     """What the precision choice depends on: ISA level, bf16/int8 instructions, CUDA, runtimes."""
-    flags = _graph.cpu_flags()
-    return {
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "avx2": "avx2" in flags,
-        "avx512": "avx512f" in flags,
-        "avx512_bf16": "avx512_bf16" in flags,
-        "vnni": bool({"avx512_vnni", "avx_vnni"} & flags),
-        "amx": bool({"amx_bf16", "amx_int8"} & flags),
-        "cuda": torch.cuda.is_available(),
-        "openvino": _installed("openvino") and _installed("nncf"),
-        "onnxruntime": _installed("onnxruntime") and _installed("onnxscript"),
-    }
-
-
-def _installed(name: str) -> bool:
-    return importlib.util.find_spec(name) is not None
+    return {"cpu_capability": torch.backends.cpu.get_cpu_capability(), **warm.cpu_machine(),
+            "cuda": torch.cuda.is_available()}  # fmt: skip
 
 
 def native_bf16(info: dict[str, Any] | None = None) -> bool:
-    info = info or machine()
-    return bool(info["avx512_bf16"] or info["amx"])
+    return warm.native_bf16(info or machine())
 
 
 def choose(device: torch.device | str = "cpu", info: dict[str, Any] | None = None) -> list[
@@ -99,18 +90,7 @@ def choose(device: torch.device | str = "cpu", info: dict[str, Any] | None = Non
     if device.type == "cuda":
         half = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         return [(half, "torch", f"CUDA: {half} weights"), ("fp32", "torch", "fallback")]
-    isa = "AMX" if info["amx"] else "AVX-512" if info["avx512"] else "AVX2" if info["avx2"] else ""
-    vnni = " with VNNI" if info["vnni"] else ""
-    out = []
-    if info["openvino"]:
-        out.append(("int8", "openvino", f"{isa}{vnni}: OpenVINO static int8 is fastest"))
-    if native_bf16(info):
-        bf16_backend = "openvino" if info["openvino"] else "torch"
-        out.append(("bf16", bf16_backend, f"{isa} has native bf16"))
-    if info["onnxruntime"]:
-        out.append(("int8", "onnxruntime", f"{isa}{vnni}: onnxruntime dynamic int8"))
-    out.append(("fp32", "torch", "fallback: exact"))
-    return out
+    return warm.cpu_candidates(info)
 
 
 def default_backend(precision: str, device: torch.device | str = "cpu") -> str:
@@ -259,17 +239,9 @@ class Runner:
         if self._fingerprint is None:
             known = self.model.fingerprint if isinstance(self.model, Deferred) else None
             self._fingerprint = known or fingerprint(self.model)
-        static = (precision == "int8" and backend == "openvino") or precision == "auto"
-        if not static:
-            source = "none"  # a conversion that sees no images
-        elif self.calibration_given and calibration is not None:
-            source = tensor_id(calibration)
-        else:
-            source = "first batch"
-        info = machine()  # the instruction sets: `auto`'s pick and OpenVINO's kernels follow them
-        isa = [info["cpu_capability"], *(k for k in ("avx512_bf16", "vnni", "amx") if info[k])]
-        return Key(self._fingerprint, precision, backend, tuple(example.shape[1:]), source,
-                   " ".join(isa), versions(backend))  # fmt: skip
+        given = self.calibration_given and calibration is not None
+        return path_key(self._fingerprint, precision, backend, tuple(example.shape[1:]),
+                        tensor_id(calibration) if given else None)  # fmt: skip
 
     def _store(self, key: Key) -> Any:
         return (self.cache, key, self._say) if self.cache is not None else None
@@ -404,25 +376,19 @@ def resolve_for(
         return resolve(source, **resolve_kwargs)
     say = log or (lambda s: print(f"vitkit: {s}", file=sys.stderr))
     store = cache if isinstance(cache, Cache) else Cache(say=say)
-    asked = json.dumps({k: resolve_kwargs.get(k) for k in sorted(resolve_kwargs)}, default=str)
-    key = Key(files_id(files), "resolved", "-", (), asked, "", versions("torch"))
-    folder = store.get(key)
-    if folder is not None:
-        try:
-            meta = store.meta(folder)
-            config = ViTConfig.from_dict(meta["config"])
-            processor = ImageProcessor.from_fields(meta["processor"])
-            fp = str(meta["fingerprint"])
-        except (KeyError, TypeError, ValueError, AttributeError, VitkitError) as exc:
-            say(f"cache entry {folder} is unusable ({exc}); loading {os.fspath(source)}")
-        else:
-            model = Deferred(config, fp, lambda: resolve(source, **resolve_kwargs).model)
-            return Resolved(model, processor, os.fspath(source), folder=files[0].parent)
+    key = alias_key(files, resolve_kwargs)
+    found = warm.described(store, key, say, source)
+    if found is not None:
+        config, processor, fp, _ = found
+        model = Deferred(config, fp, lambda: resolve(source, **resolve_kwargs).model)
+        return Resolved(model, processor, os.fspath(source), folder=files[0].parent)
     resolved = resolve(source, **resolve_kwargs)
     if isinstance(resolved.model.config, ViTConfig):
+        pixels = resolved.processor.matches_without_torch()
         described = {"fingerprint": fingerprint(resolved.model),
                      "config": resolved.model.config.to_dict(),
-                     "processor": resolved.processor.to_fields()}  # fmt: skip
+                     "processor": resolved.processor.to_fields(),
+                     "pixels": cpu_capability() if pixels else None}  # fmt: skip
         with store.put(key, "a checkpoint's config and preprocessing", described):
             pass
     return resolved
@@ -548,13 +514,10 @@ def _openvino_fn(
     keeps (`vitkit.infer.cache`)."""
     cache, key, say = store or (None, None, _quiet)
     folder = cache.get(key) if cache is not None else None
-    note = {"fp32": "f32", "bf16": "bf16 inference hint"}.get(precision, "")
-    if precision == "int8":
-        note = f"NNCF static int8, transformer preset, calibrated on {len(example)} images"
+    note = warm.openvino_note(precision, len(example), cached=folder is not None)
     if folder is not None:
         ov = _graph.need("openvino", "openvino")
         ov_model = ov.Core().read_model(str(folder / "model.xml"))
-        note = f"{note}, from the cache"
         say(f"{precision} on OpenVINO from the cache ({folder})")
     else:
         with _step(say, "converting to OpenVINO"):

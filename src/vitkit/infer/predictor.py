@@ -21,7 +21,6 @@ import dataclasses
 import os
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,11 +28,18 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from vitkit.data.images import is_image_file, load_image, quiet_bomb_warning, size_problem
+from vitkit.data.images import (  # expand_inputs: its home, re-exported for the callers here
+    expand_inputs,
+    load_image,
+    quiet_bomb_warning,
+    reason_of,
+    size_problem,
+)
 from vitkit.data.labels import id2label_for
 from vitkit.data.processor import ImageProcessor
 from vitkit.errors import ImageError, VitkitError
 from vitkit.infer.precision import prepare
+from vitkit.infer.warm import probabilities, top_rows
 
 
 @dataclasses.dataclass
@@ -97,7 +103,7 @@ class Predictor:
         self.workers = workers or max(1, min(os.cpu_count() or 1, 8))
         self.top_k = min(top_k, config.num_classes)
         self.labels = labels if labels is not None else id2label_for(config)
-        self.probabilities = getattr(model, "probabilities", lambda logits: logits.softmax(-1))
+        self.probabilities = getattr(model, "probabilities", _softmax)
 
     # ---- tensors -------------------------------------------------------------------------
     def predict_tensors(self, pixels: Tensor) -> Tensor:
@@ -105,12 +111,9 @@ class Predictor:
         return self.probabilities(self.runner(pixels).float()).cpu()
 
     def top(self, probs: Tensor) -> list[list[tuple[int, str, float]]]:
-        """(B, K) probabilities -> per row [(index, label, probability)] of the top k."""
-        values, indices = probs.topk(self.top_k, dim=-1)
-        return [
-            [(int(c), self.labels.get(int(c), str(int(c))), float(p)) for p, c in zip(vs, cs)]
-            for vs, cs in zip(values, indices)
-        ]
+        """(B, K) probabilities -> per row [(index, label, probability)] of the top k (ties:
+        the lower index first, as the torch-free warm path)."""
+        return top_rows(probs.float().numpy(), self.top_k, self.labels)
 
     # ---- files and images ----------------------------------------------------------------
     def load(self, source: Any) -> Tensor:
@@ -179,14 +182,17 @@ def pipelined(
             yield batch
 
 
+def _softmax(logits: Tensor) -> Tensor:
+    """The softmax `vitkit predict` prints on every path (float64, `warm.probabilities`)."""
+    return torch.from_numpy(probabilities(logits.detach().cpu().numpy()))
+
+
 def load_or_reason(source: Any, processor: ImageProcessor) -> Tensor | str:
     """(C, H, W) pixels of one image, or why it could not be read (per image, never raised)."""
     try:
         return preprocess(source, processor)
     except ImageError as exc:
-        message = str(exc)
-        prefix = f"{os.fspath(source)}: " if isinstance(source, (str, os.PathLike)) else ""
-        return message[len(prefix) :] if prefix and message.startswith(prefix) else message
+        return reason_of(source, exc)
 
 
 def preprocess(source: Any, processor: ImageProcessor) -> Tensor:
@@ -244,35 +250,3 @@ def _decode_jpeg(path: str | os.PathLike[str], max_pixels: int | None) -> Tensor
         return decode_jpeg(data, mode=ImageReadMode.RGB, apply_exif_orientation=True)
     except Exception:  # let load_image find and name what is wrong
         return None
-
-
-# ------------------------------------------------------------------------------ inputs
-def expand_inputs(inputs: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
-    """Arguments -> (image paths in order, [(argument, reason)] for the ones that failed).
-
-    Folders expand to the image files under them, sorted; a folder with none is a failure.
-    Files are kept whatever their extension (the decoder decides); missing paths fail here.
-    """
-    paths: list[str] = []
-    failures: list[tuple[str, str]] = []
-    for arg in inputs:
-        path = Path(arg)
-        if path.is_dir():
-            found = sorted(
-                str(p)
-                for p in path.rglob("*")
-                if p.is_file() and is_image_file(p) and not _hidden(p.relative_to(path))
-            )
-            if found:
-                paths.extend(found)
-            else:
-                failures.append((arg, "directory contains no image files"))
-        elif path.exists():
-            paths.append(arg)
-        else:
-            failures.append((arg, "no such file or directory"))
-    return paths, failures
-
-
-def _hidden(relative: Path) -> bool:
-    return any(part.startswith(".") for part in relative.parts)
