@@ -5,7 +5,8 @@
 # each SDPA backend, vitkit vs timm vs transformers, and a per-operator profile of the bf16
 # batch-256 cell; 3. torch.compile rows; 4. the CIFAR-10 recipe
 # timed on CIFAR-format batches (generated: no dataset is downloaded), giving its time per epoch;
-# 5. optional digits recipe sweep (SWEEP=1), each run on the GPU.
+# 5. training memory and step time per strategy (FSDP rows need two GPUs); 6. optional digits
+# recipe sweep (SWEEP=1), each run on the GPU.
 # Runs from the repository root with the machine's own torch/timm/transformers (PYTHONPATH=src).
 set -uo pipefail
 out=${1:-${OUT:-/tmp/vitkit-gpu}}
@@ -38,6 +39,13 @@ if [ "${SWEEP:-0}" = 1 ]; then
         --out /tmp/sweep ${SWEEP_ARGS:-}
     cp /tmp/sweep/sweep.json "$out/" 2>/dev/null
 fi
+
+step "training memory: 1 process, DDP x 2, FSDP x 2 (+ checkpointing), LoRA, linear"
+# two processes need two GPUs (torchrun, nccl); one GPU gets the one-process rows only
+if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then rows=""; else rows="0,4,5"; fi
+for model in vit_large_patch16_224 vit_huge_patch14_224; do
+    timeout 600 $py benchmarks/memory.py --device cuda --model $model --steps 5 --rows "$rows"
+done
 
 step "CIFAR-10 recipe on generated CIFAR-format batches (time per epoch)"
 $py - <<'EOF'
