@@ -329,9 +329,9 @@ def test_too_little_memory_is_one_line_before_allocating(tmp_path, monkeypatch):
     """MemAvailable below the training state: one process, and both processes of DDP x 2, stop
     at setup with the numbers and what to change (no hang, no OOM kill); no run is left."""
     monkeypatch.setattr(sharding, "_mem_available", lambda: 2**14)
-    expected = (r"too little memory: one process would hold \d+ KiB of parameters, .* 1.4x "
-                r"that for the step; 16 KiB is available per process on cpu\. To fit: shard it \(strategy: fsdp under "
-                r"torchrun\); use more processes")  # fmt: skip
+    expected = (rf"too little memory: one process would hold \d+ KiB of parameters, .* "
+                rf"{sharding.HEADROOM:g}x that for the step; 16 KiB is available per process on "
+                r"cpu\. To fit: shard it \(strategy: fsdp under torchrun\); use more processes")  # fmt: skip
     with pytest.raises(ConfigError, match=expected):
         _here({**RECIPE, "output": str(tmp_path / "one")})
     assert not (tmp_path / "one").exists()

@@ -182,7 +182,18 @@ def test_a_cpu_whose_resize_kernel_differs_is_caught():
 
 
 def test_threads_and_probabilities_match_torchs():
-    assert warm.default_threads() in (torch.get_num_threads(), None)
+    code = "import torch\nfrom vitkit.infer import warm\nprint(warm.default_threads(), torch.get_num_threads())"
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=True,
+    )  # fmt: skip  (a fresh process: torch's default)
+    ours, torchs = done.stdout.split()
+    assert ours == torchs
     logits = torch.randn(4, 1000) * 5
     np.testing.assert_allclose(warm.probabilities(logits.numpy()), logits.softmax(-1).numpy(),
                                rtol=1e-5, atol=1e-7)  # fmt: skip

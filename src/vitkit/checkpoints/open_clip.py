@@ -48,6 +48,7 @@ from vitkit.checkpoints._common import (
     Hook,
     Rule,
     block_rules,
+    build_config,
     expected_shapes,
     find_prefix,
     integer,
@@ -140,15 +141,12 @@ def vision_config(
             f"{source}: width {D} is not a whole number of heads of "
             f"{found['head_width']} channels; pass config=ViTConfig(...)"
         )
-    try:
-        return ViTConfig(
-            image_size=grid * P, patch_size=P, in_chans=C, embed_dim=D, depth=depth,
-            num_heads=D // found["head_width"], mlp_ratio=hidden / D, act=found["act"],
-            layer_norm_eps=1e-5, pre_norm=True, patch_bias=False, projection_dim=projection,
-            num_classes=0,
-        )  # fmt: skip
-    except ConfigError as exc:
-        raise CheckpointError(f"{source} describes an invalid model: {exc}") from exc
+    return build_config(
+        ViTConfig, source, image_size=grid * P, patch_size=P, in_chans=C, embed_dim=D,
+        depth=depth, num_heads=D // found["head_width"], mlp_ratio=hidden / D, act=found["act"],
+        layer_norm_eps=1e-5, pre_norm=True, patch_bias=False, projection_dim=projection,
+        num_classes=0,
+    )  # fmt: skip
 
 
 def read_config(path: Path | None) -> dict[str, Any]:
@@ -339,10 +337,8 @@ def _text_config_from_shapes(
 
 
 def _text_config(source: str, **fields: Any) -> TextConfig:
-    try:
-        return TextConfig(**fields, causal=True, pool="argmax", projection_bias=False)
-    except ConfigError as exc:
-        raise CheckpointError(f"{source} describes an invalid text tower: {exc}") from exc
+    return build_config(TextConfig, source, "text tower", **fields, causal=True, pool="argmax",
+                        projection_bias=False)  # fmt: skip
 
 
 def has_text_tower(sd: Mapping[str, Any]) -> bool:

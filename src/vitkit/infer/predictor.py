@@ -103,7 +103,7 @@ class Predictor:
         self.workers = workers or max(1, min(os.cpu_count() or 1, 8))
         self.top_k = min(top_k, config.num_classes)
         self.labels = labels if labels is not None else id2label_for(config)
-        self.probabilities = getattr(model, "probabilities", _softmax)
+        self.probabilities = getattr(model, "probabilities", softmax)
 
     # ---- tensors -------------------------------------------------------------------------
     def predict_tensors(self, pixels: Tensor) -> Tensor:
@@ -182,8 +182,9 @@ def pipelined(
             yield batch
 
 
-def _softmax(logits: Tensor) -> Tensor:
-    """The softmax `vitkit predict` prints on every path (float64, `warm.probabilities`)."""
+def softmax(logits: Tensor) -> Tensor:
+    """The softmax `vitkit predict` and `serve` answer with on every path (float64,
+    `warm.probabilities`), on the CPU."""
     return torch.from_numpy(probabilities(logits.detach().cpu().numpy()))
 
 

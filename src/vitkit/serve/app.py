@@ -58,7 +58,8 @@ from vitkit.explain import HEAD_FUSIONS, METHODS, explain_image, label_index
 from vitkit.features import Embedder
 from vitkit.infer.exported import check_unchanged, is_exported, load_exported
 from vitkit.infer.precision import BACKENDS, PRECISIONS, prepare
-from vitkit.infer.predictor import load_folder, preprocess
+from vitkit.infer.predictor import load_folder, preprocess, softmax
+from vitkit.infer.warm import top_rows
 from vitkit.infer.zero_shot import (
     DEFAULT_TEMPLATE,
     check_labels,
@@ -296,8 +297,7 @@ class Service:
     def classify_rows(self, pixels: Tensor) -> list[Tensor]:
         """(B, C, H, W) -> a (K,) probability row per image, float32 on the CPU: the runner of
         `vitkit predict --precision P`, the same call."""
-        probs = self.runner(pixels.to(self.device)).float().softmax(-1).cpu()
-        return list(probs)
+        return list(softmax(self.runner(pixels.to(self.device)).float()))
 
     def embed_rows(self, pixels: Tensor) -> list[Tensor]:
         """(B, C, H, W) -> the model's pooled output per image (its image embedding when it
@@ -517,11 +517,8 @@ async def _classify(request):
         pixels = await _decode(service, _image_of(data))
         probs = await batched(request, service.batcher, pixels)
         names, answered_by = service.labels, None
-    p, idx = probs.topk(min(top_k, probs.shape[0]))
-    top = [
-        {"label": names.get(int(c), str(int(c))), "index": int(c), "probability": float(q)}
-        for q, c in zip(p, idx)
-    ]
+    (rows,) = top_rows(probs[None].float().numpy(), min(top_k, probs.shape[0]), names)
+    top = [{"label": label, "index": c, "probability": q} for c, label, q in rows]
     return _json({"top_k": top, **_model_fields(service, answered_by)})
 
 
