@@ -9,14 +9,15 @@ from __future__ import annotations
 import pickle
 import shutil
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _files import pickle_code_execution, pth_lying_storage, pth_zip_bomb  # noqa: E402
-from _hostile import assert_user_error, run_cli, run_code  # noqa: E402
+from _files import pickle_code_execution, pth_lying_storage, pth_zip_bomb
+from _hostile import assert_user_error, run_cli, run_code
 
 # One process writes what FSDP writes at a checkpoint (every rank's shards, trainer.pt, the
 # `last` link), from a tiny run that has not stepped yet.
@@ -78,7 +79,7 @@ def test_metadata_that_runs_code_is_refused(sharded, tmp_path):
 def test_metadata_naming_a_file_outside_or_absent_is_refused(sharded, tmp_path, where):
     run, last = _copy(sharded, tmp_path)
     meta = _metadata(last)
-    (index, info), *_ = meta.storage_data.items()
+    info = next(iter(meta.storage_data.values()))
     shutil.copy(last / info.relative_path, last.parent / "outside.distcp")  # a real shard
     info.relative_path = where
     (last / ".metadata").write_bytes(pickle.dumps(meta))
@@ -112,8 +113,6 @@ def test_a_value_that_runs_code_is_refused(sharded, tmp_path):
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pth"
     pth_lying_storage(evil)  # a valid torch archive, its data.pkl then replaced
-    import zipfile
-
     with zipfile.ZipFile(evil) as z:
         names = z.namelist()
         parts = {n: z.read(n) for n in names}
@@ -129,9 +128,7 @@ def test_a_value_that_runs_code_is_refused(sharded, tmp_path):
 
 
 @pytest.mark.parametrize("make", [pth_zip_bomb, pth_lying_storage], ids=["zip-bomb", "lying"])
-def test_a_tensor_slice_that_would_allocate_more_than_it_holds_is_refused(
-    sharded, tmp_path, make
-):
+def test_a_tensor_slice_that_would_allocate_more_than_it_holds_is_refused(sharded, tmp_path, make):
     run, last = _copy(sharded, tmp_path)
     _point_at(last, "exp_avg_sq", make(tmp_path / "t.pth").read_bytes())
     assert_user_error(_resume(run), "__9_0.distcp")
