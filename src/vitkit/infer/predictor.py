@@ -39,7 +39,7 @@ from vitkit.data.labels import id2label_for
 from vitkit.data.processor import ImageProcessor
 from vitkit.errors import ImageError, VitkitError
 from vitkit.infer.precision import prepare
-from vitkit.infer.warm import probabilities, top_rows
+from vitkit.infer.warm import answered, probabilities, top_rows
 
 
 @dataclasses.dataclass
@@ -134,20 +134,11 @@ class Predictor:
         return load_or_reason(source, self.processor)
 
     def _run(self, batch: list[tuple[Any, Tensor | str]]) -> Iterator[Prediction]:
-        good = [i for i, (_, x) in enumerate(batch) if isinstance(x, Tensor)]
-        tops: dict[int, list[tuple[int, str, float]]] = {}
-        groups: dict[tuple[int, ...], list[int]] = {}
-        for i in good:  # one forward pass per output size (one, unless the processor keeps sizes)
-            groups.setdefault(tuple(batch[i][1].shape), []).append(i)  # type: ignore[union-attr]
-        for indices in groups.values():
-            pixels = torch.stack([batch[i][1] for i in indices])  # type: ignore[misc]
-            for i, row in zip(indices, self.top(self.predict_tensors(pixels))):
-                tops[i] = row
-        for i, (source, x) in enumerate(batch):
-            if i in tops:
-                yield Prediction(source, top_k=tops[i])
-            else:
-                yield Prediction(source, error=x)  # type: ignore[arg-type]
+        def rows(pixels: list[Tensor]) -> list[list[tuple[int, str, float]]]:
+            return self.top(self.predict_tensors(torch.stack(pixels)))
+
+        for source, top, x in answered(batch, lambda x: isinstance(x, Tensor), rows):
+            yield Prediction(source, top_k=top) if top is not None else Prediction(source, error=x)
 
 
 _END = object()

@@ -286,18 +286,30 @@ def _path(cache: Cache, say: Say, fingerprint: str, precision: str,
 
 def _answer(paths: list[str], batch: list[np.ndarray | str], run: Callable,
             labels: dict[int, str], k: int) -> Iterator[Answer]:  # fmt: skip
-    """One batch's answers in input order: a forward pass per output size, as the predictor."""
-    tops: dict[int, list[tuple[int, str, float]]] = {}
+    """One batch's answers in input order, as the predictor gives them (`answered`)."""
+
+    def rows(pixels: list[np.ndarray]) -> list[list[tuple[int, str, float]]]:
+        return top_rows(probabilities(run(np.ascontiguousarray(np.stack(pixels)))), k, labels)
+
+    ready = lambda x: isinstance(x, np.ndarray)  # noqa: E731
+    for path, top, x in answered(list(zip(paths, batch)), ready, rows):
+        yield Answer(path, top_k=top) if top is not None else Answer(path, error=x)
+
+
+def answered(batch: list[tuple[Any, Any]], ready: Callable[[Any], bool],
+             rows: Callable[[list[Any]], list[Any]]) -> Iterator[tuple[Any, Any, Any]]:  # fmt: skip
+    """(source, its top-k row or None, its item) for a batch of (source, pixels or the reason
+    it could not be read), in input order: one forward pass (`rows`) per pixel size, one
+    unless the processor keeps sizes. The predictor's batches and the warm path's alike."""
     groups: dict[tuple[int, ...], list[int]] = {}
-    for i, x in enumerate(batch):
-        if isinstance(x, np.ndarray):
-            groups.setdefault(x.shape, []).append(i)
+    for i, (_, x) in enumerate(batch):
+        if ready(x):
+            groups.setdefault(tuple(x.shape), []).append(i)
+    tops: dict[int, Any] = {}
     for indices in groups.values():
-        probs = probabilities(run(np.ascontiguousarray(np.stack([batch[i] for i in indices]))))
-        for i, row in zip(indices, top_rows(probs, k, labels)):
-            tops[i] = row
-    for i, (path, x) in enumerate(zip(paths, batch)):
-        yield Answer(path, top_k=tops[i]) if i in tops else Answer(path, error=x)  # type: ignore[arg-type]
+        tops.update(zip(indices, rows([batch[i][1] for i in indices])))
+    for i, (source, x) in enumerate(batch):
+        yield source, tops.get(i), x
 
 
 def top_rows(
