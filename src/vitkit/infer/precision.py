@@ -395,10 +395,7 @@ def resolve_for(
 
 
 def _needs_calibration(runner: Runner) -> bool:
-    """Static int8 needs real images, and `auto` checks its pick on them (among several); the
-    other paths convert from the model's input shape alone."""
-    picks = runner.candidates or [(runner.precision, runner.backend, "")]
-    return len(picks) > 1 or any(p == "int8" and b != "torch" for p, b, _ in picks)
+    return warm.needs_calibration(runner.candidates or [(runner.precision, runner.backend, "")])
 
 
 def _check_supported(precision: str, backend: str, device: torch.device) -> None:

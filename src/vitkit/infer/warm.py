@@ -63,6 +63,12 @@ def native_bf16(info: dict[str, Any]) -> bool:
     return bool(info["avx512_bf16"] or info["amx"])
 
 
+def needs_calibration(picks: list[tuple[str, str, str]]) -> bool:
+    """Static int8 needs real images, and `auto` checks its pick on them (among several); the
+    other paths convert from the model's input shape alone."""
+    return len(picks) > 1 or any(p == "int8" and b != "torch" for p, b, _ in picks)
+
+
 def cpu_candidates(info: dict[str, Any]) -> list[tuple[str, str, str]]:
     """`auto`'s candidates on a CPU, fastest first (`precision.choose` says why)."""
     isa = "AMX" if info["amx"] else "AVX-512" if info["avx512"] else "AVX2" if info["avx2"] else ""
@@ -206,7 +212,7 @@ def start(
         picks = [(precision, chosen, "")]
     if any(b != "openvino" for p, b, _ in picks) and precision != "auto":
         return None
-    calibrates = len(picks) > 1 or any(p == "int8" and b != "torch" for p, b, _ in picks)
+    calibrates = needs_calibration(picks)
 
     def load(path: str) -> np.ndarray | str:  # a reason, as the predictor's `load_or_reason`
         try:
