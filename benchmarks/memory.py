@@ -84,9 +84,7 @@ def worker(spec: dict) -> None:
         sharding_sync(info)
         times.append(time.perf_counter() - t0)
 
-    def local(t):
-        return t.to_local() if hasattr(t, "to_local") else t
-
+    local = sharding.local
     held = sum(local(p).numel() * local(p).element_size() for p in objective.parameters())
     held += sum(
         local(p.grad).numel() * local(p.grad).element_size()

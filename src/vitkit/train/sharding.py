@@ -276,10 +276,11 @@ def copy_into(target: nn.Module, source: nn.Module, info: D.DistInfo) -> None:
     target.to_empty(device=info.device)
     values = tensors(source)
     for name, t in tensors(target).items():
-        _local(t).copy_(_local(values[name]))
+        local(t).copy_(local(values[name]))
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This process's shard of `t` (a DTensor under FSDP), or `t` itself."""
     return t.to_local() if hasattr(t, "to_local") else t
 
 
@@ -300,8 +301,15 @@ def shard(module: nn.Module, recipe: Any, release: bool = True) -> nn.Module:
         )
     if recipe.fsdp_cpu_offload:
         kw["offload_policy"] = CPUOffloadPolicy()
-    for block in [m for m in module.modules() if isinstance(m, Block)]:
-        fully_shard(block, **kw)
+    blocks = [m for m in module.modules() if isinstance(m, Block)]
+    trained = [b for b in blocks if any(p.requires_grad for p in b.parameters())]
+    for block in blocks:
+        # the last trained block's backward starts right after its forward: resharding it in
+        # between would only gather it again (torchtitan keeps its last layer so)
+        keep = trained and block is trained[-1]
+        fully_shard(
+            block, **{**kw, "reshard_after_forward": kw["reshard_after_forward"] and not keep}
+        )
     fully_shard(module, **kw)
     if release and not any(p.is_cuda for p in module.parameters()):
         _return_freed_memory()

@@ -495,7 +495,7 @@ def _score(run: Run, model: nn.Module, split: str, row: dict[str, Any], prefix: 
 def checkpoint(run: Run, *, next_step: int) -> None:
     """Write last/state.pt (rank 0), or under FSDP a sharded last/ (every rank): everything
     `resume` needs to continue bit for bit."""
-    finite = all(bool(torch.isfinite(_local(p)).all()) for p in run.objective.parameters())
+    finite = all(bool(torch.isfinite(sharding.local(p)).all()) for p in run.objective.parameters())
     if run.strategy == "fsdp":
         finite = bool(D.all_reduce_sum(torch.tensor(float(not finite)), run.info) == 0)
     if not finite:
@@ -536,10 +536,6 @@ def checkpoint(run: Run, *, next_step: int) -> None:
     save_state(run.run_dir / "last" / STATE_FILE, state)
     sharding.drop_sharded(run.run_dir)  # shards from the run's FSDP past
     run.log.flush()
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def _restore(run: Run, state: dict[str, Any]) -> None:
