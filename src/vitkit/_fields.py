@@ -105,6 +105,22 @@ def problems(obj: Any, *, numeric_strings: bool = False) -> list[str]:
     return found
 
 
+def known(cls: type, data: Any, what: str, *, source: str = "", noun: str = "field",
+          ignore: tuple[str, ...] = ()) -> dict[str, Any]:  # fmt: skip
+    """The entries of the mapping `data` that are fields of dataclass `cls`; a `ConfigError`
+    (naming `source`, listing the fields) if `data` is no mapping or has another key but
+    `ignore`."""
+    where = f"{source}: " if source else ""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}a {what} needs a mapping of {noun}s, got {type(data).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(str(k) for k in data if k not in names and k not in ignore)
+    if unknown:
+        raise ConfigError(f"{where}unknown {what} {noun}(s) {unknown}; known {noun}s: "
+                          f"{', '.join(sorted(names))}")  # fmt: skip
+    return {k: v for k, v in data.items() if k in names}
+
+
 def _as(value: Any, kind: Any, numeric_strings: bool) -> Any:
     """`value` as a `kind`, never cast; ValueError when it is not one."""
     origin = typing.get_origin(kind)

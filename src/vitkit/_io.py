@@ -65,11 +65,6 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
         f.write(text)
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    with atomic_open(path, "wb") as f:
-        f.write(data)
-
-
 def _temp_folder(path: Path) -> Path:
     """Create the target's folder, sweep stale temporary files, and make a private one for it."""
     path.parent.mkdir(parents=True, exist_ok=True)

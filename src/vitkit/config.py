@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from vitkit import limits
-from vitkit._fields import AT_LEAST_0, POSITIVE, RATE, In, over_limit, problems
+from vitkit._fields import AT_LEAST_0, POSITIVE, RATE, In, known, over_limit, problems
 from vitkit._io import atomic_write_text
 from vitkit.errors import ConfigError
 from vitkit.limits import is_int
@@ -46,17 +46,33 @@ def pair(value: Any, name: str = "size") -> tuple[int, int]:
     return (h, w)
 
 
-def read_json(path: Path, what: str) -> Any:
-    """Parse a JSON file no larger than `vitkit.limits` JSON_BYTES; `ConfigError` naming it."""
+def read_capped(path: Path, what: str = "") -> bytes:
+    """The bytes of `path`, a file no larger than `vitkit.limits` JSON_BYTES (read no further
+    than that, should it grow meanwhile); `ConfigError` naming it otherwise."""
+    cap, what = limits.limit("JSON_BYTES"), f"{what} " if what else ""
     try:
-        size = path.stat().st_size
-        if size > limits.limit("JSON_BYTES"):
-            limits.check(size, "JSON_BYTES", "file size in bytes", str(path))
-        return json.loads(path.read_bytes().decode("utf-8-sig"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
-        if isinstance(exc, ConfigError):
-            raise
+        with open(path, "rb") as f:
+            limits.check(
+                os.fstat(f.fileno()).st_size, "JSON_BYTES", "file size in bytes", str(path)
+            )
+            data = f.read(cap + 1)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what}{path}: {exc}") from None
+    limits.check(len(data), "JSON_BYTES", "file size in bytes", str(path))
+    return data
+
+
+def read_json(path: Path, what: str, *, obj: bool = False) -> Any:
+    """Parse a JSON file no larger than JSON_BYTES (`read_capped`), an object if `obj`;
+    `ConfigError` naming it."""
+    data = read_capped(path, what)
+    try:
+        value = json.loads(data.decode("utf-8-sig"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise ConfigError(f"cannot read {what} {path}: {exc}") from None
+    if obj and not isinstance(value, dict):
+        raise ConfigError(f"{what} {path}: expected a JSON object")
+    return value
 
 
 def _id2label(value: Any) -> dict[int, str]:
@@ -289,12 +305,7 @@ class ViTConfig:
     # ----------------------------------------------------------------------------- io
     def replace(self, **changes: Any) -> ViTConfig:
         """A copy with `changes` applied (and validated). Unknown names raise `ConfigError`."""
-        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
-        if unknown:
-            raise ConfigError(
-                f"unknown ViTConfig field(s) {sorted(unknown)}; known fields: "
-                f"{sorted(f.name for f in dataclasses.fields(self))}"
-            )
+        known(ViTConfig, changes, "ViTConfig")
         if "num_classes" in changes and "id2label" not in changes:
             changes["id2label"] = None
         return dataclasses.replace(self, **changes)
@@ -309,13 +320,7 @@ class ViTConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ViTConfig:
-        if not isinstance(data, dict):
-            raise ConfigError(f"a ViTConfig needs a mapping of fields, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known - {"model_type", "vitkit_version"}
-        if unknown:
-            raise ConfigError(f"unknown ViTConfig field(s) {sorted(unknown)}")
-        return cls(**{k: v for k, v in data.items() if k in known})
+        return cls(**known(cls, data, "ViTConfig", ignore=("model_type", "vitkit_version")))
 
     def to_json(self) -> str:
         return json.dumps({"model_type": "vitkit", **self.to_dict()}, indent=2, sort_keys=True)
@@ -327,9 +332,7 @@ class ViTConfig:
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> ViTConfig:
         path = Path(path)
-        data = read_json(path, "config")
-        if not isinstance(data, dict):
-            raise ConfigError(f"config {path} must hold a JSON object")
+        data = read_json(path, "config", obj=True)
         try:
             return cls.from_dict(data)
         except ConfigError as exc:
@@ -398,19 +401,14 @@ class TextConfig:
         return tables + self.depth * block + 2 * d + p * d + (p if self.projection_bias else 0)
 
     def replace(self, **changes: Any) -> TextConfig:
-        return dataclasses.replace(self, **changes)
+        return dataclasses.replace(self, **known(TextConfig, changes, "TextConfig"))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: Any) -> TextConfig:
-        if not isinstance(data, dict):
-            raise ConfigError(f"a TextConfig needs a mapping of fields, got {type(data).__name__}")
-        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ConfigError(f"unknown TextConfig field(s) {sorted(unknown)}")
-        return cls(**data)
+        return cls(**known(cls, data, "TextConfig"))
 
 
 # ------------------------------------------------------------------------------ both towers

@@ -84,6 +84,12 @@ def check(value: int, name: str, what: str, source: str = "") -> None:
         )
 
 
+def at_least(value: Any, least: int, name: str, error: type[Exception] = ConfigError) -> None:
+    """Raise `error` if `value` is below `least` (None, an unset option, passes)."""
+    if value is not None and value < least:
+        raise error(f"{name} must be at least {least}, got {value}")
+
+
 def is_int(value: Any) -> bool:
     """An integer that is not a bool (JSON `true` must not pass for 1, nor 2.7 for 2)."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)

@@ -52,6 +52,7 @@ import torch
 
 from vitkit import limits
 from vitkit.checkpoints._safety import confine
+from vitkit.config import read_capped, read_json
 from vitkit.errors import CheckpointError, ConfigError
 
 KINDS = ("clip", "open_clip", "siglip")
@@ -207,40 +208,12 @@ class _Files:
             raise ConfigError(f"{path}: not a regular file")
         return path
 
-    def read(self, name: str) -> bytes | None:
-        path = self.path(name)
-        return None if path is None else _read_limited(path)
-
     def json(self, name: str) -> dict[str, Any] | None:
-        data = self.read(name)
-        if data is None:
-            return None
-        try:
-            value = json.loads(data.decode("utf-8-sig"))
-        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-            raise ConfigError(f"{self.folder / name}: not valid JSON ({exc})") from None
-        if not isinstance(value, dict):
-            raise ConfigError(f"{self.folder / name}: expected a JSON object")
-        return value
+        path = self.path(name)
+        return None if path is None else read_json(path, "tokenizer file", obj=True)
 
     def missing(self, *names: str) -> ConfigError:
         return ConfigError(f"{self.folder}: no tokenizer files (looked for {', '.join(names)})")
-
-
-def _read_limited(path: Path) -> bytes:
-    """`path`'s bytes, refusing a file larger than JSON_BYTES (`ConfigError`)."""
-    cap = limits.limit("JSON_BYTES")
-    try:
-        size = path.stat().st_size
-        if size > cap:
-            limits.check(size, "JSON_BYTES", "file size in bytes", str(path))
-        with open(path, "rb") as f:
-            data = f.read(cap + 1)
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc}") from None
-    if len(data) > cap:
-        limits.check(len(data), "JSON_BYTES", "file size in bytes", str(path))
-    return data
 
 
 def _need(module: str) -> Any:
@@ -397,7 +370,7 @@ def _load_clip(files: _Files, config: dict[str, Any], length: int) -> Tokenizer:
         if vocab_path is None or merges_path is None:
             raise files.missing("tokenizer.json", "vocab.json + merges.txt")
         source = f"{vocab_path} + merges.txt"
-        _read_limited(vocab_path), _read_limited(merges_path)  # the size checks
+        read_capped(vocab_path), read_capped(merges_path)  # the size checks
         try:
             vocab, merges = BPE.read_file(str(vocab_path), str(merges_path))
         except Exception as exc:
@@ -531,7 +504,7 @@ def open_clip_vocabulary(
         )
     cap = limits.limit("JSON_BYTES")
     try:
-        with gzip.GzipFile(fileobj=io.BytesIO(_read_limited(path))) as f:
+        with gzip.GzipFile(fileobj=io.BytesIO(read_capped(path))) as f:
             data = f.read(cap + 1)
         if len(data) > cap:
             limits.check(len(data), "JSON_BYTES", "uncompressed size in bytes", str(path))
@@ -615,7 +588,7 @@ def _load_siglip(files: _Files, config: dict[str, Any], length: int) -> Tokenize
         raise files.missing("spiece.model")
     # (legacy=false makes transformers turn add_dummy_prefix off, which the <unk> prefix
     # below makes moot: the ids are the same)
-    data = _read_limited(path)
+    data = read_capped(path)
     sp = spm.SentencePieceProcessor()
     try:
         sp.LoadFromSerializedProto(data)

@@ -359,7 +359,7 @@ def hf_labels(c: Mapping[str, Any], *, source: str) -> tuple[int, dict[int, str]
         labels = {int(k): str(v) for k, v in id2label.items()} if id2label else None
     except (TypeError, ValueError):
         raise CheckpointError(f"{source}: id2label keys must be class indices") from None
-    num_classes = integer(c, "num_labels", None) if c.get("num_labels") else 0
+    num_classes = integer(c, "num_labels", None, source=source) if c.get("num_labels") else 0
     num_classes = num_classes or (len(labels) if labels else 2)
     if labels and len(labels) != num_classes:
         raise CheckpointError(
@@ -399,22 +399,24 @@ def hf_fields(config: ViTConfig, **extra: Any) -> dict[str, Any]:
 
 
 def differences(
-    config: ViTConfig, family: str, required: Mapping[str, Any], *, square: bool = True
+    config: ViTConfig | TextConfig, family: str, required: Mapping[str, Any], *, square: bool = True
 ) -> list[str]:
-    """Reasons `family`'s transformers classes cannot hold `config`: each field that differs
-    from `required` (a value, or a tuple of allowed values), plus a non-square image size
-    where the family's configs are `square`."""
+    """Reasons `family`'s transformers classes cannot hold `config`, an image model or a text
+    tower (whose reasons start with "text "): each field that differs from `required` (a value,
+    or a tuple of allowed values), a non-square image size where the family's configs are
+    `square`, and an `mlp_ratio` that gives a fractional hidden size."""
+    image = isinstance(config, ViTConfig)
+    tag, width = ("", config.embed_dim) if image else ("text ", config.width)
     reasons = []
     for name, want in required.items():
         have = getattr(config, name)
         allowed = want if isinstance(want, tuple) else (want,)
         if have not in allowed:
-            reasons.append(f"{name}={have!r} ({family} has {' or '.join(map(repr, allowed))})")
-    h, w = config.image_hw
-    if square and h != w:
+            reasons.append(f"{tag}{name}={have!r} ({family} has {' or '.join(map(repr, allowed))})")
+    if image and square and config.image_hw[0] != config.image_hw[1]:
         reasons.append(f"image_size={config.image_hw} ({family} configs are square)")
-    if config.mlp_hidden_dim != round(config.embed_dim * config.mlp_ratio, 6):
-        reasons.append(f"mlp_ratio={config.mlp_ratio} gives a fractional hidden size")
+    if config.mlp_hidden_dim != round(width * config.mlp_ratio, 6):
+        reasons.append(f"{tag}mlp_ratio={config.mlp_ratio} gives a fractional hidden size")
     return reasons
 
 

@@ -31,6 +31,7 @@ from torch import Tensor
 from vitkit.checkpoints._common import (
     HF_ACT_TO,
     HF_BASE,
+    AnyConfig,
     Rule,
     block_rules,
     build_config,
@@ -55,6 +56,8 @@ ARCHITECTURES = ("CLIPVisionModel", "CLIPVisionModelWithProjection", "CLIPModel"
 TEXT_ARCHITECTURES = ("CLIPTextModel", "CLIPTextModelWithProjection")
 _PREFIX = "vision_model."
 TEXT_PREFIX = "text_model."
+_VISION_ANCHOR = "embeddings.patch_embedding.weight"  # the key that finds a tower's prefix
+_TEXT_ANCHOR = "embeddings.token_embedding.weight"
 LEGACY_EOS = 2  # transformers pools the largest id for this eos_token_id (configs before #24773)
 LAYER = dict(ln1="layer_norm1", q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj",
              o="self_attn.out_proj", ln2="layer_norm2", fc1="mlp.fc1", fc2="mlp.fc2")  # fmt: skip
@@ -90,15 +93,15 @@ def _part(data: Mapping[str, Any], key: str, source: str) -> dict[str, Any]:
 def common_fields(v: Mapping[str, Any], defaults: Mapping[str, Any], source: str) -> dict:
     """`ViTConfig` fields that CLIP and SigLIP vision configs spell the same way."""
     c = {**defaults, **{k: val for k, val in v.items() if val is not None}}
-    hidden = integer(c, "hidden_size")
+    hidden = integer(c, "hidden_size", source=source)
     return dict(
-        image_size=integer(c, "image_size"),
-        patch_size=integer(c, "patch_size"),
-        in_chans=integer(c, "num_channels"),
+        image_size=integer(c, "image_size", source=source),
+        patch_size=integer(c, "patch_size", source=source),
+        in_chans=integer(c, "num_channels", source=source),
         embed_dim=hidden,
-        depth=integer(c, "num_hidden_layers"),
-        num_heads=integer(c, "num_attention_heads"),
-        mlp_ratio=integer(c, "intermediate_size") / hidden,
+        depth=integer(c, "num_hidden_layers", source=source),
+        num_heads=integer(c, "num_attention_heads", source=source),
+        mlp_ratio=integer(c, "intermediate_size", source=source) / hidden,
         layer_norm_eps=number(c, "layer_norm_eps", 1e-5, source=source),
         act=hf_act(c["hidden_act"], source=source),
         attn_drop_rate=number(c, "attention_dropout", 0.0, source=source),
@@ -106,7 +109,7 @@ def common_fields(v: Mapping[str, Any], defaults: Mapping[str, Any], source: str
     )
 
 
-_DEFAULTS = dict(
+VISION_DEFAULTS = dict(  # transformers' CLIPVisionConfig
     hidden_size=768,
     intermediate_size=3072,
     num_hidden_layers=12,
@@ -139,8 +142,8 @@ def config_from_hf(data: Mapping[str, Any], *, source: str = "config.json") -> V
         # 512); CLIPVisionModelWithProjection's its own
         stated = data if arch == "CLIPModel" else v
         projection = integer(stated, "projection_dim", 512, source=source)
-    return build_config(ViTConfig, source, **common_fields(v, _DEFAULTS, source), pre_norm=True,
-                        patch_bias=False, projection_dim=projection)  # fmt: skip
+    return build_config(ViTConfig, source, **common_fields(v, VISION_DEFAULTS, source),
+                        pre_norm=True, patch_bias=False, projection_dim=projection)  # fmt: skip
 
 
 def rules(config: ViTConfig, prefix: str = _PREFIX) -> list[Rule]:
@@ -164,11 +167,9 @@ def state_dict_from_hf(
     sd: Mapping[str, Tensor], config: ViTConfig, *, source: str = "state dict"
 ) -> dict[str, Tensor]:
     """vitkit weights from a CLIP vision (or full CLIP) state dict; the text tower is ignored."""
-    prefix = find_prefix(sd, "embeddings.patch_embedding.weight", source=source, what="CLIP")
-    ignore = ["text_model.", "text_projection.", "logit_scale", f"{prefix}embeddings.position_ids"]
-    if config.projection_dim is None:
-        ignore.append("visual_projection.")
-    return rename_from(sd, rules(config, prefix), config, ignore=ignore, source=source)
+    ignore = [TEXT_PREFIX, "text_projection.", "logit_scale"]
+    ignore += ["visual_projection."] if config.projection_dim is None else []
+    return towers_from_hf(sd, config, rules, *ignore, source=source, what="CLIP")
 
 
 def unsupported(config: ViTConfig) -> list[str]:
@@ -300,32 +301,22 @@ def text_state_dict_from_hf(
     sd: Mapping[str, Tensor], config: TextConfig, *, source: str = "state dict"
 ) -> dict[str, Tensor]:
     """vitkit `TextTransformer` weights from a CLIP text (or full CLIP) state dict."""
-    prefix = find_prefix(sd, "embeddings.token_embedding.weight", source=source,
-                         what="CLIP text")  # fmt: skip
-    ignore = [_PREFIX, "visual_projection.", "logit_scale", f"{prefix}embeddings.position_ids"]
-    if config.projection_dim is None:
-        ignore.append("text_projection.")
-    return rename_from(sd, text_rules(config, prefix), config, ignore=ignore, source=source)
+    ignore = [_PREFIX, "visual_projection.", "logit_scale"]
+    ignore += ["text_projection."] if config.projection_dim is None else []
+    return towers_from_hf(sd, config, text_rules, *ignore, source=source, what="CLIP text")
 
 
 def text_unsupported(config: TextConfig, *, projection: bool = False) -> list[str]:
     """Reasons CLIPTextModel[WithProjection] (`projection`: CLIPModel's, which has one) cannot
     hold `config` (empty if it can)."""
-    c, reasons = config, []
-    for name, have, allowed in (
-        ("causal", c.causal, (True,)),
-        ("pool", c.pool, ("argmax", "eos")),
-        ("projection_bias", c.projection_bias, (False,)),
-    ):
-        if have not in allowed:
-            reasons.append(f"text {name}={have!r} (CLIP has {' or '.join(map(repr, allowed))})")
+    c = config
+    required = dict(causal=True, pool=("argmax", "eos"), projection_bias=False)
+    reasons = differences(c, "CLIP", required)
     if c.pool == "eos" and c.eos_token_id == LEGACY_EOS:
         reasons.append(f"text eos_token_id={LEGACY_EOS} with pool='eos' (transformers reads "
                        f"{LEGACY_EOS} as the legacy largest-id rule)")  # fmt: skip
     if projection and c.projection_dim is None:
         reasons.append("a text tower without projection (CLIPModel has text_projection)")
-    if c.mlp_hidden_dim != round(c.width * c.mlp_ratio, 6):
-        reasons.append(f"text mlp_ratio={c.mlp_ratio} gives a fractional hidden size")
     return reasons
 
 
@@ -375,14 +366,16 @@ def image_text_state_dict_from_hf(
 
 
 def towers_from_hf(
-    sd: Mapping[str, Tensor], config: ImageTextConfig, table: Any, *, source: str, what: str
+    sd: Mapping[str, Tensor], config: AnyConfig, table: Any, *ignore: str, source: str, what: str
 ) -> dict[str, Tensor]:
-    """`ImageTextModel` weights from a CLIPModel / SiglipModel state dict by its family's
-    `table(config, vision_prefix, text_prefix)`, each tower's prefix as the file has it."""
-    vision = find_prefix(sd, "embeddings.patch_embedding.weight", source=source, what=what)
-    text = find_prefix(sd, "embeddings.token_embedding.weight", source=source, what=what)
-    ignore = [f"{vision}embeddings.position_ids", f"{text}embeddings.position_ids"]
-    return rename_from(sd, table(config, vision, text), config, ignore=ignore, source=source)
+    """Weights of an image or a text tower, or of both (`ImageTextModel`), from a CLIP / SigLIP
+    state dict by its family's `table(config, *prefixes)`, each tower's prefix (vision first)
+    as the file has it; keys starting with an `ignore` entry are left aside."""
+    towers = [config.vision, config.text] if isinstance(config, ImageTextConfig) else [config]
+    anchors = [_TEXT_ANCHOR if isinstance(t, TextConfig) else _VISION_ANCHOR for t in towers]
+    prefixes = [find_prefix(sd, anchor, source=source, what=what) for anchor in anchors]
+    ignore += tuple(f"{prefix}embeddings.position_ids" for prefix in prefixes)
+    return rename_from(sd, table(config, *prefixes), config, ignore=ignore, source=source)
 
 
 def image_text_unsupported(config: ImageTextConfig) -> list[str]:

@@ -66,7 +66,7 @@ def config_from_hf(data: Mapping[str, Any], *, source: str = "config.json") -> V
     num_classes, labels = hf_labels(c, source=source) if classifier else (0, None)
     if not c.get("apply_layernorm", True):
         raise CheckpointError(f"{source}: apply_layernorm=false is not supported")
-    hidden = integer(c, "hidden_size", 768)
+    hidden = integer(c, "hidden_size", 768, source=source)
     ratio = number(c, "mlp_ratio", 4, source=source)
     swiglu = bool(c.get("use_swiglu_ffn", False))
     if swiglu:
@@ -74,15 +74,15 @@ def config_from_hf(data: Mapping[str, Any], *, source: str = "config.json") -> V
     return build_config(
         ViTConfig,
         source,
-        image_size=integer(c, "image_size", 224),
-        patch_size=integer(c, "patch_size", 16 if registers else 14),
-        in_chans=integer(c, "num_channels", 3),
+        image_size=integer(c, "image_size", 224, source=source),
+        patch_size=integer(c, "patch_size", 16 if registers else 14, source=source),
+        in_chans=integer(c, "num_channels", 3, source=source),
         num_classes=num_classes,
         id2label=labels,
         global_pool="token_avg" if classifier else "token",
         embed_dim=hidden,
-        depth=integer(c, "num_hidden_layers", 12),
-        num_heads=integer(c, "num_attention_heads", 12),
+        depth=integer(c, "num_hidden_layers", 12, source=source),
+        num_heads=integer(c, "num_attention_heads", 12, source=source),
         mlp_ratio=ratio,
         mlp_layer="swiglu" if swiglu else "mlp",
         qkv_bias=bool(c.get("qkv_bias", True)),
@@ -92,7 +92,9 @@ def config_from_hf(data: Mapping[str, Any], *, source: str = "config.json") -> V
         attn_drop_rate=number(c, "attention_probs_dropout_prob", 0.0, source=source),
         layer_scale_init=number(c, "layerscale_value", 1.0, source=source),
         use_mask_token=registers or bool(c.get("use_mask_token", True)),
-        num_register_tokens=integer(c, "num_register_tokens", 4, minimum=0) if registers else 0,
+        num_register_tokens=(
+            integer(c, "num_register_tokens", 4, source=source, minimum=0) if registers else 0
+        ),
         pos_embed_antialias=registers,
     )
 

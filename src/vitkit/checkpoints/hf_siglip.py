@@ -26,9 +26,7 @@ from vitkit.checkpoints._common import (
     Rule,
     build_config,
     differences,
-    find_prefix,
     integer,
-    rename_from,
     rename_to,
     same,
     under,
@@ -36,6 +34,7 @@ from vitkit.checkpoints._common import (
 )
 from vitkit.checkpoints.hf_clip import (
     TEXT_PREFIX,
+    VISION_DEFAULTS,
     common_fields,
     layer_rules,
     text_fields,
@@ -52,16 +51,8 @@ from vitkit.models.image_text import ImageTextConfig
 from vitkit.models.text import TextConfig
 
 _PREFIX = "vision_model."
-_DEFAULTS = dict(
-    hidden_size=768,
-    intermediate_size=3072,
-    num_hidden_layers=12,
-    num_attention_heads=12,
-    num_channels=3,
-    image_size=224,
-    patch_size=16,
-    hidden_act="gelu_pytorch_tanh",
-    layer_norm_eps=1e-6,
+_DEFAULTS = dict(  # transformers' SiglipVisionConfig: CLIP's but for these
+    VISION_DEFAULTS, patch_size=16, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6
 )
 
 
@@ -102,9 +93,8 @@ def state_dict_from_hf(
     sd: Mapping[str, Tensor], config: ViTConfig, *, source: str = "state dict"
 ) -> dict[str, Tensor]:
     """vitkit weights from a SigLIP vision (or full SigLIP) state dict."""
-    prefix = find_prefix(sd, "embeddings.patch_embedding.weight", source=source, what="SigLIP")
-    ignore = ("text_model.", "logit_scale", "logit_bias", f"{prefix}embeddings.position_ids")
-    return rename_from(sd, rules(config, prefix), config, ignore=ignore, source=source)
+    ignore = (TEXT_PREFIX, "logit_scale", "logit_bias")
+    return towers_from_hf(sd, config, rules, *ignore, source=source, what="SigLIP")
 
 
 def unsupported(config: ViTConfig) -> list[str]:
@@ -156,26 +146,16 @@ def text_state_dict_from_hf(
     sd: Mapping[str, Tensor], config: TextConfig, *, source: str = "state dict"
 ) -> dict[str, Tensor]:
     """vitkit `TextTransformer` weights from a SigLIP text (or full SigLIP) state dict."""
-    prefix = find_prefix(sd, "embeddings.token_embedding.weight", source=source,
-                         what="SigLIP text")  # fmt: skip
-    ignore = (_PREFIX, "logit_scale", "logit_bias", f"{prefix}embeddings.position_ids")
-    return rename_from(sd, text_rules(config, prefix), config, ignore=ignore, source=source)
+    ignore = (_PREFIX, "logit_scale", "logit_bias")
+    return towers_from_hf(sd, config, text_rules, *ignore, source=source, what="SigLIP text")
 
 
 def text_unsupported(config: TextConfig) -> list[str]:
     """Reasons SiglipTextModel cannot hold `config` (empty if it can)."""
-    c, reasons = config, []
-    for name, have, want in (
-        ("causal", c.causal, False),
-        ("pool", c.pool, "last"),
-        ("projection_bias", c.projection_bias, True),
-    ):
-        if have != want:
-            reasons.append(f"text {name}={have!r} (SigLIP has {want!r})")
-    if c.projection_dim is None:
+    required = dict(causal=False, pool="last", projection_bias=True)
+    reasons = differences(config, "SigLIP", required)
+    if config.projection_dim is None:
         reasons.append("a text tower without projection (SigLIP's has a head)")
-    if c.mlp_hidden_dim != round(c.width * c.mlp_ratio, 6):
-        reasons.append(f"text mlp_ratio={c.mlp_ratio} gives a fractional hidden size")
     return reasons
 
 

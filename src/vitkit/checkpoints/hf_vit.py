@@ -91,34 +91,35 @@ def config_from_hf(hf_config: Mapping[str, Any], *, source: str = "config.json")
     if distilled != (model_type == "deit"):
         raise CheckpointError(f"architecture {arch} does not fit model_type {model_type!r}")
 
-    hidden = integer(c, "hidden_size", 768)
-    heads = integer(c, "num_attention_heads", 12)
+    hidden = integer(c, "hidden_size", 768, source=source)
+    heads = integer(c, "num_attention_heads", 12, source=source)
     if c.get("head_dim") not in (None, hidden // heads):
         raise CheckpointError(f"head_dim={c['head_dim']} != hidden_size / num_attention_heads")
     if head == "mlp" and c.get("pooler_act", "tanh") != "tanh":
         raise CheckpointError(f"pooler_act={c['pooler_act']!r}: vitkit's pooler uses tanh")
-    pooler = integer(c, "pooler_output_size", None) if c.get("pooler_output_size") else hidden
+    pooler = hidden
+    if c.get("pooler_output_size"):  # transformers: hidden_size when unset (null)
+        pooler = integer(c, "pooler_output_size", source=source)
 
     num_classes, labels = hf_labels(c, source=source) if has_classes else (0, None)
-    image_size = c.get("image_size", 224)
+    size = c.get("image_size", 224)  # [h, w] for a non-square model
+    size = tuple(size) if isinstance(size, list) else integer(c, "image_size", 224, source=source)
     return build_config(
         ViTConfig,
         source,
-        image_size=(
-            tuple(image_size) if isinstance(image_size, list) else integer(c, "image_size", 224)
-        ),
+        image_size=size,
         patch_size=_single(c, "patch_size", 16, source),
-        in_chans=integer(c, "num_channels", 3),
+        in_chans=integer(c, "num_channels", 3, source=source),
         num_classes=num_classes,
         embed_dim=hidden,
-        depth=integer(c, "num_hidden_layers", 12),
+        depth=integer(c, "num_hidden_layers", 12, source=source),
         num_heads=heads,
-        mlp_ratio=integer(c, "intermediate_size", 4 * hidden) / hidden,
+        mlp_ratio=integer(c, "intermediate_size", 4 * hidden, source=source) / hidden,
         qkv_bias=bool(c.get("qkv_bias", True)),
-        layer_norm_eps=number(c, "layer_norm_eps", 1e-12),
+        layer_norm_eps=number(c, "layer_norm_eps", 1e-12, source=source),
         act=hf_act(c.get("hidden_act", "gelu"), source=source),
-        drop_rate=number(c, "hidden_dropout_prob", 0.0),
-        attn_drop_rate=number(c, "attention_probs_dropout_prob", 0.0),
+        drop_rate=number(c, "hidden_dropout_prob", 0.0, source=source),
+        attn_drop_rate=number(c, "attention_probs_dropout_prob", 0.0, source=source),
         distilled=distilled,
         use_mask_token=mask,
         head=head,
@@ -128,13 +129,13 @@ def config_from_hf(hf_config: Mapping[str, Any], *, source: str = "config.json")
 
 
 def _single(c: Mapping[str, Any], key: str, default: int, source: str) -> int:
-    """A square size given as one number or a weight_and_bias (transformers writes both)."""
+    """A square size given as one number or a pair (transformers writes both)."""
     value = c.get(key, default)
     if isinstance(value, list | tuple) and len(value) == 2 and value[0] == value[1]:
         value = value[0]
     elif isinstance(value, list | tuple):
         raise CheckpointError(f"{source}: non-square {key}={value} is not supported")
-    return integer({key: value}, key)
+    return integer({key: value}, key, source=source)
 
 
 def fitting_class(config: ViTConfig) -> str:

@@ -78,11 +78,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from vitkit.data.images import expand_inputs
     from vitkit.errors import VitkitError
+    from vitkit.limits import at_least
 
-    if args.top_k < 1:
-        raise VitkitError(f"--top-k must be at least 1, got {args.top_k}")
-    if args.batch_size < 1:
-        raise VitkitError(f"--batch-size must be at least 1, got {args.batch_size}")
+    at_least(args.top_k, 1, "--top-k", VitkitError)
+    at_least(args.batch_size, 1, "--batch-size", VitkitError)
 
     flags = (args.labels, args.labels_file, args.template, args.templates_file)
     labels, templates = zero_shot(args) if any(f is not None for f in flags) else (None, None)

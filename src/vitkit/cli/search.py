@@ -41,14 +41,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from vitkit.errors import ConfigError
+    from vitkit.limits import at_least
 
     modes = sum([bool(args.queries), args.text is not None, args.duplicates])
     if modes != 1:
         raise ConfigError("give query images, or --text, or --duplicates (one of them)")
-    if args.k < 1:
-        raise ConfigError(f"-k must be at least 1, got {args.k}")
-    if args.ef is not None and args.ef < 1:
-        raise ConfigError(f"--ef must be at least 1, got {args.ef}")
+    at_least(args.k, 1, "-k")
+    at_least(args.ef, 1, "--ef")
     from vitkit.search.index import open_index
 
     index = open_index(args.index)

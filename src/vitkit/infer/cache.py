@@ -41,9 +41,10 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vitkit import limits
 from vitkit._io import clean_stale_temps
 from vitkit._version import __version__
+from vitkit.config import read_json
+from vitkit.errors import ConfigError
 
 if TYPE_CHECKING:
     from torch import Tensor, nn
@@ -217,7 +218,7 @@ class Cache:
         return folder
 
     def meta(self, folder: Path) -> dict[str, Any]:
-        return json.loads((folder / ENTRY).read_text("utf-8"))
+        return read_json(folder / ENTRY, "cache entry", obj=True)
 
     # ---- writing -------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -306,13 +307,13 @@ def _size(folder: Path) -> int:
 def _check(folder: Path, key: Key) -> str | None:
     """Why the entry in `folder` cannot serve `key` (None: it can)."""
     path = folder / ENTRY
+    if path.is_symlink():
+        return f"{ENTRY} is a link"
     try:
-        if path.is_symlink() or path.stat().st_size > limits.limit("JSON_BYTES"):
-            return f"{ENTRY} is not a plain file of a sane size"
-        meta = json.loads(path.read_text("utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        return f"{ENTRY}: {exc}"
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        meta = read_json(path, "cache entry", obj=True)
+    except ConfigError as exc:
+        return str(exc)
+    if meta.get("format") != FORMAT:
         return "written by another version of vitkit"
     if meta.get("key") != key.fields():
         return "its description does not match the model"

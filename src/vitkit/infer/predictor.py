@@ -40,6 +40,7 @@ from vitkit.data.processor import ImageProcessor
 from vitkit.errors import ImageError, VitkitError
 from vitkit.infer.precision import prepare
 from vitkit.infer.warm import answered, probabilities, top_rows
+from vitkit.limits import at_least
 
 
 @dataclasses.dataclass
@@ -90,12 +91,9 @@ class Predictor:
         config = model.config  # type: ignore[attr-defined]
         if not config.num_classes:
             raise VitkitError("the model has no classification head (num_classes=0)")
-        if batch_size < 1:
-            raise VitkitError(f"batch_size must be at least 1, got {batch_size}")
-        if top_k < 1:
-            raise VitkitError(f"top_k must be at least 1, got {top_k}")
-        if workers is not None and workers < 1:
-            raise VitkitError(f"workers must be at least 1, got {workers}")
+        at_least(batch_size, 1, "batch_size", VitkitError)
+        at_least(top_k, 1, "top_k", VitkitError)
+        at_least(workers, 1, "workers", VitkitError)
         self.processor = processor
         self.runner = prepare(model, precision, backend=backend, device=device,
                               calibration=calibration, log=log, cache=cache)  # fmt: skip

@@ -21,7 +21,6 @@ from the manifest's is refused as truncated, in one line.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -31,7 +30,8 @@ from typing import Any
 import numpy as np
 
 from vitkit import limits
-from vitkit.errors import VitkitError
+from vitkit.config import read_json
+from vitkit.errors import ConfigError, VitkitError
 
 FORMAT = "vitkit-search-index"
 VERSION = 1  # the layout above; a newer one is refused, never guessed at
@@ -264,15 +264,11 @@ def read_manifest(folder: Path) -> dict[str, Any]:
         raise SearchIndexError(f"{folder}: no such index folder (make one with vitkit index)")
     if not path.is_file() or path.is_symlink():
         raise SearchIndexError(f"{folder} is not a vitkit search index (no {MANIFEST})")
-    size = path.stat().st_size
-    if size > limits.limit("JSON_BYTES"):
-        raise SearchIndexError(f"{path} is {size:,d} bytes, over the limit of "
-                               f"{limits.limit('JSON_BYTES'):,d} (VITKIT_MAX_JSON_BYTES)")  # fmt: skip
     try:
-        m = json.loads(path.read_text("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise SearchIndexError(f"{path} is truncated or corrupt ({exc})") from None
-    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        m = read_json(path, "index manifest", obj=True)
+    except ConfigError as exc:
+        raise SearchIndexError(f"{exc} (truncated or corrupt? run vitkit index again)") from None
+    if m.get("format") != FORMAT:
         raise SearchIndexError(f"{path} is not a vitkit search index manifest")
     version = m.get("version")
     if not limits.is_int(version) or version < 1:

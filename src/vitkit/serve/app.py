@@ -67,6 +67,7 @@ from vitkit.infer.zero_shot import (
     text_dtype_for,
     text_tower,
 )
+from vitkit.limits import at_least
 from vitkit.serve.batcher import Batcher
 from vitkit.serve.guard import (
     HeaderLimit,
@@ -136,20 +137,16 @@ class Settings:
             raise ConfigError(f"--precision {self.precision!r} is not available; use {PRECISIONS}")
         if self.backend is not None and self.backend not in BACKENDS:
             raise ConfigError(f"--backend {self.backend!r} is not available; use {BACKENDS}")
-        if self.max_batch < 1:
-            raise ConfigError(f"--max-batch must be at least 1, got {self.max_batch}")
-        if self.max_wait_ms < 0:
-            raise ConfigError(f"--max-wait-ms must be >= 0, got {self.max_wait_ms}")
+        at_least(self.max_batch, 1, "--max-batch")
+        at_least(self.max_wait_ms, 0, "--max-wait-ms")
         if self.max_body_mb <= 0:
             raise ConfigError(f"--max-body-mb must be positive, got {self.max_body_mb}")
         if self.max_labels < 1 or self.max_text_chars < 1:
             raise ConfigError("--max-labels and --max-text-chars must be at least 1")
         if self.auth_probes and self.api_key is None:
             raise ConfigError("--auth-probes needs a token (--api-key-file or $VITKIT_API_KEY)")
-        if self.max_queue is not None and self.max_queue < 1:
-            raise ConfigError(f"--max-queue must be at least 1, got {self.max_queue}")
-        if self.max_explain < 1:
-            raise ConfigError(f"--max-explain must be at least 1, got {self.max_explain}")
+        at_least(self.max_queue, 1, "--max-queue")
+        at_least(self.max_explain, 1, "--max-explain")
         for flag, value in [("--timeout-s", self.timeout_s), ("drain_s", self.drain_s),
                             ("--header-timeout-s", self.header_timeout_s),
                             ("--body-timeout-s", self.body_timeout_s)]:  # fmt: skip

@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 
-from vitkit._fields import AT_LEAST_0, POSITIVE, RATE, In, problems
+from vitkit._fields import AT_LEAST_0, POSITIVE, RATE, In, known, problems
 from vitkit.errors import ConfigError
 
 Objective = Literal["classify", "simmim", "mae", "dino"]  # each built by objectives.OBJECTIVES
@@ -175,17 +175,7 @@ class Recipe:
     def from_dict(cls, data: Any, *, source: str = "recipe") -> Recipe:
         """A validated recipe from a mapping of field: value (YAML, JSON, `--set`); what is wrong
         is one `ConfigError` naming `source` and every bad key."""
-        if not isinstance(data, dict):
-            raise ConfigError(
-                f"{source} must be a mapping of key: value, got {type(data).__name__}"
-            )
-        known = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(str(k) for k in data if k not in known)
-        if unknown:
-            raise ConfigError(
-                f"{source}: unknown recipe key(s) {unknown}; known keys: {', '.join(sorted(known))}"
-            )
-        recipe = cls(**data)
+        recipe = cls(**known(cls, data, "recipe", source=source, noun="key"))
         recipe.validate(source)
         return recipe
 
