@@ -47,7 +47,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path for writers that take a file name; rename it over `path` on
     success. It lies in a private folder beside `path`, removed whatever happens (see above)."""
     path = Path(path)
-    folder = _temp_folder(path)
+    folder = temp_folder(path)
     tmp = folder / path.name
     try:
         yield tmp
@@ -65,7 +65,26 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
         f.write(text)
 
 
-def _temp_folder(path: Path) -> Path:
+@contextlib.contextmanager
+def atomic_folder(path: Path) -> Iterator[Path]:
+    """Yield an empty private folder beside `path` to write into. When the block ends without
+    an error, its files are synced and it replaces `path` (a folder there is removed first)
+    in one rename; on an error, or a kill (`clean_stale_temps`), nothing is left."""
+    tmp = temp_folder(path)
+    try:
+        yield tmp
+        for file in tmp.iterdir():
+            with open(file, "rb") as f:
+                os.fsync(f.fileno())
+        if path.exists():
+            shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def temp_folder(path: Path) -> Path:
     """Create the target's folder, sweep stale temporary files, and make a private one for it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_temps(path.parent)

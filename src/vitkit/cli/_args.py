@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import os
 import stat
+import sys
 from pathlib import Path
+from typing import Any
 
 
 def model_help(*, presets: bool, what: str = "the pipeline") -> str:
@@ -176,8 +178,6 @@ def open_exported(command: str, source: str, changes: dict[str, bool]) -> tuple:
     """(model, processor) of a file `vitkit export` wrote (`vitkit.infer.exported`), for
     `vitkit COMMAND --model FILE`, after refusing the flags in `changes` that were given: the file
     runs at the precision, size and preprocessing it was exported with."""
-    import sys
-
     from vitkit.infer.exported import check_unchanged, load_exported
 
     check_unchanged(source, changes)
@@ -187,3 +187,10 @@ def open_exported(command: str, source: str, changes: dict[str, bool]) -> tuple:
               f"defaults at {model.config.image_hw}", file=sys.stderr)  # fmt: skip
     print(f"vitkit {command}: {model.precision} {source} as exported", file=sys.stderr)
     return model, processor
+
+
+def warn_random(resolved: Any, command: str, source: str) -> None:
+    """Say on stderr that `source` named a preset, so the model `resolve` built is random."""
+    if resolved.random_weights:
+        print(f"vitkit {command}: warning: {source!r} is a preset name, not a checkpoint: the "
+              "model has RANDOM weights and its outputs are meaningless", file=sys.stderr)  # fmt: skip

@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from vitkit.cli._args import add_image_size, add_model, check_output, image_size
+from vitkit.cli._args import add_image_size, add_model, check_output, image_size, warn_random
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -64,11 +64,7 @@ def run(args: argparse.Namespace) -> int:
     out_dir = check_output(args.output, kind="folder")
     device = pick_device(args.device)
     resolved = resolve(args.model, device=device, allow_preset=True, image_size=image_size(args))
-    if resolved.random_weights:
-        print(
-            f"vitkit explain: warning: {args.model!r} is a preset name: RANDOM weights",
-            file=sys.stderr,
-        )
+    warn_random(resolved, "explain", args.model)
     model, processor = resolved.model, resolved.processor
     labels = id2label_for(model.config)
     label = None if args.label is None else label_index(args.label, labels)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from vitkit.cli._args import add_image_size, check_output, image_size, model_help
+from vitkit.cli._args import add_image_size, check_output, image_size, model_help, warn_random
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -57,8 +57,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import sys
-
     from vitkit.checkpoints.resolve import resolve
     from vitkit.errors import VitkitError
     from vitkit.infer.export import export
@@ -70,9 +68,7 @@ def run(args: argparse.Namespace) -> int:
     if args.format == "openvino" or output.suffix.lower() == ".xml":
         check_output(output.with_suffix(".bin"), flag=f"--output {output}: the weights file")
     resolved = resolve(args.source, allow_preset=True, image_size=image_size(args))
-    if resolved.random_weights:
-        print(f"vitkit export: warning: {args.source!r} is a preset: RANDOM weights",
-              file=sys.stderr)  # fmt: skip
+    warn_random(resolved, "export", args.source)
     model, processor = resolved.model.float().eval(), resolved.processor
     calibration = load_folder(args.calibration, processor) if args.calibration else None
     result = export(

@@ -21,6 +21,7 @@ from vitkit.cli._args import (
     add_zero_shot,
     image_size,
     open_exported,
+    warn_random,
     zero_shot,
 )
 
@@ -145,12 +146,7 @@ def _predictions(args, paths, labels, templates, options, say):
                                    cache=not args.no_cache, log=say, **options)  # fmt: skip
         else:
             resolved = resolve(args.model, text=True, **options)
-        if resolved.random_weights:
-            print(
-                f"vitkit predict: warning: {args.model!r} is a preset name, not a checkpoint: "
-                "the model has RANDOM weights and its predictions are meaningless",
-                file=sys.stderr,
-            )
+        warn_random(resolved, "predict", args.model)
         model, processor = resolved.model, resolved.processor
         if labels is not None:
             model = classifier_for(resolved, labels, templates, precision=args.precision)

@@ -33,7 +33,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -41,7 +40,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vitkit._io import clean_stale_temps
+from vitkit._io import atomic_folder
 from vitkit._version import __version__
 from vitkit.config import read_json
 from vitkit.errors import ConfigError
@@ -226,22 +225,12 @@ class Cache:
         """Yield an empty private folder to write an entry's files into; on success describe
         them (`entry.json`), rename the folder into place and evict down to the size limit.
         On failure nothing is left."""
-        self.prepared.mkdir(parents=True, exist_ok=True)
-        clean_stale_temps(self.prepared)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{key.digest}.{os.getpid()}.", suffix=".tmp",
-                                    dir=self.prepared))  # fmt: skip
-        try:
+        with atomic_folder(self.prepared / key.digest) as tmp:
             yield tmp
             files = {p.name: _file_record(p) for p in sorted(tmp.iterdir()) if p.is_file()}
             meta = {"format": FORMAT, "what": what, "key": key.fields(), "files": files,
                     "created": time.time(), **(extra or {})}  # fmt: skip
             (tmp / ENTRY).write_text(json.dumps(meta, indent=1), "utf-8")
-            final = self.prepared / key.digest
-            if final.exists():
-                shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         self.evict()
 
     # ---- housekeeping --------------------------------------------------------------------

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from vitkit._io import atomic_path, atomic_write_text, clean_stale_temps
+from vitkit._io import atomic_folder, atomic_path, atomic_write_text, clean_stale_temps
 from vitkit._version import __version__
 from vitkit.errors import ConfigError
 from vitkit.search.index import (
@@ -276,10 +276,7 @@ def _commit(folder: Path, plan: dict, old: Any, identity: dict, failures: list,
         extend = folder / old.manifest["generation"] / FAISS_FILE
     number = int(old.manifest["generation"][1:]) + 1 if old is not None else 1
     gen = f"g{number:06d}"
-    tmp = folder / f".{gen}.{os.getpid()}.building.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_folder(folder / gen) as tmp:
         with open(tmp / EMBEDDINGS, "wb") as f:
             np.save(f, matrix)
         with open(tmp / STATS, "wb") as f:
@@ -287,13 +284,7 @@ def _commit(folder: Path, plan: dict, old: Any, identity: dict, failures: list,
         with open(tmp / PATHS, "wb") as f:
             f.write(b"".join(encode_path(p) for p in paths))
         index, report.note = _build_graph(matrix, tmp / FAISS_FILE, exact_below, extend)
-        for p in tmp.iterdir():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
         files = {p.name: p.stat().st_size for p in tmp.iterdir()}
-        os.replace(tmp, folder / gen)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     manifest = {
         "format": FORMAT, "version": VERSION, "generation": gen, "count": len(paths),
         "dim": dim, "model": identity, "precision": precision, "index": index, "files": files,
@@ -342,7 +333,6 @@ def _sweep(folder: Path, keep: str) -> None:
         if entry.is_symlink() or not entry.is_dir():
             continue
         stale = (GENERATION.match(entry.name) and entry.name != keep) or entry.name == STAGING
-        stale = stale or (entry.name.startswith(".g") and entry.name.endswith(".building.tmp"))
         if stale:
             shutil.rmtree(entry, ignore_errors=True)
     clean_stale_temps(folder)

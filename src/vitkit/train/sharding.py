@@ -30,7 +30,6 @@ import ctypes
 import functools
 import os
 import shutil
-import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -41,7 +40,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from vitkit import distributed as D
-from vitkit._io import _fsync_dir, atomic_open, clean_stale_temps, current_umask
+from vitkit._io import _fsync_dir, atomic_open, current_umask, temp_folder
 from vitkit.checkpoints.pretrained import STATE_FILE, torch_load
 from vitkit.errors import CheckpointError, ConfigError
 from vitkit.layers.block import Block
@@ -439,9 +438,7 @@ def save(run_dir: Path, objective: nn.Module, optimizer, ema, meta: dict[str, An
 
     tmp = ""
     if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        clean_stale_temps(run_dir)
-        tmp = tempfile.mkdtemp(prefix=f".last.{os.getpid()}.", suffix=".tmp", dir=run_dir)
+        tmp = str(temp_folder(run_dir / "last"))
     tmp = D.broadcast_str(tmp, info)
     dcp.save(_tensors(objective, optimizer, ema), checkpoint_id=tmp)
     D.barrier(info)
