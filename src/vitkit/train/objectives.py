@@ -60,6 +60,7 @@ class Objective(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.shard = Shard()
+        self.sums: dict[str, float] = {}  # the epoch's figures so far; checkpoints keep them
 
     @property
     def encoder(self) -> VisionTransformer:
@@ -76,9 +77,19 @@ class Objective(nn.Module):
     def after_step(self, step: int, total_steps: int) -> None:
         """Called after each optimizer step (DINO's teacher update)."""
 
+    def add_logs(self, figures: dict[str, float]) -> None:
+        """Add one step's figures to the epoch's sums."""
+        for k, v in figures.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.sums["n"] = self.sums.get("n", 0.0) + 1
+
     def logs(self) -> dict[str, float]:
-        """Extra figures for the metrics row of an epoch."""
-        return {}
+        """Extra figures for the metrics row of an epoch: the means of what `add_logs` was
+        given since the last call."""
+        n = self.sums.pop("n", 0.0)
+        out = {k: v / n for k, v in self.sums.items()} if n else {}
+        self.sums = {}
+        return out
 
     def draw(self, images: Tensor, run_dir: Path) -> Path | None:
         """A picture of what was learned, written into run_dir (None: nothing to draw)."""
@@ -278,7 +289,6 @@ class DINOObjective(Objective):
         self.teacher_ema = ModelEMA(self.dino.student, momentum_teacher, module=self.dino.teacher,
                                     params_only=True)  # fmt: skip
         self.progress = 0.0
-        self._sums: dict[str, float] = {}
 
     def views(self, images: Tensor, rng: torch.Generator | None) -> list[Tensor]:
         rows = len(images)
@@ -287,17 +297,8 @@ class DINOObjective(Objective):
 
     def forward(self, images: Tensor, labels: Tensor, rng: torch.Generator) -> Tensor:
         loss = self.dino(self.views(images, rng), progress=self.progress)
-        for k, v in self.dino.loss.stats.items():
-            self._sums[k] = self._sums.get(k, 0.0) + v
-        self._sums["n"] = self._sums.get("n", 0.0) + 1
+        self.add_logs(self.dino.loss.stats)  # the teacher's entropies: collapse shows there first
         return loss
-
-    def logs(self) -> dict[str, float]:
-        """The epoch's mean teacher entropies (collapse shows here first)."""
-        n = self._sums.pop("n", 0.0)
-        out = {k: v / n for k, v in self._sums.items()} if n else {}
-        self._sums = {}
-        return out
 
     def after_step(self, step: int, total_steps: int) -> None:
         m = teacher_momentum(step, total_steps, self.momentum_teacher)

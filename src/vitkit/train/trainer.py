@@ -504,6 +504,7 @@ def checkpoint(run: Run, *, next_step: int) -> None:
             f"in {run.run_dir / 'last'}; lower the lr"
         )
     loss_sum, steps = run.epoch_loss if next_step else (0.0, 0)
+    sums = dict(run.objective.sums) if next_step else {}  # the objective's figures (DINO's)
     meta = {
         "model_config": run.objective.encoder.config.to_dict(),
         "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else {},
@@ -518,6 +519,7 @@ def checkpoint(run: Run, *, next_step: int) -> None:
         "best_loss": run.best_loss,
         "epoch_loss": float(loss_sum),
         "epoch_steps": steps,
+        "objective_sums": sums,
         "preprocessor": run.processor.to_hf_dict(),
     }
     if run.strategy == "fsdp":
@@ -566,6 +568,10 @@ def _restore(run: Run, state: dict[str, Any]) -> None:
     run.best_loss = float(state.get("best_loss", float("inf")))
     run.log.rows = list(state.get("metrics", []))
     run.epoch_loss = (float(state.get("epoch_loss", 0.0)), int(state.get("epoch_steps", 0)))
+    sums = state.get("objective_sums")
+    run.objective.sums = (
+        {str(k): float(v) for k, v in sums.items()} if isinstance(sums, dict) else {}
+    )
 
 
 def finish(run: Run, seconds: float) -> TrainResult:
