@@ -46,14 +46,23 @@ def _cache_dir(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("VITKIT_CACHE_DIR", str(tmp_path_factory.mktemp("vitkit-cache")))
 
 
-_SESSION_CACHE = tempfile.mkdtemp(prefix="vitkit-test-cache-")
-os.environ.setdefault("VITKIT_CACHE_DIR", _SESSION_CACHE)  # module fixtures run before the above
+_SESSION_CACHE: str | None = None  # for module fixtures, which run before the above
+
+
+def pytest_configure(config):
+    """Made here, not on import: a process that only imports this module (a spawned worker
+    unpickling a test's function) would leave an empty folder in /tmp."""
+    global _SESSION_CACHE
+    if "VITKIT_CACHE_DIR" not in os.environ:  # xdist workers inherit the controller's
+        _SESSION_CACHE = tempfile.mkdtemp(prefix="vitkit-test-cache-")
+        os.environ["VITKIT_CACHE_DIR"] = _SESSION_CACHE
 
 
 def pytest_sessionfinish(session, exitstatus):
     import shutil
 
-    shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
+    if _SESSION_CACHE is not None:
+        shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
 
 
 # CIFAR batches in the published python-pickle layout, with random pixels
