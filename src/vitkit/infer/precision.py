@@ -504,11 +504,10 @@ def _openvino_fn(
     device: torch.device,
     store: Any = None,
 ) -> tuple[Fn, str]:
-    """OpenVINO at `precision`, compiled once per input size: a graph with a fixed height and
-    width folds the position-table resampling away (benchmarks/openvino_ab.py: 0.99x of
-    OpenVINO int8 on timm's graph before, 1.00-1.02x after); the converted model stays
-    size-free, so any size still runs. The converted (and quantized) model is what `store`
-    keeps (`vitkit.infer.cache`)."""
+    """OpenVINO at `precision`, compiled once per input size (`warm.per_size`;
+    benchmarks/openvino_ab.py: 0.99x of OpenVINO int8 on timm's graph with one size-free
+    compile, 1.00-1.02x per size). The converted (and quantized) model is what `store` keeps
+    (`vitkit.infer.cache`)."""
     cache, key, say = store or (None, None, _quiet)
     folder = cache.get(key) if cache is not None else None
     note = warm.openvino_note(precision, len(example), cached=folder is not None)
@@ -530,22 +529,13 @@ def _openvino_fn(
             folder = cache.prepared / key.digest
             say(f"cached in {folder}")
     blobs = folder / "compiled" if folder is not None else None  # OpenVINO's compiled models
-    by_size: dict[tuple[int, ...], Any] = {}
-
-    def compiled_for(shape: tuple[int, ...]) -> Any:
-        size = tuple(shape[1:])  # (C, H, W); the batch stays dynamic
-        if size not in by_size:
-            sized = ov_model.clone()
-            sized.reshape([-1, *size])
-            by_size[size] = _graph.compile_openvino(sized, precision, blobs=blobs)
-        return by_size[size]
-
+    compiled_for = warm.per_size(ov_model, precision, torch.get_num_threads(), blobs)
     with _step(say, "compiling for this CPU", quiet_below=2.0):
-        compiled = compiled_for(tuple(example.shape))
+        compiled = compiled_for(tuple(example.shape[1:]))
 
     def fn(pixels: Tensor) -> Tensor:
         x = pixels.detach().float().cpu().contiguous().numpy()
-        net = compiled_for(x.shape)
+        net = compiled_for(x.shape[1:])
         return torch.from_numpy(net(x)[net.output(0)].copy()).to(device)
 
     fn.compiled = compiled  # type: ignore[attr-defined]

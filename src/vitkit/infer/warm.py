@@ -116,6 +116,23 @@ def compile_openvino(ov_model: Any, precision: str, threads: int, blobs: Path | 
     return ov.Core().compile_model(ov_model, "CPU", config)
 
 
+def per_size(ov_model: Any, precision: str, threads: int,
+             blobs: Path | None) -> Callable[[tuple[int, ...]], Any]:  # fmt: skip
+    """`ov_model` compiled (`compile_openvino`) once per input size (C, H, W), the batch left
+    dynamic: a graph with a fixed height and width folds the position-table resampling away,
+    while the model itself stays size-free, so any size still runs."""
+    compiled: dict[tuple[int, ...], Any] = {}
+
+    def for_size(size: tuple[int, ...]) -> Any:
+        if size not in compiled:
+            sized = ov_model.clone()
+            sized.reshape([-1, *size])
+            compiled[size] = compile_openvino(sized, precision, threads, blobs)
+        return compiled[size]
+
+    return for_size
+
+
 def openvino_note(precision: str, images: int, cached: bool) -> str:
     note = {"fp32": "f32", "bf16": "bf16 inference hint"}.get(precision, "")
     if precision == "int8":
@@ -272,15 +289,10 @@ def _path(cache: Cache, say: Say, fingerprint: str, precision: str,
 
     ov_model = ov.Core().read_model(str(folder / "model.xml"))
     say(f"{precision} on OpenVINO from the cache ({folder})")
-    by_size: dict[tuple[int, ...], Any] = {}
+    compiled = per_size(ov_model, precision, threads, folder / "compiled")
 
     def run(x: np.ndarray) -> np.ndarray:
-        size = tuple(x.shape[1:])
-        if size not in by_size:
-            sized = ov_model.clone()
-            sized.reshape([-1, *size])
-            by_size[size] = compile_openvino(sized, precision, threads, folder / "compiled")
-        net = by_size[size]
+        net = compiled(tuple(x.shape[1:]))
         return net(x)[net.output(0)]
 
     if why:
