@@ -1,4 +1,6 @@
 import json
+import os
+import threading
 
 import pytest
 
@@ -126,6 +128,27 @@ def test_load_reports_the_file(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(ConfigError, match=r"config\.json"):
         ViTConfig.load(bad)
+
+
+def test_a_config_that_is_no_regular_file_is_refused_not_waited_on(tmp_path):
+    """A FIFO named config.json: opening it to read would wait for a writer forever."""
+    fifo = tmp_path / "config.json"
+    os.mkfifo(fifo)
+    outcome = []
+    reader = threading.Thread(target=lambda: outcome.append(_error_of(ViTConfig.load, fifo)))
+    reader.daemon = True
+    reader.start()
+    reader.join(30)
+    assert outcome and isinstance(outcome[0], ConfigError), "the reader waited on the FIFO"
+    assert "not a regular file" in str(outcome[0]) and str(fifo) in str(outcome[0])
+
+
+def _error_of(fn, *args):
+    try:
+        fn(*args)
+    except Exception as exc:
+        return exc
+    return None
 
 
 def test_presets_and_unknown_name():

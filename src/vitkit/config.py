@@ -15,6 +15,7 @@ import json
 import math
 import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -47,14 +48,16 @@ def pair(value: Any, name: str = "size") -> tuple[int, int]:
 
 
 def read_capped(path: Path, what: str = "") -> bytes:
-    """The bytes of `path`, a file no larger than `vitkit.limits` JSON_BYTES (read no further
-    than that, should it grow meanwhile); `ConfigError` naming it otherwise."""
+    """The bytes of `path`, a regular file no larger than `vitkit.limits` JSON_BYTES (read no
+    further than that, should it grow meanwhile); `ConfigError` naming it otherwise. Opened
+    without blocking, so a FIFO is refused rather than waited on."""
     cap, what = limits.limit("JSON_BYTES"), f"{what} " if what else ""
     try:
-        with open(path, "rb") as f:
-            limits.check(
-                os.fstat(f.fileno()).st_size, "JSON_BYTES", "file size in bytes", str(path)
-            )
+        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise ConfigError(f"{what}{path}: not a regular file")
+            limits.check(st.st_size, "JSON_BYTES", "file size in bytes", str(path))
             data = f.read(cap + 1)
     except OSError as exc:
         raise ConfigError(f"cannot read {what}{path}: {exc}") from None
