@@ -372,7 +372,6 @@ class ImageProcessor:
 
     def _tensor_batch(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) uint8 or float in [0, 1] -> (B, C', H', W') float32 normalized."""
-
         # lazy: torchvision loads torch._dynamo (~1.5 s)
         from torchvision.transforms.v2 import functional as tvf
 
@@ -401,7 +400,6 @@ class ImageProcessor:
         return match_channels(x, self.num_channels)
 
     def _crop_tensor(self, x: torch.Tensor) -> torch.Tensor:
-
         # lazy: torchvision loads torch._dynamo (~1.5 s)
         from torchvision.transforms.v2 import functional as tvf
 

@@ -302,13 +302,12 @@ def shard(module: nn.Module, recipe: Any, release: bool = True) -> nn.Module:
         kw["offload_policy"] = CPUOffloadPolicy()
     blocks = [m for m in module.modules() if isinstance(m, Block)]
     trained = [b for b in blocks if any(p.requires_grad for p in b.parameters())]
+    # the last trained block's backward starts right after its forward: resharding it in
+    # between would only gather it again (torchtitan keeps its last layer so)
+    last = trained[-1] if trained else None
     for block in blocks:
-        # the last trained block's backward starts right after its forward: resharding it in
-        # between would only gather it again (torchtitan keeps its last layer so)
-        keep = trained and block is trained[-1]
-        fully_shard(
-            block, **{**kw, "reshard_after_forward": kw["reshard_after_forward"] and not keep}
-        )
+        reshard = kw["reshard_after_forward"] and block is not last
+        fully_shard(block, **{**kw, "reshard_after_forward": reshard})
     fully_shard(module, **kw)
     if release and not any(p.is_cuda for p in module.parameters()):
         _return_freed_memory()
